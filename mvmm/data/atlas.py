@@ -1,0 +1,210 @@
+"""Probabilistic atlases: K tissue-probability maps on a grid, with the user's label values.
+
+An atlas is read from a probability image (K maps, one more axis than the images), built from one
+or more integer label maps (one-hot, Gaussian smoothing in mm, averaged over maps), or made by
+``Atlas.builtin_cardiac`` — a smooth short-axis heart placed at the centre of a reference grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from mvmm.data import io
+from mvmm.data.grid import Grid
+from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.errors import InputError
+from mvmm.outputs import write_json
+from mvmm.spatial.warp import sample_image
+
+BUILTIN_CARDIAC = "builtin:cardiac"
+DEFAULT_SIGMA_MM = 2.0
+
+
+@dataclass
+class Atlas:
+    """A probabilistic atlas.
+
+    Attributes
+    ----------
+    probabilities : torch.Tensor, shape [K, *grid.shape]
+        Tissue probabilities; they sum to one over K at every voxel.
+    grid : Grid
+        Geometry of the maps.
+    labels : LabelSet
+        Name and label value of each of the K classes, in the order of the maps.
+    source : str
+        Where it came from, for messages and reports.
+    """
+
+    probabilities: torch.Tensor
+    grid: Grid
+    labels: LabelSet
+    source: str = "<memory>"
+
+    def __post_init__(self):
+        if self.probabilities.shape[0] != len(self.labels):
+            raise InputError(f"atlas {self.source}: {self.probabilities.shape[0]} probability maps "
+                             f"for {len(self.labels)} labels {self.labels.as_dict()}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_label_maps(cls, maps: Sequence[np.ndarray], grid: Grid, labels: Optional[LabelSet] = None,
+                        sigma_mm: float = DEFAULT_SIGMA_MM, source: str = "<memory>",
+                        argname: str = "--atlas") -> "Atlas":
+        """Average of one-hot label maps, each smoothed by a Gaussian of ``sigma_mm``.
+
+        Parameters
+        ----------
+        maps : sequence of np.ndarray, each of shape [*grid.shape]
+            Integer label maps, already in one space (on ``grid``).
+        labels : LabelSet, optional
+            Expected classes; the values found in ``maps`` must be exactly these. Default: the values
+            found (named as the built-in cardiac set when they are 0/200/500/600).
+        sigma_mm : float
+            Standard deviation of the smoothing, in mm (0 for none); anisotropic spacing is honoured.
+        """
+        if sigma_mm < 0 or not np.isfinite(sigma_mm):
+            raise InputError(f"--atlas-sigma: must be a finite number >= 0, got {sigma_mm}")
+        found = set()
+        for m in maps:
+            if not np.all(np.isfinite(m)) or not np.all(np.equal(np.mod(m, 1), 0)):
+                raise InputError(f"{argname}: {source} is not an integer label map (non-integer values)")
+            found.update(np.unique(m).astype(np.int64).tolist())
+        if labels is None:
+            labels = LabelSet.from_values(found)
+        else:
+            labels.check_values(sorted(found), source, argname)
+        sigma_vox = [sigma_mm / s for s in reversed(grid.spacing)]
+        total = np.zeros((len(labels),) + grid.shape, dtype=np.float32)
+        for m in maps:
+            for k, value in enumerate(labels.values):
+                onehot = (m == value).astype(np.float32)
+                total[k] += ndimage.gaussian_filter(onehot, sigma_vox, mode="nearest") if sigma_mm > 0 else onehot
+        total /= np.clip(total.sum(axis=0, keepdims=True), 1e-12, None)
+        return cls(torch.from_numpy(total), grid, labels, source)
+
+    @classmethod
+    def read(cls, paths: Sequence[str], image_ndim: Optional[int] = None, labels: Optional[LabelSet] = None,
+             sigma_mm: float = DEFAULT_SIGMA_MM, argname: str = "--atlas") -> "Atlas":
+        """Read a probability atlas (one file) or label maps (one or more files on one grid).
+
+        A file with one more axis than the images (or several components) is a probability atlas;
+        its label values come from the JSON sidecar written by :meth:`save`, else from ``labels``.
+        """
+        paths = [Path(p) for p in paths]
+        arrays = [io.read_array(p, argname) for p in paths]
+        is_prob = [a.ndim == g.ndim + 1 for a, g, _ in arrays]
+        for p, (a, g, _) in zip(paths, arrays):
+            if image_ndim is not None and g.ndim != image_ndim:
+                raise InputError(f"{argname}: {p} is {g.ndim}D but the images are {image_ndim}D")
+        if any(is_prob):
+            if len(paths) != 1:
+                raise InputError(f"{argname}: give one probability atlas or several label maps, not both")
+            return cls._from_probability_array(arrays[0][0], arrays[0][1], paths[0], labels, argname)
+        grid = arrays[0][1]
+        for p, (_, g, _) in zip(paths[1:], arrays[1:]):
+            if not g.same_geometry(grid):
+                raise InputError(f"{argname}: label map {p} is not on the grid of {paths[0]}; label maps "
+                                 f"averaged into one atlas must share one grid")
+        source = ", ".join(str(p) for p in paths)
+        return cls.from_label_maps([a for a, _, _ in arrays], grid, labels, sigma_mm, source, argname)
+
+    @classmethod
+    def _from_probability_array(cls, array: np.ndarray, grid: Grid, path: Path,
+                                labels: Optional[LabelSet], argname: str) -> "Atlas":
+        sidecar = _sidecar_path(path)
+        if sidecar.exists():
+            stored = LabelSet.parse(",".join(f"{n}={v}" for n, v in json.loads(sidecar.read_text())["labels"].items()))
+            if labels is not None and labels != stored:
+                raise InputError(f"--labels {labels.as_dict()} differ from the labels of atlas {path} "
+                                 f"({stored.as_dict()}, from {sidecar.name})")
+            labels = stored
+        if labels is None:
+            raise InputError(f"{argname}: {path} holds {array.shape[0]} probability maps but no label values "
+                             f"(no {sidecar.name} beside it): give --labels with {array.shape[0]} entries")
+        if array.shape[0] != len(labels):
+            raise InputError(f"{argname}: {path} holds {array.shape[0]} probability maps but the label set "
+                             f"{labels.as_dict()} has {len(labels)} classes")
+        array = np.asarray(array, dtype=np.float32)
+        if not np.all(np.isfinite(array)) or array.min() < 0:
+            raise InputError(f"{argname}: {path} has negative, NaN or Inf probabilities")
+        total = array.sum(axis=0, keepdims=True)
+        if np.any(total <= 0):
+            raise InputError(f"{argname}: {path} has voxels where all {array.shape[0]} probabilities are 0")
+        return cls(torch.from_numpy(array / total), grid, labels, str(path))
+
+    @classmethod
+    def builtin_cardiac(cls, reference: Grid, labels: LabelSet = CARDIAC_LABELS,
+                        sigma_mm: float = 3.0) -> "Atlas":
+        """A smooth short-axis cardiac atlas centred in ``reference``'s field of view.
+
+        Geometry (in mm, along the reference's own axes, so a short-axis stack is assumed): an LV
+        blood pool of radius 24 mm, a 9 mm myocardial ring, and an RV crescent on the −x side
+        wrapping the septum; along the stack the heart narrows towards both ends.
+        """
+        if len(labels) != 4:
+            raise InputError(f"--labels: the built-in cardiac atlas has 4 classes (background, Myo, LV, RV); "
+                             f"got {labels.as_dict()}")
+        spacing = [1.5, 1.5] + ([min(reference.spacing[2], 5.0)] if reference.ndim == 3 else [])
+        extent = [160.0, 160.0] + ([reference.extent_mm()[2]] if reference.ndim == 3 else [])
+        size = [max(1, int(round(e / s))) for e, s in zip(extent, spacing)]
+        grid = reference.with_size(size, spacing, reference.center_world())
+        label_map = _cardiac_label_map(grid, labels.values)
+        return cls.from_label_maps([label_map], grid, labels, sigma_mm, source=BUILTIN_CARDIAC)
+
+    # ------------------------------------------------------------------ use
+    def sample(self, points: torch.Tensor, transform: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prior probabilities at world points ``[*S, ndim]``.
+
+        Returns ``prior [K, *S]`` (background one-hot outside the atlas's field of view) and
+        ``inside [*S]`` (bool).
+        """
+        values, inside = sample_image(self.probabilities.to(points.device), self.grid, points, transform)
+        background = torch.zeros_like(values)
+        background[self.labels.background_index] = 1.0
+        return torch.where(inside.unsqueeze(0), values, background), inside
+
+    def save(self, path) -> None:
+        """Write the maps (K as the last image axis) and a JSON sidecar with the label values."""
+        path = Path(path)
+        io.write_array(path, self.probabilities.cpu().numpy(), self.grid)
+        write_json(_sidecar_path(path), {"labels": self.labels.as_dict(), "source": self.source})
+
+
+def _sidecar_path(path: Path) -> Path:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_name(name + ".json")
+
+
+def _cardiac_label_map(grid: Grid, values: Sequence[int]) -> np.ndarray:
+    """Label map of the built-in heart, shape ``grid.shape``; values in order bg, Myo, LV, RV."""
+    bg, myo, lv, rv = values
+    centre = torch.as_tensor(grid.center_world(), dtype=torch.float64)
+    local = (grid.world_points(dtype=torch.float64) - centre) @ torch.as_tensor(grid.direction_matrix)
+    x, y = local[..., 0].numpy(), local[..., 1].numpy()
+    if grid.ndim == 3:
+        half = max(grid.extent_mm()[2] / 2.0, 1e-6)
+        t = np.abs(local[..., 2].numpy()) / half
+        taper = np.clip(1.0 - 0.5 * np.clip((t - 0.5) / 0.5, 0, 1) ** 2, 0.5, 1.0)
+        rv_present = t < 0.85
+    else:
+        taper, rv_present = np.ones_like(x), np.ones_like(x, dtype=bool)
+    r_lv, wall = 24.0 * taper, 9.0
+    r = np.hypot(x, y)
+    out = np.full(x.shape, bg, dtype=np.int32)
+    rv_pool = (((x + 30.0 * taper) / (26.0 * taper)) ** 2 + (y / (40.0 * taper)) ** 2 < 1.0) & (r > r_lv + wall + 2.0)
+    out[rv_pool & rv_present] = rv
+    out[r <= r_lv + wall] = myo
+    out[r <= r_lv] = lv
+    return out

@@ -1,0 +1,133 @@
+"""All file input and output of images. This is the only module that calls SimpleITK."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from mvmm.data.grid import Grid
+from mvmm.errors import InputError
+from mvmm.outputs import atomic_path
+
+
+_NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}  # NIfTI datatype codes of real floats
+
+
+def _nifti_nonfinite_count(path: Path) -> int:
+    """Number of NaN/Inf values stored in a float NIfTI file (0 for other formats and types).
+
+    SimpleITK 2.x (ITK 5) reads NaN and ±Inf in NIfTI files as 0 without a word (fixed only in
+    ITK 6, InsightSoftwareConsortium/ITK#6683), so they are looked for in the file's own bytes.
+    """
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return 0
+    with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+        raw = f.read()
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", raw[:4])[0]
+        if sizeof_hdr == 348:  # NIfTI-1
+            datatype = struct.unpack(endian + "h", raw[70:72])[0]
+            offset = int(struct.unpack(endian + "f", raw[108:112])[0])
+            break
+        if sizeof_hdr == 540:  # NIfTI-2
+            datatype = struct.unpack(endian + "h", raw[12:14])[0]
+            offset = int(struct.unpack(endian + "q", raw[168:176])[0])
+            break
+    else:
+        return 0
+    if datatype not in _NIFTI_FLOAT_TYPES:
+        return 0
+    data = np.frombuffer(raw, dtype=np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(endian), offset=offset)
+    return int((~np.isfinite(data)).sum())
+
+
+def _grid_from_sitk(image: sitk.Image, ndim: int) -> Grid:
+    full = image.GetDimension()
+    direction = np.asarray(image.GetDirection()).reshape(full, full)[:ndim, :ndim]
+    return Grid(image.GetSize()[:ndim], image.GetSpacing()[:ndim], image.GetOrigin()[:ndim],
+                tuple(direction.ravel()))
+
+
+def read_array(path, argname: str) -> Tuple[np.ndarray, Grid, int]:
+    """Read an image file with SimpleITK.
+
+    Parameters
+    ----------
+    path : str or Path
+        Any format SimpleITK reads.
+    argname : str
+        The argument the file came from, used in error messages (e.g. ``"--images"``).
+
+    Returns
+    -------
+    array : np.ndarray
+        Voxel values in tensor order: ``[*S]`` for a scalar image of dimension ``ndim``, or
+        ``[C, *S]`` for a multi-component image (C components) with spatial shape ``S``.
+    grid : Grid
+        Geometry of the spatial axes (all axes of a scalar image; a vector image's spatial axes).
+    ndim : int
+        The file's dimension: ``array.ndim`` for scalar images, ``array.ndim - 1`` for vector images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{argname}: file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{argname}: {path} is a folder, expected an image file")
+    try:
+        image = sitk.ReadImage(os.fspath(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
+        raise InputError(f"{argname}: cannot read {path} as an image ({first})") from None
+    ndim = image.GetDimension()
+    if ndim not in (2, 3, 4):
+        raise InputError(f"{argname}: {path} has {ndim} dimensions; mvmm reads 2D, 3D and 4D images")
+    array = sitk.GetArrayFromImage(image)
+    nonfinite = _nifti_nonfinite_count(path) or int((~np.isfinite(array)).sum())
+    if nonfinite:
+        raise InputError(f"{argname}: {path} has {nonfinite} NaN/Inf voxels")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        array = np.moveaxis(array, -1, 0)
+    grid = _grid_from_sitk(image, min(ndim, 3))
+    return array, grid, ndim
+
+
+def _to_sitk(array: np.ndarray, grid: Grid) -> sitk.Image:
+    if array.ndim == grid.ndim:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(grid.spacing)
+        image.SetOrigin(grid.origin)
+        image.SetDirection(grid.direction)
+        return image
+    if array.ndim == grid.ndim + 1:
+        # A stack of maps (classes): one more axis, as a 4D NIfTI for a 3D grid.
+        return sitk.JoinSeries([_to_sitk(np.ascontiguousarray(a), grid) for a in array])
+    raise ValueError(f"array: expected {grid.ndim} or {grid.ndim + 1} dimensions, got shape {array.shape}")
+
+
+def write_array(path, array: np.ndarray, grid: Grid) -> Path:
+    """Write ``array`` on ``grid`` atomically; the format follows the extension (NIfTI first).
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination file.
+    array : np.ndarray, shape [*grid.shape] or [K, *grid.shape]
+        Voxel values; a leading K axis is written as an extra (last) image axis.
+    grid : Grid
+        Geometry of the spatial axes.
+    """
+    array = np.asarray(array)
+    if tuple(array.shape[-grid.ndim:]) != grid.shape:
+        raise ValueError(f"array: shape {array.shape} does not end with the grid's shape {grid.shape}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(_to_sitk(array, grid), os.fspath(tmp), True)
+    return path

@@ -1,0 +1,90 @@
+"""Label sets: the user's label values (e.g. 0/200/500/600) with names, kept in every output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Tuple
+
+from mvmm.errors import InputError
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Ordered tissue classes: ``names[k]`` has label value ``values[k]`` in label maps.
+
+    The background is the class with value 0 if there is one, else the first class.
+    """
+
+    names: Tuple[str, ...]
+    values: Tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.names) != len(self.values):
+            raise InputError(f"labels: {len(self.names)} names for {len(self.values)} values")
+        if len(self.values) < 2:
+            raise InputError(f"labels: need at least two classes, got {list(self.names)}")
+        if len(set(self.values)) != len(self.values) or len(set(self.names)) != len(self.names):
+            raise InputError(f"labels: names and values must be unique, got {self.as_dict()}")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def background_index(self) -> int:
+        return self.values.index(0) if 0 in self.values else 0
+
+    @property
+    def foreground(self) -> Tuple[Tuple[str, int], ...]:
+        """(name, value) of every class except the background."""
+        bg = self.background_index
+        return tuple((n, v) for k, (n, v) in enumerate(zip(self.names, self.values)) if k != bg)
+
+    def index(self, name: str, argname: str = "--labels") -> int:
+        if name not in self.names:
+            raise InputError(f"{argname}: unknown tissue {name!r}; known: {', '.join(self.names)}")
+        return self.names.index(name)
+
+    def as_dict(self) -> dict:
+        return dict(zip(self.names, self.values))
+
+    @classmethod
+    def parse(cls, text: str, argname: str = "--labels") -> "LabelSet":
+        """Parse ``"bg=0,Myo=200,LV=500,RV=600"`` (order kept)."""
+        names, values = [], []
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise InputError(f"{argname}: expected NAME=VALUE items separated by commas, got {item!r}")
+            try:
+                values.append(int(value))
+            except ValueError:
+                raise InputError(f"{argname}: label value of {name.strip()!r} must be an integer, "
+                                 f"got {value!r}") from None
+            names.append(name.strip())
+        return cls(tuple(names), tuple(values))
+
+    @classmethod
+    def from_values(cls, values: Iterable[int]) -> "LabelSet":
+        """Label set for the given values: the built-in cardiac names if they match, else the values."""
+        values = tuple(sorted(int(v) for v in set(values)))
+        if values == CARDIAC_LABELS.values:
+            return CARDIAC_LABELS
+        return cls(tuple(str(v) for v in values), values)
+
+    def check_values(self, found: Sequence[int], source: str, argname: str) -> None:
+        """Raise InputError unless ``found`` label values are exactly this set's values."""
+        found_set, own = set(int(v) for v in found), set(self.values)
+        if found_set - own:
+            raise InputError(f"{argname}: {source} has label values {sorted(found_set - own)} "
+                             f"that are not in the label set {self.as_dict()}")
+        if own - found_set:
+            raise InputError(f"{argname}: label values {sorted(own - found_set)} of the label set "
+                             f"{self.as_dict()} do not occur in {source}")
+
+
+CARDIAC_LABELS = LabelSet(("bg", "Myo", "LV", "RV"), (0, 200, 500, 600))
+
+
+def resolve_labels(text: Optional[str]) -> Optional[LabelSet]:
+    """The ``--labels`` option: None when not given."""
+    return None if text is None else LabelSet.parse(text)

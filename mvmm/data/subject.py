@@ -1,0 +1,171 @@
+"""One case: the named source images of a subject, their optional masks and the atlas.
+
+``Subject`` checks that its parts can be used together; ``Subject.sample`` puts them on one grid
+(by default the reference image's) and returns the tensors the mixture model reads, including each
+image's coverage mask (hetero-coverage: where its own field of view, and mask, reach).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mvmm.data.atlas import Atlas
+from mvmm.data.grid import Grid
+from mvmm.data.image import Image
+from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.errors import InputError
+from mvmm.spatial.transforms import IdentityTransform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseSample:
+    """A case resampled onto one grid.
+
+    Attributes
+    ----------
+    images : torch.Tensor, float32, shape [N, *S]
+        Intensities of the N images, S = ``grid.shape``.
+    coverage : torch.Tensor, bool, shape [N, *S]
+        Where image i covers the voxel (inside its field of view and its mask).
+    prior : torch.Tensor or None, float32, shape [K, *S]
+        Atlas probabilities; None for a plain mixture.
+    grid : Grid
+    names : list of str, length N
+    labels : LabelSet
+    """
+
+    images: torch.Tensor
+    coverage: torch.Tensor
+    prior: Optional[torch.Tensor]
+    grid: Grid
+    names: List[str]
+    labels: LabelSet
+
+
+@dataclass
+class Subject:
+    """The images, masks and atlas of one case.
+
+    Parameters
+    ----------
+    images : sequence of Image
+        The source images; names must be unique.
+    atlas : Atlas, optional
+        Spatial prior; without one the model is a plain mixture.
+    masks : mapping of image name to Image, optional
+        Restricts where an image counts (hetero-coverage); any grid, nonzero = inside.
+    reference : str, optional
+        Name of the image whose grid is the common space Ω (default: the first image).
+    transforms : mapping of name to nn.Module, optional
+        Maps common-space world points into each image's (or ``"atlas"``'s) world space;
+        identity where not given (images placed by their headers).
+    labels : LabelSet, optional
+        Classes of a plain mixture (no atlas); default the built-in cardiac set. With an atlas,
+        the atlas's labels are used.
+    """
+
+    images: Sequence[Image]
+    atlas: Optional[Atlas] = None
+    masks: Mapping[str, Image] = field(default_factory=dict)
+    reference: Optional[str] = None
+    transforms: Dict[str, nn.Module] = field(default_factory=dict)
+    labels: Optional[LabelSet] = None
+
+    def __post_init__(self):
+        self.images = list(self.images)
+        if not self.images:
+            raise InputError("--images: at least one image is needed")
+        names = [im.name for im in self.images]
+        if len(set(names)) != len(names):
+            raise InputError(f"--names: image names must be unique, got {names}")
+        if self.reference is None:
+            self.reference = names[0]
+        if self.reference not in names:
+            raise InputError(f"--reference: {self.reference!r} is not one of the image names {names}")
+        dims = {im.name: im.grid.ndim for im in self.images}
+        if len(set(dims.values())) > 1:
+            raise InputError(f"--images: 2D and 3D images cannot share one space: dimensions {dims} "
+                             f"(a 2D image has no position along a third axis)")
+        for im in self.images:
+            im.check_intensities()
+        for name, mask in self.masks.items():
+            if name not in names:
+                raise InputError(f"--mask: {name!r} is not one of the image names {names}")
+            if mask.grid.ndim != dims[name]:
+                raise InputError(f"--mask: mask of {name!r} ({mask.source}) is {mask.grid.ndim}D, "
+                                 f"its image is {dims[name]}D")
+            if not bool((mask.data > 0).any()):
+                raise InputError(f"--mask: mask of {name!r} ({mask.source}) is empty (no nonzero voxel)")
+        if self.atlas is not None and self.atlas.grid.ndim != self.ndim:
+            raise InputError(f"--atlas: the atlas ({self.atlas.source}) is {self.atlas.grid.ndim}D, "
+                             f"the images are {self.ndim}D")
+
+    @property
+    def class_labels(self) -> LabelSet:
+        """The tissue classes: the atlas's, else ``labels``, else the built-in cardiac set."""
+        if self.atlas is not None:
+            return self.atlas.labels
+        return self.labels if self.labels is not None else CARDIAC_LABELS
+
+    @property
+    def ndim(self) -> int:
+        return self.images[0].grid.ndim
+
+    @property
+    def names(self) -> List[str]:
+        return [im.name for im in self.images]
+
+    @property
+    def reference_image(self) -> Image:
+        return self.images[self.names.index(self.reference)]
+
+    def image(self, name: str) -> Image:
+        if name not in self.names:
+            raise InputError(f"image name {name!r} is not one of {self.names}")
+        return self.images[self.names.index(name)]
+
+    def transform(self, name: str) -> nn.Module:
+        return self.transforms.get(name, IdentityTransform())
+
+    def sample(self, grid: Optional[Grid] = None, device=None) -> CaseSample:
+        """Resample images, coverage masks and atlas prior onto ``grid`` (default: the reference's).
+
+        Raises
+        ------
+        InputError
+            If an image, its mask, or the atlas does not overlap ``grid`` at all.
+        """
+        grid = grid or self.reference_image.grid
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        points = grid.world_points(device=device)
+        values, coverage = [], []
+        for im in self.images:
+            transform = self.transform(im.name)
+            v, inside = im.sample(points, transform)
+            if im.name in self.masks:
+                m, m_inside = self.masks[im.name].sample(points, transform, mode="nearest")
+                inside = inside & m_inside & (m[0] > 0)
+            if not bool(inside.any()):
+                raise InputError(f"--images: image {im.name!r} ({im.source}) does not overlap the common "
+                                 f"grid of {self.reference!r} at all (check its header's origin/direction, "
+                                 f"or its mask)")
+            values.append(v[0])
+            coverage.append(inside)
+        prior = None
+        if self.atlas is not None:
+            prior, inside = self.atlas.sample(points, self.transform("atlas"))
+            share = float(inside.float().mean())
+            if share == 0.0:
+                raise InputError(f"--atlas: the atlas ({self.atlas.source}) does not overlap the common grid "
+                                 f"of {self.reference!r} at all")
+            if share < 0.5:
+                log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
+                            "background", self.atlas.source, 100 * share)
+        return CaseSample(torch.stack(values), torch.stack(coverage), prior, grid, self.names, self.class_labels)

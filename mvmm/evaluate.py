@@ -1,0 +1,48 @@
+"""Evaluation of label-map files: checks that they can be compared, then per-structure metrics."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from mvmm.data import io
+from mvmm.data.labels import LabelSet
+from mvmm.errors import InputError
+from mvmm.metrics import evaluate_labels
+
+
+def _read_label_map(path, argname: str):
+    array, grid, _ = io.read_array(path, argname)
+    if array.ndim != grid.ndim:
+        raise InputError(f"{argname}: {path} is not a scalar label map (array shape {array.shape})")
+    if not np.all(np.isfinite(array)) or not np.all(np.mod(array, 1) == 0):
+        raise InputError(f"{argname}: {path} has non-integer values; expected a label map")
+    return array.astype(np.int64), grid
+
+
+def evaluate_label_files(pred_path, truth_path, labels: Optional[LabelSet] = None) -> Dict[str, Dict[str, float]]:
+    """Dice, HD, HD95 and MSD (mm) per foreground structure of ``labels``.
+
+    Parameters
+    ----------
+    pred_path, truth_path : path
+        Label maps on one grid (same size, spacing, origin and direction).
+    labels : LabelSet, optional
+        Default: the values found in either map (cardiac names for 0/200/500/600). Values found in
+        the maps but absent from ``labels`` are an error.
+    """
+    pred, pred_grid = _read_label_map(pred_path, "--pred")
+    truth, truth_grid = _read_label_map(truth_path, "--truth")
+    if not pred_grid.same_geometry(truth_grid):
+        raise InputError(f"--pred {pred_path} and --truth {truth_path} are not on one grid "
+                         f"(size {pred_grid.size} vs {truth_grid.size}, spacing {pred_grid.spacing} vs "
+                         f"{truth_grid.spacing}, origin {pred_grid.origin} vs {truth_grid.origin}); resample first")
+    found = set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())
+    if labels is None:
+        labels = LabelSet.from_values(found | {0})
+    unknown = found - set(labels.values)
+    if unknown:
+        raise InputError(f"--labels: the label maps contain values {sorted(unknown)} that are not in "
+                         f"{labels.as_dict()}")
+    return evaluate_labels(pred, truth, tuple(reversed(truth_grid.spacing)), labels)

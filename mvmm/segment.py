@@ -1,0 +1,245 @@
+"""From image files to labels: load a case, fit the mixture, predict on every grid, write outputs.
+
+This is the Python API behind ``mvmm segment``; a script can call the same three steps::
+
+    subject = load_subject(["LGE.nii.gz", "C0.nii.gz"], names=["LGE", "C0"])
+    result = segment_subject(subject, subtypes=["LGE:Myo=2"])
+    result.write("out/")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from mvmm import __version__
+from mvmm.data import io
+from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
+from mvmm.data.image import Image
+from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.data.subject import CaseSample, Subject
+from mvmm.devices import resolve_device
+from mvmm.errors import InputError
+from mvmm.mixture.model import MultivariateMixture
+from mvmm.mixture.subtypes import parse_subtypes
+from mvmm.outputs import prepare_output_dir, write_json
+from mvmm.report import convergence_figure, overview_figure
+
+log = logging.getLogger(__name__)
+
+NO_ATLAS = "none"
+BACKGROUND_SUBTYPES = 2  # the background mixes several tissues (fat, lung, liver, air) in every sequence
+PARAMS_FORMAT = "mvmm-params/1"
+
+
+def default_name(path) -> str:
+    """Image name from its file name: ``LGE.nii.gz`` → ``LGE``."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".dcm", ".png", ".tif", ".tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[str]] = None,
+                 atlas: Optional[Sequence[str]] = None, labels: Optional[LabelSet] = None,
+                 masks: Optional[Mapping[str, str]] = None, reference: Optional[str] = None,
+                 atlas_sigma: float = DEFAULT_SIGMA_MM) -> Subject:
+    """Read a case from files and check it.
+
+    Parameters
+    ----------
+    images : sequence of path
+        Source images (any format SimpleITK reads).
+    names : sequence of str, optional
+        One name per image (default: the file names without extension).
+    atlas : sequence of str, optional
+        ``["builtin:cardiac"]`` (the default when None), ``["none"]`` for a plain mixture, one
+        probability image, or one or more label maps on one grid.
+    labels : LabelSet, optional
+        Tissue names and label values; checked against the atlas.
+    masks : mapping of image name to path, optional
+    reference : str, optional
+        Name of the image whose grid is the common space (default: the first).
+    atlas_sigma : float
+        Smoothing (mm) of label-map atlases.
+    """
+    if not images:
+        raise InputError("--images: at least one image is needed")
+    names = list(names) if names else [default_name(p) for p in images]
+    if len(names) != len(images):
+        raise InputError(f"--names: {len(names)} names for {len(images)} images")
+    if len(set(names)) != len(names):
+        raise InputError(f"--names: image names must be unique, got {names} (give --names)")
+    loaded = [Image.read(p, n) for p, n in zip(images, names)]
+    mask_images = {}
+    for name, path in (masks or {}).items():
+        if name not in names:
+            raise InputError(f"--mask: {name!r} is not one of the image names {names}")
+        mask_images[name] = Image.read(path, f"{name}_mask", argname="--mask")
+    atlas = list(atlas) if atlas else [BUILTIN_CARDIAC]
+    reference_grid = loaded[names.index(reference)].grid if reference in names else loaded[0].grid
+    if atlas == [NO_ATLAS]:
+        atlas_obj = None
+    elif atlas == [BUILTIN_CARDIAC]:
+        atlas_obj = Atlas.builtin_cardiac(reference_grid, labels or CARDIAC_LABELS)
+    elif any(a in (NO_ATLAS, BUILTIN_CARDIAC) for a in atlas):
+        raise InputError(f"--atlas: {NO_ATLAS!r} and {BUILTIN_CARDIAC!r} stand alone, got {atlas}")
+    else:
+        atlas_obj = Atlas.read(atlas, reference_grid.ndim, labels, atlas_sigma)
+    return Subject(loaded, atlas_obj, mask_images, reference, labels=labels)
+
+
+@dataclass
+class Segmentation:
+    """A fitted case: the model, its posteriors on the common grid, and how it was obtained."""
+
+    subject: Subject
+    model: MultivariateMixture
+    labels: LabelSet
+    common: CaseSample
+    posterior: torch.Tensor  # [K, *S] on the common grid
+    settings: dict
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.posterior.device
+
+    def label_map(self, posterior: Optional[torch.Tensor] = None) -> np.ndarray:
+        """Label values (the user's, e.g. 0/200/500/600) of the most probable class, shape [*S]."""
+        posterior = self.posterior if posterior is None else posterior
+        values = np.asarray(self.labels.values)
+        return values[posterior.argmax(dim=0).cpu().numpy()]
+
+    def entropy(self) -> torch.Tensor:
+        """Posterior entropy in nats, [*S]: 0 where the model is certain, log K at most."""
+        p = self.posterior.clamp_min(1e-12)
+        return -(self.posterior * p.log()).sum(dim=0)
+
+    def native_posterior(self, name: str) -> torch.Tensor:
+        """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
+        sample = self.subject.sample(self.subject.image(name).grid, device=self.device)
+        return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+
+    def volumes_ml(self) -> Dict[str, float]:
+        label_map = self.label_map()
+        voxel = self.common.grid.voxel_volume_ml
+        return {n: float((label_map == v).sum()) * voxel for n, v in zip(self.labels.names, self.labels.values)}
+
+    def params_dict(self) -> dict:
+        return {"format": PARAMS_FORMAT, "mvmm_version": __version__, "images": self.common.names,
+                "labels": self.labels.as_dict(), "reference": self.subject.reference,
+                "common_grid": self.common.grid.to_dict(), "model": self.model.to_dict()}
+
+    def write(self, out_dir, force: bool = False) -> Dict[str, Path]:
+        """Write every output into ``out_dir`` (see docs/cli.md); never overwrites without ``force``."""
+        start = time.perf_counter()
+        out = prepare_output_dir(out_dir, force)
+        grid = self.common.grid
+        label_dtype = np.int16 if max(map(abs, self.labels.values)) < 2 ** 15 else np.int32
+        files = {"labels": out / "labels.nii.gz"}
+        io.write_array(files["labels"], self.label_map().astype(label_dtype), grid)
+        for name in self.common.names:
+            files[f"labels_{name}"] = out / f"labels_{name}.nii.gz"
+            native = self.native_posterior(name)
+            io.write_array(files[f"labels_{name}"], self.label_map(native).astype(label_dtype),
+                           self.subject.image(name).grid)
+        files["posteriors"] = out / "posteriors.nii.gz"
+        io.write_array(files["posteriors"], self.posterior.cpu().numpy().astype(np.float32), grid)
+        files["entropy"] = out / "entropy.nii.gz"
+        io.write_array(files["entropy"], self.entropy().cpu().numpy().astype(np.float32), grid)
+        files["params"] = out / "params.json"
+        write_json(files["params"], self.params_dict())
+        files["overview"] = out / "overview.png"
+        overview_figure(files["overview"], self.common.images.cpu().numpy(), self.common.coverage.cpu().numpy(),
+                        self.label_map(), self.common.names, self.labels,
+                        title=f"mvmm: {', '.join(self.common.names)} on the grid of {self.subject.reference}")
+        files["convergence"] = out / "convergence.png"
+        convergence_figure(files["convergence"], self.model.lower_bounds_)
+        self.timings["write_s"] = time.perf_counter() - start
+        files["report"] = out / "report.json"
+        write_json(files["report"], self.report())
+        return files
+
+    def report(self) -> dict:
+        coverage = self.common.coverage.float().mean(dim=tuple(range(1, self.common.coverage.dim())))
+        return {
+            "mvmm_version": __version__,
+            "settings": self.settings,
+            "device": str(self.device),
+            "reference": self.subject.reference,
+            "images": [{"name": im.name, "path": im.source, "size": list(im.grid.size),
+                        "spacing_mm": list(im.grid.spacing), "coverage_of_common_grid": float(c)}
+                       for im, c in zip(self.subject.images, coverage)],
+            "atlas": self.subject.atlas.source if self.subject.atlas is not None else None,
+            "labels": self.labels.as_dict(),
+            "n_subtypes": {name: dict(zip(self.labels.names, map(int, row)))
+                           for name, row in zip(self.common.names, self.model.n_subtypes_)},
+            "em": {"iterations": self.model.n_iter_, "converged": self.model.converged_,
+                   "log_likelihood": self.model.lower_bounds_},
+            "timings_s": self.timings,
+            "volumes_ml": self.volumes_ml(),
+        }
+
+
+def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_subtypes: int = BACKGROUND_SUBTYPES,
+                    mrf_beta: float = 0.0,
+                    max_iter: int = 200, tol: float = 1e-5, var_floor: float = 1e-3, device: str = "auto",
+                    seed: Optional[int] = 0, progress: bool = False) -> Segmentation:
+    """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
+
+    Parameters
+    ----------
+    subject : Subject
+    subtypes : sequence of str
+        ``IMAGE:TISSUE=N`` items (``*`` for all), see :func:`mvmm.mixture.parse_subtypes`; they
+        override the defaults (one subtype per tissue, ``background_subtypes`` for the background).
+    background_subtypes : int
+        Subtypes of the background class (value 0, else the first class) in every image.
+    mrf_beta : float
+        Potts MRF weight (0: none).
+    device : {"auto", "cpu", "cuda"}
+    seed : int, optional
+        Seeds torch and the k-means initialisation of a plain mixture.
+    """
+    start = time.perf_counter()
+    torch_device = resolve_device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    common = subject.sample(device=torch_device)
+    labels = common.labels
+    base = np.ones((len(common.names), len(labels)), dtype=np.int64)
+    base[:, labels.background_index] = background_subtypes
+    counts = parse_subtypes(subtypes, common.names, labels.names, default=base)
+    model = MultivariateMixture(n_subtypes=counts, n_classes=len(labels), max_iter=max_iter, tol=tol,
+                                var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed, progress=progress)
+    sampled = time.perf_counter()
+    model.fit(common.images, common.coverage, common.prior, common.grid.spacing)
+    fitted = time.perf_counter()
+    posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
+    settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta, "max_iter": max_iter, "tol": tol,
+                "var_floor": var_floor, "device": str(torch_device), "seed": seed}
+    timings = {"sample_s": sampled - start, "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
+    return Segmentation(subject, model, labels, common, posterior, settings, timings)
+
+
+def load_params(path) -> dict:
+    """Read a params.json written by :meth:`Segmentation.write`; ``["model"]`` becomes a fitted model."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"params: cannot read {path} ({err})") from None
+    if d.get("format") != PARAMS_FORMAT:
+        raise InputError(f"params: {path} is not an mvmm parameter file (format {d.get('format')!r})")
+    d["model"] = MultivariateMixture.from_dict(d["model"])
+    d["labels"] = LabelSet(tuple(d["labels"]), tuple(d["labels"].values()))
+    return d

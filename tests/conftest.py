@@ -1,0 +1,37 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mvmm.data.phantom import SEQUENCES, make_phantom, write_phantom
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def phantom3d():
+    return make_phantom(seed=3)
+
+
+@pytest.fixture(scope="session")
+def phantom_files(tmp_path_factory):
+    """A phantom written to disk once per session: {role: path}."""
+    return write_phantom(tmp_path_factory.mktemp("phantom") / "case", seed=1)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_mixture(n_images=2, shape=(30, 30), means=((0.0, 5.0, 10.0), (3.0, 0.0, 6.0)), seed=0):
+    """Images drawn from a known mixture; returns (images [N, *S], labels [*S], prior [K, *S])."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.as_tensor(means, dtype=torch.float32)
+    k = means.shape[1]
+    labels = torch.randint(0, k, shape, generator=g)
+    images = torch.stack([means[i][labels] + torch.randn(shape, generator=g) for i in range(n_images)])
+    prior = torch.nn.functional.one_hot(labels, k).movedim(-1, 0).float() * 0.5 + 0.5 / k
+    return images, labels, prior

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+
+from mvmm.data.atlas import Atlas
+from mvmm.data.grid import Grid
+from mvmm.data.image import Image
+from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.data.subject import Subject
+from mvmm.errors import InputError
+
+GRID = Grid((20, 16, 6), (1.5, 1.5, 5.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def label_map(values=(0, 200, 500, 600)):
+    m = np.full(GRID.shape, values[0], dtype=np.int16)
+    m[:, 4:12, 5:10] = values[1]
+    m[:, 6:10, 6:9] = values[2]
+    m[:, 4:12, 12:16] = values[3]
+    return m
+
+
+def test_atlas_from_label_maps_is_a_smooth_partition_of_unity():
+    atlas = Atlas.from_label_maps([label_map(), label_map()], GRID, sigma_mm=2.0)
+    assert atlas.labels == CARDIAC_LABELS
+    p = atlas.probabilities
+    assert torch.allclose(p.sum(0), torch.ones(GRID.shape), atol=1e-5)
+    assert 0 < float(p[1].max()) < 1 and float(p.min()) >= 0  # smoothed, not one-hot
+    # argmax of a lightly smoothed map gives back the map
+    assert (np.asarray(CARDIAC_LABELS.values)[p.argmax(0).numpy()] == label_map()).mean() > 0.9
+
+
+def test_atlas_label_set_must_match_labels_option():
+    with pytest.raises(InputError, match=r"label values \[600\] .* do not occur"):
+        Atlas.from_label_maps([label_map((0, 200, 500, 500))], GRID, labels=CARDIAC_LABELS)
+    with pytest.raises(InputError, match=r"label values \[700\] that are not in"):
+        Atlas.from_label_maps([label_map((0, 200, 500, 700))], GRID, labels=CARDIAC_LABELS)
+
+
+def test_probability_atlas_round_trip_keeps_labels(tmp_path):
+    atlas = Atlas.from_label_maps([label_map()], GRID, labels=LabelSet.parse("bg=0,wall=200,pool=500,rv=600"))
+    atlas.save(tmp_path / "atlas.nii.gz")
+    back = Atlas.read([tmp_path / "atlas.nii.gz"], image_ndim=3)
+    assert back.labels.as_dict() == {"bg": 0, "wall": 200, "pool": 500, "rv": 600}
+    assert torch.allclose(back.probabilities, atlas.probabilities, atol=1e-6)
+    (tmp_path / "atlas.json").unlink()
+    with pytest.raises(InputError, match="no label values"):
+        Atlas.read([tmp_path / "atlas.nii.gz"], image_ndim=3)
+    with pytest.raises(InputError, match="4 probability maps but the label set"):
+        Atlas.read([tmp_path / "atlas.nii.gz"], image_ndim=3, labels=LabelSet.parse("a=0,b=1"))
+
+
+def test_builtin_atlas_is_centred_and_sized_in_mm():
+    reference = Grid((96, 96, 12), (1.25, 1.25, 8.0), (-40.0, 30.0, -50.0), (0, 1, 0, -1, 0, 0, 0, 0, 1))
+    atlas = Atlas.builtin_cardiac(reference)
+    pts = reference.world_points()
+    prior, inside = atlas.sample(pts)
+    assert bool(inside.all())
+    lv = prior[2]
+    centroid = np.array(np.nonzero((lv[6] > 0.5).numpy())).mean(axis=1)
+    assert np.allclose(centroid, [47.5, 47.5], atol=1.0)  # LV pool at the centre of the field of view
+    lv_area_mm2 = float((lv[6] > 0.5).sum()) * 1.25 ** 2
+    assert 0.7 < lv_area_mm2 / (np.pi * 24.0 ** 2) < 1.3  # radius ~24 mm whatever the spacing
+    # RV lies towards -x (image left) of the LV
+    rv_cols = np.nonzero((prior[3][6] > 0.5).numpy())[1]
+    assert rv_cols.mean() < 47.5
+
+
+def make_image(name, grid=GRID, value_fn=None, seed=0):
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=grid.shape).astype(np.float32) if value_fn is None else value_fn(grid)
+    return Image.from_array(data, grid, name)
+
+
+def test_subject_coverage_follows_each_field_of_view_and_mask():
+    small = Grid((20, 16, 2), (1.5, 1.5, 5.0), (0.0, 0.0, 10.0), GRID.direction)  # slices 2-3 only
+    mask = np.zeros(GRID.shape, dtype=np.float32)
+    mask[:, :8] = 1
+    subject = Subject([make_image("A"), make_image("B", small)], masks={"A": Image.from_array(mask, GRID, "m")})
+    sample = subject.sample()
+    assert sample.images.shape == (2,) + GRID.shape
+    assert torch.equal(sample.coverage[0], torch.as_tensor(mask > 0))
+    covered_slices = sample.coverage[1].any(dim=(1, 2)).nonzero().squeeze(1).tolist()
+    assert covered_slices == [2, 3]
+    # a sample of B at its own voxel centres returns its own values
+    b_on_common = sample.images[1, 2:4]
+    assert torch.allclose(b_on_common, subject.images[1].data[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("nan", "NaN/Inf"), ("constant", "one constant value"), ("dims", "2D and 3D"),
+    ("empty_mask", "is empty"), ("no_overlap", "does not overlap"), ("mask_name", "not one of the image names"),
+])
+def test_subject_rejects_bad_input(problem, match):
+    images = [make_image("A"), make_image("B", seed=1)]
+    masks = {}
+    if problem == "nan":
+        images[1].data[0, 1, 2, 3] = float("nan")
+    elif problem == "constant":
+        images[1] = make_image("B", value_fn=lambda g: np.full(g.shape, 3.0, np.float32))
+    elif problem == "dims":
+        images[1] = make_image("B", Grid((20, 16), (1.5, 1.5), (0.0, 0.0), (1, 0, 0, 1)))
+    elif problem == "empty_mask":
+        masks = {"B": Image.from_array(np.zeros(GRID.shape), GRID, "m")}
+    elif problem == "no_overlap":
+        images[1] = make_image("B", Grid(GRID.size, GRID.spacing, (500.0, 0.0, 0.0), GRID.direction))
+    elif problem == "mask_name":
+        masks = {"C": Image.from_array(np.ones(GRID.shape), GRID, "m")}
+    with pytest.raises(InputError, match=match):
+        Subject(images, masks=masks).sample()
+
+
+def test_atlas_that_misses_the_images_is_rejected():
+    far = Grid(GRID.size, GRID.spacing, (0.0, 0.0, 900.0), GRID.direction)
+    atlas = Atlas.from_label_maps([label_map()], far)
+    with pytest.raises(InputError, match="--atlas: the atlas .* does not overlap"):
+        Subject([make_image("A")], atlas=atlas).sample()

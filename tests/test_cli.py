@@ -1,0 +1,193 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mvmm.cli import main
+from mvmm.data import io
+from mvmm.data.atlas import Atlas
+from mvmm.data.labels import CARDIAC_LABELS
+from mvmm.segment import load_params, load_subject
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def images_of(files, names=("LGE", "C0", "T2")):
+    return ["--images", *[files[n] for n in names]]
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["segment"], ["evaluate"], ["phantom"], ["demo"], ["atlas"], ["atlas", "build"]):
+        result = run(*cmd, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_segment_end_to_end_on_the_phantom(phantom_files, tmp_path):
+    out = tmp_path / "seg"
+    result = run("segment", *images_of(phantom_files), "--names", "LGE", "C0", "T2", "--out", out,
+                 "--subtypes", "LGE:Myo=2", "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    expected = {"labels.nii.gz", "labels_LGE.nii.gz", "labels_C0.nii.gz", "labels_T2.nii.gz", "posteriors.nii.gz",
+                "entropy.nii.gz", "params.json", "report.json", "overview.png", "convergence.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    # labels on each image's own grid, with the user's label values
+    for name in ("LGE", "C0", "T2"):
+        labels, grid, _ = io.read_array(out / f"labels_{name}.nii.gz", "t")
+        _, image_grid, _ = io.read_array(phantom_files[name], "t")
+        assert grid.same_geometry(image_grid) and set(np.unique(labels)) <= {0, 200, 500, 600}
+    posteriors, _, ndim = io.read_array(out / "posteriors.nii.gz", "t")
+    assert ndim == 4 and np.allclose(posteriors.sum(0), 1, atol=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert report["em"]["iterations"] == len(report["em"]["log_likelihood"]) - 1
+    assert set(report["volumes_ml"]) == {"bg", "Myo", "LV", "RV"}
+    assert report["n_subtypes"]["LGE"]["Myo"] == 2 and report["n_subtypes"]["C0"]["Myo"] == 1
+    # the result is good against the truth, and evaluate agrees with it
+    ev = run("evaluate", "--pred", out / "labels_LGE.nii.gz", "--truth", phantom_files["LGE_truth"], "--json")
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads(ev.output)["metrics"]
+    assert metrics["LV"]["dice"] > 0.8 and metrics["Myo"]["dice"] > 0.6
+    # fitted parameters reload and reproduce the posteriors
+    params = load_params(out / "params.json")
+    subject = load_subject([phantom_files[n] for n in ("LGE", "C0", "T2")], names=["LGE", "C0", "T2"])
+    sample = subject.sample()
+    again = params["model"].predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+    assert np.allclose(again.numpy(), posteriors, atol=1e-4)
+
+
+def test_demo_writes_report_with_dice(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert set(report["dice"]) == {"Myo", "LV", "RV"}
+    assert all(0.5 < d <= 1 for d in report["dice"].values())
+    assert "Myo" in result.output and "dice" in result.output
+
+
+def test_phantom_command_2d(tmp_path):
+    result = run("phantom", "--out", tmp_path / "p", "--dims", "2", "--seed", "4")
+    assert result.exit_code == 0, result.output
+    _, grid, ndim = io.read_array(tmp_path / "p" / "C0.nii.gz", "t")
+    assert ndim == 2
+    seg = run("segment", "--images", tmp_path / "p" / "LGE.nii.gz", tmp_path / "p" / "C0.nii.gz",
+              "--out", tmp_path / "s", "-q")
+    assert seg.exit_code == 0, seg.output
+
+
+def test_atlas_build_and_use_with_custom_labels(phantom_files, tmp_path):
+    truth = phantom_files["LGE_truth"]
+    result = run("atlas", "build", "--labels", truth, truth, "--out", tmp_path / "atlas.nii.gz", "--sigma", "3")
+    assert result.exit_code == 0, result.output
+    atlas = Atlas.read([tmp_path / "atlas.nii.gz"], 3)
+    assert atlas.labels == CARDIAC_LABELS and torch.allclose(atlas.probabilities.sum(0), torch.tensor(1.0))
+    again = run("atlas", "build", "--labels", truth, "--out", tmp_path / "atlas.nii.gz")
+    assert again.exit_code != 0 and "exists" in again.output
+    seg = run("segment", *images_of(phantom_files, ("LGE", "C0")), "--atlas", tmp_path / "atlas.nii.gz",
+              "--out", tmp_path / "s", "-q")
+    assert seg.exit_code == 0, seg.output
+    # a label-map atlas with the user's names
+    seg2 = run("segment", *images_of(phantom_files, ("LGE",)), "--atlas", truth,
+               "--labels", "back=0,wall=200,pool=500,right=600", "--out", tmp_path / "s2", "-q")
+    assert seg2.exit_code == 0, seg2.output
+    assert set(json.loads((tmp_path / "s2" / "report.json").read_text())["volumes_ml"]) == {"back", "wall", "pool", "right"}
+
+
+def test_plain_mixture_without_atlas(phantom_files, tmp_path):
+    result = run("segment", *images_of(phantom_files, ("LGE", "C0")), "--atlas", "none", "--out", tmp_path / "s", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["atlas"] is None
+
+
+@pytest.fixture
+def bad_inputs(phantom_files, tmp_path):
+    nan_image = tmp_path / "nan.nii.gz"
+    arr, grid, _ = io.read_array(phantom_files["LGE"], "t")
+    with_nan = arr.copy()
+    with_nan[2, 10, 10] = np.nan
+    io.write_array(nan_image, with_nan, grid)
+    flat = tmp_path / "flat.nii.gz"
+    io.write_array(flat, np.full_like(arr, 7.0), grid)
+    two_d = tmp_path / "slice.nii.gz"
+    from mvmm.data.grid import Grid
+    io.write_array(two_d, arr[5], Grid(grid.size[:2], grid.spacing[:2], grid.origin[:2], (1, 0, 0, 1)))
+    far = tmp_path / "far.nii.gz"
+    io.write_array(far, arr, Grid(grid.size, grid.spacing, (1e4, 0, 0), grid.direction))
+    truth, truth_grid, _ = io.read_array(phantom_files["LGE_truth"], "t")
+    far_atlas = tmp_path / "far_atlas.nii.gz"
+    io.write_array(far_atlas, truth, Grid(truth_grid.size, truth_grid.spacing, (1e4, 0, 0), truth_grid.direction))
+    empty_mask = tmp_path / "empty_mask.nii.gz"
+    io.write_array(empty_mask, np.zeros(arr.shape, np.uint8), grid)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    return {"nan": nan_image, "flat": flat, "2d": two_d, "far": far, "far_atlas": far_atlas, "empty_mask": empty_mask, "taken": taken}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "file not found"),
+    ("unreadable", "cannot read"),
+    ("nan", "NaN/Inf"),
+    ("flat", "one constant value"),
+    ("2d", "2D and 3D images cannot share"),
+    ("far", "does not overlap"),
+    ("atlas_far", "atlas .* does not overlap"),
+    ("labels_mismatch", "do not occur"),
+    ("unknown_labels", r"values \[500, 600\] that are not in"),
+    ("empty_mask", "is empty"),
+    ("subtypes_image", "unknown image 'T2'"),
+    ("subtypes_tissue", "unknown tissue 'scar'"),
+    ("out_exists", "exists and is not empty"),
+    ("cuda", "CUDA is not available"),
+    ("names_count", "2 names for 1 images"),
+])
+def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_files, bad_inputs, tmp_path):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    lge = phantom_files["LGE"]
+    args = {"missing": ["--images", tmp_path / "nope.nii.gz"],
+            "unreadable": ["--images", phantom_files["description"]],
+            "nan": ["--images", lge, bad_inputs["nan"], "--names", "LGE", "bad"],
+            "flat": ["--images", lge, bad_inputs["flat"], "--names", "LGE", "bad"],
+            "2d": ["--images", lge, bad_inputs["2d"]],
+            "far": ["--images", lge, bad_inputs["far"], "--names", "LGE", "far"],
+            "atlas_far": ["--images", lge, "--atlas", bad_inputs["far_atlas"]],
+            "labels_mismatch": ["--images", lge, "--atlas", phantom_files["LGE_truth"], "--labels", "bg=0,Myo=200,LV=500,RV=600,scar=700"],
+            "unknown_labels": ["--images", lge, "--atlas", phantom_files["LGE_truth"], "--labels", "bg=0,Myo=200"],
+            "empty_mask": ["--images", lge, "--mask", f"LGE={bad_inputs['empty_mask']}"],
+            "subtypes_image": ["--images", lge, "--subtypes", "T2:Myo=2"],
+            "subtypes_tissue": ["--images", lge, "--subtypes", "LGE:scar=2"],
+            "out_exists": ["--images", lge],
+            "cuda": ["--images", lge, "--device", "cuda"],
+            "names_count": ["--images", lge, "--names", "a", "b"]}[case]
+    out = bad_inputs["taken"] if case == "out_exists" else tmp_path / "out"
+    result = run("segment", *args, "--out", out, "-q")
+    assert result.exit_code == 1, result.output
+    assert "Error:" in result.output and "Traceback" not in result.output
+    assert __import__("re").search(match, result.output), result.output
+    if case == "out_exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_force_overwrites_an_existing_output(phantom_files, bad_inputs):
+    out = bad_inputs["taken"]
+    result = run("segment", "--images", phantom_files["LGE"], "--out", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert (out / "labels.nii.gz").exists() and (out / "keep.txt").read_text() == "mine"
+
+
+def test_evaluate_errors(phantom_files, tmp_path):
+    r = run("evaluate", "--pred", phantom_files["LGE_truth"], "--truth", phantom_files["C0_truth"])
+    assert r.exit_code == 1 and "not on one grid" in r.output
+    r = run("evaluate", "--pred", phantom_files["LGE_truth"], "--truth", phantom_files["LGE_truth"],
+            "--labels", "bg=0,Myo=200")
+    assert r.exit_code == 1 and "values [500, 600]" in r.output
+    r = run("evaluate", "--pred", phantom_files["LGE_truth"], "--truth", phantom_files["LGE_truth"])
+    assert r.exit_code == 0 and "1.000" in r.output
