@@ -47,7 +47,9 @@ def test_m_step_matches_numpy_reference():
     data = _Voxels(torch.as_tensor(x), torch.as_tensor(m), torch.as_tensor(atlas), torch.ones(v, dtype=torch.bool), (1.0,))
     model._floors = torch.full((n,), 1e-12, dtype=torch.float64)
     model._collapsed = set()
-    new = model._m_step(data, torch.as_tensor(np.log(post)), params)
+    resp = model._e_step(data, params)
+    resp.log_post = torch.as_tensor(np.log(post))  # an arbitrary tissue posterior
+    new = model._m_step(data, resp, params)
 
     for i in range(n):
         for kk in range(k):

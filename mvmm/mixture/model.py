@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mvmm.mixture.gaussian import subtype_log_densities, sufficient_statistics, weighted_moments
+from mvmm.mixture.gaussian import logsumexp, subtype_log_densities, sufficient_statistics, weighted_moments
 from mvmm.mixture.init import params_from_tissue_weights, tissue_weights_from_kmeans
 from mvmm.mixture.mrf import mean_field_potts
 from mvmm.mixture.params import MixtureParams
@@ -39,6 +39,15 @@ class ConvergenceWarning(UserWarning):
 
 class SubtypeCollapseWarning(UserWarning):
     """A subtype lost (nearly) all its data; its mean and variance are kept from before."""
+
+
+@dataclass
+class _Responsibilities:
+    """What an E-step gives the M-step."""
+
+    log_post: torch.Tensor  # [K, V] log P_kx (tissue posterior)
+    within: List[torch.Tensor]  # N tensors [K, C, V]: P(c | k, x) in image i
+    log_likelihood: float  # mean log-likelihood per voxel
 
 
 @dataclass
@@ -137,14 +146,14 @@ class MultivariateMixture:
         self._floors = self._variance_floors(data)
         self._collapsed = set()
         params = self._initial_params(data, n_classes)
-        log_post, ll = self._e_step(data, params)
-        self.lower_bounds_ = [ll]
+        resp = self._e_step(data, params)
+        self.lower_bounds_ = [resp.log_likelihood]
         self.converged_ = False
         iterations = tqdm(range(1, self.max_iter + 1), desc="EM", unit="it", disable=not self.progress, leave=False)
         for self.n_iter_ in iterations:
-            params = self._m_step(data, log_post, params)
-            log_post, ll = self._e_step(data, params)
-            previous = self.lower_bounds_[-1]
+            params = self._m_step(data, resp, params)
+            resp = self._e_step(data, params)
+            ll, previous = resp.log_likelihood, self.lower_bounds_[-1]
             self.lower_bounds_.append(ll)
             iterations.set_postfix(logL=f"{ll:.5f}")
             if abs(ll - previous) <= self.tol * abs(previous):
@@ -156,14 +165,15 @@ class MultivariateMixture:
                           f"{abs(self.lower_bounds_[-1] - self.lower_bounds_[-2]) / abs(self.lower_bounds_[-2]):.2e}, "
                           f"tol {self.tol:g}); increase max_iter or tol", ConvergenceWarning, stacklevel=2)
         self.params_ = params
-        log.info("EM: %d iterations, converged=%s, mean log-likelihood %.5f", self.n_iter_, self.converged_, ll)
+        log.info("EM: %d iterations, converged=%s, mean log-likelihood %.5f", self.n_iter_, self.converged_,
+                 self.lower_bounds_[-1])
         return self
 
     def predict_proba(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
         """Posterior tissue probabilities ``[K, *S]``; where no image counts, the prior."""
         self._check_fitted()
         data = self._voxels(images, coverage, prior, spacing, roi_only=False)
-        log_post, _ = self._e_step(data, self.params_.to(data.x.device))
+        log_post = self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_post
         out = torch.empty((log_post.shape[0],) + tuple(data.roi.shape), dtype=log_post.dtype, device=log_post.device)
         out[:, data.roi] = log_post.exp()
         return out
@@ -176,7 +186,7 @@ class MultivariateMixture:
         """Mean log-likelihood per voxel where at least one image counts."""
         self._check_fitted()
         data = self._voxels(images, coverage, prior, spacing, roi_only=True)
-        return self._log_likelihood(data, self.params_.to(data.x.device))[1]
+        return self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_likelihood
 
     # fitted attributes as NumPy arrays (padding as NaN)
     def _padded(self, t: torch.Tensor) -> np.ndarray:
@@ -212,16 +222,6 @@ class MultivariateMixture:
         return model
 
     # ------------------------------------------------------------------ EM steps
-    def _log_likelihoods(self, data: _Voxels, params: MixtureParams) -> torch.Tensor:
-        """``Σ_i M_i(x) log Σ_c τ_ikc N_ikc(x)``, shape [K, V]."""
-        log_weights = params.log_weights
-        total = torch.zeros((params.means.shape[1], data.x.shape[1]), dtype=data.x.dtype, device=data.x.device)
-        for i in range(data.x.shape[0]):
-            per_tissue = torch.logsumexp(
-                subtype_log_densities(data.x[i], params.means[i], params.variances[i], log_weights[i]), dim=1)
-            total += torch.where(data.m[i], per_tissue, torch.zeros_like(per_tissue))
-        return total
-
     def _log_prior(self, data: _Voxels, params: MixtureParams) -> torch.Tensor:
         """``log π_kx``, shape [K, V] (or [K, 1] for a plain mixture)."""
         log_pi = torch.log(params.proportions).to(data.x.dtype).unsqueeze(1)
@@ -230,27 +230,37 @@ class MultivariateMixture:
         joint = log_pi + torch.log(data.atlas.clamp_min(PRIOR_FLOOR))
         return joint - torch.logsumexp(joint, dim=0, keepdim=True)
 
-    def _log_likelihood(self, data: _Voxels, params: MixtureParams):
-        log_joint = self._log_prior(data, params) + self._log_likelihoods(data, params)
-        log_norm = torch.logsumexp(log_joint, dim=0)
-        return log_joint, float(log_norm.double().mean())
+    def _e_step(self, data: _Voxels, params: MixtureParams, keep_within: bool = True) -> _Responsibilities:
+        """Posteriors under ``params`` (DESIGN.md §1, E-step), all in log space.
 
-    def _e_step(self, data: _Voxels, params: MixtureParams):
-        """Log posterior ``log P_kx`` [K, V] and the mean log-likelihood per voxel."""
-        log_joint, ll = self._log_likelihood(data, params)
-        log_post = mean_field_potts(log_joint, data.roi, self.mrf_beta, data.spacing, self.mrf_iter)
-        return log_post, ll
-
-    def _m_step(self, data: _Voxels, log_post: torch.Tensor, params: MixtureParams) -> MixtureParams:
-        """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and of π (fixed point)."""
-        post = log_post.exp()
-        new = params.clone()
-        mask = params.subtype_mask
+        ``log p(I(x)|k) = Σ_i M_i(x) logsumexp_c(log τ_ikc + log N_ikc(x))``; the tissue posterior is
+        ``log P_kx = log π_kx + log p(I(x)|k) − logsumexp_l(…)`` (or its mean-field MRF version), and
+        the subtype responsibilities ``P(c | k, x)`` in each image are kept for the M-step.
+        """
         log_weights = params.log_weights
+        log_lik = torch.zeros((params.means.shape[1], data.x.shape[1]), dtype=data.x.dtype, device=data.x.device)
+        within = []
         for i in range(data.x.shape[0]):
             log_dens = subtype_log_densities(data.x[i], params.means[i], params.variances[i], log_weights[i])
-            within = torch.softmax(log_dens, dim=1)  # P(c | k, x) in image i, [K, C, V]
-            s0, s1, s2 = sufficient_statistics(data.x[i], within * (post * data.m[i]).unsqueeze(1))
+            per_tissue = logsumexp(log_dens, dim=1)
+            log_lik += torch.where(data.m[i], per_tissue, torch.zeros_like(per_tissue))
+            if keep_within:
+                within.append((log_dens - per_tissue.unsqueeze(1)).exp())
+        log_joint = self._log_prior(data, params) + log_lik
+        log_likelihood = float(torch.logsumexp(log_joint, dim=0).double().mean())
+        log_post = mean_field_potts(log_joint, data.roi, self.mrf_beta, data.spacing, self.mrf_iter)
+        return _Responsibilities(log_post, within, log_likelihood)
+
+    def _m_step(self, data: _Voxels, resp: _Responsibilities, params: MixtureParams) -> MixtureParams:
+        """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and of π (fixed point).
+
+        The weight of subtype c of tissue k in image i at x is ``P_ikcx = M_i(x) P_kx P(c | k, x)``.
+        """
+        post = resp.log_post.exp()
+        new = params.clone()
+        mask = params.subtype_mask
+        for i in range(data.x.shape[0]):
+            s0, s1, s2 = sufficient_statistics(data.x[i], resp.within[i] * (post * data.m[i]).unsqueeze(1))
             means, variances = weighted_moments(s0, s1, s2, self._floors[i])
             alive = (s0 >= MIN_SUBTYPE_MASS) & mask[i]
             new.means[i] = torch.where(alive, means, params.means[i])
