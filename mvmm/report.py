@@ -38,7 +38,7 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
     for ax, image, cover, name in zip(axes[0], images, coverage, names):
         shown = np.where(pick(cover), pick(image), np.nan)
         ax.imshow(shown, cmap="gray", interpolation="nearest")
-        for (label_name, value), colour in zip(labels.foreground, COLOURS):
+        for (_, value), colour in zip(labels.foreground, COLOURS):
             mask = (pick(label_map) == value).astype(float)
             if mask.any():
                 ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.2)

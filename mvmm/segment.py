@@ -126,7 +126,10 @@ class Segmentation:
 
     def native_posterior(self, name: str) -> torch.Tensor:
         """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
-        sample = self.subject.sample(self.subject.image(name).grid, device=self.device)
+        grid = self.subject.image(name).grid
+        if grid.same_geometry(self.common.grid):
+            return self.posterior
+        sample = self.subject.sample(grid, device=self.device)
         return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
 
     def volumes_ml(self) -> Dict[str, float]:

@@ -1,11 +1,10 @@
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mvmm.data.phantom import SEQUENCES, make_phantom, write_phantom
+from mvmm.data.phantom import make_phantom, write_phantom
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

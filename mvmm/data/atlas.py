@@ -102,7 +102,7 @@ class Atlas:
         paths = [Path(p) for p in paths]
         arrays = [io.read_array(p, argname) for p in paths]
         is_prob = [a.ndim == g.ndim + 1 for a, g, _ in arrays]
-        for p, (a, g, _) in zip(paths, arrays):
+        for p, (_, g, _) in zip(paths, arrays):
             if image_ndim is not None and g.ndim != image_ndim:
                 raise InputError(f"{argname}: {p} is {g.ndim}D but the images are {image_ndim}D")
         if any(is_prob):
