@@ -1,0 +1,102 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mvmm.data.grid import Grid
+from mvmm.spatial import AffineTransform, IdentityTransform, RigidTransform, TranslationTransform, sample_image
+
+
+def oblique_grid():
+    a, b = math.radians(25), math.radians(10)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    return Grid((40, 36, 12), (1.2, 1.2, 4.0), (-20.0, 15.0, -30.0), tuple((rz @ rx).ravel()))
+
+
+def blob(grid, centre_world, radius=6.0):
+    """A smooth ball at a world position, as an image [1, *S]."""
+    d = grid.world_points(dtype=torch.float64) - torch.as_tensor(centre_world)
+    return torch.exp(-(d ** 2).sum(-1) / (2 * radius ** 2)).unsqueeze(0)
+
+
+def centroid_world(grid, image):
+    w = image[0] / image[0].sum()
+    return (grid.world_points(dtype=torch.float64) * w.unsqueeze(-1)).sum(dim=tuple(range(grid.ndim)))
+
+
+def test_identity_warp_reproduces_the_image():
+    grid = oblique_grid()
+    data = torch.rand((1,) + grid.shape, dtype=torch.float64)
+    for transform in (None, IdentityTransform(), RigidTransform(3), AffineTransform(3)):
+        values, inside = sample_image(data, grid, grid.world_points(dtype=torch.float64), transform)
+        assert bool(inside.all()) and torch.allclose(values, data, atol=1e-9)
+
+
+def test_known_translation_moves_the_phantom_in_mm():
+    grid = oblique_grid()
+    centre = torch.as_tensor(grid.center_world())
+    image = blob(grid, centre)
+    shift = torch.tensor([4.0, -3.0, 6.0], dtype=torch.float64)
+    # pulling back through T(x) = x + t shows at x what sits at x + t: the ball moves by -t
+    moved, _ = sample_image(image, grid, grid.world_points(dtype=torch.float64), TranslationTransform(3, shift))
+    assert torch.allclose(centroid_world(grid, moved), centre - shift, atol=0.15)
+
+
+def test_known_rotation_about_the_centre():
+    grid = oblique_grid()
+    centre = torch.as_tensor(grid.center_world())
+    offset = torch.tensor([10.0, 0.0, 0.0], dtype=torch.float64)
+    image = blob(grid, centre + offset, radius=4.0)
+    params = torch.tensor([0.0, 0.0, math.radians(30), 0.0, 0.0, 0.0], dtype=torch.float64)
+    rigid = RigidTransform(3, params, center=centre)
+    moved, _ = sample_image(image, grid, grid.world_points(dtype=torch.float64), rigid)
+    rot = rigid.matrix_and_translation()[0]
+    expected = centre + rot.T @ offset  # pull-back: the ball goes to T^-1 of where it was
+    assert torch.allclose(centroid_world(grid, moved), expected, atol=0.2)
+    assert torch.allclose(rigid.angles_degrees()[2], torch.tensor(30.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [RigidTransform, AffineTransform])
+def test_inverse_after_forward_is_identity(cls):
+    torch.manual_seed(0)
+    n = len(cls(3).identity_params())
+    t = cls(3, torch.randn(n, dtype=torch.float64) * 0.2, center=[5.0, -3.0, 2.0])
+    pts = torch.randn(50, 3, dtype=torch.float64) * 30
+    assert torch.allclose(t.inverse()(t(pts)), pts, atol=1e-9)
+    assert torch.allclose(t.compose(t.inverse())(pts), pts, atol=1e-9)
+
+
+def test_warp_gradcheck():
+    grid = Grid((7, 6, 5), (1.5, 1.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    data = torch.rand((1,) + grid.shape, dtype=torch.float64)
+    pts = grid.world_points(dtype=torch.float64)[1:-1, 1:-1, 1:-1]
+
+    def warped(params):
+        return sample_image(data, grid, pts, RigidTransform(3, params, center=grid.center_world()))[0]
+
+    params = torch.tensor([0.05, -0.03, 0.02, 0.3, -0.2, 0.4], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(warped, (params,), eps=1e-6, atol=1e-5)
+
+
+def test_parameter_slot_learnable_fixed_or_callable():
+    learnable = RigidTransform(3)
+    assert [p.shape for p in learnable.parameters()] == [torch.Size([6])]
+    fixed = RigidTransform(3, torch.zeros(6))
+    assert list(fixed.parameters()) == [] and "params_tensor" in dict(fixed.named_buffers())
+    head = nn.Linear(2, 6).double()
+    produced = RigidTransform(3, lambda: head(torch.ones(2, dtype=torch.float64)))
+    out = produced(torch.zeros(1, 3, dtype=torch.float64)).sum()
+    out.backward()
+    assert head.weight.grad is not None  # gradients reach the network that fills the slot
+    with pytest.raises(ValueError, match="expected shape"):
+        RigidTransform(3, torch.zeros(5))
+    with pytest.raises(TypeError, match="Parameter, a tensor or a callable"):
+        RigidTransform(3, "rigid")
+
+
+def test_2d_rigid():
+    t = RigidTransform(2, torch.tensor([math.pi / 2, 1.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(t(torch.tensor([[1.0, 0.0]], dtype=torch.float64)), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
