@@ -244,5 +244,5 @@ def load_params(path) -> dict:
     if d.get("format") != PARAMS_FORMAT:
         raise InputError(f"params: {path} is not an mvmm parameter file (format {d.get('format')!r})")
     d["model"] = MultivariateMixture.from_dict(d["model"])
-    d["labels"] = LabelSet(tuple(d["labels"]), tuple(d["labels"].values()))
+    d["labels"] = LabelSet.from_dict(d["labels"])
     return d

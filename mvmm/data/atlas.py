@@ -122,7 +122,7 @@ class Atlas:
                                 labels: Optional[LabelSet], argname: str) -> "Atlas":
         sidecar = _sidecar_path(path)
         if sidecar.exists():
-            stored = LabelSet.parse(",".join(f"{n}={v}" for n, v in json.loads(sidecar.read_text())["labels"].items()))
+            stored = LabelSet.from_dict(json.loads(sidecar.read_text())["labels"])
             if labels is not None and labels != stored:
                 raise InputError(f"--labels {labels.as_dict()} differ from the labels of atlas {path} "
                                  f"({stored.as_dict()}, from {sidecar.name})")

@@ -64,6 +64,11 @@ class LabelSet:
         return cls(tuple(names), tuple(values))
 
     @classmethod
+    def from_dict(cls, names_to_values: dict) -> "LabelSet":
+        """The inverse of :meth:`as_dict` (order kept), e.g. from a JSON sidecar or params.json."""
+        return cls(tuple(names_to_values), tuple(int(v) for v in names_to_values.values()))
+
+    @classmethod
     def from_values(cls, values: Iterable[int]) -> "LabelSet":
         """Label set for the given values: the built-in cardiac names if they match, else the values."""
         values = tuple(sorted(int(v) for v in set(values)))
