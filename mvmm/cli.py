@@ -13,6 +13,7 @@ from mvmm import __version__
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM
 from mvmm.errors import InputError
 
+log = logging.getLogger("mvmm")
 DEVICE = click.Choice(["auto", "cpu", "cuda"], case_sensitive=False)
 
 
@@ -95,29 +96,46 @@ def main():
 @click.option("--max-iter", type=int, default=200, show_default=True, help="Maximum EM iterations.")
 @click.option("--tol", type=float, default=1e-5, show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
+@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="none",
+              show_default=True, help="Move the atlas while fitting: rigid; rigid then affine; or those then "
+                                      "B-spline FFD levels (control spacing halving).")
+@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
+              show_default=True, help="Move each non-reference image while fitting (the reference stays).")
+@click.option("--atlas-init", type=click.Choice(["header", "geometry"]), default="header", show_default=True,
+              help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
+@click.option("--control-spacing", type=float, default=40.0, show_default=True,
+              help="FFD control-point spacing (mm) of the first level; halved at the next.")
+@click.option("--bending-weight", type=float, default=10.0, show_default=True,
+              help="Weight of the FFD bending energy against the mean log-likelihood per voxel.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, subtypes, background_subtypes, mrf_beta,
-            max_iter, tol, out, force, device, seed, quiet):
+            max_iter, tol, register_atlas, register_images, atlas_init, control_spacing, bending_weight, out, force,
+            device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
     parameters and a report into --out.
     """
     from mvmm.data.labels import resolve_labels
+    from mvmm.joint import RegistrationSettings
     from mvmm.outputs import prepare_output_dir
     from mvmm.segment import load_subject, segment_subject
 
     _setup_logging(quiet)
     prepare_output_dir(out, force)  # fail before any work if the folder is taken
+    registration = RegistrationSettings(atlas=register_atlas, images=register_images, atlas_init=atlas_init,
+                                        control_spacing=control_spacing, bending_weight=bending_weight)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, max_iter=max_iter, tol=tol,
-                             device=device, seed=seed, progress=not quiet)
+                             device=device, seed=seed, progress=not quiet, registration=registration)
     files = result.write(out, force=True)
+    if register_atlas == "none" and register_images == "none" and subject.atlas is not None and len(images) > 1:
+        log.info("images and atlas placed by their headers only (see --register-images / --register-atlas)")
     if not quiet:
         click.echo(f"EM: {result.model.n_iter_} iterations, converged: {result.model.converged_}, "
                    f"device: {result.device}")

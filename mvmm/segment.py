@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
@@ -27,10 +27,12 @@ from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject
 from mvmm.devices import resolve_device
 from mvmm.errors import InputError
+from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.outputs import prepare_output_dir, write_json
 from mvmm.report import convergence_figure, overview_figure
+from mvmm.spatial.files import save_transforms
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Segmentation:
     posterior: torch.Tensor  # [K, *S] on the common grid
     settings: dict
     timings: Dict[str, float] = field(default_factory=dict)
+    registration: Optional[RegistrationResult] = None
 
     @property
     def device(self) -> torch.device:
@@ -127,9 +130,14 @@ class Segmentation:
     def native_posterior(self, name: str) -> torch.Tensor:
         """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
         grid = self.subject.image(name).grid
-        if grid.same_geometry(self.common.grid):
+        moved = name in self.subject.transforms
+        if grid.same_geometry(self.common.grid) and not moved:
             return self.posterior
-        sample = self.subject.sample(grid, device=self.device)
+        points = None
+        if moved:  # image voxels y sit at T_i⁻¹(y) in the common space
+            with torch.no_grad():
+                points = self.subject.transforms[name].inverse()(grid.world_points(device=self.device))
+        sample = self.subject.sample(grid, device=self.device, points=points)
         return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
 
     def volumes_ml(self) -> Dict[str, float]:
@@ -165,6 +173,8 @@ class Segmentation:
         overview_figure(files["overview"], self.common.images.cpu().numpy(), self.common.coverage.cpu().numpy(),
                         self.label_map(), self.common.names, self.labels,
                         title=f"mvmm: {', '.join(self.common.names)} on the grid of {self.subject.reference}")
+        if self.registration is not None:
+            files["transforms"] = save_transforms(out / "transforms", self.registration.transforms, grid)
         files["convergence"] = out / "convergence.png"
         convergence_figure(files["convergence"], self.model.lower_bounds_)
         self.timings["write_s"] = time.perf_counter() - start
@@ -188,6 +198,9 @@ class Segmentation:
                            for name, row in zip(self.common.names, self.model.n_subtypes_)},
             "em": {"iterations": self.model.n_iter_, "converged": self.model.converged_,
                    "log_likelihood": self.model.lower_bounds_},
+            "registration": None if self.registration is None else {
+                "history": self.registration.history, "atlas_jacobian": self.registration.jacobian,
+                "transforms": sorted(self.registration.transforms)},
             "timings_s": self.timings,
             "volumes_ml": self.volumes_ml(),
         }
@@ -196,7 +209,8 @@ class Segmentation:
 def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_subtypes: int = BACKGROUND_SUBTYPES,
                     mrf_beta: float = 0.0,
                     max_iter: int = 200, tol: float = 1e-5, var_floor: float = 1e-3, device: str = "auto",
-                    seed: Optional[int] = 0, progress: bool = False) -> Segmentation:
+                    seed: Optional[int] = 0, progress: bool = False,
+                    registration: Optional[RegistrationSettings] = None) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -212,26 +226,37 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     device : {"auto", "cpu", "cuda"}
     seed : int, optional
         Seeds torch and the k-means initialisation of a plain mixture.
+    registration : RegistrationSettings, optional
+        Move the atlas and/or the non-reference images while fitting (:mod:`mvmm.joint`); the
+        transforms found are kept in ``subject.transforms`` of the result and written with it.
     """
     start = time.perf_counter()
     torch_device = resolve_device(device)
     if seed is not None:
         torch.manual_seed(seed)
-    common = subject.sample(device=torch_device)
-    labels = common.labels
-    base = np.ones((len(common.names), len(labels)), dtype=np.int64)
+    labels = subject.class_labels
+    base = np.ones((len(subject.names), len(labels)), dtype=np.int64)
     base[:, labels.background_index] = background_subtypes
-    counts = parse_subtypes(subtypes, common.names, labels.names, default=base)
+    counts = parse_subtypes(subtypes, subject.names, labels.names, default=base)
     model = MultivariateMixture(n_subtypes=counts, n_classes=len(labels), max_iter=max_iter, tol=tol,
                                 var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed, progress=progress)
+    registered = None
+    if registration is not None and registration.active:
+        subject.sample(device=torch_device)  # fail on unusable input before the long part
+        registered = JointSolver(model, registration, torch_device, progress).run(subject)
+        subject = replace(subject, transforms={**subject.transforms, **registered.transforms})
+    registered_at = time.perf_counter()
+    common = subject.sample(device=torch_device)
     sampled = time.perf_counter()
     model.fit(common.images, common.coverage, common.prior, common.grid.spacing)
     fitted = time.perf_counter()
     posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
-    settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta, "max_iter": max_iter, "tol": tol,
-                "var_floor": var_floor, "device": str(torch_device), "seed": seed}
-    timings = {"sample_s": sampled - start, "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
-    return Segmentation(subject, model, labels, common, posterior, settings, timings)
+    settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
+                "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
+                "registration": asdict(registration) if registration is not None else None}
+    timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,
+               "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
+    return Segmentation(subject, model, labels, common, posterior, settings, timings, registered)
 
 
 def load_params(path) -> dict:

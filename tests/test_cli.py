@@ -190,3 +190,31 @@ def test_evaluate_errors(phantom_files, tmp_path):
     assert r.exit_code == 1 and "values [500, 600]" in r.output
     r = run("evaluate", "--pred", phantom_files["LGE_truth"], "--truth", phantom_files["LGE_truth"])
     assert r.exit_code == 0 and "1.000" in r.output
+
+
+def test_segment_with_registration_writes_reloadable_itk_transforms(tmp_path):
+    import SimpleITK as sitk
+
+    from mvmm.data.phantom import write_phantom
+    from mvmm.spatial.files import load_transforms
+
+    files = write_phantom(tmp_path / "case2d", seed=0, ndim=2)
+    out = tmp_path / "seg"
+    result = run("segment", *images_of(files, ("LGE", "C0")), "--register-images", "rigid", "--register-atlas", "ffd",
+                 "--out", out, "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "transforms" / "transforms.json").read_text())
+    assert [e["type"] for e in index["transforms"]["atlas"]] == ["displacement", "linear"]
+    assert [e["kind"] for e in index["transforms"]["C0"]] == ["RigidTransform"]
+    transforms = load_transforms(out / "transforms")
+    # SimpleITK reads the same map as mvmm
+    itk = sitk.ReadTransform(str(out / "transforms" / "C0_0.tfm"))
+    point = (3.0, -7.0)
+    expected = transforms["C0"](torch.tensor([point], dtype=torch.float64))[0].numpy()
+    assert np.allclose(itk.TransformPoint(point), expected, atol=1e-6)
+    # per-image labels on C0's own grid, and the registration in the report
+    _, c0_grid, _ = io.read_array(files["C0"], "C0")
+    _, grid, _ = io.read_array(out / "labels_C0.nii.gz", "labels_C0")
+    assert grid.same_geometry(c0_grid)
+    report = json.loads((out / "report.json").read_text())
+    assert report["registration"]["history"] and report["registration"]["atlas_jacobian"]["folding_share"] == 0.0

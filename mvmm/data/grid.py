@@ -127,6 +127,18 @@ class Grid:
         origin = np.asarray(center_world, dtype=np.float64) - rot_scale @ half
         return Grid(size, tuple(spacing), tuple(origin), self.direction)
 
+    def resampled(self, spacing, pad: int = 0) -> "Grid":
+        """A grid with this direction and centre whose voxels of ``spacing`` mm cover this field of view.
+
+        ``spacing`` is one value (isotropic) or one per axis; ``pad`` extra voxels are added on
+        each side (e.g. the control points a cubic B-spline needs beyond the domain).
+        """
+        spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (self.ndim,))
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise InputError(f"spacing: expected positive values in mm, got {spacing.tolist()}")
+        size = np.ceil(self.extent_mm() / spacing - 1e-6).astype(int) + 2 * int(pad)
+        return self.with_size(np.maximum(size, 1), spacing, self.center_world())
+
     # ----------------------------------------------------------------- conversions (torch)
     def _matrix(self, name: str, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(getattr(self, name), dtype=like.dtype, device=like.device)

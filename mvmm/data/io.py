@@ -131,3 +131,61 @@ def write_array(path, array: np.ndarray, grid: Grid) -> Path:
     with atomic_path(path) as tmp:
         sitk.WriteImage(_to_sitk(array, grid), os.fspath(tmp), True)
     return path
+
+
+def write_vector_field(path, field: np.ndarray, grid: Grid) -> Path:
+    """Write a vector image ``[ndim, *grid.shape]`` (e.g. a displacement field in mm) atomically.
+
+    The vectors are stored as pixel components, which is what ITK's (and SimpleITK's)
+    ``DisplacementFieldTransform`` reads.
+    """
+    field = np.asarray(field, dtype=np.float64)
+    if field.shape != (grid.ndim,) + grid.shape:
+        raise ValueError(f"field: expected shape {(grid.ndim,) + grid.shape}, got {field.shape}")
+    image = sitk.GetImageFromArray(np.moveaxis(field, 0, -1), isVector=True)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, os.fspath(tmp), True)
+    return path
+
+
+def write_linear_transform(path, matrix: np.ndarray) -> Path:
+    """Write a homogeneous ``[ndim+1, ndim+1]`` world → world matrix as an ITK transform file (.tfm).
+
+    ITK's convention is ours: the transform maps points of the fixed (common) space into the
+    moving image's space.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    ndim = matrix.shape[0] - 1
+    transform = sitk.AffineTransform(ndim)
+    transform.SetMatrix(matrix[:ndim, :ndim].ravel().tolist())
+    transform.SetTranslation(matrix[:ndim, ndim].tolist())
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(transform, os.fspath(tmp))
+    return path
+
+
+def read_linear_transform(path, argname: str = "--transforms") -> np.ndarray:
+    """Read any linear ITK transform file (Euler, similarity, versor, affine…) as a homogeneous matrix."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{argname}: {path} does not exist")
+    try:
+        transform = sitk.ReadTransform(os.fspath(path))
+    except RuntimeError as err:
+        raise InputError(f"{argname}: cannot read {path} as an ITK transform ({str(err).strip().splitlines()[-1]})") from None
+    if not transform.IsLinear():
+        raise InputError(f"{argname}: {path} holds a non-linear ITK transform; give displacement fields as images")
+    ndim = transform.GetDimension()
+    origin = np.asarray(transform.TransformPoint((0.0,) * ndim))
+    matrix = np.eye(ndim + 1)
+    for axis in range(ndim):
+        unit = [0.0] * ndim
+        unit[axis] = 1.0
+        matrix[:ndim, axis] = np.asarray(transform.TransformPoint(unit)) - origin
+    matrix[:ndim, ndim] = origin
+    return matrix

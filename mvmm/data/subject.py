@@ -134,17 +134,31 @@ class Subject:
     def transform(self, name: str) -> nn.Module:
         return self.transforms.get(name, IdentityTransform())
 
-    def sample(self, grid: Optional[Grid] = None, device=None) -> CaseSample:
+    def sample(self, grid: Optional[Grid] = None, device=None, points: Optional[torch.Tensor] = None,
+               check: bool = True) -> CaseSample:
         """Resample images, coverage masks and atlas prior onto ``grid`` (default: the reference's).
+
+        Parameters
+        ----------
+        grid : Grid, optional
+            Where to sample; its voxel centres are common-space points.
+        device : torch.device or str, optional
+        points : torch.Tensor, shape [*grid.shape, ndim], optional
+            Common-space points to sample at instead of ``grid``'s voxel centres, e.g. the voxels of
+            image i's own grid pulled back through ``T_i⁻¹`` (``grid`` then only names their layout).
+        check : bool
+            Check overlaps (and warn on a poorly covering atlas); the joint solver skips this on
+            its repeated gradient steps. The values keep the transforms' autograd graph.
 
         Raises
         ------
         InputError
-            If an image, its mask, or the atlas does not overlap ``grid`` at all.
+            If an image, its mask, or the atlas does not overlap the points at all.
         """
         grid = grid or self.reference_image.grid
         device = torch.device(device) if device is not None else torch.device("cpu")
-        points = grid.world_points(device=device)
+        if points is None:
+            points = grid.world_points(device=device)
         values, coverage = [], []
         for im in self.images:
             transform = self.transform(im.name)
@@ -152,7 +166,7 @@ class Subject:
             if im.name in self.masks:
                 m, m_inside = self.masks[im.name].sample(points, transform, mode="nearest")
                 inside = inside & m_inside & (m[0] > 0)
-            if not bool(inside.any()):
+            if check and not bool(inside.any()):
                 raise InputError(f"--images: image {im.name!r} ({im.source}) does not overlap the common "
                                  f"grid of {self.reference!r} at all (check its header's origin/direction, "
                                  f"or its mask)")
@@ -161,7 +175,7 @@ class Subject:
         prior = None
         if self.atlas is not None:
             prior, inside = self.atlas.sample(points, self.transform("atlas"))
-            share = float(inside.float().mean())
+            share = float(inside.float().mean()) if check else 1.0
             if share == 0.0:
                 raise InputError(f"--atlas: the atlas ({self.atlas.source}) does not overlap the common grid "
                                  f"of {self.reference!r} at all")

@@ -84,6 +84,9 @@ class MultivariateMixture:
         Seed of the k-means initialisation of a plain mixture.
     progress : bool
         Show a tqdm progress bar over EM iterations.
+    warm_start : bool
+        When fitted already, ``fit`` starts from the current parameters instead of initialising
+        (as in scikit-learn); the joint solver refits after each registration step this way.
 
     Attributes
     ----------
@@ -102,7 +105,7 @@ class MultivariateMixture:
 
     def __init__(self, n_subtypes=1, n_classes: Optional[int] = None, max_iter: int = 200, tol: float = 1e-5,
                  var_floor: float = 1e-3, mrf_beta: float = 0.0, mrf_iter: int = 5,
-                 random_state: Optional[int] = None, progress: bool = False):
+                 random_state: Optional[int] = None, progress: bool = False, warm_start: bool = False):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter: expected >= 1, got {max_iter}")
         if not tol > 0:
@@ -120,6 +123,7 @@ class MultivariateMixture:
         self.mrf_iter = int(mrf_iter)
         self.random_state = random_state
         self.progress = progress
+        self.warm_start = warm_start
 
     # ------------------------------------------------------------------ public API
     def fit(self, images, coverage=None, prior=None, spacing: Optional[Sequence[float]] = None) -> "MultivariateMixture":
@@ -142,10 +146,18 @@ class MultivariateMixture:
         """
         data = self._voxels(images, coverage, prior, spacing, roi_only=True)
         n_classes = self._n_classes(data)
-        self.n_subtypes_ = self._resolve_subtypes(data.x.shape[0], n_classes)
+        if self.warm_start and hasattr(self, "params_"):
+            params = self.params_.to(data.x.device)
+            if tuple(params.means.shape[:2]) != (data.x.shape[0], n_classes):
+                raise ValueError(f"warm_start: the fitted model has {params.means.shape[0]} images × "
+                                 f"{params.means.shape[1]} classes, the data {data.x.shape[0]} × {n_classes}")
+        else:
+            self.n_subtypes_ = self._resolve_subtypes(data.x.shape[0], n_classes)
+            self._collapsed = set()
+            params = None
         self._floors = self._variance_floors(data)
-        self._collapsed = set()
-        params = self._initial_params(data, n_classes)
+        if params is None:
+            params = self._initial_params(data, n_classes)
         resp = self._e_step(data, params)
         self.lower_bounds_ = [resp.log_likelihood]
         self.converged_ = False
@@ -187,6 +199,17 @@ class MultivariateMixture:
         self._check_fitted()
         data = self._voxels(images, coverage, prior, spacing, roi_only=True)
         return self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_likelihood
+
+    def log_likelihood(self, images, coverage=None, prior=None) -> torch.Tensor:
+        """Mean log-likelihood per covered voxel under the fitted parameters, as a differentiable tensor.
+
+        Gradients flow to ``images`` and ``prior`` (e.g. through the warps that produced them),
+        not to the appearance parameters: this is the registration half of the joint solver.
+        """
+        self._check_fitted()
+        data = self._voxels(images, coverage, prior, None, roi_only=True)
+        log_joint, _ = self._log_joint(data, self.params_.to(data.x.device), keep_within=False)
+        return torch.logsumexp(log_joint, dim=0).mean()
 
     # fitted attributes as NumPy arrays (padding as NaN)
     def _padded(self, t: torch.Tensor) -> np.ndarray:
@@ -237,19 +260,23 @@ class MultivariateMixture:
         ``log P_kx = log π_kx + log p(I(x)|k) − logsumexp_l(…)`` (or its mean-field MRF version), and
         the subtype responsibilities ``P(c | k, x)`` in each image are kept for the M-step.
         """
+        log_joint, within = self._log_joint(data, params, keep_within)
+        log_likelihood = float(torch.logsumexp(log_joint, dim=0).double().mean())
+        log_post = mean_field_potts(log_joint, data.roi, self.mrf_beta, data.spacing, self.mrf_iter)
+        return _Responsibilities(log_post, within, log_likelihood)
+
+    def _log_joint(self, data: _Voxels, params: MixtureParams, keep_within: bool):
+        """``log π_kx + Σ_i M_i(x) log p(I_i(x) | k)``, [K, V], and (optionally) ``P(c | k, x)`` per image."""
         log_weights = params.log_weights
         log_lik = torch.zeros((params.means.shape[1], data.x.shape[1]), dtype=data.x.dtype, device=data.x.device)
         within = []
         for i in range(data.x.shape[0]):
             log_dens = subtype_log_densities(data.x[i], params.means[i], params.variances[i], log_weights[i])
             per_tissue = logsumexp(log_dens, dim=1)
-            log_lik += torch.where(data.m[i], per_tissue, torch.zeros_like(per_tissue))
+            log_lik = log_lik + torch.where(data.m[i], per_tissue, torch.zeros_like(per_tissue))
             if keep_within:
                 within.append((log_dens - per_tissue.unsqueeze(1)).exp())
-        log_joint = self._log_prior(data, params) + log_lik
-        log_likelihood = float(torch.logsumexp(log_joint, dim=0).double().mean())
-        log_post = mean_field_potts(log_joint, data.roi, self.mrf_beta, data.spacing, self.mrf_iter)
-        return _Responsibilities(log_post, within, log_likelihood)
+        return self._log_prior(data, params) + log_lik, within
 
     def _m_step(self, data: _Voxels, resp: _Responsibilities, params: MixtureParams) -> MixtureParams:
         """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and of π (fixed point).

@@ -36,7 +36,67 @@ class IdentityTransform(nn.Module):
         return self
 
 
-class LinearTransform(nn.Module):
+class SequentialTransform(nn.Module):
+    """Apply transforms one after the other: ``T(x) = T_n(…T_2(T_1(x)))``, the first listed first.
+
+    E.g. ``SequentialTransform(ffd, affine)``: a local deformation in the common space, then the
+    global map into the atlas's space.
+    """
+
+    def __init__(self, *transforms: nn.Module):
+        super().__init__()
+        self.steps = nn.ModuleList(transforms)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Map world points ``[..., ndim]`` (mm) through every step."""
+        for step in self.steps:
+            points = step(points)
+        return points
+
+    def inverse(self) -> "SequentialTransform":
+        """The inverses of the steps in reverse order (each exact or fixed-point, as the step offers)."""
+        return SequentialTransform(*[step.inverse() for step in reversed(self.steps)])
+
+
+class ParametricTransform(nn.Module):
+    """Base of transforms with one parameter slot (see the module docstring).
+
+    Subclasses define ``identity_params()`` (the parameters of the identity map, which also fixes
+    their shape) and call ``_fill_slot(params)`` once their geometry is set.
+    """
+
+    def _fill_slot(self, params: ParamValue) -> None:
+        self._fn = None
+        if params is None:
+            params = nn.Parameter(self.identity_params())
+        if isinstance(params, nn.Parameter):
+            self.params_tensor = params
+        elif isinstance(params, torch.Tensor):
+            self.register_buffer("params_tensor", params)
+        elif callable(params):
+            self._fn = params
+        else:
+            raise TypeError(f"params: expected a Parameter, a tensor or a callable, got {type(params).__name__}")
+        expected = tuple(self.identity_params().shape)
+        if self._fn is None and tuple(self.params_tensor.shape) != expected:
+            raise ValueError(f"params: expected shape {expected} for {type(self).__name__}, "
+                             f"got {tuple(self.params_tensor.shape)}")
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The current parameters (evaluating the callable, if the slot holds one)."""
+        return self._fn() if self._fn is not None else self.params_tensor
+
+    @property
+    def learnable(self) -> bool:
+        """True when the slot holds an ``nn.Parameter`` that requires a gradient."""
+        return self._fn is None and isinstance(self.params_tensor, nn.Parameter) and self.params_tensor.requires_grad
+
+    def identity_params(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LinearTransform(ParametricTransform):
     """Base class of transforms ``T(x) = A (x − c) + c + t``; subclasses define A and t from the slot.
 
     Parameters
@@ -55,28 +115,7 @@ class LinearTransform(nn.Module):
         self.ndim = ndim
         self.register_buffer("center", torch.zeros(ndim, dtype=torch.float64) if center is None
                              else torch.as_tensor(center, dtype=torch.float64).reshape(ndim))
-        self._fn = None
-        if params is None:
-            params = nn.Parameter(self.identity_params())
-        if isinstance(params, nn.Parameter):
-            self.params_tensor = params
-        elif isinstance(params, torch.Tensor):
-            self.register_buffer("params_tensor", params)
-        elif callable(params):
-            self._fn = params
-        else:
-            raise TypeError(f"params: expected a Parameter, a tensor or a callable, got {type(params).__name__}")
-        if self._fn is None and tuple(self.params_tensor.shape) != tuple(self.identity_params().shape):
-            raise ValueError(f"params: expected shape {tuple(self.identity_params().shape)} for "
-                             f"{type(self).__name__} in {ndim}D, got {tuple(self.params_tensor.shape)}")
-
-    @property
-    def params(self) -> torch.Tensor:
-        """The current parameter vector (evaluating the callable, if the slot holds one)."""
-        return self._fn() if self._fn is not None else self.params_tensor
-
-    def identity_params(self) -> torch.Tensor:
-        raise NotImplementedError
+        self._fill_slot(params)
 
     def matrix_and_translation(self):
         """``A [ndim, ndim]`` and ``t [ndim]`` from the current parameters."""
@@ -93,7 +132,7 @@ class LinearTransform(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """Map world points ``[..., ndim]`` (mm) to world points ``[..., ndim]``."""
-        m = self.affine().to(points.dtype)
+        m = self.affine().to(device=points.device, dtype=points.dtype)
         return points @ m[: self.ndim, : self.ndim].T + m[: self.ndim, self.ndim]
 
     def inverse(self) -> "AffineTransform":

@@ -1,0 +1,310 @@
+"""The joint solver: EM on the appearance ⇄ gradient steps on the geometry (ICM), coarse to fine.
+
+DESIGN.md §1, "Registration": with the transforms fixed, a few EM steps update the tissue
+parameters; with those fixed, a few gradient steps on the transform parameters increase
+``log L − λ · bending energy`` through autograd (``torch.grid_sample`` warps). Levels go coarse to
+fine: rigid → affine → FFD with the control spacing halving. The atlas, the non-reference images,
+or both move; the reference image defines the common space Ω and never moves.
+
+Linear parameters are optimised in scaled units (angles and matrix entries times the radius of
+the field of view), so that a unit change moves the anatomy by about a millimetre whatever the
+parameter: one step length fits them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mvmm.data.grid import Grid
+from mvmm.data.subject import Subject
+from mvmm.errors import InputError
+from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
+from mvmm.spatial.init import initial_linear_transform
+from mvmm.spatial.nonlinear import FreeFormDeformation
+from mvmm.spatial.optim import descend_keeping_best
+from mvmm.spatial.regularizers import bending_energy, jacobian_statistics
+from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform
+
+log = logging.getLogger(__name__)
+
+ATLAS_MODELS = ("none", "rigid", "affine", "ffd")
+IMAGE_MODELS = ("none", "rigid", "affine")
+ATLAS_INITS = ("header", "geometry")
+
+
+@dataclass
+class RegistrationSettings:
+    """What moves, how, and how hard the solver works.
+
+    Attributes
+    ----------
+    atlas : {"none", "rigid", "affine", "ffd"}
+        Atlas transform; ``"ffd"`` runs rigid, then affine, then B-spline levels.
+    images : {"none", "rigid", "affine"}
+        Transform of each non-reference image (the reference is fixed).
+    atlas_init : {"header", "geometry"}
+        Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
+    control_spacing : float
+        Control-point spacing (mm) of the first FFD level; each further level halves it.
+    ffd_levels : int
+    bending_weight : float
+        λ of the bending energy (mm² · nats per voxel).
+    em_steps, grad_steps : int
+        EM iterations and gradient steps per outer iteration.
+    step_mm, step_decay, min_step_mm : float
+        Adam's step (about mm of motion per step) in the first outer iteration of a level; it is
+        multiplied by ``step_decay`` each outer iteration, down to ``min_step_mm``.
+    max_outer : int
+        Outer iterations per level at most.
+    tol : float
+        A level stops when the relative change of log L over an outer iteration falls below it.
+    grid_spacing : float
+        The registration works on the reference grid resampled to at least this spacing (mm)
+        per axis (an image pyramid of two levels); the final EM runs on the full reference grid.
+    refine_full_resolution : bool
+        Repeat the last level on the full reference grid (slower, more precise).
+    """
+
+    atlas: str = "ffd"
+    images: str = "rigid"
+    atlas_init: str = "header"
+    control_spacing: float = 40.0
+    ffd_levels: int = 2
+    bending_weight: float = 10.0
+    em_steps: int = 3
+    grad_steps: int = 10
+    step_mm: float = 1.0
+    step_decay: float = 0.7
+    min_step_mm: float = 0.05
+    max_outer: int = 15
+    tol: float = 1e-4
+    grid_spacing: float = 2.5
+    refine_full_resolution: bool = True
+
+    def __post_init__(self):
+        if self.atlas not in ATLAS_MODELS:
+            raise InputError(f"--register-atlas: expected one of {', '.join(ATLAS_MODELS)}, got {self.atlas!r}")
+        if self.images not in IMAGE_MODELS:
+            raise InputError(f"--register-images: expected one of {', '.join(IMAGE_MODELS)}, got {self.images!r}")
+        if self.atlas_init not in ATLAS_INITS:
+            raise InputError(f"--atlas-init: expected one of {', '.join(ATLAS_INITS)}, got {self.atlas_init!r}")
+        for name in ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.bending_weight < 0:
+            raise InputError(f"bending_weight: expected >= 0, got {self.bending_weight}")
+
+    @property
+    def active(self) -> bool:
+        return self.atlas != "none" or self.images != "none"
+
+    def levels(self) -> List[dict]:
+        """The coarse-to-fine schedule: per level, the atlas's and the images' transform kinds."""
+        levels = [{"name": "rigid", "atlas": "rigid" if self.atlas != "none" else None,
+                   "images": "rigid" if self.images != "none" else None}]
+        if self.atlas in ("affine", "ffd") or self.images == "affine":
+            levels.append({"name": "affine", "atlas": "affine" if self.atlas in ("affine", "ffd") else levels[0]["atlas"],
+                           "images": self.images if self.images != "none" else None})
+        if self.atlas == "ffd":
+            for level in range(self.ffd_levels):
+                spacing = self.control_spacing / 2 ** level
+                levels.append({"name": f"ffd {spacing:g} mm", "atlas": "ffd", "control_spacing": spacing,
+                               "images": levels[-1]["images"]})
+        if self.refine_full_resolution:
+            levels.append({**levels[-1], "name": levels[-1]["name"] + ", full resolution", "full_resolution": True})
+        return levels
+
+
+@dataclass
+class RegistrationResult:
+    """Transforms found by the joint solver and how log L evolved.
+
+    Attributes
+    ----------
+    transforms : dict of name to nn.Module
+        Fixed transforms (no learnable parameters) from the common space into each moving
+        image's (and ``"atlas"``'s) world space.
+    history : list of dict
+        One entry per outer iteration: level, iteration, mean log L per voxel after its EM steps
+        (on the registration grid) and after its gradient steps.
+    jacobian : dict, optional
+        Statistics of ``det ∇T_atlas`` on the common grid when the atlas deforms.
+    """
+
+    transforms: Dict[str, nn.Module]
+    history: List[dict] = field(default_factory=list)
+    jacobian: Optional[dict] = None
+
+
+class _ScaledLinear:
+    """A learnable linear transform whose raw parameters are in millimetres of motion."""
+
+    def __init__(self, kind: str, start: LinearTransform, radius: float):
+        ndim = start.ndim
+        self.kind, self.ndim, self.center = kind, ndim, start.center
+        base = _convert(start, kind).params.detach()
+        n_linear = base.numel() - ndim
+        self.scales = torch.cat([torch.full((n_linear,), 1.0 / radius), torch.ones(ndim)]).to(base)
+        self.base = base
+        self.raw = nn.Parameter(torch.zeros_like(base))
+        cls = RigidTransform if kind == "rigid" else AffineTransform
+        self.module = cls(ndim, params=lambda: self.base + self.raw * self.scales, center=self.center)
+
+    def baked(self) -> LinearTransform:
+        cls = RigidTransform if self.kind == "rigid" else AffineTransform
+        return cls(self.ndim, params=(self.base + self.raw * self.scales).detach().clone(), center=self.center)
+
+
+def _convert(transform: LinearTransform, kind: str) -> LinearTransform:
+    """``transform`` as a fixed transform of ``kind`` about the same centre (rigid → affine is exact)."""
+    if kind == "rigid":
+        if not isinstance(transform, RigidTransform):
+            raise ValueError("a non-rigid linear transform cannot be made rigid")
+        return transform
+    a, t = transform.matrix_and_translation()
+    n = transform.ndim
+    params = torch.cat([(a - torch.eye(n, dtype=a.dtype, device=a.device)).reshape(-1), t]).detach()
+    return AffineTransform(n, params=params, center=transform.center)
+
+
+def registration_grid(reference: Grid, spacing: float) -> Grid:
+    """The reference grid resampled so that no axis is finer than ``spacing`` mm."""
+    coarse = np.maximum(np.asarray(reference.spacing), spacing)
+    if np.allclose(coarse, reference.spacing):
+        return reference
+    return reference.resampled(coarse)
+
+
+class JointSolver:
+    """Fit a mixture model and the transforms of a subject together.
+
+    Parameters
+    ----------
+    model : MultivariateMixture
+        The appearance model (settings only; the solver fits it, warm-starting between steps).
+    settings : RegistrationSettings
+    device : torch.device
+    progress : bool
+        A progress bar over outer iterations.
+    """
+
+    def __init__(self, model: MultivariateMixture, settings: RegistrationSettings, device, progress: bool = False):
+        self.model = model
+        self.settings = settings
+        self.device = torch.device(device)
+        self.progress = progress
+
+    def run(self, subject: Subject) -> RegistrationResult:
+        """Register and fit; ``self.model`` ends fitted on the registration grid (refit it on the full one)."""
+        s = self.settings
+        work = copy.copy(subject)
+        work.transforms = dict(subject.transforms)
+        reference = subject.reference_image.grid
+        coarse = registration_grid(reference, s.grid_spacing)
+        radius = float(np.linalg.norm(reference.extent_mm()[:2])) / 2
+        moving_images = [n for n in subject.names if n != subject.reference]
+        linear = {name: RigidTransform(reference.ndim, center=reference.center_world()) for name in moving_images}
+        if subject.atlas is not None:
+            linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid,
+                                                       "geometry" if s.atlas_init == "geometry" else "header")
+        ffd = None
+        history: List[dict] = []
+        self.model.warm_start = True
+        levels = s.levels()
+        bar = tqdm(total=len(levels) * s.max_outer, desc="registration", unit="outer", disable=not self.progress,
+                   leave=False)
+        for level in levels:
+            grid = reference if level.get("full_resolution") else coarse
+            scaled = {}
+            if level["atlas"] in ("rigid", "affine") and "atlas" in linear:
+                scaled["atlas"] = _ScaledLinear(level["atlas"], linear["atlas"], radius)
+            if level["images"]:
+                for name in moving_images:
+                    scaled[name] = _ScaledLinear(level["images"], linear[name], radius)
+            params = [lin.raw for lin in scaled.values()]
+            if level["atlas"] == "ffd" and subject.atlas is not None:
+                if ffd is None:
+                    ffd = FreeFormDeformation(reference, level["control_spacing"]).to(self.device)
+                elif min(ffd.control_spacing) > level["control_spacing"]:
+                    ffd = ffd.refined()
+                else:
+                    ffd = FreeFormDeformation(reference, params=nn.Parameter(ffd.params.detach().clone()),
+                                              control_grid=ffd.control_grid)
+                params.append(ffd.params_tensor)
+            for name in linear:
+                current = scaled[name].module if name in scaled else linear[name]
+                work.transforms[name] = (SequentialTransform(ffd, current) if name == "atlas" and ffd is not None
+                                         else current)
+            previous = None
+            for outer in range(1, s.max_outer + 1):
+                after_em = self._em_steps(work, grid)
+                # a fresh Adam each time (its momentum would point along the landscape before
+                # the EM step), with a step that shrinks as the level converges
+                lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
+                after_grad = self._gradient_steps(work, grid, params, lr, ffd if level["atlas"] == "ffd" else None)
+                history.append({"level": level["name"], "outer": outer, "log_likelihood": after_em,
+                                "log_likelihood_after_registration": after_grad})
+                bar.update(1)
+                bar.set_postfix(level=level["name"], logL=f"{after_em:.4f}")
+                if previous is not None and abs(after_em - previous) <= s.tol * abs(previous):
+                    break
+                previous = after_em
+            bar.update(s.max_outer - outer)
+            for name, lin in scaled.items():
+                linear[name] = lin.baked().to(self.device)
+            if ffd is not None:
+                ffd = FreeFormDeformation(reference, params=ffd.params.detach().clone(),
+                                          control_grid=ffd.control_grid)
+            log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level["name"], outer,
+                     history[-1]["log_likelihood"])
+        bar.close()
+        transforms = {name: linear[name] for name in linear if name == "atlas" or s.images != "none"}
+        jacobian = None
+        if ffd is not None:
+            transforms["atlas"] = SequentialTransform(ffd, linear["atlas"])
+            jacobian = jacobian_statistics(ffd, reference, device=self.device)
+        return RegistrationResult(transforms, history, jacobian)
+
+    def _em_steps(self, work: Subject, grid: Grid) -> float:
+        with torch.no_grad():
+            sample = work.sample(grid, self.device, check=False)
+            fitted = hasattr(self.model, "params_")
+            max_iter = self.model.max_iter
+            self.model.max_iter = self.settings.em_steps if fitted else max_iter
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing)
+            self.model.max_iter = max_iter
+        return self.model.lower_bounds_[-1]
+
+    def _gradient_steps(self, work: Subject, grid: Grid, params: List[nn.Parameter], lr: float,
+                        ffd: Optional[FreeFormDeformation]) -> float:
+        """Descent steps on ``−log L + λ · bending`` with the appearance fixed; returns the final log L."""
+        s = self.settings
+        bending_grid = work.reference_image.grid.resampled(min(ffd.control_spacing) / 2) if ffd is not None else None
+        # Coverage stays as the EM step saw it: with it free, the objective would change by whole
+        # voxels entering or leaving a field of view, which the gradient cannot see.
+        with torch.no_grad():
+            coverage = work.sample(grid, self.device, check=False).coverage
+        def closure():
+            sample = work.sample(grid, self.device, check=False)
+            log_l = self.model.log_likelihood(sample.images, coverage, sample.prior)
+            loss = -log_l
+            if ffd is not None and s.bending_weight > 0:
+                loss = loss + s.bending_weight * bending_energy(ffd, bending_grid, device=self.device)
+            loss.backward()
+            return loss.detach()
+
+        descend_keeping_best(params, closure, s.grad_steps, lr)
+        with torch.no_grad():
+            sample = work.sample(grid, self.device, check=False)
+            return float(self.model.log_likelihood(sample.images, coverage, sample.prior))

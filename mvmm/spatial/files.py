@@ -1,0 +1,90 @@
+"""Saving and loading the transforms of a case: ITK .tfm files for linear maps, displacement-field
+NIfTI files for non-linear ones, and a ``transforms.json`` index that says how they chain.
+
+Every transform maps points of the common space (the reference image's world, mm) into the named
+image's (or the atlas's) world — ITK's fixed → moving convention, so SimpleITK can read the files
+and ``sitk.Resample(moving, reference, transform)`` reproduces what mvmm saw.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from mvmm.data import io
+from mvmm.data.grid import Grid
+from mvmm.errors import InputError
+from mvmm.outputs import write_json
+from mvmm.spatial.nonlinear import DenseDisplacementField, DisplacementTransform
+from mvmm.spatial.regularizers import displacement_on
+from mvmm.spatial.transforms import AffineTransform, IdentityTransform, LinearTransform, SequentialTransform
+
+TRANSFORMS_FORMAT = "mvmm-transforms/1"
+INDEX_NAME = "transforms.json"
+
+
+def _steps(transform: nn.Module) -> List[nn.Module]:
+    if isinstance(transform, SequentialTransform):
+        return [s for step in transform.steps for s in _steps(step)]
+    return [] if isinstance(transform, IdentityTransform) else [transform]
+
+
+def save_transforms(out_dir, transforms: Dict[str, nn.Module], common_grid: Grid) -> Path:
+    """Write each transform's steps into ``out_dir`` and an index ``transforms.json``; returns its path.
+
+    Linear steps become ``<name>_<i>.tfm``; displacement steps (FFD, SVF, fields) are sampled on
+    ``common_grid`` — where they act — into ``<name>_<i>_displacement.nii.gz``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"format": TRANSFORMS_FORMAT, "convention": "maps common-space points (mm) into each image's world",
+             "common_grid": common_grid.to_dict(), "transforms": {}}
+    for name, transform in transforms.items():
+        entries = []
+        for i, step in enumerate(_steps(transform)):
+            if isinstance(step, LinearTransform):
+                file = out / f"{name}_{i}.tfm"
+                io.write_linear_transform(file, step.affine().detach().cpu().numpy())
+                entries.append({"type": "linear", "kind": type(step).__name__, "file": file.name})
+            elif isinstance(step, DisplacementTransform):
+                file = out / f"{name}_{i}_displacement.nii.gz"
+                with torch.no_grad():
+                    field = displacement_on(step, common_grid).cpu().numpy()
+                io.write_vector_field(file, field, common_grid)
+                entries.append({"type": "displacement", "kind": type(step).__name__, "file": file.name})
+            else:
+                raise TypeError(f"cannot save a {type(step).__name__}")
+        index["transforms"][name] = entries
+    write_json(out / INDEX_NAME, index)
+    return out / INDEX_NAME
+
+
+def load_transforms(path, argname: str = "--transforms") -> Dict[str, nn.Module]:
+    """Read a ``transforms.json`` (or the folder holding one) back into fixed transforms by name."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{argname}: cannot read {path} ({err})") from None
+    if index.get("format") != TRANSFORMS_FORMAT:
+        raise InputError(f"{argname}: {path} is not an mvmm transforms index (format {index.get('format')!r})")
+    out = {}
+    for name, entries in index["transforms"].items():
+        steps = []
+        for entry in entries:
+            file = path.parent / entry["file"]
+            if entry["type"] == "linear":
+                steps.append(AffineTransform.from_matrix(torch.as_tensor(io.read_linear_transform(file, argname))))
+            else:
+                field, grid, _ = io.read_array(file, argname)
+                if field.shape != (grid.ndim,) + grid.shape:
+                    raise InputError(f"{argname}: {file} is not a {grid.ndim}-component displacement field")
+                steps.append(DenseDisplacementField(grid, torch.as_tensor(field, dtype=torch.float32)))
+        out[name] = steps[0] if len(steps) == 1 else SequentialTransform(*steps) if steps else IdentityTransform()
+    return out

@@ -1,0 +1,65 @@
+"""Regularisers and diagnostics of (non-linear) transforms, evaluated on a grid in mm.
+
+Derivatives are central finite differences (``torch.gradient``) along the grid's axes, in mm; they are
+differentiable, so the bending energy can be added to a registration loss.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from mvmm.data.grid import Grid
+
+
+def displacement_on(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
+    """``u(x) = T(x) − x`` at the voxel centres of ``grid``: ``[ndim, *grid.shape]`` (mm, world axes)."""
+    points = grid.world_points(device=device)
+    return (transform(points) - points).movedim(-1, 0)
+
+
+def _axis_derivatives(field: torch.Tensor, grid: Grid) -> List[torch.Tensor]:
+    """``∂field/∂a`` for each ITK axis a (mm along the axis direction), each shaped like ``field``."""
+    spacing = tuple(reversed(grid.spacing))  # torch dim order
+    dims = tuple(range(1, grid.ndim + 1))
+    if min(grid.shape) < 2:
+        raise ValueError(f"grid: derivatives need at least 2 voxels per axis, got shape {grid.shape}")
+    by_dim = torch.gradient(field, spacing=spacing, dim=dims)
+    return list(reversed(by_dim))  # ITK axis order
+
+
+def bending_energy(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
+    """Mean over ``grid`` of ``Σ_c Σ_ab (∂²u_c / ∂a ∂b)²`` (mm⁻²): zero for any affine map.
+
+    Returns a scalar tensor that keeps the autograd graph of the transform's parameters.
+    """
+    u = displacement_on(transform, grid, device)
+    total = u.new_zeros(())
+    for first in _axis_derivatives(u, grid):
+        for second in _axis_derivatives(first, grid):
+            total = total + (second ** 2).sum(dim=0).mean()
+    return total
+
+
+def jacobian_determinant(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
+    """``det ∇T`` at the voxel centres of ``grid``, ``[*grid.shape]`` (1: volume kept, ≤ 0: folding)."""
+    with torch.no_grad():
+        u = displacement_on(transform, grid, device).double()
+        g = torch.stack(_axis_derivatives(u, grid), dim=-1)  # [ndim(c), *S, ndim(a)]: ∂u_c/∂a
+        g = g.movedim(0, -2)  # [*S, c, a]
+        rot = torch.as_tensor(grid.direction_matrix, dtype=g.dtype, device=g.device)
+        # ∂u/∂a is (∇u) R; det(I + ∇u) = det(I + Rᵀ (∇u) R)
+        local = rot.T @ g
+        eye = torch.eye(grid.ndim, dtype=g.dtype, device=g.device)
+        return torch.linalg.det(eye + local)
+
+
+def jacobian_statistics(transform: nn.Module, grid: Grid, device=None) -> Dict[str, float]:
+    """Summary of ``det ∇T`` on ``grid``: share of folding voxels (det ≤ 0), min, max, mean, sd of log."""
+    det = jacobian_determinant(transform, grid, device)
+    positive = det[det > 0]
+    return {"folding_share": float((det <= 0).double().mean()), "min": float(det.min()), "max": float(det.max()),
+            "mean": float(det.mean()),
+            "log_sd": float(positive.log().std()) if positive.numel() > 1 else float("nan")}

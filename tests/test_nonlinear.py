@@ -1,0 +1,174 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mvmm.data.grid import Grid
+from mvmm.spatial import (AffineTransform, FreeFormDeformation, RigidTransform, SequentialTransform,
+                          StationaryVelocityField, bending_energy, initial_linear_transform, jacobian_determinant,
+                          jacobian_statistics, sample_image)
+from mvmm.spatial.init import center_of_mass
+
+
+def oblique_grid(size=(24, 20, 8), spacing=(2.0, 2.0, 5.0)):
+    a = math.radians(20)
+    rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    return Grid(size, spacing, (-15.0, 10.0, -20.0), tuple(rot.ravel()))
+
+
+def random_ffd(grid, spacing=15.0, scale=2.0, seed=0):
+    ffd = FreeFormDeformation(grid, spacing)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ffd.params.copy_(scale * torch.randn(ffd.params.shape, generator=gen))
+    return ffd
+
+
+def test_ffd_at_zero_is_identity_and_has_its_control_grid_around_the_domain():
+    grid = oblique_grid()
+    ffd = FreeFormDeformation(grid, 10.0)
+    points = grid.world_points()
+    assert torch.equal(ffd(points), points)
+    assert ffd.control_spacing == (10.0, 10.0, 10.0)
+    # the domain's field of view lies inside the control points with full cubic support
+    corners = grid.index_to_world(torch.tensor([[-0.5, -0.5, -0.5], [s - 0.5 for s in grid.size]], dtype=torch.float64))
+    index = ffd.control_grid.world_to_index(corners)
+    assert bool((index >= 1).all()) and bool((index <= torch.tensor(ffd.control_grid.size) - 2).all())
+
+
+def test_ffd_interpolates_a_constant_shift_exactly():
+    """Cubic B-splines form a partition of unity: equal coefficients give that displacement everywhere."""
+    grid = oblique_grid()
+    shift = torch.tensor([3.0, -2.0, 1.5])
+    ffd = FreeFormDeformation(grid, 12.0, params=shift.reshape(3, 1, 1, 1).expand(3, *FreeFormDeformation(grid, 12.0).control_grid.shape).clone())
+    points = grid.world_points()
+    assert torch.allclose(ffd(points) - points, shift.expand_as(points), atol=1e-5)
+
+
+def test_ffd_refinement_keeps_the_deformation():
+    grid = oblique_grid()
+    ffd = random_ffd(grid)
+    finer = ffd.refined()
+    assert finer.control_spacing == tuple(s / 2 for s in ffd.control_spacing)
+    points = grid.world_points() + 0.37  # off the voxel centres too
+    assert torch.allclose(finer(points), ffd(points), atol=1e-4)
+
+
+def test_ffd_fixed_point_inverse():
+    grid = oblique_grid()
+    ffd = random_ffd(grid, scale=1.5)
+    points = grid.world_points()
+    assert jacobian_statistics(ffd, grid)["folding_share"] == 0.0
+    back = ffd.inverse()(ffd(points))
+    assert (back - points).norm(dim=-1).max() < 1e-3
+
+
+def test_ffd_gradcheck():
+    grid = Grid((6, 5, 4), (3.0, 3.0, 4.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    ffd = FreeFormDeformation(grid, 6.0, params=torch.nn.Parameter(
+        torch.randn((3,) + FreeFormDeformation(grid, 6.0).control_grid.shape, dtype=torch.float64)))
+    points = grid.world_points(dtype=torch.float64) + 0.3
+
+    def fn(coeffs):
+        return FreeFormDeformation(grid, control_grid=ffd.control_grid, params=coeffs)(points)
+
+    assert torch.autograd.gradcheck(fn, (ffd.params.detach().clone().requires_grad_(),))
+
+
+def test_svf_exponential_of_a_constant_field_is_that_translation_and_inverse_is_exact():
+    grid = oblique_grid()
+    svf = StationaryVelocityField(grid, spacing=5.0)
+    with torch.no_grad():
+        svf.params.copy_(torch.tensor([2.0, -1.0, 0.5]).reshape(3, 1, 1, 1).expand_as(svf.params))
+    points = grid.world_points()
+    assert torch.allclose(svf(points) - points, torch.tensor([2.0, -1.0, 0.5]).expand_as(points), atol=1e-4)
+    # a smooth, large field (up to 4 mm): the inverse is exact up to the interpolation of the fields
+    local = svf.grid.world_points() - torch.as_tensor(grid.center_world(), dtype=torch.float32)
+    waves = torch.stack([torch.sin(local[..., 1] / 12), torch.cos(local[..., 2] / 15), torch.sin(local[..., 0] / 10)])
+    svf = StationaryVelocityField(grid, grid=svf.grid, params=4.0 * waves)
+    assert jacobian_statistics(svf, grid)["folding_share"] == 0.0
+    moved = svf(points)
+    assert (moved - points).norm(dim=-1).max() > 2.0
+    back = svf.inverse()(moved)
+    inner = grid.world_to_index(points)
+    interior = ((inner > 2) & (inner < torch.tensor(grid.size) - 3)).all(-1)
+    assert (back - points).norm(dim=-1)[interior].mean() < 0.1
+
+
+def test_bending_energy_vanishes_for_affine_maps_and_grows_with_deformation():
+    grid = oblique_grid()
+    affine = AffineTransform(3, torch.tensor([0.1, 0.05, 0, 0, -0.1, 0.02, 0, 0, 0.05, 3.0, 1.0, -2.0]))
+    assert float(bending_energy(affine, grid)) < 1e-8
+    weak, strong = random_ffd(grid, scale=0.5), random_ffd(grid, scale=2.0)
+    assert 0 < float(bending_energy(weak, grid).detach()) < float(bending_energy(strong, grid).detach())
+    energy = bending_energy(strong, grid)
+    energy.backward()
+    assert strong.params.grad is not None and float(strong.params.grad.abs().sum()) > 0
+
+
+def test_jacobian_determinant_of_a_scaling_and_of_a_fold():
+    grid = oblique_grid()
+    scale = AffineTransform(3, torch.tensor([0.2, 0, 0, 0, 0.0, 0, 0, 0, -0.1, 0.0, 0.0, 0.0], dtype=torch.float64))
+    det = jacobian_determinant(scale, grid)
+    assert torch.allclose(det, torch.full_like(det, 1.2 * 0.9), atol=1e-5)
+    folded = random_ffd(grid, spacing=8.0, scale=12.0)
+    assert jacobian_statistics(folded, grid)["folding_share"] > 0
+
+
+def test_sequential_transform_and_its_inverse():
+    grid = oblique_grid()
+    centre = grid.center_world()
+    rigid = RigidTransform(3, torch.tensor([0.1, -0.05, 0.2, 3.0, 1.0, -2.0], dtype=torch.float64), center=centre)
+    chain = SequentialTransform(random_ffd(grid, scale=1.0), rigid)
+    points = grid.world_points(dtype=torch.float64)
+    assert (chain.inverse()(chain(points)) - points).norm(dim=-1).max() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["geometry", "moments"])
+def test_initialisers_find_a_shifted_blob(method):
+    fixed_grid = oblique_grid()
+    moving_grid = Grid(fixed_grid.size, fixed_grid.spacing, (5.0, -8.0, 12.0), fixed_grid.direction)
+    def blob(grid, centre):
+        d = grid.world_points(dtype=torch.float64) - torch.as_tensor(centre)
+        return torch.exp(-(d ** 2).sum(-1) / 50.0).unsqueeze(0)
+    fixed_blob = fixed_grid.center_world() + np.array([4.0, 2.0, 0.0])
+    moving_blob = moving_grid.center_world() + np.array([4.0, 2.0, 0.0])
+    if method == "moments":  # the blob is off-centre differently in the two images
+        moving_blob = moving_blob + np.array([-6.0, 3.0, 5.0])
+    fixed, moving = blob(fixed_grid, fixed_blob), blob(moving_grid, moving_blob)
+    transform = initial_linear_transform("rigid", fixed_grid, moving_grid, method, fixed, moving)
+    mapped = transform(torch.as_tensor(fixed_blob)[None])[0].detach().numpy()
+    assert np.allclose(mapped, moving_blob, atol=0.5)
+    assert np.allclose(center_of_mass(moving, moving_grid), moving_blob, atol=0.5)
+
+
+def test_warp_of_a_label_map_with_nearest_keeps_the_label_values():
+    grid = oblique_grid()
+    labels = torch.zeros((1,) + grid.shape)
+    labels[0, 2:6, 5:15, 5:15] = 500
+    labels[0, 2:6, 8:12, 8:12] = 200
+    moved, _ = sample_image(labels, grid, grid.world_points(), random_ffd(grid, scale=2.0), mode="nearest")
+    assert set(moved.unique().tolist()) <= {0.0, 200.0, 500.0}
+
+
+def test_ffd_matches_the_textbook_bspline_sum():
+    """u(x) = Σ_j B(u_x − j) c_j over the 4^ndim neighbouring control points, written out naively."""
+    grid = oblique_grid(size=(10, 9, 4))
+    ffd = random_ffd(grid, spacing=9.0)
+    points = grid.world_points(dtype=torch.float64)[::2, ::3, ::2].reshape(-1, 3)
+
+    def b(t):
+        t = abs(t)
+        return (4 - 6 * t ** 2 + 3 * t ** 3) / 6 if t < 1 else ((2 - t) ** 3 / 6 if t < 2 else 0.0)
+
+    coeffs = ffd.params.detach().double().numpy()
+    index = ffd.control_grid.world_to_index(points).numpy()
+    expected = np.zeros_like(index)
+    for p, u in enumerate(index):
+        for j in itertools.product(*[range(int(np.floor(c)) - 1, int(np.floor(c)) + 3) for c in u]):
+            weight = np.prod([b(c - jj) for c, jj in zip(u, j)])
+            expected[p] += weight * coeffs[(slice(None),) + tuple(reversed(j))]
+    got = ffd.displacement(points).detach().numpy()
+    assert np.allclose(got, expected, atol=1e-5)
