@@ -205,6 +205,24 @@ def demo(out, force, mrf_beta, device, seed, quiet):
     click.echo(f"report: {Path(out) / 'report.json'}")
 
 
+@main.command()
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="Image or label map to resample.")
+@click.option("--transforms", "transforms_path", required=True, type=click.Path(path_type=Path),
+              help="transforms.json (or its folder) written by mvmm segment.")
+@click.option("--name", required=True, help="Whose transform: an image name or 'atlas'.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Image whose grid to sample on (default: the common grid of the transforms).")
+@click.option("--labels", "is_labels", is_flag=True, help="Nearest-neighbour sampling that keeps label values.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output image.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def warp(image, transforms_path, name, reference, is_labels, out, force):
+    """Bring an image (or labels) of NAME into the common space through its saved transform."""
+    from mvmm.spatial.files import warp_file
+
+    warp_file(image, transforms_path, name, out, reference, is_labels, force)
+    click.echo(f"{image} → {out} through the transform of {name!r}")
+
+
 @main.group(cls=MvmmGroup)
 def atlas():
     """Build probabilistic atlases."""

@@ -22,7 +22,7 @@ def images_of(files, names=("LGE", "C0", "T2")):
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["segment"], ["evaluate"], ["phantom"], ["demo"], ["atlas"], ["atlas", "build"]):
+    for cmd in ([], ["segment"], ["evaluate"], ["phantom"], ["demo"], ["warp"], ["atlas"], ["atlas", "build"]):
         result = run(*cmd, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -218,3 +218,15 @@ def test_segment_with_registration_writes_reloadable_itk_transforms(tmp_path):
     assert grid.same_geometry(c0_grid)
     report = json.loads((out / "report.json").read_text())
     assert report["registration"]["history"] and report["registration"]["atlas_jacobian"]["folding_share"] == 0.0
+    # mvmm warp brings C0's truth into the common space with the same transform SimpleITK applies
+    warped = tmp_path / "c0_truth_common.nii.gz"
+    result = run("warp", "--image", files["C0_truth"], "--transforms", out / "transforms", "--name", "C0",
+                 "--reference", files["LGE"], "--labels", "--out", warped)
+    assert result.exit_code == 0, result.output
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(warped)))
+    fixed = sitk.ReadImage(str(files["LGE"]))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(files["C0_truth"])), fixed, itk,
+                                                  sitk.sitkNearestNeighbor, 0))
+    assert set(np.unique(ours)) <= {0, 200, 500, 600} and np.mean(ours == theirs) > 0.99
+    assert run("warp", "--image", files["C0"], "--transforms", out / "transforms", "--name", "T9",
+               "--out", tmp_path / "x.nii.gz").exit_code == 1

@@ -22,6 +22,7 @@ from mvmm.outputs import write_json
 from mvmm.spatial.nonlinear import DenseDisplacementField, DisplacementTransform
 from mvmm.spatial.regularizers import displacement_on
 from mvmm.spatial.transforms import AffineTransform, IdentityTransform, LinearTransform, SequentialTransform
+from mvmm.spatial.warp import sample_image
 
 TRANSFORMS_FORMAT = "mvmm-transforms/1"
 INDEX_NAME = "transforms.json"
@@ -88,3 +89,48 @@ def load_transforms(path, argname: str = "--transforms") -> Dict[str, nn.Module]
                 steps.append(DenseDisplacementField(grid, torch.as_tensor(field, dtype=torch.float32)))
         out[name] = steps[0] if len(steps) == 1 else SequentialTransform(*steps) if steps else IdentityTransform()
     return out
+
+
+def common_grid_of(path) -> Grid:
+    """The common grid recorded in a ``transforms.json`` (or the folder holding one)."""
+    path = Path(path)
+    index = json.loads((path / INDEX_NAME if path.is_dir() else path).read_text())
+    return Grid.from_dict(index["common_grid"])
+
+
+def warp_file(image_path, transforms_path, name: str, out_path, reference_path=None, labels: bool = False,
+              force: bool = False) -> Path:
+    """Resample an image (or a label map) of ``name`` into the common space through its saved transform.
+
+    Parameters
+    ----------
+    image_path : path
+        An image on ``name``'s side of the transform (its own grid, or any grid in its world).
+    transforms_path : path
+        ``transforms.json`` or its folder, as ``mvmm segment`` writes it.
+    name : str
+        Which transform to use (an image name or ``"atlas"``).
+    out_path : path
+        Output file, written atomically; an existing one only with ``force``.
+    reference_path : path, optional
+        Image whose grid to sample on (default: the common grid of the transforms).
+    labels : bool
+        Nearest-neighbour sampling that keeps label values (default: linear).
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise InputError(f"--out: {out_path} exists; nothing was written (use --force to overwrite)")
+    transforms = load_transforms(transforms_path)
+    if name not in transforms:
+        raise InputError(f"--name: {name!r} has no transform in {transforms_path} (there: {sorted(transforms)})")
+    array, grid, _ = io.read_array(image_path, "--image")
+    if array.ndim != grid.ndim:
+        raise InputError(f"--image: {image_path} is not a scalar image (array shape {array.shape})")
+    target = io.read_array(reference_path, "--reference")[1] if reference_path else common_grid_of(transforms_path)
+    data = torch.as_tensor(array, dtype=torch.float32).unsqueeze(0)
+    with torch.no_grad():
+        values, _ = sample_image(data, grid, target.world_points(), transforms[name],
+                                 mode="nearest" if labels else "linear")
+    result = values[0].numpy()
+    io.write_array(out_path, result.astype(array.dtype) if labels else result, target)
+    return out_path
