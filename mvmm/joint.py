@@ -212,10 +212,10 @@ class JointSolver:
         coarse = registration_grid(reference, s.grid_spacing)
         radius = float(np.linalg.norm(reference.extent_mm()[:2])) / 2
         moving_images = [n for n in subject.names if n != subject.reference]
-        linear = {name: RigidTransform(reference.ndim, center=reference.center_world()) for name in moving_images}
+        linear = ({name: RigidTransform(reference.ndim, center=reference.center_world()) for name in moving_images}
+                  if s.images != "none" else {})
         if subject.atlas is not None:
-            linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid,
-                                                       "geometry" if s.atlas_init == "geometry" else "header")
+            linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
         ffd = None
         history: List[dict] = []
         self.model.warm_start = True
@@ -267,7 +267,7 @@ class JointSolver:
             log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level["name"], outer,
                      history[-1]["log_likelihood"])
         bar.close()
-        transforms = {name: linear[name] for name in linear if name == "atlas" or s.images != "none"}
+        transforms = dict(linear)
         jacobian = None
         if ffd is not None:
             transforms["atlas"] = SequentialTransform(ffd, linear["atlas"])
@@ -295,6 +295,7 @@ class JointSolver:
         # voxels entering or leaving a field of view, which the gradient cannot see.
         with torch.no_grad():
             coverage = work.sample(grid, self.device, check=False).coverage
+
         def closure():
             sample = work.sample(grid, self.device, check=False)
             log_l = self.model.log_likelihood(sample.images, coverage, sample.prior)

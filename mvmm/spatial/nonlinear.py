@@ -57,6 +57,10 @@ class DisplacementTransform(ParametricTransform):
         """Map world points ``[..., ndim]`` (mm) to ``x + u(x)``."""
         return points + self.displacement(points)
 
+    def inverse(self, iterations: int = 20) -> "FixedPointInverse":
+        """The inverse by fixed-point iteration (valid while the deformation does not fold)."""
+        return FixedPointInverse(self, iterations)
+
 
 class FreeFormDeformation(DisplacementTransform):
     """Cubic B-spline free-form deformation (Rueckert et al. 1999) on world coordinates.
@@ -123,10 +127,6 @@ class FreeFormDeformation(DisplacementTransform):
         finer = Grid(tuple(2 * s - 1 for s in g.size), tuple(s / 2 for s in g.spacing), g.origin, g.direction)
         return FreeFormDeformation(self.domain, params=torch.nn.Parameter(coeffs), control_grid=finer)
 
-    def inverse(self, iterations: int = 20) -> "FixedPointInverse":
-        """The inverse by fixed-point iteration (valid while the deformation does not fold)."""
-        return FixedPointInverse(self, iterations)
-
 
 class FixedPointInverse(torch.nn.Module):
     """``T⁻¹(y)`` of ``T(x) = x + u(x)`` by iterating ``x ← y − u(x)`` (converges where ``|∇u| < 1``)."""
@@ -175,10 +175,6 @@ class DenseDisplacementField(DisplacementTransform):
         field = self.displacement_field()
         values = sample_image(field, self.grid, points.to(field.dtype))[0]
         return values.movedim(0, -1).to(points.dtype)
-
-    def inverse(self, iterations: int = 20) -> FixedPointInverse:
-        """The inverse by fixed-point iteration (valid while the field does not fold)."""
-        return FixedPointInverse(self, iterations)
 
 
 class StationaryVelocityField(DenseDisplacementField):
