@@ -101,6 +101,9 @@ def main():
                                       "B-spline FFD levels (control spacing halving).")
 @click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
               show_default=True, help="Move each non-reference image while fitting (the reference stays).")
+@click.option("--images-init", type=click.Choice(["mi", "header"]), default="mi", show_default=True,
+              help="With --register-images: start each moving image from a rigid mutual-information registration "
+                   "to the reference (mi), or from its header.")
 @click.option("--atlas-init", type=click.Choice(["header", "geometry"]), default="header", show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
 @click.option("--control-spacing", type=float, default=40.0, show_default=True,
@@ -111,8 +114,8 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, subtypes, background_subtypes, mrf_beta,
-            max_iter, tol, register_atlas, register_images, atlas_init, control_spacing, bending_weight, out, force,
-            device, seed, quiet):
+            max_iter, tol, register_atlas, register_images, images_init, atlas_init, control_spacing, bending_weight,
+            out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -125,8 +128,9 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, su
 
     _setup_logging(quiet)
     prepare_output_dir(out, force)  # fail before any work if the folder is taken
-    registration = RegistrationSettings(atlas=register_atlas, images=register_images, atlas_init=atlas_init,
-                                        control_spacing=control_spacing, bending_weight=bending_weight)
+    registration = RegistrationSettings(atlas=register_atlas, images=register_images, images_init=images_init,
+                                        atlas_init=atlas_init, control_spacing=control_spacing,
+                                        bending_weight=bending_weight)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma)
@@ -223,6 +227,43 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
     click.echo(f"{image} → {out} through the transform of {name!r}")
 
 
+@main.command()
+@click.option("--fixed", required=True, type=click.Path(path_type=Path), help="Fixed image (its grid is the output space).")
+@click.option("--moving", required=True, type=click.Path(path_type=Path), help="Moving image.")
+@click.option("--transform", "transform_kind", type=click.Choice(["rigid", "affine", "ffd"]), default="affine",
+              show_default=True, help="Transform model; affine runs rigid first, ffd runs rigid, affine, then FFD levels.")
+@click.option("--metric", type=click.Choice(["mi", "ncc", "ssd", "dice"]), default="mi", show_default=True,
+              help="mi: Mattes-style mutual information (other modalities); ncc: local normalised "
+                   "cross-correlation; ssd: squared differences (same contrast); dice: soft Dice of probability maps.")
+@click.option("--init", type=click.Choice(["geometry", "moments", "header"]), default="geometry", show_default=True,
+              help="Initial translation: field-of-view centres, intensity centres of mass, or the headers as they are.")
+@click.option("--fixed-mask", type=click.Path(path_type=Path), help="Only these fixed voxels count (nonzero).")
+@click.option("--moving-mask", type=click.Path(path_type=Path), help="Only these moving voxels count (nonzero).")
+@click.option("--control-spacing", type=float, default=40.0, show_default=True,
+              help="FFD control-point spacing (mm) of the first FFD level; halved at the next.")
+@click.option("--bending-weight", type=float, default=1.0, show_default=True, help="Weight of the FFD bending energy.")
+@click.option("--grid-spacing", type=float, default=2.0, show_default=True,
+              help="The loss is computed on the fixed grid coarsened to at least this spacing (mm).")
+@click.option("--full-resolution", is_flag=True, help="Repeat the last level on the full fixed grid.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
+              help="Where tensors live: auto picks CUDA when available.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
+def register(fixed, moving, transform_kind, metric, init, fixed_mask, moving_mask, control_spacing, bending_weight,
+             grid_spacing, full_resolution, out, force, device, quiet):
+    """Register MOVING to FIXED (pairwise); writes transforms/, moved.nii.gz and report.json into --out."""
+    from mvmm.register import PairwiseSettings, register_files
+
+    _setup_logging(quiet)
+    settings = PairwiseSettings(transform=transform_kind, metric=metric, init=init, control_spacing=control_spacing,
+                                bending_weight=bending_weight, grid_spacing=grid_spacing,
+                                full_resolution=full_resolution)
+    report = register_files(fixed, moving, out, settings, fixed_mask, moving_mask, device, force, progress=not quiet)
+    click.echo(f"{transform_kind} registration ({metric}) on {report['device']} in {report['seconds']:.1f} s: "
+               f"loss {report['loss_before']:.4f} -> {report['loss_after']:.4f}; outputs in {out}")
+
+
 @main.group(cls=MvmmGroup)
 def atlas():
     """Build probabilistic atlases."""
@@ -230,21 +271,56 @@ def atlas():
 
 @atlas.command("build", cls=MultiValueCommand)
 @click.option("--labels", "label_maps", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Integer label maps already in one space (same grid).")
+              help="Integer label maps (e.g. patient2_LGE_manual.nii.gz ...); any grids unless --register none "
+                   "and --frame world, where maps on one grid are averaged as they are.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output probability atlas (e.g. atlas.nii.gz).")
+@click.option("--register", "register_kind", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="none",
+              show_default=True, help="Group-wise registration of the maps to their evolving mean before averaging.")
+@click.option("--frame", type=click.Choice(["world", "axes"]), default="world", show_default=True,
+              help="world: relate maps by their headers; axes: by their image axes with the labelled anatomy's "
+                   "centroid at the origin (short-axis stacks of different patients). An axes atlas is placed "
+                   "on a target by its axes and field-of-view centre.")
 @click.option("--sigma", type=float, default=DEFAULT_SIGMA_MM, show_default=True, help="Gaussian smoothing in mm.")
+@click.option("--spacing", type=float, multiple=True, help="Voxel size (mm) of the atlas grid (one value or one per axis).")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Template updates per registration level.")
 @click.option("--label-names", metavar="NAME=VALUE,...", help="Names of the label values (default: the values).")
 @click.option("--force", is_flag=True, help="Overwrite an existing atlas file.")
-def atlas_build(label_maps, out, sigma, label_names, force):
-    """Average one-hot, smoothed label maps into a probability atlas (+ a JSON sidecar of labels)."""
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
+              help="Where tensors live: auto picks CUDA when available.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
+def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, label_names, force, device, quiet):
+    """Average one-hot label maps into a probability atlas (+ a JSON sidecar of labels and how it was built)."""
+    from mvmm.atlas_build import GroupwiseSettings, build_atlas
     from mvmm.data.atlas import Atlas
     from mvmm.data.labels import resolve_labels
+    from mvmm.devices import resolve_device
 
+    _setup_logging(quiet)
     if out.exists() and not force:
         raise InputError(f"--out: {out} exists; nothing was written (use --force to overwrite)")
-    built = Atlas.read(label_maps, labels=resolve_labels(label_names), sigma_mm=sigma, argname="--labels")
-    built.save(out)
-    click.echo(f"atlas of {len(label_maps)} label map(s), labels {built.labels.as_dict()}, sigma {sigma} mm: {out}")
+    labels = resolve_labels(label_names)
+    if register_kind == "none" and frame == "world" and not spacing and _same_grids(label_maps):
+        built, extra = Atlas.read(label_maps, labels=labels, sigma_mm=sigma, argname="--labels"), {}
+    else:
+        settings = GroupwiseSettings(register=register_kind, frame=frame, spacing=list(spacing) or None,
+                                     sigma_mm=sigma, rounds=rounds)
+        built, extra = build_atlas(label_maps, settings, labels, resolve_device(device), progress=not quiet)
+    built.save(out, extra={"build": extra} if extra else None)
+    click.echo(f"atlas of {len(label_maps)} label map(s), labels {built.labels.as_dict()}, register {register_kind}, "
+               f"frame {frame}, sigma {sigma} mm: {out}")
+    if extra:
+        dice = extra["dice_with_template"]
+        for stage in ("initial", "final"):
+            click.echo(f"  mean Dice of the maps with the mean ({stage}): "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in dice[stage].items()))
+
+
+def _same_grids(paths) -> bool:
+    from mvmm.data import io
+
+    grids = [io.read_array(p, "--labels")[1] for p in paths]
+    return all(g.same_geometry(grids[0]) for g in grids[1:])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,19 +26,22 @@ from tqdm.auto import tqdm
 
 from mvmm.data.grid import Grid
 from mvmm.data.subject import Subject
-from mvmm.errors import InputError
+from mvmm.errors import require_choice, require_positive
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
+from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.init import initial_linear_transform
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.optim import descend_keeping_best
 from mvmm.spatial.regularizers import bending_energy, jacobian_statistics
-from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform
+from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd
+from mvmm.spatial.transforms import RigidTransform, SequentialTransform
 
 log = logging.getLogger(__name__)
 
 ATLAS_MODELS = ("none", "rigid", "affine", "ffd")
 IMAGE_MODELS = ("none", "rigid", "affine")
 ATLAS_INITS = ("header", "geometry")
+IMAGE_INITS = ("mi", "header")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class RegistrationSettings:
         Transform of each non-reference image (the reference is fixed).
     atlas_init : {"header", "geometry"}
         Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
+    images_init : {"mi", "header"}
+        Initial placement of moving images: a rigid registration to the reference by mutual
+        information (:mod:`mvmm.register`), or the headers.
     control_spacing : float
         Control-point spacing (mm) of the first FFD level; each further level halves it.
     ffd_levels : int
@@ -77,6 +83,7 @@ class RegistrationSettings:
     atlas: str = "ffd"
     images: str = "rigid"
     atlas_init: str = "header"
+    images_init: str = "mi"
     control_spacing: float = 40.0
     ffd_levels: int = 2
     bending_weight: float = 10.0
@@ -91,17 +98,12 @@ class RegistrationSettings:
     refine_full_resolution: bool = True
 
     def __post_init__(self):
-        if self.atlas not in ATLAS_MODELS:
-            raise InputError(f"--register-atlas: expected one of {', '.join(ATLAS_MODELS)}, got {self.atlas!r}")
-        if self.images not in IMAGE_MODELS:
-            raise InputError(f"--register-images: expected one of {', '.join(IMAGE_MODELS)}, got {self.images!r}")
-        if self.atlas_init not in ATLAS_INITS:
-            raise InputError(f"--atlas-init: expected one of {', '.join(ATLAS_INITS)}, got {self.atlas_init!r}")
-        for name in ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.bending_weight < 0:
-            raise InputError(f"bending_weight: expected >= 0, got {self.bending_weight}")
+        require_choice(self.atlas, ATLAS_MODELS, "--register-atlas")
+        require_choice(self.images, IMAGE_MODELS, "--register-images")
+        require_choice(self.images_init, IMAGE_INITS, "--images-init")
+        require_choice(self.atlas_init, ATLAS_INITS, "--atlas-init")
+        require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
+        require_positive(self, ("bending_weight",), strict=False)
 
     @property
     def active(self) -> bool:
@@ -145,45 +147,6 @@ class RegistrationResult:
     jacobian: Optional[dict] = None
 
 
-class _ScaledLinear:
-    """A learnable linear transform whose raw parameters are in millimetres of motion."""
-
-    def __init__(self, kind: str, start: LinearTransform, radius: float):
-        ndim = start.ndim
-        self.kind, self.ndim, self.center = kind, ndim, start.center
-        base = _convert(start, kind).params.detach()
-        n_linear = base.numel() - ndim
-        self.scales = torch.cat([torch.full((n_linear,), 1.0 / radius), torch.ones(ndim)]).to(base)
-        self.base = base
-        self.raw = nn.Parameter(torch.zeros_like(base))
-        cls = RigidTransform if kind == "rigid" else AffineTransform
-        self.module = cls(ndim, params=lambda: self.base + self.raw * self.scales, center=self.center)
-
-    def baked(self) -> LinearTransform:
-        cls = RigidTransform if self.kind == "rigid" else AffineTransform
-        return cls(self.ndim, params=(self.base + self.raw * self.scales).detach().clone(), center=self.center)
-
-
-def _convert(transform: LinearTransform, kind: str) -> LinearTransform:
-    """``transform`` as a fixed transform of ``kind`` about the same centre (rigid → affine is exact)."""
-    if kind == "rigid":
-        if not isinstance(transform, RigidTransform):
-            raise ValueError("a non-rigid linear transform cannot be made rigid")
-        return transform
-    a, t = transform.matrix_and_translation()
-    n = transform.ndim
-    params = torch.cat([(a - torch.eye(n, dtype=a.dtype, device=a.device)).reshape(-1), t]).detach()
-    return AffineTransform(n, params=params, center=transform.center)
-
-
-def registration_grid(reference: Grid, spacing: float) -> Grid:
-    """The reference grid resampled so that no axis is finer than ``spacing`` mm."""
-    coarse = np.maximum(np.asarray(reference.spacing), spacing)
-    if np.allclose(coarse, reference.spacing):
-        return reference
-    return reference.resampled(coarse)
-
-
 class JointSolver:
     """Fit a mixture model and the transforms of a subject together.
 
@@ -209,11 +172,10 @@ class JointSolver:
         work = copy.copy(subject)
         work.transforms = dict(subject.transforms)
         reference = subject.reference_image.grid
-        coarse = registration_grid(reference, s.grid_spacing)
+        coarse = reference.coarsened(s.grid_spacing)
         radius = float(np.linalg.norm(reference.extent_mm()[:2])) / 2
         moving_images = [n for n in subject.names if n != subject.reference]
-        linear = ({name: RigidTransform(reference.ndim, center=reference.center_world()) for name in moving_images}
-                  if s.images != "none" else {})
+        linear = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
         if subject.atlas is not None:
             linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
         ffd = None
@@ -226,19 +188,13 @@ class JointSolver:
             grid = reference if level.get("full_resolution") else coarse
             scaled = {}
             if level["atlas"] in ("rigid", "affine") and "atlas" in linear:
-                scaled["atlas"] = _ScaledLinear(level["atlas"], linear["atlas"], radius)
+                scaled["atlas"] = ScaledLinear(level["atlas"], linear["atlas"], radius)
             if level["images"]:
                 for name in moving_images:
-                    scaled[name] = _ScaledLinear(level["images"], linear[name], radius)
+                    scaled[name] = ScaledLinear(level["images"], linear[name], radius)
             params = [lin.raw for lin in scaled.values()]
             if level["atlas"] == "ffd" and subject.atlas is not None:
-                if ffd is None:
-                    ffd = FreeFormDeformation(reference, level["control_spacing"]).to(self.device)
-                elif min(ffd.control_spacing) > level["control_spacing"]:
-                    ffd = ffd.refined()
-                else:
-                    ffd = FreeFormDeformation(reference, params=nn.Parameter(ffd.params.detach().clone()),
-                                              control_grid=ffd.control_grid)
+                ffd = learnable_ffd(ffd, reference, level["control_spacing"], self.device)
                 params.append(ffd.params_tensor)
             for name in linear:
                 current = scaled[name].module if name in scaled else linear[name]
@@ -262,8 +218,7 @@ class JointSolver:
             for name, lin in scaled.items():
                 linear[name] = lin.baked().to(self.device)
             if ffd is not None:
-                ffd = FreeFormDeformation(reference, params=ffd.params.detach().clone(),
-                                          control_grid=ffd.control_grid)
+                ffd = frozen_ffd(ffd, reference)
             log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level["name"], outer,
                      history[-1]["log_likelihood"])
         bar.close()
@@ -273,6 +228,20 @@ class JointSolver:
             transforms["atlas"] = SequentialTransform(ffd, linear["atlas"])
             jacobian = jacobian_statistics(ffd, reference, device=self.device)
         return RegistrationResult(transforms, history, jacobian)
+
+    def _initial_image_transform(self, subject: Subject, name: str) -> RigidTransform:
+        """Identity (headers), or a rigid MI registration of image ``name`` to the reference."""
+        reference = subject.reference_image
+        if self.settings.images_init == "header":
+            return RigidTransform(reference.grid.ndim, center=reference.grid.center_world())
+        settings = PairwiseSettings(transform="rigid", metric="mi", init="header",
+                                    grid_spacing=self.settings.grid_spacing)
+        moving = subject.images[subject.names.index(name)]
+        result = PairwiseRegistration(reference, moving, settings, moving_mask=subject.masks.get(name),
+                                      device=self.device).run()
+        log.info("%s placed on %s by rigid MI registration (MI %.4f -> %.4f)", name, subject.reference,
+                 -result.loss_before, -result.loss_after)
+        return result.transform
 
     def _em_steps(self, work: Subject, grid: Grid) -> float:
         with torch.no_grad():

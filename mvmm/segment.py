@@ -96,6 +96,10 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         raise InputError(f"--atlas: {NO_ATLAS!r} and {BUILTIN_CARDIAC!r} stand alone, got {atlas}")
     else:
         atlas_obj = Atlas.read(atlas, reference_grid.ndim, labels, atlas_sigma)
+        if atlas_obj.frame == "axes":
+            log.info("atlas %s is in image axes: placed on the axes and field-of-view centre of the reference",
+                     atlas_obj.source)
+            atlas_obj = atlas_obj.placed_on(reference_grid)
     return Subject(loaded, atlas_obj, mask_images, reference, labels=labels)
 
 

@@ -22,7 +22,9 @@ def images_of(files, names=("LGE", "C0", "T2")):
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["segment"], ["evaluate"], ["phantom"], ["demo"], ["warp"], ["atlas"], ["atlas", "build"]):
+    commands = ([], ["segment"], ["evaluate"], ["phantom"], ["demo"], ["warp"], ["register"], ["atlas"],
+                ["atlas", "build"])
+    for cmd in commands:
         result = run(*cmd, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 

@@ -46,12 +46,13 @@ def errors(estimate, truth, points):
     return float(mm), math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_joint_solver_recovers_a_rigid_misalignment_between_sequences(seed):
+@pytest.mark.parametrize("seed, images_init", [(0, "header"), (1, "header"), (0, "mi")])
+def test_joint_solver_recovers_a_rigid_misalignment_between_sequences(seed, images_init):
     subject, truth, heart = misaligned_case(seed, angle_deg=8.0, shift_mm=(7.0, -5.0))
     before_mm, before_deg = errors(RigidTransform(2, torch.zeros(3, dtype=torch.float64)), truth, heart)
     model = MultivariateMixture(n_subtypes=1, n_classes=4, random_state=0)
-    result = JointSolver(model, RegistrationSettings(atlas="none", images="rigid"), "cpu").run(subject)
+    settings = RegistrationSettings(atlas="none", images="rigid", images_init=images_init)
+    result = JointSolver(model, settings, "cpu").run(subject)
     after_mm, after_deg = errors(result.transforms["C0"], truth, heart)
     assert before_mm > 8 and before_deg == pytest.approx(8.0)
     assert after_mm < 1.0 and after_deg < 1.0, (after_mm, after_deg)
@@ -67,6 +68,8 @@ def test_registration_settings_reject_unknown_models():
         RegistrationSettings(atlas="bspline")
     with pytest.raises(InputError, match="--register-images"):
         RegistrationSettings(images="ffd")
+    with pytest.raises(InputError, match="--images-init"):
+        RegistrationSettings(images_init="moments")
     levels = [level["name"] for level in RegistrationSettings(atlas="ffd", images="rigid").levels()]
     assert levels == ["rigid", "affine", "ffd 40 mm", "ffd 20 mm", "ffd 20 mm, full resolution"]
 

@@ -26,6 +26,7 @@ from mvmm.spatial.warp import sample_image
 
 BUILTIN_CARDIAC = "builtin:cardiac"
 DEFAULT_SIGMA_MM = 2.0
+FRAMES = ("world", "axes")
 
 
 @dataclass
@@ -42,14 +43,22 @@ class Atlas:
         Name and label value of each of the K classes, in the order of the maps.
     source : str
         Where it came from, for messages and reports.
+    frame : {"world", "axes"}
+        ``"world"``: the grid's header places the atlas in scanner space. ``"axes"``: the atlas
+        lives in a subject-independent frame (identity direction, origin at the centre of its
+        anatomy), as group-wise building in image axes makes it; :meth:`placed_on` puts it on a
+        target's axes and field-of-view centre.
     """
 
     probabilities: torch.Tensor
     grid: Grid
     labels: LabelSet
     source: str = "<memory>"
+    frame: str = "world"
 
     def __post_init__(self):
+        if self.frame not in FRAMES:
+            raise InputError(f"atlas {self.source}: frame must be one of {FRAMES}, got {self.frame!r}")
         if self.probabilities.shape[0] != len(self.labels):
             raise InputError(f"atlas {self.source}: {self.probabilities.shape[0]} probability maps "
                              f"for {len(self.labels)} labels {self.labels.as_dict()}")
@@ -100,7 +109,7 @@ class Atlas:
         its label values come from the JSON sidecar written by :meth:`save`, else from ``labels``.
         """
         paths = [Path(p) for p in paths]
-        arrays = [io.read_array(p, argname) for p in paths]
+        arrays = [_as_saved(p, *io.read_array(p, argname)) for p in paths]
         is_prob = [a.ndim == g.ndim + 1 for a, g, _ in arrays]
         for p, (_, g, _) in zip(paths, arrays):
             if image_ndim is not None and g.ndim != image_ndim:
@@ -121,8 +130,11 @@ class Atlas:
     def _from_probability_array(cls, array: np.ndarray, grid: Grid, path: Path,
                                 labels: Optional[LabelSet], argname: str) -> "Atlas":
         sidecar = _sidecar_path(path)
+        frame = "world"
         if sidecar.exists():
-            stored = LabelSet.from_dict(json.loads(sidecar.read_text())["labels"])
+            meta = json.loads(sidecar.read_text())
+            stored = LabelSet.from_dict(meta["labels"])
+            frame = meta.get("frame", "world")
             if labels is not None and labels != stored:
                 raise InputError(f"--labels {labels.as_dict()} differ from the labels of atlas {path} "
                                  f"({stored.as_dict()}, from {sidecar.name})")
@@ -139,7 +151,7 @@ class Atlas:
         total = array.sum(axis=0, keepdims=True)
         if np.any(total <= 0):
             raise InputError(f"{argname}: {path} has voxels where all {array.shape[0]} probabilities are 0")
-        return cls(torch.from_numpy(array / total), grid, labels, str(path))
+        return cls(torch.from_numpy(array / total), grid, labels, str(path), frame)
 
     @classmethod
     def builtin_cardiac(cls, reference: Grid, labels: LabelSet = CARDIAC_LABELS,
@@ -161,6 +173,20 @@ class Atlas:
         return cls.from_label_maps([label_map], grid, labels, sigma_mm, source=BUILTIN_CARDIAC)
 
     # ------------------------------------------------------------------ use
+    def placed_on(self, reference: Grid) -> "Atlas":
+        """The atlas with its frame's axes along ``reference``'s and its origin at the reference's FoV centre.
+
+        For an ``"axes"`` atlas (built in image axes), this is the placement by image axes that
+        short-axis stacks share; the result is a ``"world"`` atlas.
+        """
+        if reference.ndim != self.grid.ndim:
+            raise InputError(f"atlas {self.source} is {self.grid.ndim}D but the images are {reference.ndim}D")
+        rotation = reference.direction_matrix
+        origin = reference.center_world() + rotation @ np.asarray(self.grid.origin)
+        direction = (rotation @ self.grid.direction_matrix).ravel()
+        grid = Grid(self.grid.size, self.grid.spacing, tuple(origin), tuple(direction))
+        return Atlas(self.probabilities, grid, self.labels, self.source, "world")
+
     def sample(self, points: torch.Tensor, transform: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prior probabilities at world points ``[*S, ndim]``.
 
@@ -172,11 +198,25 @@ class Atlas:
         background[self.labels.background_index] = 1.0
         return torch.where(inside.unsqueeze(0), values, background), inside
 
-    def save(self, path) -> None:
-        """Write the maps (K as the last image axis) and a JSON sidecar with the label values."""
+    def save(self, path, extra: Optional[dict] = None) -> None:
+        """Write the maps (K as the last image axis) and a JSON sidecar with the label values and frame.
+
+        ``extra`` entries (e.g. how the atlas was built) are added to the sidecar.
+        """
         path = Path(path)
         io.write_array(path, self.probabilities.cpu().numpy(), self.grid)
-        write_json(_sidecar_path(path), {"labels": self.labels.as_dict(), "source": self.source})
+        write_json(_sidecar_path(path), {"labels": self.labels.as_dict(), "source": self.source, "frame": self.frame,
+                                         "ndim": self.grid.ndim, **(extra or {})})
+
+
+def _as_saved(path: Path, array: np.ndarray, grid: Grid, ndim: int) -> Tuple[np.ndarray, Grid, int]:
+    """A 2D atlas is stored as a 3D image (maps along the last axis); its sidecar says so."""
+    sidecar = _sidecar_path(path)
+    if grid.ndim == 3 and sidecar.exists() and json.loads(sidecar.read_text()).get("ndim") == 2:
+        direction = grid.direction_matrix[:2, :2].ravel()
+        grid = Grid(grid.size[:2], grid.spacing[:2], grid.origin[:2], tuple(direction))
+        return array, grid, 2
+    return array, grid, ndim
 
 
 def _sidecar_path(path: Path) -> Path:

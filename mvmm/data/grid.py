@@ -139,6 +139,13 @@ class Grid:
         size = np.ceil(self.extent_mm() / spacing - 1e-6).astype(int) + 2 * int(pad)
         return self.with_size(np.maximum(size, 1), spacing, self.center_world())
 
+    def coarsened(self, spacing: float) -> "Grid":
+        """This grid resampled so that no axis is finer than ``spacing`` mm (itself when none is)."""
+        coarse = np.maximum(np.asarray(self.spacing), spacing)
+        if np.allclose(coarse, self.spacing):
+            return self
+        return self.resampled(coarse)
+
     # ----------------------------------------------------------------- conversions (torch)
     def _matrix(self, name: str, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(getattr(self, name), dtype=like.dtype, device=like.device)

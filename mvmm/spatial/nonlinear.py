@@ -26,7 +26,7 @@ from mvmm.spatial.warp import sample_image
 Spacing = Union[float, Sequence[float]]
 
 
-def _cubic_bspline_weights(t: torch.Tensor) -> torch.Tensor:
+def cubic_bspline_weights(t: torch.Tensor) -> torch.Tensor:
     """Weights of the four control points around fractional positions ``t ∈ [0, 1)``: ``[..., 4]``."""
     t2, t3 = t * t, t * t * t
     return torch.stack([(1 - t) ** 3 / 6, (3 * t3 - 6 * t2 + 4) / 6, (-3 * t3 + 3 * t2 + 3 * t + 1) / 6, t3 / 6],
@@ -103,7 +103,7 @@ class FreeFormDeformation(DisplacementTransform):
         coeffs = self.params
         index = self.control_grid.world_to_index(points.reshape(-1, self.ndim).to(coeffs.dtype))
         floor = torch.floor(index)
-        w = _cubic_bspline_weights(index - floor)  # [P, ndim, 4]
+        w = cubic_bspline_weights(index - floor)  # [P, ndim, 4]
         g0, g1 = w[..., 0] + w[..., 1], w[..., 2] + w[..., 3]
         h0 = floor - 1 + w[..., 1] / g0
         h1 = floor + 1 + w[..., 3] / g1

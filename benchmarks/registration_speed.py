@@ -1,0 +1,249 @@
+"""Time and accuracy of rigid C0 → LGE registration: mvmm (CPU, CUDA), SimpleITK and, if installed, ANTsPy.
+
+Cases: the 3D phantom (seed 0) with C0's header moved by a known rigid map (8°, 6 mm), and, when the
+MS-CMRSeg copy is there, the C0 → LGE pairs of the chosen patients as they come (headers placed by the
+scanner; residual breath-hold misalignment). Every method starts from the headers and maps LGE-space
+points into C0's world. Accuracy is the Dice (Myo, LV, RV, mean) of C0's labels resampled through the
+found transform (nearest) against LGE's labels — the labels are used for nothing else.
+
+Methods:
+- ``header``: no registration (the baseline every method must beat);
+- ``mvmm``: ``PairwiseRegistration`` rigid, Mattes-style MI (32 bins) on the LGE grid coarsened to 2 mm;
+- ``sitk``: ``ImageRegistrationMethod``, Euler3DTransform about the LGE centre, Mattes MI (32 bins,
+  all voxels), gradient descent (learning rate estimated each iteration, at most 2 mm per step) with
+  physical-shift scales, shrink 4/2/1, smoothing 2/1/0 mm — the recipe of the SimpleITK notebooks;
+- ``ants``: ``ants.registration(type_of_transform="Rigid", initial_transform="identity")`` (Mattes MI),
+  run with ``--ants-python`` (an interpreter that has antspyx), so antspyx's own NumPy/SciPy pins
+  need not enter mvmm's environment.
+
+    python benchmarks/registration_speed.py [--data ../shared/data/mscmr] [--patients 1-5]
+        [--devices cpu,cuda] [--ants-python /path/to/python] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STRUCTURES = {"Myo": 200, "LV": 500, "RV": 600}
+
+
+def dice_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
+    out = {}
+    for name, value in STRUCTURES.items():
+        p, t = pred == value, truth == value
+        out[name] = float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
+    out["mean"] = float(np.mean([out[n] for n in STRUCTURES]))
+    return out
+
+
+def phantom_case(folder: Path) -> dict:
+    """Write the 3D phantom with C0's header moved by a known rigid map; returns the case's files."""
+    import torch
+
+    from mvmm.data.grid import Grid
+    from mvmm.data.image import Image
+    from mvmm.data.phantom import make_phantom
+    from mvmm.spatial import RigidTransform
+
+    phantom = make_phantom(0, ndim=3)
+    lge = phantom.images["LGE"]
+    truth = RigidTransform(3, torch.tensor([math.radians(8.0), math.radians(-4.0), 0.0, 6.0, -4.0, 3.0],
+                                           dtype=torch.float64), center=lge.grid.center_world())
+    m = truth.affine().numpy()
+    files = {}
+    for role, image in (("fixed", lge), ("fixed_labels", phantom.truth["LGE"]), ("moving", phantom.images["C0"]),
+                        ("moving_labels", phantom.truth["C0"])):
+        g = image.grid
+        if role.startswith("moving"):
+            g = Grid(g.size, g.spacing, tuple(m[:3, :3] @ np.asarray(g.origin) + m[:3, 3]),
+                     tuple((m[:3, :3] @ g.direction_matrix).ravel()))
+        files[role] = folder / f"phantom_{role}.nii.gz"
+        Image(image.data, g, role).write(files[role])
+    return {"name": "phantom (C0 moved 8°/6 mm)", **files}
+
+
+def mscmr_cases(data: Path, patients) -> list:
+    cases = []
+    for p in patients:
+        files = {"fixed": data / f"patient{p}_LGE.nii.gz", "fixed_labels": data / f"patient{p}_LGE_manual.nii.gz",
+                 "moving": data / f"patient{p}_C0.nii.gz", "moving_labels": data / f"patient{p}_C0_manual.nii.gz"}
+        if all(f.exists() for f in files.values()):
+            cases.append({"name": f"MS-CMRSeg patient {p}", **files})
+    return cases
+
+
+def labels_through(case: dict, transform) -> np.ndarray:
+    """C0 labels resampled on the LGE grid through a SimpleITK transform (nearest)."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(case["fixed_labels"]))
+    moving = sitk.ReadImage(str(case["moving_labels"]))
+    return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkNearestNeighbor, 0))
+
+
+def run_header(case: dict, device: str) -> tuple:
+    import SimpleITK as sitk
+
+    return 0.0, labels_through(case, sitk.Transform(3, sitk.sitkIdentity))
+
+
+def run_mvmm(case: dict, device: str) -> tuple:
+    import SimpleITK as sitk
+    import torch
+
+    from mvmm.data.image import Image
+    from mvmm.register import PairwiseRegistration, PairwiseSettings
+
+    fixed, moving = Image.read(case["fixed"], "LGE"), Image.read(case["moving"], "C0")
+    settings = PairwiseSettings(transform="rigid", metric="mi", init="header")
+
+    def register():
+        result = PairwiseRegistration(fixed, moving, settings, device=device).run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return result
+
+    if device.startswith("cuda"):
+        register()  # warm-up: CUDA context and kernels
+    start = time.perf_counter()
+    result = register()
+    seconds = time.perf_counter() - start
+    matrix = result.transform.affine().detach().cpu().double().numpy()
+    itk = sitk.AffineTransform(matrix[:3, :3].ravel().tolist(), matrix[:3, 3].tolist())
+    return seconds, labels_through(case, itk)
+
+
+def run_sitk(case: dict, device: str) -> tuple:
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(case["fixed"]), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(case["moving"]), sitk.sitkFloat32)
+    start = time.perf_counter()
+    initial = sitk.Euler3DTransform()
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
+    initial.SetCenter(centre)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.NONE)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=200, convergenceMinimumValue=1e-6,
+                                         convergenceWindowSize=10, estimateLearningRate=method.EachIteration,
+                                         maximumStepSizeInPhysicalUnits=2.0)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(initial, inPlace=False)
+    transform = method.Execute(fixed, moving)
+    seconds = time.perf_counter() - start
+    return seconds, labels_through(case, transform)
+
+
+ANTS_WORKER = """
+import json, sys, time
+import ants
+fixed, moving, fixed_labels, moving_labels, out = sys.argv[1:6]
+f, m = ants.image_read(fixed), ants.image_read(moving)
+start = time.perf_counter()
+reg = ants.registration(f, m, type_of_transform="Rigid", initial_transform="identity", aff_metric="mattes")
+seconds = time.perf_counter() - start
+warped = ants.apply_transforms(ants.image_read(fixed_labels), ants.image_read(moving_labels), reg["fwdtransforms"],
+                               interpolator="nearestNeighbor")
+warped.to_file(out)
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def run_ants(case: dict, python: str) -> tuple:
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "warped.nii.gz"
+        done = subprocess.run([python, "-c", ANTS_WORKER, str(case["fixed"]), str(case["moving"]),
+                               str(case["fixed_labels"]), str(case["moving_labels"]), str(out)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "ANTs failed")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        return seconds, sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(np.int64)
+
+
+def ants_python(requested):
+    """An interpreter with antspyx: the one asked for, else this one if it has it, else None."""
+    candidates = [requested] if requested else [sys.executable]
+    for python in candidates:
+        if subprocess.run([python, "-c", "import ants"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def parse_patients(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "mscmr")
+    parser.add_argument("--patients", default="1-5")
+    parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--ants-python", help="Python interpreter with antspyx (default: this one, if it has it)")
+    parser.add_argument("--json", type=Path, help="Also write every row as JSON here.")
+    args = parser.parse_args()
+
+    import torch
+
+    devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+    ants = ants_python(args.ants_python)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [phantom_case(Path(tmp))] + mscmr_cases(args.data, parse_patients(args.patients))
+        runs = [("header", "-", run_header), ("sitk", "cpu", run_sitk)]
+        runs += [("mvmm", d, run_mvmm) for d in devices]
+        rows = []
+        for case in cases:
+            truth = labels_through_identity_truth(case)
+            for method, device, fn in runs + ([("ants", "cpu", None)] if ants else []):
+                seconds, labels = run_ants(case, ants) if method == "ants" else fn(case, device)
+                rows.append({"case": case["name"], "method": method, "device": device, "seconds": seconds,
+                             "dice": dice_scores(labels, truth)})
+                print(f"{case['name']:<28} {method:<7} {device:<5} {seconds:7.2f} s  "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in rows[-1]["dice"].items()), flush=True)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+          + (f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else "")
+          + ("" if ants else "; ANTsPy not available (give --ants-python)"))
+    print("\n| method | device | cases | mean s / case | Myo | LV | RV | mean Dice |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, device in dict.fromkeys((r["method"], r["device"]) for r in rows):
+        for subset, label in ((lambda r: "phantom" in r["case"], "phantom"), (lambda r: "phantom" not in r["case"],
+                                                                              "MS-CMRSeg")):
+            chosen = [r for r in rows if r["method"] == method and r["device"] == device and subset(r)]
+            if chosen:
+                d = {k: np.mean([r["dice"][k] for r in chosen]) for k in ("Myo", "LV", "RV", "mean")}
+                print(f"| {method} | {device} | {label} × {len(chosen)} | {np.mean([r['seconds'] for r in chosen]):.2f} "
+                      f"| {d['Myo']:.3f} | {d['LV']:.3f} | {d['RV']:.3f} | {d['mean']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def labels_through_identity_truth(case: dict) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(case["fixed_labels"]))).astype(np.int64)
+
+
+if __name__ == "__main__":
+    main()

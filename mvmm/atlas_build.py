@@ -1,0 +1,312 @@
+"""Group-wise atlas building: register label maps to their evolving mean, then average them.
+
+Each label map becomes K one-hot channels on its own grid. A template grid is laid over all of
+them; every map gets a transform (template space → the map's world), starting at the identity. Level by level (rigid → affine → FFD), ``rounds`` times: the template is
+the coverage-weighted mean of the warped one-hot maps (a map says nothing outside its field of
+view — a stack of short-axis slices does not cover the apex or base it did not image), every map
+is registered to it (SSD of one-hot maps), and the drift common to all transforms is removed so
+that the template stays at the mean shape. The final mean, smoothed, is the probabilistic atlas.
+
+Frames: in ``"world"`` the maps are related by their headers (same scanner space, e.g. images of
+one subject or data already in a standard space). In ``"axes"`` each map is first expressed in its
+own image axes with its anatomy's centroid at the origin — for short-axis cardiac stacks of
+different patients, whose headers place them anywhere in different scanners, the image axes are
+the anatomically shared frame. Such an atlas is saved with ``frame: axes`` and placed on a target
+by the target's axes and field-of-view centre (:meth:`mvmm.data.atlas.Atlas.placed_on`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from mvmm.data import io
+from mvmm.data.atlas import DEFAULT_SIGMA_MM, FRAMES, Atlas
+from mvmm.data.grid import Grid
+from mvmm.data.image import Image
+from mvmm.data.labels import LabelSet
+from mvmm.errors import InputError, require_choice, require_positive
+from mvmm.register import PairwiseRegistration, PairwiseSettings
+from mvmm.spatial.nonlinear import FreeFormDeformation
+from mvmm.spatial.scaled import linear_then_ffd_levels
+from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform
+from mvmm.spatial.warp import sample_image
+
+log = logging.getLogger(__name__)
+
+BUILD_MODELS = ("none", "rigid", "affine", "ffd")
+MIN_TEMPLATE_SPACING_MM = 1.5
+
+
+@dataclass
+class GroupwiseSettings:
+    """How label maps are brought together.
+
+    Attributes
+    ----------
+    register : {"none", "rigid", "affine", "ffd"}
+        Final transform model of each map (``"none"``: the centroid-aligned average).
+    frame : {"world", "axes"}
+        Space the maps are related in (see the module notes).
+    spacing : sequence of float, optional
+        Template voxel size (mm, ITK order); default: the median input spacing per axis, at
+        least 1.5 mm.
+    margin_mm : float
+        Template field of view beyond the labelled anatomy of every map.
+    rounds : int
+        Template updates (each followed by registering every map to it) per level.
+    sigma_mm : float
+        Gaussian smoothing of the final mean (mm).
+    control_spacing : float
+        FFD control spacing (mm) of the first FFD level.
+    ffd_levels : int
+    bending_weight : float
+    grid_spacing : float
+        Registration works on the template grid coarsened to at least this spacing (mm).
+    steps, max_outer : int
+        Adam steps per outer iteration and outer iterations per level, per map.
+    """
+
+    register: str = "affine"
+    frame: str = "world"
+    spacing: Optional[Sequence[float]] = None
+    margin_mm: float = 15.0
+    rounds: int = 2
+    sigma_mm: float = DEFAULT_SIGMA_MM
+    control_spacing: float = 40.0
+    ffd_levels: int = 1
+    bending_weight: float = 1.0
+    grid_spacing: float = 3.0
+    steps: int = 10
+    max_outer: int = 3
+
+    def __post_init__(self):
+        require_choice(self.register, BUILD_MODELS, "--register")
+        require_choice(self.frame, FRAMES, "--frame")
+        require_positive(self, ("rounds", "control_spacing", "grid_spacing"))
+        require_positive(self, ("sigma_mm", "margin_mm", "bending_weight"), strict=False)
+        if self.spacing is not None and any(not s > 0 for s in self.spacing):
+            raise InputError(f"--spacing: expected positive values in mm, got {list(self.spacing)}")
+
+    def pairwise(self) -> PairwiseSettings:
+        return PairwiseSettings(transform="ffd" if self.register == "ffd" else "affine", metric="ssd",
+                                init="header", control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
+                                bending_weight=self.bending_weight, grid_spacing=self.grid_spacing,
+                                steps=self.steps, max_outer=self.max_outer)
+
+
+def read_label_maps(paths: Sequence, labels: Optional[LabelSet], frame: str,
+                    argname: str = "--labels") -> Tuple[List[Image], LabelSet]:
+    """Read integer label maps as one-hot images ``[K, *S]`` (in ``frame``) with one label set.
+
+    Raises InputError naming the file for a missing file, a non-integer map, a map with no
+    labelled voxel, a dimension that differs from the first map's, or values outside ``labels``.
+    """
+    if len(paths) < 1:
+        raise InputError(f"{argname}: give at least one label map")
+    arrays = []
+    found = set()
+    for path in paths:
+        array, grid, _ = io.read_array(path, argname)
+        if array.ndim != grid.ndim:
+            raise InputError(f"{argname}: {path} is not a scalar label map (array shape {array.shape})")
+        if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
+            raise InputError(f"{argname}: {path} is not an integer label map (non-integer values)")
+        if arrays and grid.ndim != arrays[0][1].ndim:
+            raise InputError(f"{argname}: {path} is {grid.ndim}D but {paths[0]} is {arrays[0][1].ndim}D")
+        values = set(np.unique(array).astype(np.int64).tolist())
+        if labels is not None:
+            labels.check_values(sorted(values), path, argname)
+        found |= values
+        arrays.append((array.astype(np.int64), grid, str(path)))
+    labels = labels if labels is not None else LabelSet.from_values(found)
+    maps = []
+    for array, grid, path in arrays:
+        if not np.any(array != labels.values[labels.background_index]):
+            raise InputError(f"{argname}: {path} has no labelled voxel (only background)")
+        onehot = np.stack([(array == v).astype(np.float32) for v in labels.values])
+        grid = _in_axes_frame(grid, array, labels) if frame == "axes" else grid
+        maps.append(Image(torch.from_numpy(onehot), grid, f"map {len(maps) + 1}", path))
+    return maps, labels
+
+
+def _foreground_centroid_index(array: np.ndarray, labels: LabelSet) -> np.ndarray:
+    """Centroid (continuous ITK index) of the labelled voxels of ``array`` (NumPy axis order)."""
+    fg = np.argwhere(array != labels.values[labels.background_index]).astype(np.float64)
+    return fg.mean(0)[::-1]
+
+
+def _in_axes_frame(grid: Grid, array: np.ndarray, labels: LabelSet) -> Grid:
+    """``grid`` with identity direction and the anatomy's centroid at the origin."""
+    centroid = _foreground_centroid_index(array, labels)
+    origin = -np.asarray(grid.spacing) * centroid
+    return Grid(grid.size, grid.spacing, tuple(origin), tuple(np.eye(grid.ndim).ravel()))
+
+
+def _foreground_points(image: Image) -> torch.Tensor:
+    """World points ``[M, ndim]`` of the labelled voxels (channel 0 is background)."""
+    fg = image.data[0] < 0.5
+    return image.grid.world_points(dtype=torch.float64)[fg]
+
+
+def template_grid(maps: Sequence[Image], settings: GroupwiseSettings) -> Grid:
+    """A grid, with the frame's axes, over the labelled anatomy of every map plus the margin."""
+    ndim = maps[0].grid.ndim
+    direction = np.eye(ndim) if settings.frame == "axes" else maps[0].grid.direction_matrix
+    along_axes = np.concatenate([_foreground_points(m).numpy() @ direction for m in maps])
+    low, high = along_axes.min(0) - settings.margin_mm, along_axes.max(0) + settings.margin_mm
+    if settings.spacing is not None:
+        spacing = np.broadcast_to(np.asarray(settings.spacing, dtype=np.float64), (ndim,))
+    else:
+        spacing = np.maximum(np.median([m.grid.spacing for m in maps], axis=0), MIN_TEMPLATE_SPACING_MM)
+    size = np.ceil((high - low) / spacing).astype(int) + 1
+    reference = Grid(tuple(size), tuple(spacing), tuple(np.zeros(ndim)), tuple(direction.ravel()))
+    return reference.with_size(size, spacing, direction @ ((low + high) / 2))
+
+
+def mean_of_maps(maps: Sequence[Image], transforms: Sequence, grid: Grid,
+                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Coverage-weighted mean ``[K, *S]`` of the warped one-hot maps and the coverage count ``[*S]``.
+
+    Where no map reaches, the mean is background.
+    """
+    points = grid.world_points(device=device)
+    total, count = None, torch.zeros(grid.shape, device=device)
+    with torch.no_grad():
+        for image, transform in zip(maps, transforms):
+            values, inside = sample_image(image.data.to(device), image.grid, points, transform)
+            weighted = values * inside
+            total = weighted if total is None else total + weighted
+            count += inside
+    mean = total / count.clamp_min(1)
+    mean[0] = torch.where(count > 0, mean[0], torch.ones_like(mean[0]))
+    return mean, count
+
+
+def overlap_with_template(maps: Sequence[Image], transforms: Sequence, grid: Grid, labels: LabelSet,
+                          device=None) -> Dict[str, float]:
+    """Mean Dice, per structure, between each warped map and the template (both argmax), where covered."""
+    mean, _ = mean_of_maps(maps, transforms, grid, device)
+    template = mean.argmax(0)
+    points = grid.world_points(device=device)
+    scores = {name: [] for i, name in enumerate(labels.names) if i != labels.background_index}
+    with torch.no_grad():
+        for image, transform in zip(maps, transforms):
+            values, inside = sample_image(image.data.to(device), image.grid, points, transform)
+            warped = values.argmax(0)
+            for k, name in enumerate(labels.names):
+                if k == labels.background_index:
+                    continue
+                a, b = (warped == k) & inside, (template == k) & inside
+                denominator = int(a.sum() + b.sum())
+                if denominator:
+                    scores[name].append(2.0 * int((a & b).sum()) / denominator)
+    return {name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()}
+
+
+def _affine_about(matrix: torch.Tensor, centre: np.ndarray) -> AffineTransform:
+    """The affine map of homogeneous ``matrix`` as an AffineTransform about ``centre``."""
+    n = matrix.shape[0] - 1
+    a, b = matrix[:n, :n], matrix[:n, n]
+    c = torch.as_tensor(centre, dtype=matrix.dtype)
+    params = torch.cat([(a - torch.eye(n, dtype=a.dtype)).reshape(-1), a @ c + b - c])
+    return AffineTransform(n, params=params.detach().clone(), center=centre)
+
+
+def _remove_mean_linear(linear: List[LinearTransform], kind: str, centre: np.ndarray) -> List[LinearTransform]:
+    """Compose every transform with the inverse of the group's mean, so the template stays at the mean.
+
+    Affine: the mean of the homogeneous matrices is removed exactly. Rigid: only the mean
+    translation (a rigid map composed with a mean of rotations would not stay rigid).
+    """
+    if kind == "affine":
+        mean = torch.stack([t.affine().detach().cpu().double() for t in linear]).mean(0)
+        inverse = torch.linalg.inv(mean)
+        return [_affine_about(t.affine().detach().cpu().double() @ inverse, centre) for t in linear]
+    out = []
+    mean_shift = torch.stack([t.params.detach().cpu().double()[-t.ndim:] for t in linear]).mean(0)
+    for t in linear:
+        rotation, _ = t.matrix_and_translation()
+        params = t.params.detach().cpu().double().clone()
+        params[-t.ndim:] -= rotation.detach().cpu().double() @ mean_shift
+        out.append(RigidTransform(t.ndim, params=params, center=t.center))
+    return out
+
+
+def _remove_mean_ffd(ffds: List[FreeFormDeformation], grid: Grid) -> List[FreeFormDeformation]:
+    """Subtract the mean control-point displacement (first order: the inverse of the mean deformation)."""
+    mean = torch.stack([f.params.detach() for f in ffds]).mean(0)
+    return [FreeFormDeformation(grid, params=(f.params.detach() - mean).clone(), control_grid=f.control_grid)
+            for f in ffds]
+
+
+def _smoothed(mean: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
+    if sigma_mm <= 0:
+        return mean
+    sigma_vox = [sigma_mm / s for s in reversed(grid.spacing)]
+    array = mean.cpu().numpy()
+    smooth = np.stack([ndimage.gaussian_filter(channel, sigma_vox, mode="nearest") for channel in array])
+    smooth /= np.clip(smooth.sum(0, keepdims=True), 1e-12, None)
+    return torch.from_numpy(smooth.astype(np.float32))
+
+
+def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[LabelSet] = None, device=None,
+                progress: bool = False) -> Tuple[Atlas, dict]:
+    """Build a probabilistic atlas from label maps (any grids), registering them group-wise.
+
+    Returns
+    -------
+    atlas : Atlas
+        On the template grid, in ``settings.frame``.
+    report : dict
+        Settings, the inputs, and the mean Dice of the maps with the template (per structure)
+        at the initial (centroid) placement and at the end.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    maps, labels = read_label_maps(paths, labels, settings.frame)
+    grid = template_grid(maps, settings)
+    centre = grid.center_world()
+    # maps start where their frame puts them: the headers (world), or centroids on the origin (axes)
+    linear: List[LinearTransform] = [RigidTransform(grid.ndim, center=centre) for _ in maps]
+    ffds: List[Optional[FreeFormDeformation]] = [None] * len(maps)
+
+    def transforms():
+        return [SequentialTransform(f, t) if f is not None else t for f, t in zip(ffds, linear)]
+
+    before = overlap_with_template(maps, transforms(), grid, labels, device)
+    levels = (linear_then_ffd_levels(settings.register, settings.control_spacing, settings.ffd_levels)
+              if settings.register != "none" else [])
+    pairwise = settings.pairwise()
+    bar = tqdm(total=len(levels) * settings.rounds * len(maps), desc="group-wise registration", unit="map",
+               disable=not progress, leave=False)
+    for kind, spacing in levels:
+        for _ in range(settings.rounds):
+            mean, count = mean_of_maps(maps, transforms(), grid, device)
+            template = Image(mean, grid, "template")
+            covered = Image((count > 0).float().unsqueeze(0), grid, "template coverage")
+            for i, image in enumerate(maps):
+                registration = PairwiseRegistration(template, image, pairwise, fixed_mask=covered, device=device,
+                                                    linear=linear[i], ffd=ffds[i])
+                registration.run_level(kind, spacing)
+                linear[i], ffds[i] = registration.linear, registration.ffd
+                bar.update(1)
+            if kind == "ffd":
+                ffds = _remove_mean_ffd(ffds, grid)
+            else:
+                linear = _remove_mean_linear(linear, kind, centre)
+        log.info("group-wise level %s%s done", kind, f" {spacing:g} mm" if spacing else "")
+    bar.close()
+    after = overlap_with_template(maps, transforms(), grid, labels, device)
+    mean, count = mean_of_maps(maps, transforms(), grid, device)
+    probabilities = _smoothed(mean, grid, settings.sigma_mm)
+    source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
+    atlas = Atlas(probabilities, grid, labels, source, settings.frame)
+    report = {"settings": asdict(settings), "inputs": [str(p) for p in paths], "grid": grid.to_dict(),
+              "dice_with_template": {"initial": before, "final": after}}
+    return atlas, report
