@@ -323,5 +323,66 @@ def _same_grids(paths) -> bool:
     return all(g.same_geometry(grids[0]) for g in grids[1:])
 
 
+@main.command("check-manifest", cls=MultiValueCommand)
+@click.argument("manifest")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder holding the data set's files.")
+@click.option("--patients", help="Patients that must be there, e.g. 1-25 (default: those found).")
+@click.option("--sequences", multiple=True, help="Sequences whose images must be there (default: all of the manifest).")
+def check_manifest(manifest, data, patients, sequences):
+    """Say what of data set MANIFEST (e.g. mscmr19) is in --data, and what is missing."""
+    from mvmm.data.manifest import Manifest, parse_patients, scan
+
+    described = Manifest.load(manifest)
+    found = scan(described, data, parse_patients(patients) if patients else None,
+                 list(sequences) or list(described.sequences), [described.evaluate_on])
+    click.echo(found.summary(described))
+    click.echo("cite: " + " | ".join(described.citation))
+    click.echo("obtain: " + described.obtain)
+    if found.problems:
+        raise click.exceptions.Exit(1)
+
+
+@main.group(cls=MvmmGroup)
+def experiment():
+    """Reproduce published experiments."""
+
+
+@experiment.command("mscmr", cls=MultiValueCommand)
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="MS-CMRSeg folder (patientN_{LGE|DE,C0,T2}[_manual].nii.gz); targets come from here.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Experiment folder (resumable).")
+@click.option("--atlas-data", type=click.Path(path_type=Path),
+              help="Build the atlases from this folder's patients (default: leave-one-out within --data).")
+@click.option("--patients", help="Target patients, e.g. 1-25 (default: all in --data).")
+@click.option("--sequences", multiple=True, default=("LGE", "C0"), show_default=True,
+              help="Sequences of each target for em-all and gmm (LGE is always used).")
+@click.option("--atlas-register", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
+              show_default=True, help="Group-wise registration of the atlas patients' labels.")
+@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
+              show_default=True, help="Registration of the atlas to each target inside the joint model.")
+@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
+              show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
+@click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
+@common_options
+def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
+                     force, device, seed, quiet):
+    """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
+    from mvmm.data.manifest import parse_patients
+    from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
+
+    _setup_logging(quiet)
+    settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
+                                  register_atlas=register_atlas, register_images=register_images, device=device,
+                                  seed=seed)
+    summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
+                        progress=not quiet)
+    click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")
+    for method in METHODS:
+        stats = summary["methods"][method]
+        click.echo(f"  {method:<7} " + " / ".join(f"{stats[s]['dice_mean']:.3f}" for s in ("Myo", "LV", "RV"))
+                   + f"   {summary['seconds_per_patient'][method]:.1f} s")
+    click.echo(f"tables and figures in {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

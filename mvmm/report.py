@@ -51,6 +51,59 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
     _save(fig, path, rect=(0, 0.06, 1, 0.97))
 
 
+def comparison_figure(path, image: np.ndarray, label_maps: Mapping[str, np.ndarray], labels: LabelSet,
+                      title: str = "") -> None:
+    """One panel per label map (e.g. manual and each method), its contours over the same image slice.
+
+    Parameters
+    ----------
+    image : np.ndarray, shape [*S]
+    label_maps : mapping of name to np.ndarray of shape [*S] (label values); the first picks the slice
+    """
+    first = next(iter(label_maps.values()))
+    z = _display_slice(first, labels) if first.ndim == 3 else None
+    pick = (lambda a: a[z]) if z is not None else (lambda a: a)
+    fig, axes = plt.subplots(1, len(label_maps), figsize=(3.2 * len(label_maps), 3.6), squeeze=False)
+    for ax, (name, label_map) in zip(axes[0], label_maps.items()):
+        ax.imshow(pick(image), cmap="gray", interpolation="nearest")
+        for (_, value), colour in zip(labels.foreground, COLOURS):
+            mask = (pick(label_map) == value).astype(float)
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0)
+        ax.set_title(name)
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=c, label=n) for (n, _), c in zip(labels.foreground, COLOURS)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    if title:
+        fig.suptitle(title + (f" (slice {z})" if z is not None else ""))
+    _save(fig, path, rect=(0, 0.07, 1, 0.95))
+
+
+def box_plot(path, values: Mapping[str, Mapping[str, Sequence[float]]], title: str = "",
+             ylabel: str = "Dice") -> None:
+    """Box plots of ``values[group][structure]``, groups side by side within each structure."""
+    groups = list(values)
+    structures = list(next(iter(values.values())))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(groups) * len(structures), 3.8))
+    width = 0.8 / len(groups)
+    for g, (group, colour) in enumerate(zip(groups, COLOURS)):
+        data = [[v for v in values[group][s] if np.isfinite(v)] for s in structures]
+        positions = [i + (g - (len(groups) - 1) / 2) * width for i in range(len(structures))]
+        parts = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=True)
+        for box in parts["boxes"]:
+            box.set_facecolor(colour)
+            box.set_alpha(0.6)
+    ax.set_xticks(range(len(structures)))
+    ax.set_xticklabels(structures)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in COLOURS[: len(groups)]], groups,
+              loc="lower left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
 def convergence_figure(path, lower_bounds: Sequence[float], title: str = "EM convergence") -> None:
     """Mean log-likelihood per voxel against EM iteration."""
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -1,0 +1,1 @@
+"""Reproducible experiments on public data sets (described in ``data_manifests/``)."""

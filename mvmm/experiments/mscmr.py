@@ -1,0 +1,203 @@
+"""The MS-CMRSeg 2019 experiment: leave-one-out (or separate) atlases, four methods, one results table.
+
+For each target patient a probabilistic atlas is built group-wise (:mod:`mvmm.atlas_build`, image-axes
+frame) from the manual labels of the *atlas patients* — the other patients of ``--data``, or those of
+``--atlas-data`` — and placed on the target's LGE by its image axes and field-of-view centre. Then:
+
+- ``em-all``: the joint model on all given sequences, the atlas registered inside it;
+- ``atlas``: the atlas alone (argmax), as ``em-all`` registered it;
+- ``em-lge``: the joint model on the LGE alone, the atlas registered inside it;
+- ``gmm``: the plain mixture (no atlas) on all sequences, one Gaussian per class; clusters are named
+  one-to-one by the best Dice with the registered atlas (so no label of the target names them).
+
+Each is evaluated on the target's LGE manual labels (used for nothing else): Dice, HD95 and MSD per
+structure, with the seconds it took. A finished patient is kept in ``DIR/patients/`` and skipped when
+the run is repeated with the same settings (unless ``force``); atlases are kept in ``DIR/atlases/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from tqdm.auto import tqdm
+
+from mvmm.atlas_build import GroupwiseSettings, build_atlas
+from mvmm.data.atlas import Atlas
+from mvmm.data.image import Image
+from mvmm.data.manifest import Manifest, scan
+from mvmm.data.subject import Subject
+from mvmm.devices import resolve_device
+from mvmm.errors import InputError
+from mvmm.experiments.summary import write_summary
+from mvmm.joint import RegistrationSettings
+from mvmm.metrics import evaluate_labels
+from mvmm.outputs import write_json
+from mvmm.report import comparison_figure
+from mvmm.segment import segment_subject
+
+log = logging.getLogger(__name__)
+
+METHODS = ("atlas", "em-lge", "em-all", "gmm")
+EXPERIMENT_FORMAT = "mvmm-experiment/1"
+
+
+@dataclass
+class ExperimentSettings:
+    """What the experiment does; a rerun resumes only with the same settings.
+
+    Attributes
+    ----------
+    sequences : list of str
+        Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
+    atlas_register : {"none", "rigid", "affine", "ffd"}
+        Group-wise registration when building each atlas.
+    register_atlas : {"none", "rigid", "affine", "ffd"}
+        Registration of the atlas to the target inside the joint model.
+    register_images : {"none", "rigid", "affine"}
+        Registration of the other sequences to the LGE inside the joint model.
+    device : str
+    seed : int
+    """
+
+    sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
+    atlas_register: str = "affine"
+    register_atlas: str = "affine"
+    register_images: str = "none"
+    device: str = "auto"
+    seed: int = 0
+
+
+def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, register: str) -> tuple:
+    """The group-wise atlas of the label maps in ``pool`` (cached in ``out/atlases``) and its build seconds."""
+    key = hashlib.sha1(json.dumps([register] + sorted(str(p) for p in pool.values())).encode()).hexdigest()[:12]
+    path = out / "atlases" / f"atlas_{key}.nii.gz"
+    if path.exists():
+        meta = json.loads(path.with_name(f"atlas_{key}.json").read_text())
+        return Atlas.read([path]), meta["build"]["seconds"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    atlas, report = build_atlas([pool[p] for p in sorted(pool)], GroupwiseSettings(register=register, frame="axes"),
+                                device=device, progress=progress)
+    seconds = time.perf_counter() - start
+    atlas.save(path, extra={"build": {**report, "seconds": seconds, "patients": sorted(pool)}})
+    return atlas, seconds
+
+
+def _cluster_names(clusters: np.ndarray, atlas_labels: np.ndarray, values: List[int]) -> np.ndarray:
+    """Label value per cluster index: a one-to-one naming that maximises the Dice with the registered atlas.
+
+    ``clusters`` holds cluster indices ``0..K-1``, ``atlas_labels`` label values, both of one shape.
+    """
+    dice = np.zeros((len(values), len(values)))
+    for k in range(len(values)):
+        cluster = clusters == k
+        for j, value in enumerate(values):
+            structure = atlas_labels == value
+            total = cluster.sum() + structure.sum()
+            dice[k, j] = 2.0 * (cluster & structure).sum() / total if total else 0.0
+    rows, cols = linear_sum_assignment(-dice)
+    names = np.zeros(len(values), dtype=np.int64)
+    names[rows] = np.asarray(values)[cols]
+    return names
+
+
+def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) -> dict:
+    """Every method on one target; returns metrics, seconds and label maps (LGE grid)."""
+    images = [Image.read(files.images[s], s) for s in settings.sequences]
+    truth = Image.read(files.labels["LGE"], "LGE manual", argname="--data")
+    registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
+                                        images_init="header")
+    placed = atlas.placed_on(images[0].grid)
+    maps, seconds = {}, {}
+    start = time.perf_counter()
+    em_all = segment_subject(Subject(images, atlas=placed), registration=registration, device=settings.device,
+                             seed=settings.seed)
+    seconds["em-all"] = time.perf_counter() - start
+    maps["em-all"] = em_all.label_map()
+    values = list(atlas.labels.values)
+    maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
+    seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"]
+    start = time.perf_counter()
+    lge_only = segment_subject(Subject(images[:1], atlas=placed), registration=registration,
+                               device=settings.device, seed=settings.seed)
+    seconds["em-lge"] = time.perf_counter() - start
+    maps["em-lge"] = lge_only.label_map()
+    start = time.perf_counter()
+    plain = segment_subject(Subject(images, labels=atlas.labels), background_subtypes=1, device=settings.device,
+                            seed=settings.seed)
+    clusters = plain.posterior.argmax(0).cpu().numpy()
+    maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
+    seconds["gmm"] = time.perf_counter() - start
+    truth_map = truth.data[0].numpy().astype(np.int64)
+    if truth_map.shape != maps["em-all"].shape:
+        raise InputError(f"--data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
+    spacing = tuple(reversed(images[0].grid.spacing))
+    metrics = {m: evaluate_labels(maps[m], truth_map, spacing, atlas.labels) for m in METHODS}
+    return {"patient": target, "metrics": metrics, "seconds": seconds, "maps": maps,
+            "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
+
+
+def _prepare(out: Path, record: dict, force: bool) -> None:
+    """Create ``out``, or resume in it when it holds a run with the same settings (else refuse)."""
+    index = out / "experiment.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} exists and is not a folder")
+    if index.exists() and not force:
+        previous = json.loads(index.read_text())
+        if {k: previous.get(k) for k in record} != record:
+            raise InputError(f"--out: {out} holds a run with other settings or data ({index.name}); "
+                             f"nothing was changed (use another --out, or --force to redo it)")
+    elif out.is_dir() and any(out.iterdir()) and not index.exists() and not force:
+        raise InputError(f"--out: {out} exists, is not empty and is not an experiment folder (use --force)")
+    (out / "patients").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    write_json(index, {"format": EXPERIMENT_FORMAT, **record})
+
+
+def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[int]] = None, atlas_data=None,
+              force: bool = False, progress: bool = True) -> dict:
+    """Run the experiment (see the module notes); returns the summary written to ``out/summary.json``."""
+    manifest = Manifest.load("mscmr19")
+    sequences = [manifest.canonical_sequence(s) for s in settings.sequences]
+    sequences = ["LGE"] + [s for s in sequences if s != "LGE"]
+    settings = ExperimentSettings(**{**asdict(settings), "sequences": sequences})
+    targets = scan(manifest, data, patients, sequences, ["LGE"])
+    if targets.problems:
+        raise InputError("--data: " + "; ".join(targets.problems[:5])
+                         + (f" (and {len(targets.problems) - 5} more)" if len(targets.problems) > 5 else ""))
+    patients = sorted(patients or targets.patients)
+    atlas_scan = scan(manifest, atlas_data, None, [], ["LGE"]) if atlas_data is not None else targets
+    if atlas_scan.problems:
+        raise InputError("--atlas-data: " + "; ".join(atlas_scan.problems[:5]))
+    pool = {n: f.labels["LGE"] for n, f in atlas_scan.patients.items() if "LGE" in f.labels}
+    out = Path(out)
+    record = {"data": str(Path(data).resolve()), "atlas_data": str(Path(atlas_data).resolve()) if atlas_data else None,
+              "settings": asdict(settings)}
+    _prepare(out, record, force)
+    device = resolve_device(settings.device)
+    for target in tqdm(patients, desc="MS-CMRSeg", unit="patient", disable=not progress):
+        done = out / "patients" / f"patient{target}.json"
+        if done.exists() and not force:
+            continue
+        own = {n: p for n, p in pool.items() if atlas_data is not None or n != target}
+        if len(own) < 2:
+            raise InputError(f"--atlas-data: patient {target} needs at least two atlas patients with LGE labels, "
+                             f"found {sorted(own)}")
+        atlas, build_seconds = _atlas_for(own, out, device, progress, settings.atlas_register)
+        result = run_patient(target, targets.patients[target], atlas, settings)
+        comparison_figure(out / "figures" / f"patient{target}.png", result["image"],
+                          {"manual": result["truth"], **{m: result["maps"][m] for m in METHODS}}, atlas.labels,
+                          title=f"MS-CMRSeg patient {target}, LGE")
+        write_json(done, {"patient": target, "atlas_patients": sorted(own), "atlas_build_seconds": build_seconds,
+                          "metrics": result["metrics"], "seconds": result["seconds"]})
+        log.info("patient %d: em-all Dice %s", target,
+                 {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
+    return write_summary(out, patients, METHODS, manifest.labels)

@@ -1,0 +1,124 @@
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mvmm.cli import main
+from mvmm.data.manifest import Manifest, parse_patients, scan
+from mvmm.data.phantom import make_phantom
+from mvmm.errors import InputError
+from mvmm.experiments.mscmr import METHODS, ExperimentSettings, _cluster_names, run_mscmr
+from conftest import SHARED_DATA
+
+
+def write_patients(folder, numbers, lge_name="LGE", sequences=("LGE", "C0")):
+    """2D phantoms laid out as MS-CMRSeg patients (patientN_<SEQ>[_manual].nii.gz)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        phantom = make_phantom(seed=n, ndim=2)
+        for seq in sequences:
+            name = lge_name if seq == "LGE" else seq
+            phantom.images[seq].write(folder / f"patient{n}_{name}.nii.gz")
+            truth = phantom.truth[seq]
+            truth.data = truth.data.round().short()
+            truth.write(folder / f"patient{n}_{name}_manual.nii.gz")
+    return folder
+
+
+def test_manifest_describes_mscmr_and_scan_accepts_either_naming(tmp_path):
+    manifest = Manifest.load("mscmr19")
+    assert manifest.labels.as_dict() == {"bg": 0, "Myo": 200, "LV": 500, "RV": 600}
+    assert manifest.canonical_sequence("de") == "LGE" and manifest.canonical_sequence("bSSFP") == "C0"
+    assert any("Zhuang" in c for c in manifest.citation) and "registration" in manifest.obtain
+    challenge = write_patients(tmp_path / "challenge", [1, 2], lge_name="DE")
+    found = scan(manifest, challenge, [1, 2], ["LGE", "C0"], ["LGE"])
+    assert not found.problems and found.patients[1].layout == "challenge"
+    assert found.patients[2].images["LGE"].name == "patient2_DE.nii.gz"
+    renamed = write_patients(tmp_path / "renamed", [3])
+    found = scan(manifest, renamed, [3, 4], ["LGE", "C0", "T2"], ["LGE"])
+    assert found.patients[3].layout == "renamed"
+    assert any("patient 3: no T2 image (expected patient3_T2.nii.gz)" in p for p in found.problems)
+    assert any("patient 4: no files" in p for p in found.problems)
+    with pytest.raises(InputError, match="not a sequence"):
+        manifest.canonical_sequence("FLAIR")
+    with pytest.raises(InputError, match="not found"):
+        Manifest.load("acdc17")
+    assert parse_patients("1-3,7,2") == [1, 2, 3, 7]
+    with pytest.raises(InputError, match="--patients"):
+        parse_patients("1-x")
+
+
+def test_check_manifest_cli_reports_what_is_missing(tmp_path):
+    data = write_patients(tmp_path / "d", [1, 2])
+    (data / "patient2_LGE_manual.nii.gz").unlink()
+    result = CliRunner().invoke(main, ["check-manifest", "mscmr19", "--data", str(data), "--sequences", "LGE", "C0"])
+    assert result.exit_code == 1
+    assert "patients found: 2" in result.output and "patient 2: no LGE manual labels" in result.output
+    complete = CliRunner().invoke(main, ["check-manifest", "mscmr19", "--data", str(data), "--patients", "1",
+                                         "--sequences", "LGE", "C0"])
+    assert complete.exit_code == 0 and "no problems" in complete.output
+
+
+def test_cluster_names_are_one_to_one_by_overlap_with_the_atlas():
+    import numpy as np
+
+    atlas = np.array([0, 0, 0, 0, 200, 200, 500, 500, 600, 0])
+    clusters = np.array([2, 2, 2, 2, 0, 0, 3, 3, 1, 1])
+    names = _cluster_names(clusters, atlas, [0, 200, 500, 600])
+    assert names.tolist() == [200, 600, 0, 500]
+
+
+def test_mscmr_experiment_writes_tables_and_resumes(tmp_path):
+    data = write_patients(tmp_path / "data", [1, 2, 3])
+    out = tmp_path / "exp"
+    settings = ExperimentSettings(atlas_register="affine", device="cpu")
+    summary = run_mscmr(data, out, settings, progress=False)
+    assert summary["patients"] == [1, 2, 3]
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * len(METHODS) * 3
+    assert {r["method"] for r in rows} == set(METHODS)
+    stored = json.loads((out / "summary.json").read_text())
+    for method in METHODS:
+        for structure in ("Myo", "LV", "RV"):
+            assert 0.0 <= stored["methods"][method][structure]["dice_mean"] <= 1.0
+    # the model beats nothing-at-all on the phantom: every structure is found
+    assert min(stored["methods"]["em-all"][s]["dice_mean"] for s in ("Myo", "LV", "RV")) > 0.5
+    # leave-one-out: no patient's atlas used its own labels
+    for n in (1, 2, 3):
+        record = json.loads((out / "patients" / f"patient{n}.json").read_text())
+        assert n not in record["atlas_patients"] and len(record["atlas_patients"]) == 2
+    assert (out / "figures" / "dice_boxplot.png").stat().st_size > 0
+    assert (out / "figures" / "patient2.png").exists() and "| em-all |" in (out / "summary.md").read_text()
+    # a rerun resumes: finished patients are not redone
+    stamp = (out / "patients" / "patient1.json").stat().st_mtime_ns
+    run_mscmr(data, out, settings, progress=False)
+    assert (out / "patients" / "patient1.json").stat().st_mtime_ns == stamp
+    # other settings in the same folder are refused without --force
+    with pytest.raises(InputError, match="other settings"):
+        run_mscmr(data, out, ExperimentSettings(atlas_register="none", device="cpu"), progress=False)
+
+
+def test_mscmr_experiment_names_missing_files_and_uses_separate_atlas_data(tmp_path):
+    data = write_patients(tmp_path / "targets", [5])
+    atlases = write_patients(tmp_path / "atlases", [1, 2])
+    with pytest.raises(InputError, match="patient 5: no T2 image"):
+        run_mscmr(data, tmp_path / "o1", ExperimentSettings(sequences=["LGE", "C0", "T2"]), progress=False)
+    with pytest.raises(InputError, match="at least two atlas patients"):
+        run_mscmr(data, tmp_path / "o2", ExperimentSettings(atlas_register="none"), progress=False)
+    result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--atlas-data", str(atlases),
+                                       "--out", str(tmp_path / "o3"), "--atlas-register", "none", "--quiet",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "o3" / "patients" / "patient5.json").read_text())
+    assert record["atlas_patients"] == [1, 2] and "em-all" in result.output
+
+
+MSCMR = SHARED_DATA / "mscmr"
+
+
+@pytest.mark.skipif(not (MSCMR / "patient1_LGE.nii.gz").exists(), reason="MS-CMRSeg data not available")
+def test_check_manifest_finds_the_shared_mscmr_copy():
+    found = scan(Manifest.load("mscmr19"), MSCMR, parse_patients("1-25"), ["LGE", "C0"], ["LGE", "C0"])
+    assert not found.problems and len(found.patients) == 25
