@@ -23,7 +23,7 @@ def images_of(files, names=("LGE", "C0", "T2")):
 
 def test_help_on_every_command():
     commands = ([], ["segment"], ["evaluate"], ["phantom"], ["demo"], ["warp"], ["register"], ["atlas"],
-                ["atlas", "build"])
+                ["atlas", "build"], ["check-manifest"], ["experiment"], ["experiment", "mscmr"])
     for cmd in commands:
         result = run(*cmd, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
