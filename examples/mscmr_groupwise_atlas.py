@@ -6,7 +6,7 @@ group-wise registered one (``--register affine``). Each is placed on the target'
 field-of-view centre and scored (argmax, Dice against the target's LGE labels, used for nothing else):
 
   placed      the atlas as placed
-  registered  the atlas after affine registration inside the joint model (LGE + C0)
+  registered  the atlas after registration inside the joint model (LGE + C0; --register-atlas, rigid)
   em          the joint model's segmentation with that atlas
 
 Usage::
@@ -40,8 +40,9 @@ def dice_of(label_map, truth, grid, labels):
 @click.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--targets", default="1,2,3", show_default=True)
+@click.option("--register-atlas", type=click.Choice(["rigid", "affine"]), default="rigid", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
-def main(data, targets, json_path):
+def main(data, targets, register_atlas, json_path):
     results = {}
     patients = sorted(int(p.name.split("_")[0][7:]) for p in data.glob("patient*_LGE_manual.nii.gz"))
     for target in [int(t) for t in targets.split(",")]:
@@ -60,7 +61,7 @@ def main(data, targets, json_path):
             row = {"build_s": round(built, 1),
                    "placed": dice_of(values[prior.argmax(0).numpy()], truth, lge.grid, atlas.labels)}
             seg = segment_subject(Subject([lge, c0], atlas=placed),
-                                  registration=RegistrationSettings(atlas="affine", images="none"))
+                                  registration=RegistrationSettings(atlas=register_atlas, images="none"))
             row["registered"] = dice_of(values[seg.common.prior.argmax(0).cpu().numpy()], truth, lge.grid,
                                         atlas.labels)
             row["em"] = dice_of(seg.label_map(), truth, lge.grid, atlas.labels)

@@ -12,7 +12,9 @@ one subject or data already in a standard space). In ``"axes"`` each map is firs
 own image axes with its anatomy's centroid at the origin — for short-axis cardiac stacks of
 different patients, whose headers place them anywhere in different scanners, the image axes are
 the anatomically shared frame. Such an atlas is saved with ``frame: axes`` and placed on a target
-by the target's axes and field-of-view centre (:meth:`mvmm.data.atlas.Atlas.placed_on`).
+by the target's axes and field-of-view centre (:meth:`mvmm.data.atlas.Atlas.placed_on`); its frame's
+origin is the maps' mean field-of-view centre relative to their anatomy, so the anatomy lands where it
+sits, on average, in the maps' fields of view.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _foreground_centroid_index(array: np.ndarray, labels: LabelSet) -> np.ndarra
 
 
 def _in_axes_frame(grid: Grid, array: np.ndarray, labels: LabelSet) -> Grid:
-    """``grid`` with identity direction and the anatomy's centroid at the origin."""
+    """``grid`` with identity direction and the anatomy's centroid at the origin (during building)."""
     centroid = _foreground_centroid_index(array, labels)
     origin = -np.asarray(grid.spacing) * centroid
     return Grid(grid.size, grid.spacing, tuple(origin), tuple(np.eye(grid.ndim).ravel()))
@@ -306,7 +308,16 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     mean, count = mean_of_maps(maps, transforms(), grid, device)
     probabilities = _smoothed(mean, grid, settings.sigma_mm)
     source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
-    atlas = Atlas(probabilities, grid, labels, source, settings.frame)
-    report = {"settings": asdict(settings), "inputs": [str(p) for p in paths], "grid": grid.to_dict(),
+    report = {"settings": asdict(settings), "inputs": [str(p) for p in paths],
               "dice_with_template": {"initial": before, "final": after}}
+    if settings.frame == "axes":
+        # Where the anatomy sits in its field of view, on average over the maps (in an axes map the
+        # anatomy's centroid is the origin, so its FoV centre is at −offset): the frame's origin is
+        # moved to that mean FoV centre, and placing the atlas on a target's FoV centre puts the
+        # anatomy where it usually is in such images (e.g. towards the base of a short-axis stack).
+        offset = -np.mean([m.grid.center_world() for m in maps], axis=0)
+        grid = Grid(grid.size, grid.spacing, tuple(np.asarray(grid.origin) + offset), grid.direction)
+        report["anatomy_offset_from_fov_centre_mm"] = offset.tolist()
+    report["grid"] = grid.to_dict()
+    atlas = Atlas(probabilities, grid, labels, source, settings.frame)
     return atlas, report

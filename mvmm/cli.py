@@ -106,6 +106,9 @@ def main():
                    "to the reference (mi), or from its header.")
 @click.option("--atlas-init", type=click.Choice(["header", "geometry"]), default="header", show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
+@click.option("--atlas-search-mm", type=float, default=0.0, show_default=True,
+              help="Before registering the atlas, try it moved by -d, 0, +d mm along each axis and start from the "
+                   "placement whose fitted model explains the images best (0: off).")
 @click.option("--control-spacing", type=float, default=40.0, show_default=True,
               help="FFD control-point spacing (mm) of the first level; halved at the next.")
 @click.option("--bending-weight", type=float, default=10.0, show_default=True,
@@ -114,8 +117,8 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, subtypes, background_subtypes, mrf_beta,
-            max_iter, tol, register_atlas, register_images, images_init, atlas_init, control_spacing, bending_weight,
-            out, force, device, seed, quiet):
+            max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm, control_spacing,
+            bending_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -129,7 +132,8 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, su
     _setup_logging(quiet)
     prepare_output_dir(out, force)  # fail before any work if the folder is taken
     registration = RegistrationSettings(atlas=register_atlas, images=register_images, images_init=images_init,
-                                        atlas_init=atlas_init, control_spacing=control_spacing,
+                                        atlas_init=atlas_init, atlas_search_mm=atlas_search_mm,
+                                        control_spacing=control_spacing,
                                         bending_weight=bending_weight)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
@@ -358,22 +362,24 @@ def experiment():
               help="Sequences of each target for em-all and gmm (LGE is always used).")
 @click.option("--atlas-register", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
               show_default=True, help="Group-wise registration of the atlas patients' labels.")
-@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
+@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="rigid",
               show_default=True, help="Registration of the atlas to each target inside the joint model.")
 @click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
+@click.option("--atlas-search-mm", type=float, default=0.0, show_default=True,
+              help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     force, device, seed, quiet):
+                     atlas_search_mm, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
 
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
-                                  register_atlas=register_atlas, register_images=register_images, device=device,
-                                  seed=seed)
+                                  register_atlas=register_atlas, register_images=register_images,
+                                  atlas_search_mm=atlas_search_mm, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=not quiet)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")

@@ -14,6 +14,7 @@ parameter: one step length fits them all.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class RegistrationSettings:
         Transform of each non-reference image (the reference is fixed).
     atlas_init : {"header", "geometry"}
         Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
+    atlas_search_mm : float
+        Before the levels, try the atlas start moved by −d, 0, +d mm along each axis of the reference
+        (3^ndim placements) and keep the one whose freshly fitted model explains the images best
+        (highest log L after ``search_em_steps`` EM iterations); 0 turns the search off.
+    search_em_steps : int
     images_init : {"mi", "header"}
         Initial placement of moving images: a rigid registration to the reference by mutual
         information (:mod:`mvmm.register`), or the headers.
@@ -83,6 +89,8 @@ class RegistrationSettings:
     atlas: str = "ffd"
     images: str = "rigid"
     atlas_init: str = "header"
+    atlas_search_mm: float = 0.0
+    search_em_steps: int = 10
     images_init: str = "mi"
     control_spacing: float = 40.0
     ffd_levels: int = 2
@@ -103,7 +111,7 @@ class RegistrationSettings:
         require_choice(self.images_init, IMAGE_INITS, "--images-init")
         require_choice(self.atlas_init, ATLAS_INITS, "--atlas-init")
         require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
-        require_positive(self, ("bending_weight",), strict=False)
+        require_positive(self, ("bending_weight", "atlas_search_mm"), strict=False)
 
     @property
     def active(self) -> bool:
@@ -178,6 +186,9 @@ class JointSolver:
         linear = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
         if subject.atlas is not None:
             linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
+            if s.atlas_search_mm > 0 and s.atlas != "none":
+                work.transforms.update(linear)
+                linear["atlas"] = self._searched_atlas_start(work, linear["atlas"], coarse)
         ffd = None
         history: List[dict] = []
         self.model.warm_start = True
@@ -242,6 +253,29 @@ class JointSolver:
         log.info("%s placed on %s by rigid MI registration (MI %.4f -> %.4f)", name, subject.reference,
                  -result.loss_before, -result.loss_after)
         return result.transform
+
+    def _searched_atlas_start(self, work: Subject, start: RigidTransform, grid: Grid) -> RigidTransform:
+        """The best of ``start`` moved by −d, 0, +d mm along each reference axis (by a fresh model's log L)."""
+        d, ndim = self.settings.atlas_search_mm, grid.ndim
+        axes = work.reference_image.grid.direction_matrix
+        scores = []
+        for steps in itertools.product((-1, 0, 1), repeat=ndim):
+            params = start.params.detach().clone()
+            params[-ndim:] += torch.as_tensor(axes @ (d * np.asarray(steps, dtype=np.float64)), dtype=params.dtype,
+                                              device=params.device)
+            candidate = RigidTransform(ndim, params=params, center=start.center)
+            work.transforms["atlas"] = candidate
+            model = copy.deepcopy(self.model)
+            model.warm_start, model.max_iter = False, self.settings.search_em_steps
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sample = work.sample(grid, self.device, check=False)
+                model.fit(sample.images, sample.coverage, sample.prior, grid.spacing)
+            scores.append((model.lower_bounds_[-1], steps, candidate))
+        best = max(scores, key=lambda item: item[0])
+        log.info("atlas start: best of %d placements ±%g mm is %s (log L %.4f; unmoved %.4f)", len(scores), d,
+                 [int(x) * d for x in best[1]], best[0], scores[len(scores) // 2][0])
+        return best[2]
 
     def _em_steps(self, work: Subject, grid: Grid) -> float:
         with torch.no_grad():

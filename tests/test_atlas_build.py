@@ -89,6 +89,13 @@ def test_axes_frame_ignores_headers_and_places_the_atlas_on_a_target(tmp_path):
     origin_of_frame = placed.grid.index_to_world(
         axes.grid.world_to_index(torch.zeros(1, 2, dtype=torch.float64)))[0].numpy()
     assert np.allclose(origin_of_frame, target.center_world(), atol=1e-6)
+    # the anatomy lands where it sat in the maps' fields of view (along the axes)
+    offset = grid.world_points(dtype=torch.float64)[torch.from_numpy(labels > 0)].mean(0).numpy() - grid.center_world()
+    assert np.allclose(axes_report["anatomy_offset_from_fov_centre_mm"], offset, atol=0.1)
+    heart = placed.probabilities[0] < 0.5
+    centroid = placed.grid.world_points(dtype=torch.float64)[heart].mean(0).numpy()
+    expected = target.center_world() + target.direction_matrix @ offset
+    assert np.linalg.norm(centroid - expected) < 1.0, (centroid, expected)
     # saved and read back, the frame survives; mvmm segment's loader places it on the reference
     axes.save(tmp_path / "atlas.nii.gz")
     back = Atlas.read([tmp_path / "atlas.nii.gz"], image_ndim=2)

@@ -105,3 +105,24 @@ def test_registering_a_misplaced_atlas_raises_dice():
         scores = evaluate_labels(result.label_map(), truth, tuple(reversed(lge.grid.spacing)), CARDIAC_LABELS)
         dice[mode] = np.mean([scores[name]["dice"] for name in ("Myo", "LV", "RV")])
     assert dice["affine"] > dice["none"] + 0.05, dice
+
+
+def test_atlas_search_finds_a_far_misplaced_atlas():
+    phantom = make_phantom(2, ndim=2)
+    lge = phantom.images["LGE"]
+    atlas = Atlas.builtin_cardiac(lge.grid)
+    g = atlas.grid
+    shifted = Grid(g.size, g.spacing, tuple(np.asarray(g.origin) + np.array([22.0, 0.0])), g.direction)
+    misplaced = Atlas(atlas.probabilities, shifted, atlas.labels, "shifted builtin")
+    truth = phantom.truth["LGE"].data[0].numpy().astype(np.int64)
+    dice, moved = {}, {}
+    for search in (0.0, 20.0):
+        settings = RegistrationSettings(atlas="rigid", images="none", atlas_search_mm=search)
+        result = segment_subject(Subject([lge], misplaced), registration=settings)
+        scores = evaluate_labels(result.label_map(), truth, tuple(reversed(lge.grid.spacing)), CARDIAC_LABELS)
+        dice[search] = np.mean([scores[name]["dice"] for name in ("Myo", "LV", "RV")])
+        moved[search] = result.registration.transforms["atlas"](torch.zeros(1, 2)).numpy()[0]
+    # the search starts the atlas 20 mm over, where its heart meets the image's
+    assert moved[20.0][0] > 15.0 and dice[20.0] > dice[0.0] + 0.1, (moved, dice)
+    with pytest.raises(InputError, match="--atlas-search-mm"):
+        RegistrationSettings(atlas_search_mm=-1.0)

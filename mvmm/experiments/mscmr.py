@@ -63,14 +63,17 @@ class ExperimentSettings:
         Registration of the atlas to the target inside the joint model.
     register_images : {"none", "rigid", "affine"}
         Registration of the other sequences to the LGE inside the joint model.
+    atlas_search_mm : float
+        Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
     device : str
     seed : int
     """
 
     sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
     atlas_register: str = "affine"
-    register_atlas: str = "affine"
+    register_atlas: str = "rigid"
     register_images: str = "none"
+    atlas_search_mm: float = 0.0
     device: str = "auto"
     seed: int = 0
 
@@ -114,7 +117,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="--data")
     registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
-                                        images_init="header")
+                                        images_init="header", atlas_search_mm=settings.atlas_search_mm)
     placed = atlas.placed_on(images[0].grid)
     maps, seconds = {}, {}
     start = time.perf_counter()
