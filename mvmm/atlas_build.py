@@ -32,7 +32,7 @@ from mvmm.data import io
 from mvmm.data.atlas import DEFAULT_SIGMA_MM, FRAMES, Atlas
 from mvmm.data.grid import Grid
 from mvmm.data.image import Image
-from mvmm.data.labels import LabelSet
+from mvmm.data.labels import LabelSet, label_values
 from mvmm.errors import InputError, require_choice, require_positive
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.nonlinear import FreeFormDeformation
@@ -118,11 +118,9 @@ def read_label_maps(paths: Sequence, labels: Optional[LabelSet], frame: str,
         array, grid, _ = io.read_array(path, argname)
         if array.ndim != grid.ndim:
             raise InputError(f"{argname}: {path} is not a scalar label map (array shape {array.shape})")
-        if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
-            raise InputError(f"{argname}: {path} is not an integer label map (non-integer values)")
+        values = label_values(array, path, argname)
         if arrays and grid.ndim != arrays[0][1].ndim:
             raise InputError(f"{argname}: {path} is {grid.ndim}D but {paths[0]} is {arrays[0][1].ndim}D")
-        values = set(np.unique(array).astype(np.int64).tolist())
         if labels is not None:
             labels.check_values(sorted(values), path, argname)
         found |= values
@@ -192,9 +190,8 @@ def mean_of_maps(maps: Sequence[Image], transforms: Sequence, grid: Grid,
 
 
 def overlap_with_template(maps: Sequence[Image], transforms: Sequence, grid: Grid, labels: LabelSet,
-                          device=None) -> Dict[str, float]:
-    """Mean Dice, per structure, between each warped map and the template (both argmax), where covered."""
-    mean, _ = mean_of_maps(maps, transforms, grid, device)
+                          mean: torch.Tensor, device=None) -> Dict[str, float]:
+    """Mean Dice, per structure, between each warped map and the template ``mean [K, *S]`` (both argmax)."""
     template = mean.argmax(0)
     points = grid.world_points(device=device)
     scores = {name: [] for i, name in enumerate(labels.names) if i != labels.background_index}
@@ -281,7 +278,8 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     def transforms():
         return [SequentialTransform(f, t) if f is not None else t for f, t in zip(ffds, linear)]
 
-    before = overlap_with_template(maps, transforms(), grid, labels, device)
+    before = overlap_with_template(maps, transforms(), grid, labels, mean_of_maps(maps, transforms(), grid, device)[0],
+                                   device)
     levels = (linear_then_ffd_levels(settings.register, settings.control_spacing, settings.ffd_levels)
               if settings.register != "none" else [])
     pairwise = settings.pairwise()
@@ -304,8 +302,8 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
                 linear = _remove_mean_linear(linear, kind, centre)
         log.info("group-wise level %s%s done", kind, f" {spacing:g} mm" if spacing else "")
     bar.close()
-    after = overlap_with_template(maps, transforms(), grid, labels, device)
-    mean, count = mean_of_maps(maps, transforms(), grid, device)
+    mean, _ = mean_of_maps(maps, transforms(), grid, device)
+    after = overlap_with_template(maps, transforms(), grid, labels, mean, device)
     probabilities = _smoothed(mean, grid, settings.sigma_mm)
     source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
     report = {"settings": asdict(settings), "inputs": [str(p) for p in paths],

@@ -323,7 +323,7 @@ def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, l
 def _same_grids(paths) -> bool:
     from mvmm.data import io
 
-    grids = [io.read_array(p, "--labels")[1] for p in paths]
+    grids = [io.read_grid(p, "--labels") for p in paths]
     return all(g.same_geometry(grids[0]) for g in grids[1:])
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mvmm.data import io
 from mvmm.data.grid import Grid
-from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.data.labels import CARDIAC_LABELS, LabelSet, label_values
 from mvmm.errors import InputError
 from mvmm.outputs import write_json
 from mvmm.spatial.warp import sample_image
@@ -84,9 +84,7 @@ class Atlas:
             raise InputError(f"--atlas-sigma: must be a finite number >= 0, got {sigma_mm}")
         found = set()
         for m in maps:
-            if not np.all(np.isfinite(m)) or not np.all(np.equal(np.mod(m, 1), 0)):
-                raise InputError(f"{argname}: {source} is not an integer label map (non-integer values)")
-            found.update(np.unique(m).astype(np.int64).tolist())
+            found |= label_values(m, source, argname)
         if labels is None:
             labels = LabelSet.from_values(found)
         else:

@@ -55,6 +55,36 @@ def _grid_from_sitk(image: sitk.Image, ndim: int) -> Grid:
                 tuple(direction.ravel()))
 
 
+def _read_checked(path: Path, argname: str, header_only: bool = False):
+    """The image of ``path`` (or, header only, its reader after ``ReadImageInformation``); errors name ``argname``."""
+    if not path.exists():
+        raise InputError(f"{argname}: file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{argname}: {path} is a folder, expected an image file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        if header_only:
+            reader.ReadImageInformation()
+            result = reader
+        else:
+            result = reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
+        raise InputError(f"{argname}: cannot read {path} as an image ({first})") from None
+    ndim = reader.GetDimension()
+    if ndim not in (2, 3, 4):
+        raise InputError(f"{argname}: {path} has {ndim} dimensions; mvmm reads 2D, 3D and 4D images")
+    return result
+
+
+def read_grid(path, argname: str) -> Grid:
+    """The geometry of an image file from its header alone (the voxels are not read)."""
+    path = Path(path)
+    reader = _read_checked(path, argname, header_only=True)
+    return _grid_from_sitk(reader, min(reader.GetDimension(), 3))
+
+
 def read_array(path, argname: str) -> Tuple[np.ndarray, Grid, int]:
     """Read an image file with SimpleITK.
 
@@ -76,18 +106,8 @@ def read_array(path, argname: str) -> Tuple[np.ndarray, Grid, int]:
         The file's dimension: ``array.ndim`` for scalar images, ``array.ndim - 1`` for vector images.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{argname}: file not found: {path}")
-    if path.is_dir():
-        raise InputError(f"{argname}: {path} is a folder, expected an image file")
-    try:
-        image = sitk.ReadImage(os.fspath(path))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise InputError(f"{argname}: cannot read {path} as an image ({first})") from None
+    image = _read_checked(path, argname)
     ndim = image.GetDimension()
-    if ndim not in (2, 3, 4):
-        raise InputError(f"{argname}: {path} has {ndim} dimensions; mvmm reads 2D, 3D and 4D images")
     array = sitk.GetArrayFromImage(image)
     nonfinite = _nifti_nonfinite_count(path) or int((~np.isfinite(array)).sum())
     if nonfinite:

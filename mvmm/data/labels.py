@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
+import numpy as np
+
 from mvmm.errors import InputError
 
 
@@ -88,6 +90,13 @@ class LabelSet:
 
 
 CARDIAC_LABELS = LabelSet(("bg", "Myo", "LV", "RV"), (0, 200, 500, 600))
+
+
+def label_values(array: np.ndarray, source, argname: str) -> set:
+    """The label values of an integer label map; InputError naming ``source`` for NaN or fractional values."""
+    if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
+        raise InputError(f"{argname}: {source} is not an integer label map (non-integer values)")
+    return set(np.unique(array).astype(np.int64).tolist())
 
 
 def resolve_labels(text: Optional[str]) -> Optional[LabelSet]:
