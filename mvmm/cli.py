@@ -368,10 +368,13 @@ def experiment():
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
 @click.option("--atlas-search-mm", type=float, default=0.0, show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
+@click.option("--subtypes", multiple=True, default=("LGE:Myo=2",), show_default=True, metavar="IMAGE:TISSUE=N",
+              help="Gaussian subtypes of em-all and em-lge, as for segment (the default: normal and scarred "
+                   "LGE myocardium).")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, force, device, seed, quiet):
+                     atlas_search_mm, subtypes, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
@@ -379,7 +382,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
-                                  atlas_search_mm=atlas_search_mm, device=device, seed=seed)
+                                  atlas_search_mm=atlas_search_mm, subtypes=list(subtypes), device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=not quiet)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")

@@ -8,7 +8,7 @@ from mvmm.cli import main
 from mvmm.data.manifest import Manifest, parse_patients, scan
 from mvmm.data.phantom import make_phantom
 from mvmm.errors import InputError
-from mvmm.experiments.mscmr import METHODS, ExperimentSettings, _cluster_names, run_mscmr
+from mvmm.experiments.mscmr import METHODS, ExperimentSettings, _cluster_names, _for_images, run_mscmr
 from conftest import SHARED_DATA
 
 
@@ -69,6 +69,11 @@ def test_cluster_names_are_one_to_one_by_overlap_with_the_atlas():
     assert names.tolist() == [200, 600, 0, 500]
 
 
+def test_subtypes_of_the_lge_only_model_keep_what_concerns_the_lge():
+    kept = _for_images(["LGE:Myo=2, C0:LV=2", "*:bg=3"], ["LGE"])
+    assert kept == ["LGE:Myo=2", "*:bg=3"]
+
+
 def test_mscmr_experiment_writes_tables_and_resumes(tmp_path):
     data = write_patients(tmp_path / "data", [1, 2, 3])
     out = tmp_path / "exp"
@@ -105,6 +110,8 @@ def test_mscmr_experiment_names_missing_files_and_uses_separate_atlas_data(tmp_p
     atlases = write_patients(tmp_path / "atlases", [1, 2])
     with pytest.raises(InputError, match="patient 5: no T2 image"):
         run_mscmr(data, tmp_path / "o1", ExperimentSettings(sequences=["LGE", "C0", "T2"]), progress=False)
+    with pytest.raises(InputError, match="unknown tissue 'Scar'"):
+        run_mscmr(data, tmp_path / "o1", ExperimentSettings(subtypes=["LGE:Scar=2"]), progress=False)
     with pytest.raises(InputError, match="at least two atlas patients"):
         run_mscmr(data, tmp_path / "o2", ExperimentSettings(atlas_register="none"), progress=False)
     result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--atlas-data", str(atlases),

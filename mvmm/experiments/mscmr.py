@@ -39,6 +39,7 @@ from mvmm.errors import InputError
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
+from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.outputs import write_json
 from mvmm.report import comparison_figure
 from mvmm.segment import segment_subject
@@ -65,6 +66,10 @@ class ExperimentSettings:
         Registration of the other sequences to the LGE inside the joint model.
     atlas_search_mm : float
         Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
+    subtypes : list of str
+        Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
+        --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
+        model of DESIGN.md §1.
     device : str
     seed : int
     """
@@ -74,6 +79,7 @@ class ExperimentSettings:
     register_atlas: str = "rigid"
     register_images: str = "none"
     atlas_search_mm: float = 0.0
+    subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
     device: str = "auto"
     seed: int = 0
 
@@ -112,6 +118,12 @@ def _cluster_names(clusters: np.ndarray, atlas_labels: np.ndarray, values: List[
     return names
 
 
+def _for_images(subtypes: List[str], names: List[str]) -> List[str]:
+    """The ``IMAGE:TISSUE=N`` items that concern one of ``names`` (or every image, ``*``)."""
+    items = (item.strip() for spec in subtypes for item in spec.split(","))
+    return [item for item in items if item.split(":", 1)[0].strip() in names + ["*"]]
+
+
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) -> dict:
     """Every method on one target; returns metrics, seconds and label maps (LGE grid)."""
     images = [Image.read(files.images[s], s) for s in settings.sequences]
@@ -121,16 +133,16 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     placed = atlas.placed_on(images[0].grid)
     maps, seconds = {}, {}
     start = time.perf_counter()
-    em_all = segment_subject(Subject(images, atlas=placed), registration=registration, device=settings.device,
-                             seed=settings.seed)
+    em_all = segment_subject(Subject(images, atlas=placed), subtypes=settings.subtypes, registration=registration,
+                             device=settings.device, seed=settings.seed)
     seconds["em-all"] = time.perf_counter() - start
     maps["em-all"] = em_all.label_map()
     values = list(atlas.labels.values)
     maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
     seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"]
     start = time.perf_counter()
-    lge_only = segment_subject(Subject(images[:1], atlas=placed), registration=registration,
-                               device=settings.device, seed=settings.seed)
+    lge_only = segment_subject(Subject(images[:1], atlas=placed), subtypes=_for_images(settings.subtypes, ["LGE"]),
+                               registration=registration, device=settings.device, seed=settings.seed)
     seconds["em-lge"] = time.perf_counter() - start
     maps["em-lge"] = lge_only.label_map()
     start = time.perf_counter()
@@ -172,6 +184,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     sequences = [manifest.canonical_sequence(s) for s in settings.sequences]
     sequences = ["LGE"] + [s for s in sequences if s != "LGE"]
     settings = ExperimentSettings(**{**asdict(settings), "sequences": sequences})
+    parse_subtypes(settings.subtypes, sequences, manifest.labels.names)  # a typo fails now, not after a patient
     targets = scan(manifest, data, patients, sequences, ["LGE"])
     if targets.problems:
         raise InputError("--data: " + "; ".join(targets.problems[:5])
