@@ -49,6 +49,20 @@ def test_manifest_describes_mscmr_and_scan_accepts_either_naming(tmp_path):
         parse_patients("1-x")
 
 
+def test_manifest_is_found_where_an_installed_wheel_puts_it(tmp_path, monkeypatch):
+    import shutil
+
+    from mvmm.data import manifest as manifest_module
+
+    installed = tmp_path / "share" / "mvmm" / "data_manifests"
+    installed.mkdir(parents=True)
+    shutil.copy(Manifest.load("mscmr19").path, installed)
+    monkeypatch.setattr(manifest_module, "MANIFEST_DIRS", (tmp_path / "no-checkout", installed))
+    assert Manifest.load("mscmr19").path == installed / "mscmr19.json"
+    with pytest.raises(InputError, match="'acdc' not found .known: mscmr19; looked in"):
+        Manifest.load("acdc")
+
+
 def test_check_manifest_cli_reports_what_is_missing(tmp_path):
     data = write_patients(tmp_path / "d", [1, 2])
     (data / "patient2_LGE_manual.nii.gz").unlink()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -21,7 +22,10 @@ from mvmm.data.labels import LabelSet
 from mvmm.errors import InputError
 
 MANIFEST_FORMAT = "mvmm-manifest/1"
-MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
+# A source checkout (or editable install) reads the repository's folder; an installed wheel carries
+# the same files as data files under <prefix>/share/mvmm (setup.cfg, [options.data_files]).
+MANIFEST_DIRS = (Path(__file__).resolve().parents[2] / "data_manifests",
+                 Path(sys.prefix) / "share" / "mvmm" / "data_manifests")
 
 
 @dataclass
@@ -44,10 +48,12 @@ class Manifest:
         """Read a manifest by name (``mscmr19``, from ``data_manifests/``) or from a JSON file path."""
         path = Path(name_or_path)
         if not path.suffix:
-            path = MANIFEST_DIR / f"{name_or_path}.json"
+            found = [d / f"{name_or_path}.json" for d in MANIFEST_DIRS if (d / f"{name_or_path}.json").is_file()]
+            path = found[0] if found else path
         if not path.is_file():
-            known = sorted(p.stem for p in MANIFEST_DIR.glob("*.json")) if MANIFEST_DIR.is_dir() else []
-            raise InputError(f"manifest: {name_or_path!r} not found (known: {', '.join(known) or 'none'})")
+            known = sorted({p.stem for d in MANIFEST_DIRS if d.is_dir() for p in d.glob("*.json")})
+            raise InputError(f"manifest: {name_or_path!r} not found (known: {', '.join(known) or 'none'}; "
+                             f"looked in {', '.join(map(str, MANIFEST_DIRS))})")
         try:
             raw = json.loads(path.read_text())
         except ValueError as err:
