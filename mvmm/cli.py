@@ -17,6 +17,28 @@ log = logging.getLogger("mvmm")
 DEVICE = click.Choice(["auto", "cpu", "cuda"], case_sensitive=False)
 
 
+class MarginOrNone(click.ParamType):
+    """A margin in mm (≥ 0), or ``none`` for no margin-limited region."""
+
+    name = "margin"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "none":
+            return None
+        try:
+            margin = float(value)
+        except ValueError:
+            self.fail(f"expected a number of mm or 'none', got {value!r}", param, ctx)
+        if not margin >= 0:  # also rejects NaN
+            self.fail(f"must be ≥ 0 mm, got {value!r}", param, ctx)
+        return margin
+
+
+MARGIN = MarginOrNone()
+
+
 class MultiValueCommand(click.Command):
     """A command whose ``multiple=True`` options take several values after one flag.
 
@@ -86,6 +108,9 @@ def main():
 @click.option("--mask", "masks", multiple=True, metavar="NAME=PATH",
               help="Restrict an image to a mask (nonzero = use), e.g. T2=t2_mask.nii.gz.")
 @click.option("--reference", help="Name of the image whose grid is the common space (default: the first).")
+@click.option("--roi-margin", type=MARGIN, metavar="MM",
+              help="Fit only within MM of where the (moved) atlas allows a foreground tissue; outside, the "
+                   "label is background (default: everywhere an image covers).")
 @click.option("--subtypes", multiple=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes per image and tissue, e.g. LGE:Myo=2 (* for all); default 1, "
                    "and --background-subtypes for the background.")
@@ -116,8 +141,8 @@ def main():
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
-def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, subtypes, background_subtypes, mrf_beta,
-            max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm, control_spacing,
+def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
+            mrf_beta, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm, control_spacing,
             bending_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
@@ -137,7 +162,7 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, su
                                         bending_weight=bending_weight)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
-                           reference=reference, atlas_sigma=atlas_sigma)
+                           reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=not quiet, registration=registration)
@@ -368,13 +393,16 @@ def experiment():
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
 @click.option("--atlas-search-mm", type=float, default=0.0, show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
+@click.option("--roi-margin", type=MARGIN, default="10", show_default=True, metavar="MM|none",
+              help="em-all and em-lge fit only within MM of the moved atlas's foreground (none: the whole field "
+                   "of view).")
 @click.option("--subtypes", multiple=True, default=("LGE:Myo=2",), show_default=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes of em-all and em-lge, as for segment (the default: normal and scarred "
                    "LGE myocardium).")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, subtypes, force, device, seed, quiet):
+                     atlas_search_mm, roi_margin, subtypes, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
@@ -382,7 +410,9 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
-                                  atlas_search_mm=atlas_search_mm, subtypes=list(subtypes), device=device, seed=seed)
+                                  atlas_search_mm=atlas_search_mm,
+                                  roi_margin_mm=roi_margin, subtypes=list(subtypes),
+                                  device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=not quiet)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")

@@ -53,7 +53,7 @@ def default_name(path) -> str:
 def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[str]] = None,
                  atlas: Optional[Sequence[str]] = None, labels: Optional[LabelSet] = None,
                  masks: Optional[Mapping[str, str]] = None, reference: Optional[str] = None,
-                 atlas_sigma: float = DEFAULT_SIGMA_MM) -> Subject:
+                 atlas_sigma: float = DEFAULT_SIGMA_MM, roi_margin_mm: Optional[float] = None) -> Subject:
     """Read a case from files and check it.
 
     Parameters
@@ -72,6 +72,8 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         Name of the image whose grid is the common space (default: the first).
     atlas_sigma : float
         Smoothing (mm) of label-map atlases.
+    roi_margin_mm : float, optional
+        Fit only near the atlas foreground (see :class:`mvmm.data.subject.Subject`).
     """
     if not images:
         raise InputError("--images: at least one image is needed")
@@ -100,7 +102,7 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
             log.info("atlas %s is in image axes: placed on the axes and field-of-view centre of the reference",
                      atlas_obj.source)
             atlas_obj = atlas_obj.placed_on(reference_grid)
-    return Subject(loaded, atlas_obj, mask_images, reference, labels=labels)
+    return Subject(loaded, atlas_obj, mask_images, reference, labels=labels, roi_margin_mm=roi_margin_mm)
 
 
 @dataclass

@@ -146,6 +146,7 @@ def bad_inputs(phantom_files, tmp_path):
     ("out_exists", "exists and is not empty"),
     ("cuda", "CUDA is not available"),
     ("names_count", "2 names for 1 images"),
+    ("roi_without_atlas", "--roi-margin: a region of interest around the atlas needs an atlas"),
 ])
 def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_files, bad_inputs, tmp_path):
     if case == "cuda" and torch.cuda.is_available():
@@ -165,7 +166,8 @@ def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_fil
             "subtypes_tissue": ["--images", lge, "--subtypes", "LGE:scar=2"],
             "out_exists": ["--images", lge],
             "cuda": ["--images", lge, "--device", "cuda"],
-            "names_count": ["--images", lge, "--names", "a", "b"]}[case]
+            "names_count": ["--images", lge, "--names", "a", "b"],
+            "roi_without_atlas": ["--images", lge, "--atlas", "none", "--roi-margin", "5"]}[case]
     out = bad_inputs["taken"] if case == "out_exists" else tmp_path / "out"
     result = run("segment", *args, "--out", out, "-q")
     assert result.exit_code == 1, result.output

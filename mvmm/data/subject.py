@@ -8,6 +8,7 @@ image's coverage mask (hetero-coverage: where its own field of view, and mask, r
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -18,6 +19,7 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.data.roi import atlas_roi
 from mvmm.errors import InputError
 from mvmm.spatial.transforms import IdentityTransform
 
@@ -69,6 +71,9 @@ class Subject:
     labels : LabelSet, optional
         Classes of a plain mixture (no atlas); default the built-in cardiac set. With an atlas,
         the atlas's labels are used.
+    roi_margin_mm : float, optional
+        Restrict the likelihood to within this many mm of where the (moved) atlas allows a
+        foreground tissue (:mod:`mvmm.data.roi`); None: everywhere an image covers.
     """
 
     images: Sequence[Image]
@@ -77,6 +82,7 @@ class Subject:
     reference: Optional[str] = None
     transforms: Dict[str, nn.Module] = field(default_factory=dict)
     labels: Optional[LabelSet] = None
+    roi_margin_mm: Optional[float] = None
 
     def __post_init__(self):
         self.images = list(self.images)
@@ -103,6 +109,11 @@ class Subject:
                                  f"its image is {dims[name]}D")
             if not bool((mask.data > 0).any()):
                 raise InputError(f"--mask: mask of {name!r} ({mask.source}) is empty (no nonzero voxel)")
+        if self.roi_margin_mm is not None:
+            if self.atlas is None:
+                raise InputError("--roi-margin: a region of interest around the atlas needs an atlas")
+            if not math.isfinite(self.roi_margin_mm) or self.roi_margin_mm < 0:
+                raise InputError(f"--roi-margin: must be a number of mm ≥ 0, got {self.roi_margin_mm}")
         if self.atlas is not None and self.atlas.grid.ndim != self.ndim:
             raise InputError(f"--atlas: the atlas ({self.atlas.source}) is {self.atlas.grid.ndim}D, "
                              f"the images are {self.ndim}D")
@@ -182,4 +193,12 @@ class Subject:
             if share < 0.5:
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
                             "background", self.atlas.source, 100 * share)
+            if self.roi_margin_mm is not None:
+                spacing = tuple(reversed(grid.spacing))
+                roi = atlas_roi(prior, self.atlas.labels.background_index, spacing, self.roi_margin_mm)
+                coverage = [inside & roi for inside in coverage]
+                if check and not any(bool(inside.any()) for inside in coverage):
+                    raise InputError(f"--roi-margin: no voxel covered by the images lies within "
+                                     f"{self.roi_margin_mm:g} mm of the atlas foreground ({self.atlas.source}); "
+                                     f"the atlas is placed off the images")
         return CaseSample(torch.stack(values), torch.stack(coverage), prior, grid, self.names, self.class_labels)

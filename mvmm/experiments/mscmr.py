@@ -66,6 +66,9 @@ class ExperimentSettings:
         Registration of the other sequences to the LGE inside the joint model.
     atlas_search_mm : float
         Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
+    roi_margin_mm : float or None
+        ``em-all`` and ``em-lge`` fit only within this many mm of the moved atlas's foreground
+        (:mod:`mvmm.data.roi`); None fits the whole field of view.
     subtypes : list of str
         Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
         --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
@@ -79,6 +82,7 @@ class ExperimentSettings:
     register_atlas: str = "rigid"
     register_images: str = "none"
     atlas_search_mm: float = 0.0
+    roi_margin_mm: Optional[float] = 10.0
     subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
     device: str = "auto"
     seed: int = 0
@@ -133,16 +137,17 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     placed = atlas.placed_on(images[0].grid)
     maps, seconds = {}, {}
     start = time.perf_counter()
-    em_all = segment_subject(Subject(images, atlas=placed), subtypes=settings.subtypes, registration=registration,
-                             device=settings.device, seed=settings.seed)
+    roi = settings.roi_margin_mm
+    em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=settings.subtypes,
+                             registration=registration, device=settings.device, seed=settings.seed)
     seconds["em-all"] = time.perf_counter() - start
     maps["em-all"] = em_all.label_map()
     values = list(atlas.labels.values)
     maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
     seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"]
     start = time.perf_counter()
-    lge_only = segment_subject(Subject(images[:1], atlas=placed), subtypes=_for_images(settings.subtypes, ["LGE"]),
-                               registration=registration, device=settings.device, seed=settings.seed)
+    lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
+                               subtypes=_for_images(settings.subtypes, ["LGE"]), registration=registration, device=settings.device, seed=settings.seed)
     seconds["em-lge"] = time.perf_counter() - start
     maps["em-lge"] = lge_only.label_map()
     start = time.perf_counter()
