@@ -142,8 +142,8 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
-            mrf_beta, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm, control_spacing,
-            bending_weight, out, force, device, seed, quiet):
+            mrf_beta, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm,
+            control_spacing, bending_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
