@@ -300,7 +300,7 @@ class JointSolver:
             coverage = work.sample(grid, self.device, check=False).coverage
 
         def closure():
-            sample = work.sample(grid, self.device, check=False)
+            sample = work.sample(grid, self.device, check=False, roi=False)
             log_l = self.model.log_likelihood(sample.images, coverage, sample.prior)
             loss = -log_l
             if ffd is not None and s.bending_weight > 0:
@@ -310,5 +310,5 @@ class JointSolver:
 
         descend_keeping_best(params, closure, s.grad_steps, lr)
         with torch.no_grad():
-            sample = work.sample(grid, self.device, check=False)
+            sample = work.sample(grid, self.device, check=False, roi=False)
             return float(self.model.log_likelihood(sample.images, coverage, sample.prior))

@@ -146,7 +146,7 @@ class Subject:
         return self.transforms.get(name, IdentityTransform())
 
     def sample(self, grid: Optional[Grid] = None, device=None, points: Optional[torch.Tensor] = None,
-               check: bool = True) -> CaseSample:
+               check: bool = True, roi: bool = True) -> CaseSample:
         """Resample images, coverage masks and atlas prior onto ``grid`` (default: the reference's).
 
         Parameters
@@ -160,6 +160,9 @@ class Subject:
         check : bool
             Check overlaps (and warn on a poorly covering atlas); the joint solver skips this on
             its repeated gradient steps. The values keep the transforms' autograd graph.
+        roi : bool
+            Apply ``roi_margin_mm`` to the coverage; a caller that holds the coverage fixed (the
+            joint solver's gradient steps) skips the dilation.
 
         Raises
         ------
@@ -193,7 +196,7 @@ class Subject:
             if share < 0.5:
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
                             "background", self.atlas.source, 100 * share)
-            if self.roi_margin_mm is not None:
+            if roi and self.roi_margin_mm is not None:
                 spacing = tuple(reversed(grid.spacing))
                 roi = atlas_roi(prior, self.atlas.labels.background_index, spacing, self.roi_margin_mm)
                 coverage = [inside & roi for inside in coverage]
