@@ -118,6 +118,9 @@ def main():
               help="Subtypes of the background class (label 0) in every image.")
 @click.option("--mrf-beta", type=float, default=0.0, show_default=True,
               help="Weight of Potts MRF smoothing of the posterior (0: none).")
+@click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
+              help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
+                   "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
 @click.option("--max-iter", type=int, default=200, show_default=True, help="Maximum EM iterations.")
 @click.option("--tol", type=float, default=1e-5, show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
@@ -138,12 +141,15 @@ def main():
               help="FFD control-point spacing (mm) of the first level; halved at the next.")
 @click.option("--bending-weight", type=float, default=10.0, show_default=True,
               help="Weight of the FFD bending energy against the mean log-likelihood per voxel.")
+@click.option("--affine-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
+                   "singular values) against the mean log-likelihood per voxel; 0: none.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
-            mrf_beta, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm,
-            control_spacing, bending_weight, out, force, device, seed, quiet):
+            mrf_beta, proportions, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm,
+            control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -159,12 +165,12 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
     registration = RegistrationSettings(atlas=register_atlas, images=register_images, images_init=images_init,
                                         atlas_init=atlas_init, atlas_search_mm=atlas_search_mm,
                                         control_spacing=control_spacing,
-                                        bending_weight=bending_weight)
+                                        bending_weight=bending_weight, affine_weight=affine_weight)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
-                             mrf_beta=mrf_beta, max_iter=max_iter, tol=tol,
+                             mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=not quiet, registration=registration)
     files = result.write(out, force=True)
     if register_atlas == "none" and register_images == "none" and subject.atlas is not None and len(images) > 1:
@@ -387,11 +393,12 @@ def experiment():
               help="Sequences of each target for em-all and gmm (LGE is always used).")
 @click.option("--atlas-register", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
               show_default=True, help="Group-wise registration of the atlas patients' labels.")
-@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="rigid",
-              show_default=True, help="Registration of the atlas to each target inside the joint model.")
+@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
+              show_default=True, help="Registration of the atlas to each target inside the joint model (affine: "
+                                      "rigid, then affine held near rigid by the prior on scaling and shear).")
 @click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
-@click.option("--atlas-search-mm", type=float, default=0.0, show_default=True,
+@click.option("--atlas-search-mm", type=float, default=10.0, show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
 @click.option("--roi-margin", type=MARGIN, default="10", show_default=True, metavar="MM|none",
               help="em-all and em-lge fit only within MM of the moved atlas's foreground (none: the whole field "
@@ -399,10 +406,13 @@ def experiment():
 @click.option("--subtypes", multiple=True, default=("LGE:Myo=2",), show_default=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes of em-all and em-lge, as for segment (the default: normal and scarred "
                    "LGE myocardium).")
+@click.option("--proportions", type=click.Choice(["atlas", "learned"]), default="atlas", show_default=True,
+              help="Global tissue proportions of em-all and em-lge: held equal (the prior is the atlas) or "
+                   "estimated, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, roi_margin, subtypes, force, device, seed, quiet):
+                     atlas_search_mm, roi_margin, subtypes, proportions, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
@@ -411,7 +421,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
     settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_mm=atlas_search_mm,
-                                  roi_margin_mm=roi_margin, subtypes=list(subtypes),
+                                  roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
                                   device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=not quiet)

@@ -2,7 +2,7 @@
 
 DESIGN.md §1, "Registration": with the transforms fixed, a few EM steps update the tissue
 parameters; with those fixed, a few gradient steps on the transform parameters increase
-``log L − λ · bending energy`` through autograd (``torch.grid_sample`` warps). Levels go coarse to
+``log L − λ · bending energy − μ · linear distortion`` through autograd (``torch.grid_sample`` warps). Levels go coarse to
 fine: rigid → affine → FFD with the control spacing halving. The atlas, the non-reference images,
 or both move; the reference image defines the common space Ω and never moves.
 
@@ -33,7 +33,7 @@ from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.init import initial_linear_transform
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.optim import descend_keeping_best
-from mvmm.spatial.regularizers import bending_energy, jacobian_statistics
+from mvmm.spatial.regularizers import bending_energy, jacobian_statistics, linear_distortion
 from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd
 from mvmm.spatial.transforms import RigidTransform, SequentialTransform
 
@@ -70,6 +70,10 @@ class RegistrationSettings:
     ffd_levels : int
     bending_weight : float
         λ of the bending energy (mm² · nats per voxel).
+    affine_weight : float
+        μ of the affine levels' prior ``Σ log² σ_i(A)`` on the scaling and shear of each affine
+        transform (nats per voxel); without it an affine atlas can drift on real images, shrinking
+        or stretching until the foreground covers only what its Gaussians explain best.
     em_steps, grad_steps : int
         EM iterations and gradient steps per outer iteration.
     step_mm, step_decay, min_step_mm : float
@@ -95,6 +99,7 @@ class RegistrationSettings:
     control_spacing: float = 40.0
     ffd_levels: int = 2
     bending_weight: float = 10.0
+    affine_weight: float = 1.0
     em_steps: int = 3
     grad_steps: int = 10
     step_mm: float = 1.0
@@ -111,7 +116,7 @@ class RegistrationSettings:
         require_choice(self.images_init, IMAGE_INITS, "--images-init")
         require_choice(self.atlas_init, ATLAS_INITS, "--atlas-init")
         require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
-        require_positive(self, ("bending_weight", "atlas_search_mm"), strict=False)
+        require_positive(self, ("bending_weight", "affine_weight", "atlas_search_mm"), strict=False)
 
     @property
     def active(self) -> bool:
@@ -217,7 +222,8 @@ class JointSolver:
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
                 lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
-                after_grad = self._gradient_steps(work, grid, params, lr, ffd if level["atlas"] == "ffd" else None)
+                after_grad = self._gradient_steps(work, grid, params, lr, ffd if level["atlas"] == "ffd" else None,
+                                                  [lin.module for lin in scaled.values() if lin.kind == "affine"])
                 history.append({"level": level["name"], "outer": outer, "log_likelihood": after_em,
                                 "log_likelihood_after_registration": after_grad})
                 bar.update(1)
@@ -290,8 +296,9 @@ class JointSolver:
         return self.model.lower_bounds_[-1]
 
     def _gradient_steps(self, work: Subject, grid: Grid, params: List[nn.Parameter], lr: float,
-                        ffd: Optional[FreeFormDeformation]) -> float:
-        """Descent steps on ``−log L + λ · bending`` with the appearance fixed; returns the final log L."""
+                        ffd: Optional[FreeFormDeformation], affine: List[nn.Module]) -> float:
+        """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
+        fixed; returns the final log L."""
         s = self.settings
         bending_grid = work.reference_image.grid.resampled(min(ffd.control_spacing) / 2) if ffd is not None else None
         # Coverage stays as the EM step saw it: with it free, the objective would change by whole
@@ -305,6 +312,8 @@ class JointSolver:
             loss = -log_l
             if ffd is not None and s.bending_weight > 0:
                 loss = loss + s.bending_weight * bending_energy(ffd, bending_grid, device=self.device)
+            for transform in affine if s.affine_weight > 0 else ():
+                loss = loss + s.affine_weight * linear_distortion(transform).to(loss)
             loss.backward()
             return loss.detach()
 

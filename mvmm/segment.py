@@ -213,7 +213,7 @@ class Segmentation:
 
 
 def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_subtypes: int = BACKGROUND_SUBTYPES,
-                    mrf_beta: float = 0.0,
+                    mrf_beta: float = 0.0, learn_proportions: bool = True,
                     max_iter: int = 200, tol: float = 1e-5, var_floor: float = 1e-3, device: str = "auto",
                     seed: Optional[int] = 0, progress: bool = False,
                     registration: Optional[RegistrationSettings] = None) -> Segmentation:
@@ -229,6 +229,9 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
         Subtypes of the background class (value 0, else the first class) in every image.
     mrf_beta : float
         Potts MRF weight (0: none).
+    learn_proportions : bool
+        Estimate the global tissue proportions; False (with an atlas) keeps the atlas as the prior
+        (see :class:`mvmm.mixture.MultivariateMixture`).
     device : {"auto", "cpu", "cuda"}
     seed : int, optional
         Seeds torch and the k-means initialisation of a plain mixture.
@@ -240,12 +243,15 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     torch_device = resolve_device(device)
     if seed is not None:
         torch.manual_seed(seed)
+    if not learn_proportions and subject.atlas is None:
+        raise InputError("--proportions atlas: needs an atlas (a plain mixture has no prior but its proportions)")
     labels = subject.class_labels
     base = np.ones((len(subject.names), len(labels)), dtype=np.int64)
     base[:, labels.background_index] = background_subtypes
     counts = parse_subtypes(subtypes, subject.names, labels.names, default=base)
     model = MultivariateMixture(n_subtypes=counts, n_classes=len(labels), max_iter=max_iter, tol=tol,
-                                var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed, progress=progress)
+                                var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed,
+                                learn_proportions=learn_proportions, progress=progress)
     registered = None
     if registration is not None and registration.active:
         subject.sample(device=torch_device)  # fail on unusable input before the long part
@@ -258,7 +264,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     fitted = time.perf_counter()
     posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
-                "roi_margin_mm": subject.roi_margin_mm,
+                "learn_proportions": learn_proportions, "roi_margin_mm": subject.roi_margin_mm,
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
                 "registration": asdict(registration) if registration is not None else None}
     timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,

@@ -147,6 +147,7 @@ def bad_inputs(phantom_files, tmp_path):
     ("cuda", "CUDA is not available"),
     ("names_count", "2 names for 1 images"),
     ("roi_without_atlas", "--roi-margin: a region of interest around the atlas needs an atlas"),
+    ("proportions_without_atlas", "--proportions atlas: needs an atlas"),
 ])
 def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_files, bad_inputs, tmp_path):
     if case == "cuda" and torch.cuda.is_available():
@@ -167,7 +168,8 @@ def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_fil
             "out_exists": ["--images", lge],
             "cuda": ["--images", lge, "--device", "cuda"],
             "names_count": ["--images", lge, "--names", "a", "b"],
-            "roi_without_atlas": ["--images", lge, "--atlas", "none", "--roi-margin", "5"]}[case]
+            "roi_without_atlas": ["--images", lge, "--atlas", "none", "--roi-margin", "5"],
+            "proportions_without_atlas": ["--images", lge, "--atlas", "none", "--proportions", "atlas"]}[case]
     out = bad_inputs["taken"] if case == "out_exists" else tmp_path / "out"
     result = run("segment", *args, "--out", out, "-q")
     assert result.exit_code == 1, result.output
@@ -234,3 +236,4 @@ def test_segment_with_registration_writes_reloadable_itk_transforms(tmp_path):
     assert set(np.unique(ours)) <= {0, 200, 500, 600} and np.mean(ours == theirs) > 0.99
     assert run("warp", "--image", files["C0"], "--transforms", out / "transforms", "--name", "T9",
                "--out", tmp_path / "x.nii.gz").exit_code == 1
+

@@ -167,3 +167,23 @@ def test_model_input_errors_name_the_argument():
         MultivariateMixture().fit(images, torch.zeros(images.shape, dtype=torch.bool), prior)
     with pytest.raises(ValueError, match="plain mixture .* needs n_classes"):
         MultivariateMixture().fit(images)
+
+
+def test_proportions_are_learned_or_held_at_the_atlas():
+    g = torch.Generator().manual_seed(3)
+    shape = (40, 40)
+    labels = (torch.rand(shape, generator=g) < 0.3).long()  # tissue 1 covers 30 %, tissue 0 70 %
+    images = torch.stack([torch.tensor([0.0, 3.0])[labels] + torch.randn(shape, generator=g)])
+    one_hot = torch.nn.functional.one_hot(labels, 2).movedim(-1, 0).float()
+    weak = 0.45 + 0.1 * one_hot  # a weak atlas that knows nothing of how much there is of each tissue
+    fits = {}
+    for learn in (True, False):
+        fits[learn] = MultivariateMixture(n_subtypes=1, learn_proportions=learn, random_state=0).fit(images, None, weak)
+    assert fits[True].proportions_ == pytest.approx([0.7, 0.3], abs=0.05)
+    assert fits[False].proportions_ == pytest.approx([0.5, 0.5], abs=1e-12)
+    # the learned proportions maximise the likelihood over a larger family
+    assert fits[True].lower_bounds_[-1] >= fits[False].lower_bounds_[-1]
+    # round trip keeps the setting; a plain mixture learns them whatever the setting
+    assert MultivariateMixture.from_dict(fits[False].to_dict()).learn_proportions is False
+    plain = MultivariateMixture(n_subtypes=1, n_classes=2, learn_proportions=False, random_state=0).fit(images)
+    assert sorted(plain.proportions_) == pytest.approx([0.3, 0.7], abs=0.05)

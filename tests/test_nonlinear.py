@@ -8,7 +8,7 @@ import torch
 from mvmm.data.grid import Grid
 from mvmm.spatial import (AffineTransform, FreeFormDeformation, RigidTransform, SequentialTransform,
                           StationaryVelocityField, bending_energy, initial_linear_transform, jacobian_determinant,
-                          jacobian_statistics, sample_image)
+                          jacobian_statistics, linear_distortion, sample_image)
 from mvmm.spatial.init import center_of_mass
 
 
@@ -172,3 +172,18 @@ def test_ffd_matches_the_textbook_bspline_sum():
             expected[p] += weight * coeffs[(slice(None),) + tuple(reversed(j))]
     got = ffd.displacement(points).detach().numpy()
     assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_linear_distortion_is_zero_for_rigid_maps_and_symmetric_in_scale():
+    rigid = RigidTransform(3, torch.tensor([0.3, -0.2, 0.1, 5.0, 1.0, 2.0], dtype=torch.float64))
+    assert float(linear_distortion(rigid)) < 1e-12
+    grow = AffineTransform(3, torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64,
+                                           requires_grad=True))
+    shrink = AffineTransform(3, torch.tensor([-0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64))
+    assert float(linear_distortion(grow).detach()) == pytest.approx(math.log(2.0) ** 2)
+    assert float(linear_distortion(shrink)) == pytest.approx(float(linear_distortion(grow).detach()))
+    linear_distortion(grow).backward()
+    assert float(grow.params.grad[0]) == pytest.approx(2 * math.log(2.0) / 2.0)  # d/ds log² s at s = 2
+    identity = AffineTransform(3, torch.zeros(12, dtype=torch.float64, requires_grad=True))
+    linear_distortion(identity).backward()
+    assert torch.isfinite(identity.params.grad).all() and float(identity.params.grad.abs().max()) == 0.0

@@ -35,7 +35,7 @@ from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
 from mvmm.devices import resolve_device
-from mvmm.errors import InputError
+from mvmm.errors import InputError, require_choice
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
@@ -73,19 +73,26 @@ class ExperimentSettings:
         Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
         --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
         model of DESIGN.md §1.
+    proportions : {"atlas", "learned"}
+        Global tissue proportions of ``em-all`` and ``em-lge``: held equal, so that the prior is
+        the registered atlas (``mvmm segment --proportions atlas``), or estimated.
     device : str
     seed : int
     """
 
     sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
     atlas_register: str = "affine"
-    register_atlas: str = "rigid"
+    register_atlas: str = "affine"
     register_images: str = "none"
-    atlas_search_mm: float = 0.0
+    atlas_search_mm: float = 10.0
     roi_margin_mm: Optional[float] = 10.0
     subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
+    proportions: str = "atlas"
     device: str = "auto"
     seed: int = 0
+
+    def __post_init__(self):
+        require_choice(self.proportions, ("atlas", "learned"), "--proportions")
 
 
 def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, register: str) -> tuple:
@@ -137,9 +144,10 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     placed = atlas.placed_on(images[0].grid)
     maps, seconds = {}, {}
     start = time.perf_counter()
-    roi = settings.roi_margin_mm
+    roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
     em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=settings.subtypes,
-                             registration=registration, device=settings.device, seed=settings.seed)
+                             learn_proportions=learn, registration=registration, device=settings.device,
+                             seed=settings.seed)
     seconds["em-all"] = time.perf_counter() - start
     maps["em-all"] = em_all.label_map()
     values = list(atlas.labels.values)
@@ -147,7 +155,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"]
     start = time.perf_counter()
     lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
-                               subtypes=_for_images(settings.subtypes, ["LGE"]), registration=registration, device=settings.device, seed=settings.seed)
+                               subtypes=_for_images(settings.subtypes, ["LGE"]), learn_proportions=learn,
+                               registration=registration, device=settings.device, seed=settings.seed)
     seconds["em-lge"] = time.perf_counter() - start
     maps["em-lge"] = lge_only.label_map()
     start = time.perf_counter()

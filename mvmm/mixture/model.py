@@ -82,6 +82,12 @@ class MultivariateMixture:
         Mean-field iterations per E-step when ``mrf_beta > 0``.
     random_state : int, optional
         Seed of the k-means initialisation of a plain mixture.
+    learn_proportions : bool
+        Estimate the global proportions π_k (DESIGN.md §1). With an atlas, False holds them
+        equal, so that the prior is the atlas itself: the proportions then cannot shift every
+        boundary of a blurred atlas towards the tissue whose Gaussian explains the most voxels
+        (on MS-CMRSeg, the right ventricle spreading into the surrounding background). A plain
+        mixture always learns them.
     progress : bool
         Show a tqdm progress bar over EM iterations.
     warm_start : bool
@@ -105,7 +111,8 @@ class MultivariateMixture:
 
     def __init__(self, n_subtypes=1, n_classes: Optional[int] = None, max_iter: int = 200, tol: float = 1e-5,
                  var_floor: float = 1e-3, mrf_beta: float = 0.0, mrf_iter: int = 5,
-                 random_state: Optional[int] = None, progress: bool = False, warm_start: bool = False):
+                 random_state: Optional[int] = None, learn_proportions: bool = True, progress: bool = False,
+                 warm_start: bool = False):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter: expected >= 1, got {max_iter}")
         if not tol > 0:
@@ -122,6 +129,7 @@ class MultivariateMixture:
         self.mrf_beta = float(mrf_beta)
         self.mrf_iter = int(mrf_iter)
         self.random_state = random_state
+        self.learn_proportions = bool(learn_proportions)
         self.progress = progress
         self.warm_start = warm_start
 
@@ -229,7 +237,8 @@ class MultivariateMixture:
         self._check_fitted()
         return {
             "settings": {"max_iter": self.max_iter, "tol": self.tol, "var_floor": self.var_floor,
-                         "mrf_beta": self.mrf_beta, "mrf_iter": self.mrf_iter, "random_state": self.random_state},
+                         "mrf_beta": self.mrf_beta, "mrf_iter": self.mrf_iter, "random_state": self.random_state,
+                         "learn_proportions": self.learn_proportions},
             "n_subtypes": self.n_subtypes_.tolist(),
             "params": self.params_.to_dict(),
             "converged": self.converged_, "n_iter": self.n_iter_, "lower_bounds": self.lower_bounds_,
@@ -302,6 +311,8 @@ class MultivariateMixture:
 
     def _update_proportions(self, data: _Voxels, post: torch.Tensor, proportions: torch.Tensor) -> torch.Tensor:
         """π_k ← Σ_x P_kx / Σ_x A_kx / Σ_j π_j A_jx, normalised (an MM step: log L cannot decrease)."""
+        if data.atlas is not None and not self.learn_proportions:
+            return proportions
         counts = post.double().sum(dim=1)
         if data.atlas is None:
             new = counts

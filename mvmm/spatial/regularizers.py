@@ -43,6 +43,17 @@ def bending_energy(transform: nn.Module, grid: Grid, device=None) -> torch.Tenso
     return total
 
 
+def linear_distortion(transform: nn.Module) -> torch.Tensor:
+    """``Σ_i log² σ_i(A)`` over the singular values of a linear transform's matrix A: its scaling and shear.
+
+    Zero for any rigid map, symmetric in growing and shrinking (×2 costs what ×½ costs); a
+    prior on the affine part of a registration. Returns a scalar tensor that keeps the autograd
+    graph (``svdvals``' gradient is stable also where singular values coincide, as at the identity).
+    """
+    a, _ = transform.matrix_and_translation()
+    return (torch.linalg.svdvals(a).log() ** 2).sum()
+
+
 def jacobian_determinant(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
     """``det ∇T`` at the voxel centres of ``grid``, ``[*grid.shape]`` (1: volume kept, ≤ 0: folding)."""
     with torch.no_grad():
