@@ -400,7 +400,7 @@ def experiment():
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
 @click.option("--atlas-search-mm", type=float, default=10.0, show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
-@click.option("--roi-margin", type=MARGIN, default="10", show_default=True, metavar="MM|none",
+@click.option("--roi-margin", type=MARGIN, default="5", show_default=True, metavar="MM|none",
               help="em-all and em-lge fit only within MM of the moved atlas's foreground (none: the whole field "
                    "of view).")
 @click.option("--subtypes", multiple=True, default=("LGE:Myo=2",), show_default=True, metavar="IMAGE:TISSUE=N",

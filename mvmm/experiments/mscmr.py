@@ -85,7 +85,7 @@ class ExperimentSettings:
     register_atlas: str = "affine"
     register_images: str = "none"
     atlas_search_mm: float = 10.0
-    roi_margin_mm: Optional[float] = 10.0
+    roi_margin_mm: Optional[float] = 5.0
     subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
     proportions: str = "atlas"
     device: str = "auto"
