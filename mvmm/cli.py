@@ -400,6 +400,8 @@ def experiment():
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
 @click.option("--atlas-search-mm", type=float, default=10.0, show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
+@click.option("--affine-weight", type=float, default=0.3, show_default=True,
+              help="Weight of the prior on the atlas's affine scaling and shear, as for segment.")
 @click.option("--roi-margin", type=MARGIN, default="5", show_default=True, metavar="MM|none",
               help="em-all and em-lge fit only within MM of the moved atlas's foreground (none: the whole field "
                    "of view).")
@@ -412,7 +414,7 @@ def experiment():
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, roi_margin, subtypes, proportions, force, device, seed, quiet):
+                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
@@ -420,7 +422,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
-                                  atlas_search_mm=atlas_search_mm,
+                                  atlas_search_mm=atlas_search_mm, affine_weight=affine_weight,
                                   roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
                                   device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,

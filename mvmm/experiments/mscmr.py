@@ -35,7 +35,7 @@ from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
 from mvmm.devices import resolve_device
-from mvmm.errors import InputError, require_choice
+from mvmm.errors import InputError, require_choice, require_positive
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
@@ -66,6 +66,8 @@ class ExperimentSettings:
         Registration of the other sequences to the LGE inside the joint model.
     atlas_search_mm : float
         Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
+    affine_weight : float
+        Weight of the prior on the atlas's affine scaling and shear (``mvmm segment --affine-weight``).
     roi_margin_mm : float or None
         ``em-all`` and ``em-lge`` fit only within this many mm of the moved atlas's foreground
         (:mod:`mvmm.data.roi`); None fits the whole field of view.
@@ -85,6 +87,7 @@ class ExperimentSettings:
     register_atlas: str = "affine"
     register_images: str = "none"
     atlas_search_mm: float = 10.0
+    affine_weight: float = 0.3
     roi_margin_mm: Optional[float] = 5.0
     subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
     proportions: str = "atlas"
@@ -93,6 +96,7 @@ class ExperimentSettings:
 
     def __post_init__(self):
         require_choice(self.proportions, ("atlas", "learned"), "--proportions")
+        require_positive(self, ("affine_weight", "atlas_search_mm"), strict=False)
 
 
 def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, register: str) -> tuple:
@@ -140,7 +144,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="--data")
     registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
-                                        images_init="header", atlas_search_mm=settings.atlas_search_mm)
+                                        images_init="header", atlas_search_mm=settings.atlas_search_mm,
+                                        affine_weight=settings.affine_weight)
     placed = atlas.placed_on(images[0].grid)
     maps, seconds = {}, {}
     start = time.perf_counter()
