@@ -2,9 +2,10 @@
 
 DESIGN.md §1, "Registration": with the transforms fixed, a few EM steps update the tissue
 parameters; with those fixed, a few gradient steps on the transform parameters increase
-``log L − λ · bending energy − μ · linear distortion`` through autograd (``torch.grid_sample`` warps). Levels go coarse to
-fine: rigid → affine → FFD with the control spacing halving. The atlas, the non-reference images,
-or both move; the reference image defines the common space Ω and never moves.
+``log L − λ · bending energy − μ · linear distortion`` through autograd (``torch.grid_sample``
+warps). Levels go coarse to fine: rigid → affine → FFD with the control spacing halving. The
+atlas, the non-reference images, or both move; the reference image defines the common space Ω
+and never moves.
 
 Linear parameters are optimised in scaled units (angles and matrix entries times the radius of
 the field of view), so that a unit change moves the anatomy by about a millimetre whatever the
