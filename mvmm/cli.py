@@ -411,10 +411,13 @@ def experiment():
 @click.option("--proportions", type=click.Choice(["atlas", "learned"]), default="atlas", show_default=True,
               help="Global tissue proportions of em-all and em-lge: held equal (the prior is the atlas) or "
                    "estimated, as for segment.")
+@click.option("--mrf-beta", type=float, default=0.0, show_default=True,
+              help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, force, device, seed, quiet):
+                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, force, device, seed,
+                     quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
@@ -424,7 +427,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_mm=atlas_search_mm, affine_weight=affine_weight,
                                   roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
-                                  device=device, seed=seed)
+                                  mrf_beta=mrf_beta, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=not quiet)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")

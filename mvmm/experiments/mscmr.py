@@ -75,6 +75,9 @@ class ExperimentSettings:
         Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
         --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
         model of DESIGN.md §1.
+    mrf_beta : float
+        Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
+        --mrf-beta``); 0 for none.
     proportions : {"atlas", "learned"}
         Global tissue proportions of ``em-all`` and ``em-lge``: held equal, so that the prior is
         the registered atlas (``mvmm segment --proportions atlas``), or estimated.
@@ -91,12 +94,13 @@ class ExperimentSettings:
     roi_margin_mm: Optional[float] = 5.0
     subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
     proportions: str = "atlas"
+    mrf_beta: float = 0.0
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
         require_choice(self.proportions, ("atlas", "learned"), "--proportions")
-        require_positive(self, ("affine_weight", "atlas_search_mm"), strict=False)
+        require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
 
 
 def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, register: str) -> tuple:
@@ -151,8 +155,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     start = time.perf_counter()
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
     em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=settings.subtypes,
-                             learn_proportions=learn, registration=registration, device=settings.device,
-                             seed=settings.seed)
+                             learn_proportions=learn, mrf_beta=settings.mrf_beta, registration=registration,
+                             device=settings.device, seed=settings.seed)
     seconds["em-all"] = time.perf_counter() - start
     maps["em-all"] = em_all.label_map()
     values = list(atlas.labels.values)
@@ -161,7 +165,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     start = time.perf_counter()
     lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
                                subtypes=_for_images(settings.subtypes, ["LGE"]), learn_proportions=learn,
-                               registration=registration, device=settings.device, seed=settings.seed)
+                               mrf_beta=settings.mrf_beta, registration=registration, device=settings.device,
+                               seed=settings.seed)
     seconds["em-lge"] = time.perf_counter() - start
     maps["em-lge"] = lge_only.label_map()
     start = time.perf_counter()
