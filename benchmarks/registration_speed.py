@@ -93,6 +93,13 @@ def labels_through(case: dict, transform) -> np.ndarray:
 
     fixed = sitk.ReadImage(str(case["fixed_labels"]))
     moving = sitk.ReadImage(str(case["moving_labels"]))
+    return resampled_labels(fixed, moving, transform)
+
+
+def resampled_labels(fixed, moving, transform) -> np.ndarray:
+    """``moving`` (a SimpleITK label image) on ``fixed``'s grid through ``transform`` (nearest)."""
+    import SimpleITK as sitk
+
     return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkNearestNeighbor, 0))
 
 
@@ -134,13 +141,14 @@ def run_label_ceiling(case: dict, device: str) -> tuple:
 
     import SimpleITK as sitk
 
-    fixed = sitk.ReadImage(str(case["fixed_labels"]))
+    fixed, moving = sitk.ReadImage(str(case["fixed_labels"])), sitk.ReadImage(str(case["moving_labels"]))
     truth = sitk.GetArrayFromImage(fixed).astype(np.int64)
     axes = np.asarray(fixed.GetDirection()).reshape(3, 3)
     start = time.perf_counter()
     best = None
     for steps in itertools.product(range(-6, 7, 2), range(-6, 7, 2), range(-8, 9, 2)):
-        labels = labels_through(case, sitk.TranslationTransform(3, tuple(axes @ np.asarray(steps, dtype=float))))
+        shift = sitk.TranslationTransform(3, tuple(axes @ np.asarray(steps, dtype=float)))
+        labels = resampled_labels(fixed, moving, shift)
         score = dice_scores(labels, truth)["mean"]
         if best is None or score > best[0]:
             best = (score, labels)
