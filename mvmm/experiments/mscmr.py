@@ -75,12 +75,12 @@ class ExperimentSettings:
         Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
         --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
         model of DESIGN.md §1.
-    mrf_beta : float
-        Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
-        --mrf-beta``); 0 for none.
     proportions : {"atlas", "learned"}
         Global tissue proportions of ``em-all`` and ``em-lge``: held equal, so that the prior is
         the registered atlas (``mvmm segment --proportions atlas``), or estimated.
+    mrf_beta : float
+        Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
+        --mrf-beta``); 0 for none.
     device : str
     seed : int
     """
