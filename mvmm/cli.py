@@ -118,6 +118,10 @@ def main():
               help="Subtypes of the background class (label 0) in every image.")
 @click.option("--mrf-beta", type=float, default=0.0, show_default=True,
               help="Weight of Potts MRF smoothing of the posterior (0: none).")
+@click.option("--postprocess", type=click.Choice(["none", "cardiac"]), default="none", show_default=True,
+              help="Clean-up of the label maps: cardiac keeps each structure's largest component and counts what "
+                   "the LV encloses or its convex hull holds of Myo as LV, slice by slice (short-axis stacks; "
+                   "papillary muscles in the cavity, as MS-CMRSeg's labels count them).")
 @click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
               help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
                    "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
@@ -148,7 +152,7 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
-            mrf_beta, proportions, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm,
+            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm,
             control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
@@ -171,7 +175,8 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
-                             device=device, seed=seed, progress=not quiet, registration=registration)
+                             device=device, seed=seed, progress=not quiet, registration=registration,
+                             postprocess=postprocess)
     files = result.write(out, force=True)
     if register_atlas == "none" and register_images == "none" and subject.atlas is not None and len(images) > 1:
         log.info("images and atlas placed by their headers only (see --register-images / --register-atlas)")
@@ -413,11 +418,13 @@ def experiment():
                    "estimated, as for segment.")
 @click.option("--mrf-beta", type=float, default=0.0, show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
+@click.option("--postprocess", type=click.Choice(["cardiac", "none"]), default="cardiac", show_default=True,
+              help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, force, device, seed,
-                     quiet):
+                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, postprocess, force, device,
+                     seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
@@ -427,7 +434,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_mm=atlas_search_mm, affine_weight=affine_weight,
                                   roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
-                                  mrf_beta=mrf_beta, device=device, seed=seed)
+                                  mrf_beta=mrf_beta, postprocess=postprocess, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=not quiet)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")

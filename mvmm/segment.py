@@ -31,6 +31,7 @@ from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.outputs import prepare_output_dir, write_json
+from mvmm.postprocess import check_postprocess, postprocess_labels
 from mvmm.report import convergence_figure, overview_figure
 from mvmm.spatial.files import save_transforms
 
@@ -117,16 +118,17 @@ class Segmentation:
     settings: dict
     timings: Dict[str, float] = field(default_factory=dict)
     registration: Optional[RegistrationResult] = None
+    postprocess: str = "none"  # applied to every label map, see mvmm.postprocess
 
     @property
     def device(self) -> torch.device:
         return self.posterior.device
 
     def label_map(self, posterior: Optional[torch.Tensor] = None) -> np.ndarray:
-        """Label values (the user's, e.g. 0/200/500/600) of the most probable class, shape [*S]."""
+        """Label values (the user's, e.g. 0/200/500/600) of the most probable class, post-processed, shape [*S]."""
         posterior = self.posterior if posterior is None else posterior
         values = np.asarray(self.labels.values)
-        return values[posterior.argmax(dim=0).cpu().numpy()]
+        return postprocess_labels(values[posterior.argmax(dim=0).cpu().numpy()], self.labels, self.postprocess)
 
     def entropy(self) -> torch.Tensor:
         """Posterior entropy in nats, [*S]: 0 where the model is certain, log K at most."""
@@ -216,7 +218,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
                     mrf_beta: float = 0.0, learn_proportions: bool = True,
                     max_iter: int = 200, tol: float = 1e-5, var_floor: float = 1e-3, device: str = "auto",
                     seed: Optional[int] = 0, progress: bool = False,
-                    registration: Optional[RegistrationSettings] = None) -> Segmentation:
+                    registration: Optional[RegistrationSettings] = None, postprocess: str = "none") -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -238,6 +240,9 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     registration : RegistrationSettings, optional
         Move the atlas and/or the non-reference images while fitting (:mod:`mvmm.joint`); the
         transforms found are kept in ``subject.transforms`` of the result and written with it.
+    postprocess : {"none", "cardiac"}
+        Clean-up of every label map of the result (:mod:`mvmm.postprocess`; ``"cardiac"`` assumes
+        short-axis slices and tissues named LV and Myo); posteriors are left as fitted.
     """
     start = time.perf_counter()
     torch_device = resolve_device(device)
@@ -246,6 +251,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     if not learn_proportions and subject.atlas is None:
         raise InputError("--proportions atlas: needs an atlas (a plain mixture has no prior but its proportions)")
     labels = subject.class_labels
+    check_postprocess(postprocess, labels)  # fail now, not after the fit
     base = np.ones((len(subject.names), len(labels)), dtype=np.int64)
     base[:, labels.background_index] = background_subtypes
     counts = parse_subtypes(subtypes, subject.names, labels.names, default=base)
@@ -264,12 +270,12 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     fitted = time.perf_counter()
     posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
-                "learn_proportions": learn_proportions, "roi_margin_mm": subject.roi_margin_mm,
+                "postprocess": postprocess, "learn_proportions": learn_proportions, "roi_margin_mm": subject.roi_margin_mm,
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
                 "registration": asdict(registration) if registration is not None else None}
     timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,
                "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
-    return Segmentation(subject, model, labels, common, posterior, settings, timings, registered)
+    return Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess)
 
 
 def load_params(path) -> dict:

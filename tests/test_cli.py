@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from scipy import ndimage
 
 from mvmm.cli import main
 from mvmm.data import io
 from mvmm.data.atlas import Atlas
 from mvmm.data.labels import CARDIAC_LABELS
+from mvmm.postprocess import postprocess_labels
 from mvmm.segment import load_params, load_subject
 
 
@@ -98,6 +100,21 @@ def test_atlas_build_and_use_with_custom_labels(phantom_files, tmp_path):
     assert set(json.loads((tmp_path / "s2" / "report.json").read_text())["volumes_ml"]) == {"back", "wall", "pool", "right"}
 
 
+def test_segment_postprocesses_every_label_map(phantom_files, tmp_path):
+    out = tmp_path / "s"
+    result = run("segment", *images_of(phantom_files, ("LGE", "C0")), "--postprocess", "cardiac", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["settings"]["postprocess"] == "cardiac"
+    posteriors, _, _ = io.read_array(out / "posteriors.nii.gz", "t")
+    labels, _, _ = io.read_array(out / "labels.nii.gz", "t")
+    raw = np.asarray(CARDIAC_LABELS.values)[posteriors.argmax(0)]
+    assert (labels == postprocess_labels(raw, CARDIAC_LABELS, "cardiac")).all()
+    for name in ("LGE", "C0"):  # on its own grid too: one component per structure
+        native, _, _ = io.read_array(out / f"labels_{name}.nii.gz", "t")
+        for value in (200, 500, 600):
+            assert ndimage.label(native == value)[1] == 1, (name, value)
+
+
 def test_plain_mixture_without_atlas(phantom_files, tmp_path):
     result = run("segment", *images_of(phantom_files, ("LGE", "C0")), "--atlas", "none", "--out", tmp_path / "s", "-q")
     assert result.exit_code == 0, result.output
@@ -148,6 +165,7 @@ def bad_inputs(phantom_files, tmp_path):
     ("names_count", "2 names for 1 images"),
     ("roi_without_atlas", "--roi-margin: a region of interest around the atlas needs an atlas"),
     ("proportions_without_atlas", "--proportions atlas: needs an atlas"),
+    ("postprocess_labels", "--postprocess cardiac: unknown tissue 'LV'"),
 ])
 def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_files, bad_inputs, tmp_path):
     if case == "cuda" and torch.cuda.is_available():
@@ -169,7 +187,9 @@ def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_fil
             "cuda": ["--images", lge, "--device", "cuda"],
             "names_count": ["--images", lge, "--names", "a", "b"],
             "roi_without_atlas": ["--images", lge, "--atlas", "none", "--roi-margin", "5"],
-            "proportions_without_atlas": ["--images", lge, "--atlas", "none", "--proportions", "atlas"]}[case]
+            "proportions_without_atlas": ["--images", lge, "--atlas", "none", "--proportions", "atlas"],
+            "postprocess_labels": ["--images", lge, "--atlas", phantom_files["LGE_truth"], "--postprocess", "cardiac",
+                                   "--labels", "back=0,wall=200,pool=500,right=600"]}[case]
     out = bad_inputs["taken"] if case == "out_exists" else tmp_path / "out"
     result = run("segment", *args, "--out", out, "-q")
     assert result.exit_code == 1, result.output

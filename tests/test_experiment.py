@@ -132,6 +132,8 @@ def test_mscmr_experiment_names_missing_files_and_uses_separate_atlas_data(tmp_p
         ExperimentSettings(affine_weight=-1.0)
     with pytest.raises(InputError, match="--mrf-beta: expected >= 0"):
         ExperimentSettings(mrf_beta=-0.5)
+    with pytest.raises(InputError, match="--postprocess: expected one of none, cardiac, got 'smooth'"):
+        ExperimentSettings(postprocess="smooth")
     with pytest.raises(InputError, match="at least two atlas patients"):
         run_mscmr(data, tmp_path / "o2", ExperimentSettings(atlas_register="none"), progress=False)
     result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--atlas-data", str(atlases),

@@ -10,7 +10,9 @@ frame) from the manual labels of the *atlas patients* — the other patients of 
 - ``gmm``: the plain mixture (no atlas) on all sequences, one Gaussian per class; clusters are named
   one-to-one by the best Dice with the registered atlas (so no label of the target names them).
 
-Each is evaluated on the target's LGE manual labels (used for nothing else): Dice, HD95 and MSD per
+The label maps of ``em-all`` and ``em-lge`` are cleaned up as ``settings.postprocess`` says (by
+default :mod:`mvmm.postprocess`'s ``cardiac``: papillary muscles counted as LV, islands removed);
+those of ``atlas`` and ``gmm`` are left as they are. Each is evaluated on the target's LGE manual labels (used for nothing else): Dice, HD95 and MSD per
 structure, with the seconds it took. A finished patient is kept in ``DIR/patients/`` and skipped when
 the run is repeated with the same settings (unless ``force``); atlases are kept in ``DIR/atlases/``.
 """
@@ -41,6 +43,7 @@ from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.outputs import write_json
+from mvmm.postprocess import POSTPROCESSING
 from mvmm.report import comparison_figure
 from mvmm.segment import segment_subject
 
@@ -81,6 +84,9 @@ class ExperimentSettings:
     mrf_beta : float
         Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
         --mrf-beta``); 0 for none.
+    postprocess : {"cardiac", "none"}
+        Clean-up of the label maps of ``em-all`` and ``em-lge`` (:mod:`mvmm.postprocess`): MS-CMRSeg's
+        labels count papillary muscles and trabeculae as LV blood pool. ``atlas`` and ``gmm`` stay raw.
     device : str
     seed : int
     """
@@ -95,11 +101,13 @@ class ExperimentSettings:
     subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
     proportions: str = "atlas"
     mrf_beta: float = 0.0
+    postprocess: str = "cardiac"
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
         require_choice(self.proportions, ("atlas", "learned"), "--proportions")
+        require_choice(self.postprocess, POSTPROCESSING, "--postprocess")
         require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
 
 
@@ -156,19 +164,19 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
     em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=settings.subtypes,
                              learn_proportions=learn, mrf_beta=settings.mrf_beta, registration=registration,
-                             device=settings.device, seed=settings.seed)
-    seconds["em-all"] = time.perf_counter() - start
+                             postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
     maps["em-all"] = em_all.label_map()
+    seconds["em-all"] = time.perf_counter() - start
     values = list(atlas.labels.values)
     maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
     seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"]
     start = time.perf_counter()
     lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
                                subtypes=_for_images(settings.subtypes, ["LGE"]), learn_proportions=learn,
-                               mrf_beta=settings.mrf_beta, registration=registration, device=settings.device,
-                               seed=settings.seed)
-    seconds["em-lge"] = time.perf_counter() - start
+                               mrf_beta=settings.mrf_beta, registration=registration,
+                               postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
     maps["em-lge"] = lge_only.label_map()
+    seconds["em-lge"] = time.perf_counter() - start
     start = time.perf_counter()
     plain = segment_subject(Subject(images, labels=atlas.labels), background_subtypes=1, device=settings.device,
                             seed=settings.seed)
