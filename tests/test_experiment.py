@@ -109,7 +109,9 @@ def test_mscmr_experiment_writes_tables_and_resumes(tmp_path):
         record = json.loads((out / "patients" / f"patient{n}.json").read_text())
         assert n not in record["atlas_patients"] and len(record["atlas_patients"]) == 2
     assert (out / "figures" / "dice_boxplot.png").stat().st_size > 0
-    assert (out / "figures" / "patient2.png").exists() and "| em-all |" in (out / "summary.md").read_text()
+    markdown = (out / "summary.md").read_text()
+    assert (out / "figures" / "patient2.png").exists() and "| em-all |" in markdown
+    assert "postprocess cardiac" in markdown and summary["settings"]["postprocess"] == "cardiac"
     # a rerun resumes: finished patients are not redone
     stamp = (out / "patients" / "patient1.json").stat().st_mtime_ns
     run_mscmr(data, out, settings, progress=False)

@@ -37,8 +37,10 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    index = out / "experiment.json"
     summary = {"patients": list(patients), "methods": {}, "seconds_per_patient": {},
-               "atlas_build_seconds_mean": _mean([r["atlas_build_seconds"] for r in records])}
+               "atlas_build_seconds_mean": _mean([r["atlas_build_seconds"] for r in records]),
+               "settings": json.loads(index.read_text()).get("settings") if index.exists() else None}
     for m in methods:
         summary["methods"][m] = {}
         for s in structures:
@@ -72,5 +74,9 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
                      + " | " + " | ".join(f"{stats[s]['hd95_mean']:.1f}" for s in structures)
                      + f" | {summary['seconds_per_patient'][m]:.1f} |")
     lines += ["", f"Atlas building (group-wise, per atlas): {summary['atlas_build_seconds_mean']:.0f} s on average; "
-              "not counted in s / patient.", ""]
+              "not counted in s / patient."]
+    if summary["settings"]:
+        lines += ["", "Settings (experiment.json): " + "; ".join(
+            f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in summary["settings"].items()) + "."]
+    lines.append("")
     return "\n".join(lines)
