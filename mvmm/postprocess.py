@@ -1,9 +1,9 @@
 """Anatomical clean-up of cardiac label maps, applied after the argmax of the posterior.
 
 A tissue-intensity model labels what looks like muscle as myocardium, so papillary muscles and
-trabeculae inside the left-ventricular cavity come out as ``Myo``. The usual manual convention — that of
-MS-CMRSeg's labels, and SCMR's for volumetry with papillary muscles in the cavity — counts them as
-blood pool. ``cardiac`` post-processing applies that convention and removes islands:
+trabeculae inside the left-ventricular cavity come out as ``Myo``. MS-CMRSeg's manual labels count
+them as blood pool (one of the two conventions SCMR's post-processing guidelines allow for volumetry).
+``cardiac`` post-processing applies that convention and removes islands:
 
 1. each foreground structure keeps its largest 3D connected component (face connectivity); the
    other components become background;
