@@ -152,8 +152,8 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
 def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
-            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, atlas_init, atlas_search_mm,
-            control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
+            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, atlas_init,
+            atlas_search_mm, control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -423,8 +423,8 @@ def experiment():
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
-                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, postprocess, force, device,
-                     seed, quiet):
+                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, postprocess, force,
+                     device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr

@@ -270,7 +270,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     fitted = time.perf_counter()
     posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
-                "postprocess": postprocess, "learn_proportions": learn_proportions, "roi_margin_mm": subject.roi_margin_mm,
+                "postprocess": postprocess, "learn_proportions": learn_proportions,
+                "roi_margin_mm": subject.roi_margin_mm,
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
                 "registration": asdict(registration) if registration is not None else None}
     timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,

@@ -79,7 +79,8 @@ def test_joint_solver_aligns_sequences_and_a_misplaced_atlas_together(seed):
     shift, offset = rng.uniform(-1, 1, 2), rng.uniform(-1, 1, 2)
     shift *= rng.uniform(4.0, 10.0) / np.linalg.norm(shift)
     images, truth, heart = misaligned_case(seed, angle_deg=angle, shift_mm=shift)
-    subject = Subject(images.images, misplaced_builtin_atlas(images.images[0].grid, 8 * offset / np.linalg.norm(offset)))
+    atlas = misplaced_builtin_atlas(images.images[0].grid, 8 * offset / np.linalg.norm(offset))
+    subject = Subject(images.images, atlas)
     truth_labels = make_phantom(seed, ndim=2).truth["LGE"].data[0].numpy().astype(np.int64)
     spacing = tuple(reversed(subject.images[0].grid.spacing))
     dice = {}

@@ -12,9 +12,10 @@ frame) from the manual labels of the *atlas patients* — the other patients of 
 
 The label maps of ``em-all`` and ``em-lge`` are cleaned up as ``settings.postprocess`` says (by
 default :mod:`mvmm.postprocess`'s ``cardiac``: papillary muscles counted as LV, islands removed);
-those of ``atlas`` and ``gmm`` are left as they are. Each is evaluated on the target's LGE manual labels (used for nothing else): Dice, HD95 and MSD per
-structure, with the seconds it took. A finished patient is kept in ``DIR/patients/`` and skipped when
-the run is repeated with the same settings (unless ``force``); atlases are kept in ``DIR/atlases/``.
+those of ``atlas`` and ``gmm`` are left as they are. Each is evaluated on the target's LGE manual
+labels (used for nothing else): Dice, HD95 and MSD per structure, with the seconds it took. A
+finished patient is kept in ``DIR/patients/`` and skipped when the run is repeated with the same
+settings (unless ``force``); atlases are kept in ``DIR/atlases/``.
 """
 
 from __future__ import annotations
