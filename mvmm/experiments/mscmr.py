@@ -116,16 +116,16 @@ def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, registe
     """The group-wise atlas of the label maps in ``pool`` (cached in ``out/atlases``) and its build seconds."""
     key = hashlib.sha1(json.dumps([register] + sorted(str(p) for p in pool.values())).encode()).hexdigest()[:12]
     path = out / "atlases" / f"atlas_{key}.nii.gz"
-    if path.exists():
-        meta = json.loads(path.with_name(f"atlas_{key}.json").read_text())
-        return Atlas.read([path]), meta["build"]["seconds"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    atlas, report = build_atlas([pool[p] for p in sorted(pool)], GroupwiseSettings(register=register, frame="axes"),
-                                device=device, progress=progress)
-    seconds = time.perf_counter() - start
-    atlas.save(path, extra={"build": {**report, "seconds": seconds, "patients": sorted(pool)}})
-    return atlas, seconds
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        atlas, report = build_atlas([pool[p] for p in sorted(pool)], GroupwiseSettings(register=register, frame="axes"),
+                                    device=device, progress=progress)
+        atlas.save(path, extra={"build": {**report, "seconds": time.perf_counter() - start, "patients": sorted(pool)}})
+    # Always the saved copy: NIfTI rounds the atlas's origin (~1e-6 mm) and probabilities (~1e-7), and
+    # some patients' registrations are that sensitive, so a rerun from the cache must see what this run saw.
+    meta = json.loads(path.with_name(f"atlas_{key}.json").read_text())
+    return Atlas.read([path]), meta["build"]["seconds"]
 
 
 def _cluster_names(clusters: np.ndarray, atlas_labels: np.ndarray, values: List[int]) -> np.ndarray:
