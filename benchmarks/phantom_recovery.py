@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.phantom import make_phantom
@@ -34,13 +33,6 @@ from mvmm.metrics import evaluate_labels
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.segment import segment_subject
 from mvmm.spatial import RigidTransform, TranslationTransform
-
-
-def moved(grid: Grid, matrix: np.ndarray) -> Grid:
-    """``grid`` with its header moved by the homogeneous map ``matrix``."""
-    n = grid.ndim
-    return Grid(grid.size, grid.spacing, tuple(matrix[:n, :n] @ np.asarray(grid.origin) + matrix[:n, n]),
-                tuple((matrix[:n, :n] @ grid.direction_matrix).ravel()))
 
 
 def random_case(seed: int, ndim: int) -> dict:
@@ -56,8 +48,8 @@ def random_case(seed: int, ndim: int) -> dict:
     offset[:ndim, ndim] = rng.uniform(-1, 1, ndim)
     offset[:ndim, ndim] *= 8.0 / np.linalg.norm(offset[:ndim, ndim])
     atlas = Atlas.builtin_cardiac(lge.grid)
-    misplaced = Atlas(atlas.probabilities, moved(atlas.grid, offset), atlas.labels, "misplaced")
-    return {"phantom": phantom, "lge": lge, "c0": Image(c0.data, moved(c0.grid, truth.affine().numpy()), "C0"),
+    misplaced = Atlas(atlas.probabilities, atlas.grid.moved(offset), atlas.labels, "misplaced")
+    return {"phantom": phantom, "lge": lge, "c0": Image(c0.data, c0.grid.moved(truth.affine().numpy()), "C0"),
             "truth": truth, "atlas": misplaced, "aligned_atlas": atlas,
             "angle_deg": math.degrees(np.linalg.norm(angles)), "shift_mm": float(np.linalg.norm(shift))}
 

@@ -55,7 +55,6 @@ def phantom_case(folder: Path) -> dict:
     """Write the 3D phantom with C0's header moved by a known rigid map; returns the case's files."""
     import torch
 
-    from mvmm.data.grid import Grid
     from mvmm.data.image import Image
     from mvmm.data.phantom import make_phantom
     from mvmm.spatial import RigidTransform
@@ -68,10 +67,7 @@ def phantom_case(folder: Path) -> dict:
     files = {}
     for role, image in (("fixed", lge), ("fixed_labels", phantom.truth["LGE"]), ("moving", phantom.images["C0"]),
                         ("moving_labels", phantom.truth["C0"])):
-        g = image.grid
-        if role.startswith("moving"):
-            g = Grid(g.size, g.spacing, tuple(m[:3, :3] @ np.asarray(g.origin) + m[:3, 3]),
-                     tuple((m[:3, :3] @ g.direction_matrix).ravel()))
+        g = image.grid.moved(m) if role.startswith("moving") else image.grid
         files[role] = folder / f"phantom_{role}.nii.gz"
         Image(image.data, g, role).write(files[role])
     return {"name": "phantom (C0 moved 8°/6 mm)", **files}

@@ -164,8 +164,9 @@ class Segmentation:
         out = prepare_output_dir(out_dir, force)
         grid = self.common.grid
         label_dtype = np.int16 if max(map(abs, self.labels.values)) < 2 ** 15 else np.int32
+        labels = self.label_map()  # post-processing included: compute once
         files = {"labels": out / "labels.nii.gz"}
-        io.write_array(files["labels"], self.label_map().astype(label_dtype), grid)
+        io.write_array(files["labels"], labels.astype(label_dtype), grid)
         for name in self.common.names:
             files[f"labels_{name}"] = out / f"labels_{name}.nii.gz"
             native = self.native_posterior(name)
@@ -179,7 +180,7 @@ class Segmentation:
         write_json(files["params"], self.params_dict())
         files["overview"] = out / "overview.png"
         overview_figure(files["overview"], self.common.images.cpu().numpy(), self.common.coverage.cpu().numpy(),
-                        self.label_map(), self.common.names, self.labels,
+                        labels, self.common.names, self.labels,
                         title=f"mvmm: {', '.join(self.common.names)} on the grid of {self.subject.reference}")
         if self.registration is not None:
             files["transforms"] = save_transforms(out / "transforms", self.registration.transforms, grid)

@@ -20,11 +20,7 @@ from mvmm.spatial import RigidTransform
 
 def moved_header(image, rigid):
     """The same voxels with the header moved by ``rigid``: what sat at world x now sits at rigid(x)."""
-    m = rigid.affine().detach().numpy()
-    g, n = image.grid, image.grid.ndim
-    origin = m[:n, :n] @ np.asarray(g.origin) + m[:n, n]
-    direction = (m[:n, :n] @ g.direction_matrix).ravel()
-    return Image(image.data, Grid(g.size, g.spacing, tuple(origin), tuple(direction)), image.name, image.source)
+    return Image(image.data, image.grid.moved(rigid.affine().detach().numpy()), image.name, image.source)
 
 
 def misaligned_case(seed, angle_deg, shift_mm):
@@ -66,9 +62,9 @@ def test_joint_solver_recovers_a_rigid_misalignment_between_sequences(seed, imag
 def misplaced_builtin_atlas(grid, offset_mm):
     """The built-in cardiac atlas of ``grid`` with its header moved by ``offset_mm`` (world axes)."""
     atlas = Atlas.builtin_cardiac(grid)
-    g = atlas.grid
-    moved = Grid(g.size, g.spacing, tuple(np.asarray(g.origin) + np.asarray(offset_mm)), g.direction)
-    return Atlas(atlas.probabilities, moved, atlas.labels, "misplaced builtin")
+    shift = np.eye(grid.ndim + 1)
+    shift[:-1, -1] = offset_mm
+    return Atlas(atlas.probabilities, atlas.grid.moved(shift), atlas.labels, "misplaced builtin")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

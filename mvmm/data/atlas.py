@@ -179,11 +179,9 @@ class Atlas:
         """
         if reference.ndim != self.grid.ndim:
             raise InputError(f"atlas {self.source} is {self.grid.ndim}D but the images are {reference.ndim}D")
-        rotation = reference.direction_matrix
-        origin = reference.center_world() + rotation @ np.asarray(self.grid.origin)
-        direction = (rotation @ self.grid.direction_matrix).ravel()
-        grid = Grid(self.grid.size, self.grid.spacing, tuple(origin), tuple(direction))
-        return Atlas(self.probabilities, grid, self.labels, self.source, "world")
+        placement = np.eye(reference.ndim + 1)
+        placement[:-1, :-1], placement[:-1, -1] = reference.direction_matrix, reference.center_world()
+        return Atlas(self.probabilities, self.grid.moved(placement), self.labels, self.source, "world")
 
     def sample(self, points: torch.Tensor, transform: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prior probabilities at world points ``[*S, ndim]``.

@@ -127,6 +127,15 @@ class Grid:
         origin = np.asarray(center_world, dtype=np.float64) - rot_scale @ half
         return Grid(size, tuple(spacing), tuple(origin), self.direction)
 
+    def moved(self, matrix: np.ndarray) -> "Grid":
+        """The same voxels with the header moved by a rigid map: what sat at world x now sits at ``m(x)``.
+
+        ``matrix`` is the homogeneous ``[ndim + 1, ndim + 1]`` matrix of the map (mm).
+        """
+        m, n = np.asarray(matrix, dtype=np.float64), self.ndim
+        origin = m[:n, :n] @ np.asarray(self.origin) + m[:n, n]
+        return Grid(self.size, self.spacing, tuple(origin), tuple((m[:n, :n] @ self.direction_matrix).ravel()))
+
     def resampled(self, spacing, pad: int = 0) -> "Grid":
         """A grid with this direction and centre whose voxels of ``spacing`` mm cover this field of view.
 
