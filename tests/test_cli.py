@@ -256,4 +256,8 @@ def test_segment_with_registration_writes_reloadable_itk_transforms(tmp_path):
     assert set(np.unique(ours)) <= {0, 200, 500, 600} and np.mean(ours == theirs) > 0.99
     assert run("warp", "--image", files["C0"], "--transforms", out / "transforms", "--name", "T9",
                "--out", tmp_path / "x.nii.gz").exit_code == 1
+    intensities_as_labels = run("warp", "--image", files["C0"], "--transforms", out / "transforms", "--name", "C0",
+                                "--labels", "--out", tmp_path / "y.nii.gz")
+    assert intensities_as_labels.exit_code == 1 and "not an integer label map" in intensities_as_labels.output
+    assert not (tmp_path / "y.nii.gz").exists()
 

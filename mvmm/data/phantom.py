@@ -103,16 +103,17 @@ def _intensity(tissue: Dict[str, torch.Tensor], contrast: dict) -> torch.Tensor:
     return out
 
 
-def _bias_field(grid: Grid, local: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """exp of a random linear + quadratic polynomial of heart-local position (smooth, ±15 %)."""
+def _bias_field(local: torch.Tensor, rng: np.random.Generator, amplitude: float) -> torch.Tensor:
+    """exp of a random linear + quadratic polynomial of heart-local position (smooth, ±``amplitude``)."""
     coeffs = rng.normal(size=(2, local.shape[-1]))
     scaled = local / 100.0
     poly = (scaled * torch.as_tensor(coeffs[0])).sum(-1) + 0.5 * ((scaled ** 2) * torch.as_tensor(coeffs[1])).sum(-1)
     poly = poly - poly.mean()
-    return torch.exp(BIAS_AMPLITUDE * poly / poly.abs().max().clamp_min(1e-12))
+    return torch.exp(amplitude * poly / poly.abs().max().clamp_min(1e-12))
 
 
-def make_phantom(seed: int = 0, ndim: int = 3) -> Phantom:
+def make_phantom(seed: int = 0, ndim: int = 3, noise_sd: float = NOISE_SD,
+                 bias_amplitude: float = BIAS_AMPLITUDE) -> Phantom:
     """Generate one synthetic case.
 
     Parameters
@@ -121,9 +122,14 @@ def make_phantom(seed: int = 0, ndim: int = 3) -> Phantom:
         Everything (anatomy, orientation, grid placement, bias, noise) follows from it.
     ndim : {3, 2}
         3: short-axis stacks; 2: one mid-ventricular slice per sequence.
+    noise_sd, bias_amplitude : float
+        Gaussian noise and multiplicative bias field (0 for none); the random draws do not depend
+        on them, so a clean case has the same anatomy and grids as its noisy twin.
     """
     if ndim not in (2, 3):
         raise ValueError(f"ndim: expected 2 or 3, got {ndim}")
+    if not (noise_sd >= 0 and bias_amplitude >= 0):
+        raise ValueError(f"noise_sd, bias_amplitude: expected >= 0, got {noise_sd}, {bias_amplitude}")
     rng = np.random.default_rng(seed)
     p = {
         "r_lv": rng.uniform(21.0, 26.0), "wall": rng.uniform(7.5, 10.0),
@@ -155,15 +161,16 @@ def make_phantom(seed: int = 0, ndim: int = 3) -> Phantom:
         offsets = (-1 / 3, 0.0, 1 / 3) if ndim == 3 else (0.0,)
         slice_axis = torch.as_tensor(rotation[:, -1] * spacing[-1]) if ndim == 3 else 0.0
         clean = sum(_intensity(_anatomy(to_local(points + o * slice_axis), p), CONTRAST[name]) for o in offsets) / len(offsets)
-        noisy = clean * _bias_field(grid, to_local(points), rng) + torch.as_tensor(rng.normal(0, NOISE_SD, size=clean.shape))
+        noisy = (clean * _bias_field(to_local(points), rng, bias_amplitude)
+                 + torch.as_tensor(rng.normal(0, noise_sd, size=clean.shape)))
         images[name] = Image.from_array(noisy.numpy(), grid, name, f"phantom seed {seed}")
         truth[name] = Image.from_array(_labels(tissue).numpy(), grid, f"{name}_truth")
         masks[name] = tissue
     return Phantom(images, truth,
                    Image.from_array(masks["LGE"]["scar"].numpy(), images["LGE"].grid, "LGE_scar"),
                    Image.from_array(masks["T2"]["oedema"].numpy(), images["T2"].grid, "T2_oedema"),
-                   {"seed": seed, "ndim": ndim, "anatomy": p, "contrast": CONTRAST, "noise_sd": NOISE_SD,
-                    "bias_amplitude": BIAS_AMPLITUDE, "labels": CARDIAC_LABELS.as_dict()})
+                   {"seed": seed, "ndim": ndim, "anatomy": p, "contrast": CONTRAST, "noise_sd": noise_sd,
+                    "bias_amplitude": bias_amplitude, "labels": CARDIAC_LABELS.as_dict()})
 
 
 def write_phantom(out_dir, seed: int = 0, ndim: int = 3, force: bool = False) -> Dict[str, Path]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from mvmm.data import io
 from mvmm.data.grid import Grid
+from mvmm.data.labels import label_values
 from mvmm.errors import InputError
 from mvmm.outputs import write_json
 from mvmm.spatial.nonlinear import DenseDisplacementField, DisplacementTransform
@@ -126,6 +127,8 @@ def warp_file(image_path, transforms_path, name: str, out_path, reference_path=N
     array, grid, _ = io.read_array(image_path, "--image")
     if array.ndim != grid.ndim:
         raise InputError(f"--image: {image_path} is not a scalar image (array shape {array.shape})")
+    if labels:  # nearest sampling of intensities would pass silently for a label map
+        label_values(array, image_path, "--image (with --labels)")
     target = io.read_array(reference_path, "--reference")[1] if reference_path else common_grid_of(transforms_path)
     data = torch.as_tensor(array, dtype=torch.float32).unsqueeze(0)
     with torch.no_grad():
