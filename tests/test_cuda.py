@@ -35,3 +35,45 @@ def test_cli_segment_on_cuda(phantom_files, tmp_path):
                                        "--out", str(tmp_path / "s"), "--device", "cuda", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "s" / "report.json").read_text())["device"].startswith("cuda")
+
+
+def test_joint_registration_on_cuda_matches_cpu():
+    from mvmm.joint import RegistrationSettings
+    from mvmm.segment import segment_subject
+    from test_joint import errors, misaligned_case, misplaced_builtin_atlas
+
+    images, truth, heart = misaligned_case(0, angle_deg=8.0, shift_mm=(7.0, -5.0))
+    subject = Subject(images.images, misplaced_builtin_atlas(images.images[0].grid, (6.0, -4.0)))
+    settings = RegistrationSettings(atlas="ffd", images="rigid")
+    found = {}
+    for device in ("cpu", "cuda"):
+        result = segment_subject(subject, registration=settings, device=device)
+        assert result.posterior.device.type == device
+        found[device] = result
+    assert errors(found["cuda"].registration.transforms["C0"], truth, heart)[0] < 1.0
+    c0_cpu, c0_cuda = (found[d].registration.transforms["C0"] for d in ("cpu", "cuda"))
+    assert errors(c0_cuda, c0_cpu, heart)[0] < 0.2  # the same answer up to float rounding
+    atlas_cpu, atlas_cuda = (found[d].registration.transforms["atlas"] for d in ("cpu", "cuda"))
+    moved = [t(heart.float().to(d)).cpu() for t, d in ((atlas_cpu, "cpu"), (atlas_cuda, "cuda"))]
+    assert (moved[0] - moved[1]).norm(dim=-1).mean() < 0.5
+    agree = (found["cuda"].label_map() == found["cpu"].label_map()).mean()
+    assert agree > 0.99, agree
+
+
+def test_pairwise_and_groupwise_registration_on_cuda(tmp_path):
+    from mvmm.atlas_build import GroupwiseSettings, build_atlas
+    from mvmm.register import PairwiseRegistration, PairwiseSettings
+    from test_atlas_build import varied_maps
+    from test_joint import errors, misaligned_case
+
+    subject, truth, heart = misaligned_case(0, angle_deg=8.0, shift_mm=(7.0, -5.0))
+    lge, c0 = subject.images
+    settings = PairwiseSettings(transform="rigid", metric="mi", init="header")
+    result = PairwiseRegistration(lge, c0, settings, device="cuda").run()
+    assert errors(result.transform, truth, heart)[0] < 1.0
+    paths = varied_maps(tmp_path)
+    atlases = {d: build_atlas(paths, GroupwiseSettings(register="ffd", sigma_mm=0.0), device=d)[0]
+               for d in ("cpu", "cuda")}
+    assert atlases["cuda"].probabilities.device.type == "cpu"  # saved and placed from host memory
+    difference = (atlases["cuda"].probabilities - atlases["cpu"].probabilities).abs().mean()
+    assert difference < 0.01, difference

@@ -36,8 +36,8 @@ def misaligned_case(seed, angle_deg, shift_mm):
 
 def errors(estimate, truth, points):
     """Mean distance (mm) over the heart between estimated and true maps, and the angle error (deg)."""
-    mm = (estimate(points.float()).double() - truth(points)).norm(dim=-1).mean()
-    a, b = estimate.affine()[:2, :2].double(), truth.affine()[:2, :2]
+    mm = (estimate(points.float()).double().cpu() - truth(points).double().cpu()).norm(dim=-1).mean()
+    a, b = estimate.affine()[:2, :2].double().cpu(), truth.affine()[:2, :2].double().cpu()
     cos = float(torch.trace(a.T @ b)) / 2
     return float(mm), math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
