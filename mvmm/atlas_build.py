@@ -37,7 +37,7 @@ from mvmm.errors import InputError, require_choice, require_positive
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.scaled import linear_then_ffd_levels
-from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform
+from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform, map_grid
 from mvmm.spatial.warp import sample_image
 
 log = logging.getLogger(__name__)
@@ -176,11 +176,10 @@ def mean_of_maps(maps: Sequence[Image], transforms: Sequence, grid: Grid,
 
     Where no map reaches, the mean is background.
     """
-    points = grid.world_points(device=device)
     total, count = None, torch.zeros(grid.shape, device=device)
     with torch.no_grad():
         for image, transform in zip(maps, transforms):
-            values, inside = sample_image(image.data.to(device), image.grid, points, transform)
+            values, inside = sample_image(image.data.to(device), image.grid, map_grid(transform, grid, device))
             weighted = values * inside
             total = weighted if total is None else total + weighted
             count += inside
@@ -193,11 +192,10 @@ def overlap_with_template(maps: Sequence[Image], transforms: Sequence, grid: Gri
                           mean: torch.Tensor, device=None) -> Dict[str, float]:
     """Mean Dice, per structure, between each warped map and the template ``mean [K, *S]`` (both argmax)."""
     template = mean.argmax(0)
-    points = grid.world_points(device=device)
     scores = {name: [] for i, name in enumerate(labels.names) if i != labels.background_index}
     with torch.no_grad():
         for image, transform in zip(maps, transforms):
-            values, inside = sample_image(image.data.to(device), image.grid, points, transform)
+            values, inside = sample_image(image.data.to(device), image.grid, map_grid(transform, grid, device))
             warped = values.argmax(0)
             for k, name in enumerate(labels.names):
                 if k == labels.background_index:

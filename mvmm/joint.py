@@ -217,13 +217,17 @@ class JointSolver:
                 current = scaled[name].module if name in scaled else linear[name]
                 work.transforms[name] = (SequentialTransform(ffd, current) if name == "atlas" and ffd is not None
                                          else current)
+            # a deforming atlas would redraw its own region of interest (and could gain by it): an FFD
+            # level keeps the region the atlas gave at the level's start
+            region = work.region_of_interest(grid, self.device) if level["atlas"] == "ffd" else None
             previous = None
             for outer in range(1, s.max_outer + 1):
-                after_em = self._em_steps(work, grid)
+                after_em = self._em_steps(work, grid, region)
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
                 lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
-                after_grad = self._gradient_steps(work, grid, params, lr, ffd if level["atlas"] == "ffd" else None,
+                after_grad = self._gradient_steps(work, grid, region, params, lr,
+                                                  ffd if level["atlas"] == "ffd" else None,
                                                   [lin.module for lin in scaled.values() if lin.kind == "affine"])
                 history.append({"level": level["name"], "outer": outer, "log_likelihood": after_em,
                                 "log_likelihood_after_registration": after_grad})
@@ -284,9 +288,9 @@ class JointSolver:
                  [int(x) * d for x in best[1]], best[0], scores[len(scores) // 2][0])
         return best[2]
 
-    def _em_steps(self, work: Subject, grid: Grid) -> float:
+    def _em_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor]) -> float:
         with torch.no_grad():
-            sample = work.sample(grid, self.device, check=False)
+            sample = work.sample(grid, self.device, check=False, region=region)
             fitted = hasattr(self.model, "params_")
             max_iter = self.model.max_iter
             self.model.max_iter = self.settings.em_steps if fitted else max_iter
@@ -296,8 +300,8 @@ class JointSolver:
             self.model.max_iter = max_iter
         return self.model.lower_bounds_[-1]
 
-    def _gradient_steps(self, work: Subject, grid: Grid, params: List[nn.Parameter], lr: float,
-                        ffd: Optional[FreeFormDeformation], affine: List[nn.Module]) -> float:
+    def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],
+                        lr: float, ffd: Optional[FreeFormDeformation], affine: List[nn.Module]) -> float:
         """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
         fixed; returns the final log L."""
         s = self.settings
@@ -305,7 +309,7 @@ class JointSolver:
         # Coverage stays as the EM step saw it: with it free, the objective would change by whole
         # voxels entering or leaving a field of view, which the gradient cannot see.
         with torch.no_grad():
-            coverage = work.sample(grid, self.device, check=False).coverage
+            coverage = work.sample(grid, self.device, check=False, region=region).coverage
 
         def closure():
             sample = work.sample(grid, self.device, check=False, roi=False)

@@ -36,7 +36,7 @@ from mvmm.spatial.optim import descend_keeping_best
 from mvmm.spatial.regularizers import bending_energy, jacobian_statistics
 from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd, linear_then_ffd_levels
 from mvmm.spatial.similarity import METRICS, check_mask, similarity_loss
-from mvmm.spatial.transforms import LinearTransform, SequentialTransform
+from mvmm.spatial.transforms import LinearTransform, SequentialTransform, map_grid
 from mvmm.spatial.warp import sample_image
 
 log = logging.getLogger(__name__)
@@ -165,36 +165,39 @@ class PairwiseRegistration:
         return SequentialTransform(self.ffd, self.linear) if self.ffd is not None else self.linear
 
     def _fixed_values(self, grid: Grid):
-        """Fixed values ``[C, *S]``, points ``[*S, ndim]`` and fixed-side mask ``[*S]`` on ``grid`` (cached)."""
+        """Fixed values ``[C, *S]`` and fixed-side mask ``[*S]`` on ``grid`` (cached)."""
         if grid not in self._fixed_on:
             points = grid.world_points(device=self.device)
             values, inside = self.fixed.sample(points)
             if self.fixed_mask is not None:
                 m, m_inside = self.fixed_mask.sample(points, mode="nearest")
                 inside = inside & m_inside & (m[0] != 0)
-            self._fixed_on[grid] = (values, points, inside)
+            self._fixed_on[grid] = (values, inside)
         return self._fixed_on[grid]
 
-    def _moving_values(self, points: torch.Tensor, transform: nn.Module):
-        values, inside = sample_image(self.moving.data, self.moving.grid, points, transform)
+    def _moving_values(self, grid: Grid, transform: nn.Module):
+        """Moving values ``[C, *S]`` and moving-side mask ``[*S]`` at ``grid``'s voxels through ``transform``."""
+        points = map_grid(transform, grid, self.device)
+        values, inside = sample_image(self.moving.data, self.moving.grid, points)
         if self.moving_mask is not None:
             with torch.no_grad():
-                m, m_inside = self.moving_mask.sample(points, transform, mode="nearest")
+                m, m_inside = self.moving_mask.sample(points, mode="nearest")
             inside = inside & m_inside & (m[0] != 0)
         return values, inside
 
     def overlap(self, grid: Optional[Grid] = None) -> torch.Tensor:
         """Voxels of ``grid`` (default: the registration grid) where both images count, ``[*S]`` bool."""
-        _, points, fixed_inside = self._fixed_values(grid or self.coarse)
+        grid = grid or self.coarse
+        _, fixed_inside = self._fixed_values(grid)
         with torch.no_grad():
-            _, moving_inside = self._moving_values(points, self.transform)
+            _, moving_inside = self._moving_values(grid, self.transform)
         return fixed_inside & moving_inside
 
     def similarity(self, grid: Optional[Grid] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The similarity loss at the current transform (differentiable in its parameters)."""
         grid = grid or self.coarse
-        fixed_values, points, fixed_inside = self._fixed_values(grid)
-        moving_values, moving_inside = self._moving_values(points, self.transform)
+        fixed_values, fixed_inside = self._fixed_values(grid)
+        moving_values, moving_inside = self._moving_values(grid, self.transform)
         if mask is None:
             mask = fixed_inside & moving_inside
         return self.loss_fn(fixed_values, moving_values, mask)
@@ -301,8 +304,8 @@ def register_files(fixed_path, moving_path, out_dir, settings: PairwiseSettings,
     seconds = time.perf_counter() - start
     save_transforms(out / "transforms", {"moving": result.transform}, fixed.grid)
     with torch.no_grad():
-        moved, _ = sample_image(moving.data.to(torch_device), moving.grid, fixed.grid.world_points(torch_device),
-                                result.transform)
+        moved, _ = sample_image(moving.data.to(torch_device), moving.grid,
+                                map_grid(result.transform, fixed.grid, torch_device))
     io.write_array(out / "moved.nii.gz", moved[0].cpu().numpy(), fixed.grid)
     report = {"fixed": str(fixed_path), "moving": str(moving_path), "settings": asdict(settings),
               "device": str(torch_device), "seconds": seconds, "loss_before": result.loss_before,

@@ -184,3 +184,19 @@ def test_affine_prior_weighs_the_scaling_of_the_atlas():
     assert spread["affine", 1e4] < 0.02, spread
     with pytest.raises(InputError, match="--affine-weight"):
         RegistrationSettings(affine_weight=-1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ffd_levels_with_a_region_of_interest_ascend_their_own_objective(seed):
+    # The region of interest follows the atlas; an FFD level holds it where the level began, or the
+    # deforming atlas would redraw the voxels it is scored on and log L could fall within a level.
+    phantom = make_phantom(seed, ndim=2)
+    images = [phantom.images["LGE"], phantom.images["C0"]]
+    subject = Subject(images, misplaced_builtin_atlas(images[0].grid, (4.0, -3.0)), roi_margin_mm=5.0)
+    result = segment_subject(subject, registration=RegistrationSettings(atlas="ffd", images="none"))
+    history = result.registration.history
+    ffd_levels = {h["level"] for h in history if h["level"].startswith("ffd")}
+    assert len(ffd_levels) == 3
+    for level in ffd_levels:
+        values = [h["log_likelihood"] for h in history if h["level"] == level]
+        assert min(values) >= values[0] - 1e-4 and values[-1] > values[0], (level, values)

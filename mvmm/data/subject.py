@@ -21,7 +21,7 @@ from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.roi import atlas_roi
 from mvmm.errors import InputError
-from mvmm.spatial.transforms import IdentityTransform
+from mvmm.spatial.transforms import IdentityTransform, map_grid
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Subject:
         return self.transforms.get(name, IdentityTransform())
 
     def sample(self, grid: Optional[Grid] = None, device=None, points: Optional[torch.Tensor] = None,
-               check: bool = True, roi: bool = True) -> CaseSample:
+               check: bool = True, roi: bool = True, region: Optional[torch.Tensor] = None) -> CaseSample:
         """Resample images, coverage masks and atlas prior onto ``grid`` (default: the reference's).
 
         Parameters
@@ -163,6 +163,10 @@ class Subject:
         roi : bool
             Apply ``roi_margin_mm`` to the coverage; a caller that holds the coverage fixed (the
             joint solver's gradient steps) skips the dilation.
+        region : torch.Tensor, bool, shape [*grid.shape], optional
+            With ``roi``: this region of interest (see :meth:`region_of_interest`) instead of the one
+            the atlas gives where it is now, so that a deforming atlas cannot redraw the voxels it
+            is scored on.
 
         Raises
         ------
@@ -171,14 +175,17 @@ class Subject:
         """
         grid = grid or self.reference_image.grid
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if points is None:
-            points = grid.world_points(device=device)
+
+        def moved(name: str) -> torch.Tensor:  # the points in the world of image (or atlas) ``name``
+            transform = self.transform(name)
+            return map_grid(transform, grid, device) if points is None else transform(points)
+
         values, coverage = [], []
         for im in self.images:
-            transform = self.transform(im.name)
-            v, inside = im.sample(points, transform)
+            image_points = moved(im.name)
+            v, inside = im.sample(image_points)
             if im.name in self.masks:
-                m, m_inside = self.masks[im.name].sample(points, transform, mode="nearest")
+                m, m_inside = self.masks[im.name].sample(image_points, mode="nearest")
                 inside = inside & m_inside & (m[0] > 0)
             if check and not bool(inside.any()):
                 raise InputError(f"--images: image {im.name!r} ({im.source}) does not overlap the common "
@@ -188,7 +195,7 @@ class Subject:
             coverage.append(inside)
         prior = None
         if self.atlas is not None:
-            prior, inside = self.atlas.sample(points, self.transform("atlas"))
+            prior, inside = self.atlas.sample(moved("atlas"))
             share = float(inside.float().mean()) if check else 1.0
             if share == 0.0:
                 raise InputError(f"--atlas: the atlas ({self.atlas.source}) does not overlap the common grid "
@@ -197,11 +204,23 @@ class Subject:
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
                             "background", self.atlas.source, 100 * share)
             if roi and self.roi_margin_mm is not None:
-                spacing = tuple(reversed(grid.spacing))
-                roi = atlas_roi(prior, self.atlas.labels.background_index, spacing, self.roi_margin_mm)
-                coverage = [inside & roi for inside in coverage]
+                region = self._roi_of(prior, grid) if region is None else region.to(prior.device)
+                coverage = [inside & region for inside in coverage]
                 if check and not any(bool(inside.any()) for inside in coverage):
                     raise InputError(f"--roi-margin: no voxel covered by the images lies within "
                                      f"{self.roi_margin_mm:g} mm of the atlas foreground ({self.atlas.source}); "
                                      f"the atlas is placed off the images")
         return CaseSample(torch.stack(values), torch.stack(coverage), prior, grid, self.names, self.class_labels)
+
+    def region_of_interest(self, grid: Grid, device=None) -> Optional[torch.Tensor]:
+        """Voxels of ``grid`` within ``roi_margin_mm`` of the atlas foreground as the atlas is placed
+        now, ``[*grid.shape]`` bool; None without an atlas or a margin (every voxel counts)."""
+        if self.atlas is None or self.roi_margin_mm is None:
+            return None
+        with torch.no_grad():
+            prior, _ = self.atlas.sample(map_grid(self.transform("atlas"), grid, device))
+        return self._roi_of(prior, grid)
+
+    def _roi_of(self, prior: torch.Tensor, grid: Grid) -> torch.Tensor:
+        spacing = tuple(reversed(grid.spacing))
+        return atlas_roi(prior, self.atlas.labels.background_index, spacing, self.roi_margin_mm)

@@ -22,7 +22,8 @@ from mvmm.errors import InputError
 from mvmm.outputs import write_json
 from mvmm.spatial.nonlinear import DenseDisplacementField, DisplacementTransform
 from mvmm.spatial.regularizers import displacement_on
-from mvmm.spatial.transforms import AffineTransform, IdentityTransform, LinearTransform, SequentialTransform
+from mvmm.spatial.transforms import (AffineTransform, IdentityTransform, LinearTransform, SequentialTransform,
+                                     map_grid)
 from mvmm.spatial.warp import sample_image
 
 TRANSFORMS_FORMAT = "mvmm-transforms/1"
@@ -132,7 +133,7 @@ def warp_file(image_path, transforms_path, name: str, out_path, reference_path=N
     target = io.read_array(reference_path, "--reference")[1] if reference_path else common_grid_of(transforms_path)
     data = torch.as_tensor(array, dtype=torch.float32).unsqueeze(0)
     with torch.no_grad():
-        values, _ = sample_image(data, grid, target.world_points(), transforms[name],
+        values, _ = sample_image(data, grid, map_grid(transforms[name], target),
                                  mode="nearest" if labels else "linear")
     result = values[0].numpy()
     io.write_array(out_path, result.astype(array.dtype) if labels else result, target)

@@ -14,8 +14,9 @@ the direction of a *domain* grid (the common space) and covers its field of view
 from __future__ import annotations
 
 import itertools
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,19 @@ def cubic_bspline_weights(t: torch.Tensor) -> torch.Tensor:
     t2, t3 = t * t, t * t * t
     return torch.stack([(1 - t) ** 3 / 6, (3 * t3 - 6 * t2 + 4) / 6, (-3 * t3 + 3 * t2 + 3 * t + 1) / 6, t3 / 6],
                        dim=-1)
+
+
+def _bspline_matrix(position: torch.Tensor, n_control: int) -> torch.Tensor:
+    """Cubic B-spline weights ``[len(position), n_control]`` of control points 0…n−1 at continuous
+    control-grid ``position``s (four per row at most; control points beyond the grid count as zero)."""
+    floor = torch.floor(position)
+    weights = cubic_bspline_weights(position - floor)  # [P, 4]
+    columns = floor.long().unsqueeze(-1) + torch.arange(-1, 3)  # [P, 4]
+    valid = (columns >= 0) & (columns < n_control)
+    matrix = torch.zeros((position.shape[0], n_control + 1), dtype=weights.dtype)
+    # out-of-range columns are sent to a spare column and dropped
+    matrix.scatter_add_(1, torch.where(valid, columns, torch.full_like(columns, n_control)), weights * valid)
+    return matrix[:, :n_control]
 
 
 def _subdivide(coeffs: torch.Tensor, dim: int) -> torch.Tensor:
@@ -117,6 +131,29 @@ class FreeFormDeformation(DisplacementTransform):
                                    align_corners=False)
             out = out + values.reshape(self.ndim, -1) * weight
         return out.T.reshape(points.shape).to(points.dtype)
+
+    def grid_displacement(self, grid: Grid) -> Optional[torch.Tensor]:
+        """``u`` at the voxel centres of ``grid``, ``[ndim, *grid.shape]`` (mm), or None.
+
+        Where ``grid`` shares the control grid's direction (the common grid, its coarsened or
+        resampled versions), the spline is separable along the axes: one small matrix of B-spline
+        weights per axis, applied in turn, instead of 2^ndim lookups per point — much faster,
+        forward and backward. Returns None for any other grid (use :meth:`displacement`).
+        """
+        control = self.control_grid
+        to_control = control.world_to_index_matrix @ grid.index_to_world_matrix  # grid index → control index
+        scale = np.diag(to_control[: self.ndim, : self.ndim])
+        if not np.allclose(to_control[: self.ndim, : self.ndim], np.diag(scale), atol=1e-6):
+            return None
+        coeffs = self.params
+        out = coeffs
+        # torch dim d + 1 of the coefficients is ITK axis ndim - 1 - d
+        for d, axis in enumerate(reversed(range(self.ndim))):
+            position = (torch.arange(grid.size[axis], dtype=torch.float64) * scale[axis]
+                        + to_control[axis, self.ndim])
+            weights = _bspline_matrix(position, control.size[axis]).to(coeffs)
+            out = torch.tensordot(out, weights, dims=([d + 1], [1])).movedim(-1, d + 1)
+        return out
 
     def refined(self) -> "FreeFormDeformation":
         """The same deformation on control points half as far apart (a new learnable FFD)."""

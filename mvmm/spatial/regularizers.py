@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from mvmm.data.grid import Grid
+from mvmm.spatial.transforms import map_grid
 
 
 def displacement_on(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
     """``u(x) = T(x) − x`` at the voxel centres of ``grid``: ``[ndim, *grid.shape]`` (mm, world axes)."""
-    points = grid.world_points(device=device)
-    return (transform(points) - points).movedim(-1, 0)
+    return (map_grid(transform, grid, device) - grid.world_points(device=device)).movedim(-1, 0)
 
 
 def _axis_derivatives(field: torch.Tensor, grid: Grid) -> List[torch.Tensor]:

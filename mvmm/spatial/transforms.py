@@ -22,6 +22,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from mvmm.data.grid import Grid
+
 ParamValue = Union[nn.Parameter, torch.Tensor, Callable[[], torch.Tensor], None]
 
 
@@ -56,6 +58,26 @@ class SequentialTransform(nn.Module):
     def inverse(self) -> "SequentialTransform":
         """The inverses of the steps in reverse order (each exact or fixed-point, as the step offers)."""
         return SequentialTransform(*[step.inverse() for step in reversed(self.steps)])
+
+
+def map_grid(transform: Optional[nn.Module], grid: Grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``T(x)`` at the voxel centres ``x`` of ``grid``: ``[*grid.shape, ndim]`` world mm.
+
+    The same as ``transform(grid.world_points())``, but a first step that offers
+    ``grid_displacement(grid)`` (an FFD on a grid of the same direction) is evaluated separably,
+    which is what makes non-linear levels affordable on a full image grid.
+    """
+    points = grid.world_points(device=device, dtype=dtype)
+    if transform is None:
+        return points
+    steps = list(transform.steps) if isinstance(transform, SequentialTransform) else [transform]
+    displacement = steps[0].grid_displacement(grid) if hasattr(steps[0], "grid_displacement") else None
+    if displacement is not None:
+        points = points + displacement.movedim(0, -1).to(points)
+        steps = steps[1:]
+    for step in steps:
+        points = step(points)
+    return points
 
 
 class ParametricTransform(nn.Module):
