@@ -143,8 +143,9 @@ def main():
                    "placement whose fitted model explains the images best (0: off).")
 @click.option("--control-spacing", type=float, default=40.0, show_default=True,
               help="FFD control-point spacing (mm) of the first level; halved at the next.")
-@click.option("--bending-weight", type=float, default=10.0, show_default=True,
-              help="Weight of the FFD bending energy against the mean log-likelihood per voxel.")
+@click.option("--bending-weight", type=float, default=1000.0, show_default=True,
+              help="Weight of the FFD bending energy against the mean log-likelihood per voxel (a folded "
+                   "deformation is reported as a warning).")
 @click.option("--affine-weight", type=float, default=1.0, show_default=True,
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
                    "singular values) against the mean log-likelihood per voxel; 0: none.")

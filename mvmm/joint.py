@@ -34,7 +34,7 @@ from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.init import initial_linear_transform
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.optim import descend_keeping_best
-from mvmm.spatial.regularizers import bending_energy, jacobian_statistics, linear_distortion
+from mvmm.spatial.regularizers import bending_energy, jacobian_statistics, linear_distortion, warn_if_folded
 from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd
 from mvmm.spatial.transforms import RigidTransform, SequentialTransform
 
@@ -70,7 +70,8 @@ class RegistrationSettings:
         Control-point spacing (mm) of the first FFD level; each further level halves it.
     ffd_levels : int
     bending_weight : float
-        λ of the bending energy (mm² · nats per voxel).
+        λ of the bending energy (mm² · nats per voxel). At 10, the atlas's FFD folded 10–23 % of the
+        voxels on the 3D phantom and on MS-CMRSeg; 1000 kept it unfolded on both (README).
     affine_weight : float
         μ of the affine levels' prior ``Σ log² σ_i(A)`` on the scaling and shear of each affine
         transform (nats per voxel); without it an affine atlas can drift on real images, shrinking
@@ -99,7 +100,7 @@ class RegistrationSettings:
     images_init: str = "mi"
     control_spacing: float = 40.0
     ffd_levels: int = 2
-    bending_weight: float = 10.0
+    bending_weight: float = 1000.0
     affine_weight: float = 1.0
     em_steps: int = 3
     grad_steps: int = 10
@@ -249,6 +250,7 @@ class JointSolver:
         if ffd is not None:
             transforms["atlas"] = SequentialTransform(ffd, linear["atlas"])
             jacobian = jacobian_statistics(ffd, reference, device=self.device)
+            warn_if_folded(jacobian, "the atlas's FFD")
         return RegistrationResult(transforms, history, jacobian)
 
     def _initial_image_transform(self, subject: Subject, name: str) -> RigidTransform:

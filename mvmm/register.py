@@ -33,7 +33,7 @@ from mvmm.spatial.files import save_transforms
 from mvmm.spatial.init import INIT_METHODS, initial_linear_transform
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.optim import descend_keeping_best
-from mvmm.spatial.regularizers import bending_energy, jacobian_statistics
+from mvmm.spatial.regularizers import bending_energy, jacobian_statistics, warn_if_folded
 from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd, linear_then_ffd_levels
 from mvmm.spatial.similarity import METRICS, check_mask, similarity_loss
 from mvmm.spatial.transforms import LinearTransform, SequentialTransform, map_grid
@@ -264,8 +264,10 @@ class PairwiseRegistration:
             log.info("level %s: %d outer iterations, loss %.5f", name, history[-1]["outer"], history[-1]["loss"])
         with torch.no_grad():
             after = float(self.similarity())
-        jacobian = (jacobian_statistics(self.ffd, self.fixed.grid, device=self.device)
-                    if self.ffd is not None else None)
+        jacobian = None
+        if self.ffd is not None:
+            jacobian = jacobian_statistics(self.ffd, self.fixed.grid, device=self.device)
+            warn_if_folded(jacobian, "the FFD")
         return PairwiseResult(self.transform, history, before, after, jacobian)
 
 

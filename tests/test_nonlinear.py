@@ -117,6 +117,17 @@ def test_jacobian_determinant_of_a_scaling_and_of_a_fold():
     assert jacobian_statistics(folded, grid)["folding_share"] > 0
 
 
+def test_a_folded_deformation_is_reported(caplog):
+    from mvmm.spatial.regularizers import warn_if_folded
+
+    grid = oblique_grid()
+    with caplog.at_level("WARNING"):
+        warn_if_folded(jacobian_statistics(random_ffd(grid, spacing=15.0, scale=0.5), grid), "the smooth FFD")
+        assert not caplog.records
+        warn_if_folded(jacobian_statistics(random_ffd(grid, spacing=8.0, scale=12.0), grid), "the folded FFD")
+    assert len(caplog.records) == 1 and "the folded FFD folds" in caplog.text and "--bending-weight" in caplog.text
+
+
 def test_sequential_transform_and_its_inverse():
     grid = oblique_grid()
     centre = grid.center_world()

@@ -6,6 +6,7 @@ differentiable, so the bending energy can be added to a registration loss.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List
 
 import torch
@@ -13,6 +14,10 @@ from torch import nn
 
 from mvmm.data.grid import Grid
 from mvmm.spatial.transforms import map_grid
+
+log = logging.getLogger(__name__)
+# Share of voxels with det ∇T ≤ 0 above which a deformation is reported as folded.
+FOLDING_TOLERANCE = 1e-3
 
 
 def displacement_on(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
@@ -74,3 +79,10 @@ def jacobian_statistics(transform: nn.Module, grid: Grid, device=None) -> Dict[s
     return {"folding_share": float((det <= 0).double().mean()), "min": float(det.min()), "max": float(det.max()),
             "mean": float(det.mean()),
             "log_sd": float(positive.log().std()) if positive.numel() > 1 else float("nan")}
+
+
+def warn_if_folded(stats: Dict[str, float], what: str) -> None:
+    """Log a warning when ``jacobian_statistics`` show folding: such a map is not a plausible anatomy."""
+    if stats["folding_share"] > FOLDING_TOLERANCE:
+        log.warning("%s folds %.1f%% of the voxels (det of its Jacobian <= 0, minimum %.2f): raise "
+                    "--bending-weight, or use a linear transform", what, 100 * stats["folding_share"], stats["min"])
