@@ -282,7 +282,9 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
 @click.option("--moving-mask", type=click.Path(path_type=Path), help="Only these moving voxels count (nonzero).")
 @click.option("--control-spacing", type=float, default=40.0, show_default=True,
               help="FFD control-point spacing (mm) of the first FFD level; halved at the next.")
-@click.option("--bending-weight", type=float, default=1.0, show_default=True, help="Weight of the FFD bending energy.")
+@click.option("--bending-weight", type=float, default=1000.0, show_default=True,
+              help="Weight of the FFD bending energy against the similarity loss (a folded deformation is "
+                   "reported as a warning).")
 @click.option("--grid-spacing", type=float, default=2.0, show_default=True,
               help="The loss is computed on the fixed grid coarsened to at least this spacing (mm).")
 @click.option("--full-resolution", is_flag=True, help="Repeat the last level on the full fixed grid.")

@@ -79,7 +79,7 @@ class PairwiseSettings:
     init: str = "geometry"
     control_spacing: float = 40.0
     ffd_levels: int = 2
-    bending_weight: float = 1.0
+    bending_weight: float = 1000.0
     grid_spacing: float = 2.0
     full_resolution: bool = False
     steps: int = 15
