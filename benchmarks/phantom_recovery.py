@@ -101,16 +101,18 @@ def through_plane_scan(case: dict, atlas_kind: str) -> str:
     lge = case["lge"]
     c0 = case["phantom"].images["C0"]
     axis = torch.as_tensor(lge.grid.direction_matrix[:, -1], dtype=torch.float64)
-    truth = case["phantom"].truth["LGE"].data[0].numpy().astype(np.int64)
-    atlas = {"builtin": case["aligned_atlas"], "none": None,
-             "truth": Atlas.from_label_maps([truth], lge.grid, CARDIAC_LABELS, sigma_mm=2.0)}[atlas_kind]
+    atlas = case["aligned_atlas"] if atlas_kind == "builtin" else None
+    if atlas_kind == "truth":
+        truth = case["phantom"].truth["LGE"].data[0].numpy().astype(np.int64)
+        atlas = Atlas.from_label_maps([truth], lge.grid, CARDIAC_LABELS, sigma_mm=2.0)
     scores = []
     for shift in np.arange(-6.0, 6.5, 1.0):
         subject = Subject([lge, c0], atlas)
         subject.transforms = {"C0": TranslationTransform(lge.grid.ndim, params=axis * shift)}
         scores.append((shift, segment_subject(subject).model.lower_bounds_[-1]))
     best = max(scores, key=lambda item: item[1])
-    return f"through-plane scan ({atlas_kind} atlas): best at {best[0]:+.0f} mm; " + " ".join(f"{s:+.0f}:{v:.4f}" for s, v in scores)
+    return (f"through-plane scan ({atlas_kind} atlas): best at {best[0]:+.0f} mm; "
+            + " ".join(f"{s:+.0f}:{v:.4f}" for s, v in scores))
 
 
 def main():

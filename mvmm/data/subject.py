@@ -176,9 +176,11 @@ class Subject:
         grid = grid or self.reference_image.grid
         device = torch.device(device) if device is not None else torch.device("cpu")
 
+        centres = grid.world_points(device=device) if points is None else None
+
         def moved(name: str) -> torch.Tensor:  # the points in the world of image (or atlas) ``name``
             transform = self.transform(name)
-            return map_grid(transform, grid, device) if points is None else transform(points)
+            return map_grid(transform, grid, points=centres) if points is None else transform(points)
 
         values, coverage = [], []
         for im in self.images:

@@ -145,13 +145,12 @@ class FreeFormDeformation(DisplacementTransform):
         scale = np.diag(to_control[: self.ndim, : self.ndim])
         if not np.allclose(to_control[: self.ndim, : self.ndim], np.diag(scale), atol=1e-6):
             return None
-        coeffs = self.params
-        out = coeffs
+        out = self.params
         # torch dim d + 1 of the coefficients is ITK axis ndim - 1 - d
         for d, axis in enumerate(reversed(range(self.ndim))):
             position = (torch.arange(grid.size[axis], dtype=torch.float64) * scale[axis]
                         + to_control[axis, self.ndim])
-            weights = _bspline_matrix(position, control.size[axis]).to(coeffs)
+            weights = _bspline_matrix(position, control.size[axis]).to(out)
             out = torch.tensordot(out, weights, dims=([d + 1], [1])).movedim(-1, d + 1)
         return out
 

@@ -60,14 +60,17 @@ class SequentialTransform(nn.Module):
         return SequentialTransform(*[step.inverse() for step in reversed(self.steps)])
 
 
-def map_grid(transform: Optional[nn.Module], grid: Grid, device=None, dtype=torch.float32) -> torch.Tensor:
+def map_grid(transform: Optional[nn.Module], grid: Grid, device=None, dtype=torch.float32,
+             points: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``T(x)`` at the voxel centres ``x`` of ``grid``: ``[*grid.shape, ndim]`` world mm.
 
     The same as ``transform(grid.world_points())``, but a first step that offers
     ``grid_displacement(grid)`` (an FFD on a grid of the same direction) is evaluated separably,
-    which is what makes non-linear levels affordable on a full image grid.
+    which is what makes non-linear levels affordable on a full image grid. ``points``: the voxel
+    centres, when the caller already has them (several transforms on one grid).
     """
-    points = grid.world_points(device=device, dtype=dtype)
+    if points is None:
+        points = grid.world_points(device=device, dtype=dtype)
     if transform is None:
         return points
     steps = list(transform.steps) if isinstance(transform, SequentialTransform) else [transform]
