@@ -128,9 +128,9 @@ def main():
 @click.option("--max-iter", type=int, default=200, show_default=True, help="Maximum EM iterations.")
 @click.option("--tol", type=float, default=1e-5, show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
-@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="none",
-              show_default=True, help="Move the atlas while fitting: rigid; rigid then affine; or those then "
-                                      "B-spline FFD levels (control spacing halving).")
+@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+              help="Move the atlas while fitting: rigid; rigid then affine; or those then B-spline FFD levels "
+                   "(control spacing halving). Default: affine with an atlas, none without.")
 @click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
               show_default=True, help="Move each non-reference image while fitting (the reference stays).")
 @click.option("--images-init", type=click.Choice(["mi", "header"]), default="mi", show_default=True,
@@ -167,13 +167,15 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
 
     _setup_logging(quiet)
     prepare_output_dir(out, force)  # fail before any work if the folder is taken
+    subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
+                           labels=resolve_labels(labels_text), masks=_parse_masks(masks),
+                           reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
+    if register_atlas is None:
+        register_atlas = "affine" if subject.atlas is not None else "none"
     registration = RegistrationSettings(atlas=register_atlas, images=register_images, images_init=images_init,
                                         atlas_init=atlas_init, atlas_search_mm=atlas_search_mm,
                                         control_spacing=control_spacing,
                                         bending_weight=bending_weight, affine_weight=affine_weight)
-    subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
-                           labels=resolve_labels(labels_text), masks=_parse_masks(masks),
-                           reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=not quiet, registration=registration,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mvmm.data.grid import Grid
 from mvmm.data.subject import Subject
-from mvmm.errors import require_choice, require_positive
+from mvmm.errors import InputError, require_choice, require_positive
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.init import initial_linear_transform
@@ -124,6 +124,15 @@ class RegistrationSettings:
     def active(self) -> bool:
         return self.atlas != "none" or self.images != "none"
 
+    def check_subject(self, subject: Subject) -> None:
+        """Raise ``InputError`` if what these settings move is not there: no atlas, or no second image."""
+        if self.atlas != "none" and subject.atlas is None:
+            raise InputError(f"--register-atlas {self.atlas}: there is no atlas to move (--atlas none); "
+                             f"give an atlas or use --register-atlas none")
+        if self.images != "none" and len(subject.names) < 2:
+            raise InputError(f"--register-images {self.images}: there is only the reference image "
+                             f"({subject.reference!r}), nothing to move; use --register-images none")
+
     def levels(self) -> List[dict]:
         """The coarse-to-fine schedule: per level, the atlas's and the images' transform kinds."""
         levels = [{"name": "rigid", "atlas": "rigid" if self.atlas != "none" else None,
@@ -184,6 +193,7 @@ class JointSolver:
     def run(self, subject: Subject) -> RegistrationResult:
         """Register and fit; ``self.model`` ends fitted on the registration grid (refit it on the full one)."""
         s = self.settings
+        s.check_subject(subject)
         work = copy.copy(subject)
         work.transforms = dict(subject.transforms)
         reference = subject.reference_image.grid

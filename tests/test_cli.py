@@ -12,6 +12,7 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.postprocess import postprocess_labels
 from mvmm.segment import load_params, load_subject
+from mvmm.spatial.files import load_transforms
 
 
 def run(*args):
@@ -37,8 +38,11 @@ def test_segment_end_to_end_on_the_phantom(phantom_files, tmp_path):
                  "--subtypes", "LGE:Myo=2", "--quiet", "--device", "cpu")
     assert result.exit_code == 0, result.output
     expected = {"labels.nii.gz", "labels_LGE.nii.gz", "labels_C0.nii.gz", "labels_T2.nii.gz", "posteriors.nii.gz",
-                "entropy.nii.gz", "params.json", "report.json", "overview.png", "convergence.png"}
+                "entropy.nii.gz", "params.json", "report.json", "overview.png", "convergence.png", "transforms"}
     assert {p.name for p in out.iterdir()} == expected
+    # by default the atlas is registered (rigid, then affine) and the images stay where their headers put them
+    index = json.loads((out / "transforms" / "transforms.json").read_text())
+    assert list(index["transforms"]) == ["atlas"] and index["transforms"]["atlas"][0]["kind"] == "AffineTransform"
     # labels on each image's own grid, with the user's label values
     for name in ("LGE", "C0", "T2"):
         labels, grid, _ = io.read_array(out / f"labels_{name}.nii.gz", "t")
@@ -58,6 +62,7 @@ def test_segment_end_to_end_on_the_phantom(phantom_files, tmp_path):
     # fitted parameters reload and reproduce the posteriors
     params = load_params(out / "params.json")
     subject = load_subject([phantom_files[n] for n in ("LGE", "C0", "T2")], names=["LGE", "C0", "T2"])
+    subject.transforms = load_transforms(out / "transforms")
     sample = subject.sample()
     again = params["model"].predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
     assert np.allclose(again.numpy(), posteriors, atol=1e-4)
@@ -166,6 +171,8 @@ def bad_inputs(phantom_files, tmp_path):
     ("roi_without_atlas", "--roi-margin: a region of interest around the atlas needs an atlas"),
     ("proportions_without_atlas", "--proportions atlas: needs an atlas"),
     ("postprocess_labels", "--postprocess cardiac: unknown tissue 'LV'"),
+    ("register_without_atlas", "--register-atlas affine: there is no atlas to move"),
+    ("register_one_image", "--register-images rigid: there is only the reference image"),
 ])
 def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_files, bad_inputs, tmp_path):
     if case == "cuda" and torch.cuda.is_available():
@@ -189,7 +196,9 @@ def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_fil
             "roi_without_atlas": ["--images", lge, "--atlas", "none", "--roi-margin", "5"],
             "proportions_without_atlas": ["--images", lge, "--atlas", "none", "--proportions", "atlas"],
             "postprocess_labels": ["--images", lge, "--atlas", phantom_files["LGE_truth"], "--postprocess", "cardiac",
-                                   "--labels", "back=0,wall=200,pool=500,right=600"]}[case]
+                                   "--labels", "back=0,wall=200,pool=500,right=600"],
+            "register_without_atlas": ["--images", lge, "--atlas", "none", "--register-atlas", "affine"],
+            "register_one_image": ["--images", lge, "--register-images", "rigid"]}[case]
     out = bad_inputs["taken"] if case == "out_exists" else tmp_path / "out"
     result = run("segment", *args, "--out", out, "-q")
     assert result.exit_code == 1, result.output
@@ -222,7 +231,6 @@ def test_segment_with_registration_writes_reloadable_itk_transforms(tmp_path):
     import SimpleITK as sitk
 
     from mvmm.data.phantom import write_phantom
-    from mvmm.spatial.files import load_transforms
 
     files = write_phantom(tmp_path / "case2d", seed=0, ndim=2)
     out = tmp_path / "seg"
