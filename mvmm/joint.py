@@ -203,6 +203,8 @@ class JointSolver:
         linear = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
         if subject.atlas is not None:
             linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
+            if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
+                linear["atlas"].requires_grad_(False)
             if s.atlas_search_mm > 0 and s.atlas != "none":
                 work.transforms.update(linear)
                 linear["atlas"] = self._searched_atlas_start(work, linear["atlas"], coarse)
