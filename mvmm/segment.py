@@ -265,11 +265,12 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
         registered = JointSolver(model, registration, torch_device, progress).run(subject)
         subject = replace(subject, transforms={**subject.transforms, **registered.transforms})
     registered_at = time.perf_counter()
-    common = subject.sample(device=torch_device)
-    sampled = time.perf_counter()
-    model.fit(common.images, common.coverage, common.prior, common.grid.spacing)
-    fitted = time.perf_counter()
-    posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
+    with torch.no_grad():  # EM is closed-form; a caller's learnable transform must not grow a graph
+        common = subject.sample(device=torch_device)
+        sampled = time.perf_counter()
+        model.fit(common.images, common.coverage, common.prior, common.grid.spacing)
+        fitted = time.perf_counter()
+        posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
                 "postprocess": postprocess, "learn_proportions": learn_proportions,
                 "roi_margin_mm": subject.roi_margin_mm,
