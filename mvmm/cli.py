@@ -246,8 +246,9 @@ def demo(out, force, mrf_beta, device, seed, quiet):
 
     _setup_logging(quiet)
     report = run_demo(out, seed=seed, device=device, force=force, progress=not quiet, mrf_beta=mrf_beta)
-    click.echo(f"mvmm demo: phantom seed {seed}, LGE + C0 + T2, built-in atlas, {report['em_iterations']} EM "
-               f"iterations on {report['device']}")
+    click.echo(f"mvmm demo: phantom seed {seed}, LGE + C0 + T2, built-in atlas registered in "
+               f"{report['registration_outer_iterations']} outer iterations, then {report['em_iterations']} EM "
+               f"iteration(s) on the full grid, on {report['device']}")
     click.echo(metrics_table(report["metrics"]))
     click.echo(f"report: {Path(out) / 'report.json'}")
 

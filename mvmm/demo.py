@@ -33,6 +33,7 @@ def run_demo(out_dir, seed: int = 0, device: str = "auto", force: bool = False,
         "phantom": str(files["description"]),
         "segmentation": str(written["report"]),
         "em_iterations": result.model.n_iter_,
+        "registration_outer_iterations": len(result.registration.history),
         "timings_s": result.timings,
         "device": str(result.device),
     }

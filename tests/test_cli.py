@@ -74,6 +74,7 @@ def test_demo_writes_report_with_dice(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert set(report["dice"]) == {"Myo", "LV", "RV"}
     assert all(0.5 < d <= 1 for d in report["dice"].values())
+    assert report["registration_outer_iterations"] > 0  # the atlas was registered, as segment does by default
     assert "Myo" in result.output and "dice" in result.output
 
 
