@@ -180,12 +180,16 @@ def run_mvmm(case: dict, device: str) -> tuple:
     return _timed_mvmm(case, device, lambda f, m: PairwiseRegistration(f, m, settings, device=device).run().transform)
 
 
-def run_mvmm_ffd(case: dict, device: str) -> tuple:
+def mvmm_ffd(fixed, moving, device: str):
     """Not rigid: rigid, affine, then FFD levels (40, 20 mm; bending weight 1000), Mattes MI."""
     from mvmm.register import PairwiseRegistration, PairwiseSettings
 
     settings = PairwiseSettings(transform="ffd", metric="mi", init="header", bending_weight=1000.0)
-    return _timed_mvmm(case, device, lambda f, m: PairwiseRegistration(f, m, settings, device=device).run().transform)
+    return PairwiseRegistration(fixed, moving, settings, device=device).run().transform
+
+
+def run_mvmm_ffd(case: dict, device: str) -> tuple:
+    return _timed_mvmm(case, device, lambda f, m: mvmm_ffd(f, m, device))
 
 
 def run_mvmm_ffd_rigid(case: dict, device: str) -> tuple:
@@ -193,14 +197,11 @@ def run_mvmm_ffd_rigid(case: dict, device: str) -> tuple:
     Kabsch) to what ``mvmm-ffd`` found — whether the non-rigid gain has a rigid part."""
     import torch
 
-    from mvmm.register import PairwiseRegistration, PairwiseSettings
     from mvmm.spatial import AffineTransform
     from mvmm.spatial.transforms import map_grid
 
-    settings = PairwiseSettings(transform="ffd", metric="mi", init="header", bending_weight=1000.0)
-
     def register(fixed, moving):
-        ffd = PairwiseRegistration(fixed, moving, settings, device=device).run().transform
+        ffd = mvmm_ffd(fixed, moving, device)
         with torch.no_grad():
             source = fixed.grid.world_points(dtype=torch.float64).reshape(-1, fixed.grid.ndim)
             target = map_grid(ffd, fixed.grid).reshape(-1, fixed.grid.ndim).double().cpu()

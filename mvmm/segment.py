@@ -241,6 +241,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     registration : RegistrationSettings, optional
         Move the atlas and/or the non-reference images while fitting (:mod:`mvmm.joint`); the
         transforms found are kept in ``subject.transforms`` of the result and written with it.
+        None: nothing moves (``mvmm segment`` passes ``RegistrationSettings(atlas="affine",
+        images="none")`` unless told otherwise).
     postprocess : {"none", "cardiac"}
         Clean-up of every label map of the result (:mod:`mvmm.postprocess`; ``"cardiac"`` assumes
         short-axis slices and tissues named LV and Myo); posteriors are left as fitted.
