@@ -194,6 +194,7 @@ class JointSolver:
         """Register and fit; ``self.model`` ends fitted on the registration grid (refit it on the full one)."""
         s = self.settings
         s.check_subject(subject)
+        self._fitted_here = False
         work = copy.copy(subject)
         work.transforms = dict(subject.transforms)
         reference = subject.reference_image.grid
@@ -210,7 +211,6 @@ class JointSolver:
                 linear["atlas"] = self._searched_atlas_start(work, linear["atlas"], coarse)
         ffd = None
         history: List[dict] = []
-        self.model.warm_start = True
         levels = s.levels()
         bar = tqdm(total=len(levels) * s.max_outer, desc="registration", unit="outer", disable=not self.progress,
                    leave=False)
@@ -239,11 +239,11 @@ class JointSolver:
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
                 lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
-                after_grad = self._gradient_steps(work, grid, region, params, lr,
+                after_grad, penalty = self._gradient_steps(work, grid, region, params, lr,
                                                   ffd if level["atlas"] == "ffd" else None,
                                                   [lin.module for lin in scaled.values() if lin.kind == "affine"])
                 history.append({"level": level["name"], "outer": outer, "log_likelihood": after_em,
-                                "log_likelihood_after_registration": after_grad})
+                                "log_likelihood_after_registration": after_grad, "penalty": penalty})
                 bar.update(1)
                 bar.set_postfix(level=level["name"], logL=f"{after_em:.4f}")
                 if previous is not None and abs(after_em - previous) <= s.tol * abs(previous):
@@ -290,12 +290,12 @@ class JointSolver:
                                               device=params.device)
             candidate = RigidTransform(ndim, params=params, center=start.center)
             work.transforms["atlas"] = candidate
-            model = copy.deepcopy(self.model)
-            model.warm_start, model.max_iter = False, self.settings.search_em_steps
+            model = self.model.unfitted_copy()
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sample = work.sample(grid, self.device, check=False)
-                model.fit(sample.images, sample.coverage, sample.prior, grid.spacing)
+                model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
+                          max_iter=self.settings.search_em_steps)
             scores.append((model.lower_bounds_[-1], steps, candidate))
         best = max(scores, key=lambda item: item[0])
         log.info("atlas start: best of %d placements ±%g mm is %s (log L %.4f; unmoved %.4f)", len(scores), d,
@@ -305,19 +305,19 @@ class JointSolver:
     def _em_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor]) -> float:
         with torch.no_grad():
             sample = work.sample(grid, self.device, check=False, region=region)
-            fitted = hasattr(self.model, "params_")
-            max_iter = self.model.max_iter
-            self.model.max_iter = self.settings.em_steps if fitted else max_iter
+            # the first call fits from scratch; later ones continue for a few steps
+            start = getattr(self.model, "params_", None) if self._fitted_here else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing)
-            self.model.max_iter = max_iter
+                self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
+                               max_iter=self.settings.em_steps if start is not None else None, init_params=start)
+            self._fitted_here = True
         return self.model.lower_bounds_[-1]
 
     def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],
                         lr: float, ffd: Optional[FreeFormDeformation], affine: List[nn.Module]) -> float:
         """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
-        fixed; returns the final log L."""
+        fixed; returns the final log L and penalty (the level's objective is their difference)."""
         s = self.settings
         bending_grid = work.reference_image.grid.resampled(min(ffd.control_spacing) / 2) if ffd is not None else None
         # Coverage stays as the EM step saw it: with it free, the objective would change by whole
@@ -325,18 +325,22 @@ class JointSolver:
         with torch.no_grad():
             coverage = work.sample(grid, self.device, check=False, region=region).coverage
 
+        def penalty():
+            total = torch.zeros((), device=self.device)
+            if ffd is not None and s.bending_weight > 0:
+                total = total + s.bending_weight * bending_energy(ffd, bending_grid, device=self.device)
+            for transform in affine if s.affine_weight > 0 else ():
+                total = total + s.affine_weight * linear_distortion(transform).to(total)
+            return total
+
         def closure():
             sample = work.sample(grid, self.device, check=False, roi=False)
             log_l = self.model.log_likelihood(sample.images, coverage, sample.prior)
-            loss = -log_l
-            if ffd is not None and s.bending_weight > 0:
-                loss = loss + s.bending_weight * bending_energy(ffd, bending_grid, device=self.device)
-            for transform in affine if s.affine_weight > 0 else ():
-                loss = loss + s.affine_weight * linear_distortion(transform).to(loss)
+            loss = penalty().to(log_l) - log_l
             loss.backward()
             return loss.detach()
 
         descend_keeping_best(params, closure, s.grad_steps, lr)
         with torch.no_grad():
             sample = work.sample(grid, self.device, check=False, roi=False)
-            return float(self.model.log_likelihood(sample.images, coverage, sample.prior))
+            return float(self.model.log_likelihood(sample.images, coverage, sample.prior)), float(penalty())

@@ -270,7 +270,9 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     with torch.no_grad():  # EM is closed-form; a caller's learnable transform must not grow a graph
         common = subject.sample(device=torch_device)
         sampled = time.perf_counter()
-        model.fit(common.images, common.coverage, common.prior, common.grid.spacing)
+        # after registration, EM continues from the solver's parameters (fitted on its coarser grid)
+        model.fit(common.images, common.coverage, common.prior, common.grid.spacing,
+                  init_params=model.params_ if registered is not None else None)
         fitted = time.perf_counter()
         posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,

@@ -212,5 +212,7 @@ def test_ffd_levels_with_a_region_of_interest_ascend_their_own_objective(seed):
     ffd_levels = {h["level"] for h in history if h["level"].startswith("ffd")}
     assert len(ffd_levels) == 3
     for level in ffd_levels:
-        values = [h["log_likelihood"] for h in history if h["level"] == level]
-        assert min(values) >= values[0] - 1e-4 and values[-1] > values[0], (level, values)
+        # the level's objective, log L − λ·bending, after each outer iteration: EM cannot lower it
+        # (same voxels, fixed geometry) and the descent keeps its best point, so it never falls
+        values = [h["log_likelihood_after_registration"] - h["penalty"] for h in history if h["level"] == level]
+        assert np.all(np.diff(values) >= -1e-6 * abs(values[0])) and values[-1] > values[0], (level, values)

@@ -36,37 +36,40 @@ def test_m_step_matches_numpy_reference():
     post = rng.dirichlet(np.ones(k), size=v).T
     counts = np.array([[2, 1, 3], [1, 2, 1]])
     params = MixtureParams.empty(counts)
+    weights = torch.zeros_like(params.means)
     for i in range(n):
         for kk in range(k):
             c = counts[i, kk]
-            params.means[i, kk, :c] = torch.as_tensor(rng.normal(size=c))
-            params.variances[i, kk, :c] = torch.as_tensor(rng.uniform(0.5, 2, size=c))
-            params.weights[i, kk, :c] = torch.as_tensor(rng.dirichlet(np.ones(c)))
-    params.proportions[:] = torch.as_tensor(rng.dirichlet(np.ones(k)))
+            params.means[0, i, kk, :c] = torch.as_tensor(rng.normal(size=c))
+            params.variances[0, i, kk, :c] = torch.as_tensor(rng.uniform(0.5, 2, size=c))
+            weights[0, i, kk, :c] = torch.as_tensor(rng.dirichlet(np.ones(c)))
+    params.log_weights = torch.where(params.subtype_mask, weights.log(), params.log_weights)
+    params.log_proportions = torch.as_tensor(np.log(rng.dirichlet(np.ones(k))))[None]
     model = MultivariateMixture(n_subtypes=counts, var_floor=1e-9)
-    data = _Voxels(torch.as_tensor(x), torch.as_tensor(m), torch.as_tensor(atlas), torch.ones(v, dtype=torch.bool), (1.0,))
+    data = _Voxels(torch.as_tensor(x)[None], torch.as_tensor(m)[None], torch.as_tensor(np.log(atlas))[None],
+                   torch.ones(v, dtype=torch.bool), (1.0,))
     model._floors = torch.full((n,), 1e-12, dtype=torch.float64)
     model._collapsed = set()
     resp = model._e_step(data, params)
-    resp.log_post = torch.as_tensor(np.log(post))  # an arbitrary tissue posterior
+    resp.log_post = torch.as_tensor(np.log(post))[None]  # an arbitrary tissue posterior
     new = model._m_step(data, resp, params)
 
     for i in range(n):
         for kk in range(k):
             c = counts[i, kk]
-            mu, var, tau = (params.means[i, kk, :c].numpy(), params.variances[i, kk, :c].numpy(),
-                            params.weights[i, kk, :c].numpy())
+            mu, var, tau = (params.means[0, i, kk, :c].numpy(), params.variances[0, i, kk, :c].numpy(),
+                            params.weights[0, i, kk, :c].numpy())
             dens = tau[:, None] * np.exp(-0.5 * (x[i] - mu[:, None]) ** 2 / var[:, None]) / np.sqrt(2 * np.pi * var[:, None])
             p_ikc = post[kk] * dens / dens.sum(0) * m[i]  # P_ikcx, only where M_i(x) = 1
             tau_ref = p_ikc.sum(1) / (post[kk] * m[i]).sum()
             mu_ref = (p_ikc * x[i]).sum(1) / p_ikc.sum(1)
             var_ref = (p_ikc * (x[i] - mu_ref[:, None]) ** 2).sum(1) / p_ikc.sum(1)
-            np.testing.assert_allclose(new.weights[i, kk, :c].numpy(), tau_ref, rtol=1e-5)
-            np.testing.assert_allclose(new.means[i, kk, :c].numpy(), mu_ref, rtol=1e-5, atol=1e-8)
-            np.testing.assert_allclose(new.variances[i, kk, :c].numpy(), var_ref, rtol=1e-5)
-    pi = params.proportions.numpy()
+            np.testing.assert_allclose(new.weights[0, i, kk, :c].numpy(), tau_ref, rtol=1e-5)
+            np.testing.assert_allclose(new.means[0, i, kk, :c].numpy(), mu_ref, rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(new.variances[0, i, kk, :c].numpy(), var_ref, rtol=1e-5)
+    pi = params.proportions[0].numpy()
     pi_ref = post.sum(1) / (atlas / (pi[:, None] * atlas).sum(0)).sum(1)
-    np.testing.assert_allclose(new.proportions.numpy(), pi_ref / pi_ref.sum(), rtol=1e-6)
+    np.testing.assert_allclose(new.proportions[0].numpy(), pi_ref / pi_ref.sum(), rtol=1e-6)
 
 
 def test_posteriors_sum_to_one_and_fall_back_to_prior_without_coverage():

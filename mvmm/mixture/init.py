@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from mvmm.mixture.gaussian import sufficient_statistics, weighted_moments
+from mvmm.mixture.functional import moments, sufficient_statistics
 from mvmm.mixture.params import MixtureParams
 
 SUBTYPE_SPREAD = 0.5  # subtypes start at μ ± SUBTYPE_SPREAD σ (evenly spaced in between)
@@ -16,7 +16,7 @@ def tissue_weights_from_kmeans(x: torch.Tensor, m: torch.Tensor, n_classes: int,
     """Hard class weights ``[K, V]`` from k-means, classes ordered by increasing mean of image 0.
 
     k-means runs on standardised intensities of the voxels that every image covers (image 0 alone if
-    fewer than ``50 K`` voxels have them all); other voxels get zero weight.
+    fewer than ``50 K`` voxels have them all); other voxels get zero weight. ``x, m``: ``[N, V]``.
     """
     every = m.all(dim=0)
     if int(every.sum()) >= 50 * n_classes:
@@ -38,7 +38,7 @@ def tissue_weights_from_kmeans(x: torch.Tensor, m: torch.Tensor, n_classes: int,
 
 def params_from_tissue_weights(x: torch.Tensor, m: torch.Tensor, tissue_weights: torch.Tensor,
                                n_subtypes: np.ndarray, var_floor: torch.Tensor) -> MixtureParams:
-    """Moments of each image under soft tissue weights, subtypes spread around them.
+    """Moments of each image under soft tissue weights, subtypes spread around them (one subject).
 
     Parameters
     ----------
@@ -48,14 +48,19 @@ def params_from_tissue_weights(x: torch.Tensor, m: torch.Tensor, tissue_weights:
         E.g. the atlas prior, or hard k-means assignments.
     n_subtypes : np.ndarray of int, shape [N, K]
     var_floor : torch.Tensor, float64, shape [N]
+
+    Returns
+    -------
+    MixtureParams
+        A batch of one; equal weights within each tissue, equal proportions.
     """
     n_images, n_classes = n_subtypes.shape
     params = MixtureParams.empty(n_subtypes, device=x.device)
     for i in range(n_images):
-        w = (tissue_weights * m[i]).unsqueeze(1)  # [K, 1, V]
-        s0, s1, s2 = sufficient_statistics(x[i], w)
-        mean, var = weighted_moments(s0[:, 0], s1[:, 0], s2[:, 0], var_floor[i])
-        missing = ~(s0[:, 0] > 0)
+        w = (tissue_weights * m[i]).reshape(1, n_classes, 1, -1)  # [1, K, 1, V]
+        stats = sufficient_statistics(x[i].unsqueeze(0), w)[:, 0, :, 0]  # [3, K]
+        mean, var = moments(stats, float(var_floor[i]))
+        missing = ~(stats[0] > 0)
         if bool(missing.any()):  # a tissue with no weight in this image: the image's overall moments
             xi = x[i, m[i]].double()
             mean[missing], var[missing] = xi.mean(), torch.clamp(xi.var(), min=float(var_floor[i]))
@@ -63,8 +68,6 @@ def params_from_tissue_weights(x: torch.Tensor, m: torch.Tensor, tissue_weights:
             c = int(n_subtypes[i, k])
             offsets = torch.linspace(-SUBTYPE_SPREAD, SUBTYPE_SPREAD, c, dtype=torch.float64, device=x.device) if c > 1 \
                 else torch.zeros(1, dtype=torch.float64, device=x.device)
-            params.means[i, k, :c] = mean[k] + offsets * var[k].sqrt()
-            params.variances[i, k, :c] = var[k]
-            params.weights[i, k, :c] = 1.0 / c
-    params.proportions[:] = 1.0 / n_classes
+            params.means[0, i, k, :c] = mean[k] + offsets * var[k].sqrt()
+            params.variances[0, i, k, :c] = var[k]
     return params

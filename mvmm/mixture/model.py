@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mvmm.mixture.gaussian import logsumexp, subtype_log_densities, sufficient_statistics, weighted_moments
+from mvmm.mixture import functional as F
+from mvmm.mixture.functional import MIN_SUBTYPE_MASS
 from mvmm.mixture.init import params_from_tissue_weights, tissue_weights_from_kmeans
 from mvmm.mixture.mrf import mean_field_potts
 from mvmm.mixture.params import MixtureParams
 
 log = logging.getLogger(__name__)
 
-MIN_SUBTYPE_MASS = 1.0  # a subtype explaining less than one voxel's worth of data has collapsed
-MIN_WEIGHT = 1e-10  # floor on τ so that a collapsed subtype keeps a finite log-weight
 PRIOR_FLOOR = 1e-12  # atlas probabilities are clamped here before the log
 
 
@@ -45,18 +44,21 @@ class SubtypeCollapseWarning(UserWarning):
 class _Responsibilities:
     """What an E-step gives the M-step."""
 
-    log_post: torch.Tensor  # [K, V] log P_kx (tissue posterior)
-    within: List[torch.Tensor]  # N tensors [K, C, V]: P(c | k, x) in image i
+    log_post: torch.Tensor  # [1, K, V] log P_kx (tissue posterior)
+    within: Optional[List[torch.Tensor]]  # N tensors [1, K, C, V]: P(c | k, x) in image i
     log_likelihood: float  # mean log-likelihood per voxel
 
 
 @dataclass
 class _Voxels:
-    """The region of interest of one fit, flattened: V voxels where at least one image counts."""
+    """The region of interest of one fit, flattened: V voxels where at least one image counts.
 
-    x: torch.Tensor  # [N, V] intensities (0 where not covered)
-    m: torch.Tensor  # [N, V] bool coverage
-    atlas: Optional[torch.Tensor]  # [K, V] prior probabilities, or None
+    The functional core's layout with a batch of one and ``*S = (V,)``.
+    """
+
+    x: torch.Tensor  # [1, N, V] intensities (0 where not covered)
+    m: torch.Tensor  # [1, N, V] bool coverage
+    log_atlas: Optional[torch.Tensor]  # [1, K, V] log prior probabilities, or None
     roi: torch.Tensor  # [*S] bool
     spacing: Sequence[float]
 
@@ -134,8 +136,10 @@ class MultivariateMixture:
         self.warm_start = warm_start
 
     # ------------------------------------------------------------------ public API
-    def fit(self, images, coverage=None, prior=None, spacing: Optional[Sequence[float]] = None) -> "MultivariateMixture":
-        """Estimate the parameters by EM.
+    @torch.no_grad()
+    def fit(self, images, coverage=None, prior=None, spacing: Optional[Sequence[float]] = None, *,
+            max_iter: Optional[int] = None, init_params: Optional[MixtureParams] = None) -> "MultivariateMixture":
+        """Estimate the parameters by EM (no autograd graph is built, whatever the inputs require).
 
         Parameters
         ----------
@@ -147,29 +151,39 @@ class MultivariateMixture:
             Atlas probabilities A_k; without it the model is a plain mixture of ``n_classes``.
         spacing : sequence of float, ITK order, optional
             Voxel spacing, used by the MRF (default: isotropic).
+        max_iter : int, optional
+            EM iterations of this call (default: the estimator's ``max_iter``); the settings are
+            not changed, so a solver can run a few steps at a time.
+        init_params : MixtureParams, optional
+            Start from these parameters (a batch of one) instead of initialising; with
+            ``warm_start`` and no ``init_params``, from the fitted ones.
 
         Returns
         -------
         self
         """
+        max_iter = self.max_iter if max_iter is None else int(max_iter)
+        if max_iter < 1:
+            raise ValueError(f"max_iter: expected >= 1, got {max_iter}")
         data = self._voxels(images, coverage, prior, spacing, roi_only=True)
         n_classes = self._n_classes(data)
-        if self.warm_start and hasattr(self, "params_"):
-            params = self.params_.to(data.x.device)
-            if tuple(params.means.shape[:2]) != (data.x.shape[0], n_classes):
-                raise ValueError(f"warm_start: the fitted model has {params.means.shape[0]} images × "
-                                 f"{params.means.shape[1]} classes, the data {data.x.shape[0]} × {n_classes}")
+        if init_params is None and self.warm_start and hasattr(self, "params_"):
+            init_params = self.params_
+        if init_params is not None:
+            params = self._checked_params(init_params, data, n_classes, "init_params")
+            self.n_subtypes_ = params.n_subtypes.copy()
+            if not hasattr(self, "_collapsed"):
+                self._collapsed = set()
         else:
-            self.n_subtypes_ = self._resolve_subtypes(data.x.shape[0], n_classes)
+            self.n_subtypes_ = self._resolve_subtypes(data.x.shape[1], n_classes)
             self._collapsed = set()
-            params = None
         self._floors = self._variance_floors(data)
-        if params is None:
+        if init_params is None:
             params = self._initial_params(data, n_classes)
         resp = self._e_step(data, params)
         self.lower_bounds_ = [resp.log_likelihood]
         self.converged_ = False
-        iterations = tqdm(range(1, self.max_iter + 1), desc="EM", unit="it", disable=not self.progress, leave=False)
+        iterations = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=not self.progress, leave=False)
         for self.n_iter_ in iterations:
             params = self._m_step(data, resp, params)
             resp = self._e_step(data, params)
@@ -181,19 +195,20 @@ class MultivariateMixture:
                 break
         iterations.close()
         if not self.converged_:
-            warnings.warn(f"EM did not converge in {self.max_iter} iterations (last relative change "
+            warnings.warn(f"EM did not converge in {max_iter} iterations (last relative change "
                           f"{abs(self.lower_bounds_[-1] - self.lower_bounds_[-2]) / abs(self.lower_bounds_[-2]):.2e}, "
-                          f"tol {self.tol:g}); increase max_iter or tol", ConvergenceWarning, stacklevel=2)
+                          f"tol {self.tol:g}); increase max_iter or tol", ConvergenceWarning, stacklevel=3)  # past no_grad's wrapper
         self.params_ = params
-        log.info("EM: %d iterations, converged=%s, mean log-likelihood %.5f", self.n_iter_, self.converged_,
-                 self.lower_bounds_[-1])
+        log.debug("EM: %d iterations, converged=%s, mean log-likelihood %.5f", self.n_iter_, self.converged_,
+                  self.lower_bounds_[-1])
         return self
 
+    @torch.no_grad()
     def predict_proba(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
         """Posterior tissue probabilities ``[K, *S]``; where no image counts, the prior."""
         self._check_fitted()
         data = self._voxels(images, coverage, prior, spacing, roi_only=False)
-        log_post = self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_post
+        log_post = self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_post[0]
         out = torch.empty((log_post.shape[0],) + tuple(data.roi.shape), dtype=log_post.dtype, device=log_post.device)
         out[:, data.roi] = log_post.exp()
         return out
@@ -202,34 +217,71 @@ class MultivariateMixture:
         """Most probable tissue index ``[*S]`` (int64, 0..K-1)."""
         return self.predict_proba(images, coverage, prior, spacing).argmax(dim=0)
 
+    @torch.no_grad()
     def score(self, images, coverage=None, prior=None, spacing=None) -> float:
         """Mean log-likelihood per voxel where at least one image counts."""
         self._check_fitted()
         data = self._voxels(images, coverage, prior, spacing, roi_only=True)
         return self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_likelihood
 
-    def log_likelihood(self, images, coverage=None, prior=None) -> torch.Tensor:
-        """Mean log-likelihood per covered voxel under the fitted parameters, as a differentiable tensor.
+    def log_likelihood(self, images, coverage=None, prior=None, params: Optional[MixtureParams] = None,
+                       log_atlas=None) -> torch.Tensor:
+        """Mean log-likelihood per covered voxel, as a differentiable tensor (the negated
+        :func:`~mvmm.mixture.functional.negative_log_likelihood` of one subject).
 
-        Gradients flow to ``images`` and ``prior`` (e.g. through the warps that produced them),
-        not to the appearance parameters: this is the registration half of the joint solver.
+        Gradients flow to ``images``, ``prior``/``log_atlas`` (e.g. through the warps that produced
+        them) and to ``params`` when given; by default the fitted parameters, which are constants.
+        Shapes are checked, values are not (no host synchronisation: call it in a loop).
+
+        Parameters
+        ----------
+        images : torch.Tensor, shape [N, *S]
+        coverage : torch.Tensor, bool, shape [N, *S], optional
+        prior : torch.Tensor, shape [K, *S], optional
+            Atlas probabilities (clamped at ``PRIOR_FLOOR`` before the log).
+        params : MixtureParams, optional
+            A batch of one (default: ``params_``).
+        log_atlas : torch.Tensor, shape [K, *S], optional
+            The log-prior directly (e.g. a network's), instead of ``prior``.
         """
-        self._check_fitted()
-        data = self._voxels(images, coverage, prior, None, roi_only=True)
-        log_joint, _ = self._log_joint(data, self.params_.to(data.x.device), keep_within=False)
-        return torch.logsumexp(log_joint, dim=0).mean()
+        if params is None:
+            self._check_fitted()
+            params = self.params_
+        images = torch.as_tensor(images)
+        if coverage is None:
+            coverage = torch.ones(images.shape, dtype=torch.bool, device=images.device)
+        if prior is not None and log_atlas is not None:
+            raise ValueError("log_likelihood: give prior or log_atlas, not both")
+        if prior is not None:
+            log_atlas = torch.log(torch.as_tensor(prior, device=images.device).to(images.dtype).clamp_min(PRIOR_FLOOR))
+        self._check_shapes(images, coverage, log_atlas, params)
+        x = torch.where(coverage, images, torch.zeros_like(images)).unsqueeze(0)
+        nll = F.negative_log_likelihood(x, coverage.unsqueeze(0), params.to(images.device),
+                                        None if log_atlas is None else log_atlas.unsqueeze(0))
+        return -nll[0]
 
-    # fitted attributes as NumPy arrays (padding as NaN)
+    # fitted attributes as NumPy arrays of one subject (padding as NaN)
     def _padded(self, t: torch.Tensor) -> np.ndarray:
         self._check_fitted()
-        a = t.detach().cpu().numpy().copy()
+        a = t[0].detach().cpu().numpy().copy()
         a[~self.params_.subtype_mask.cpu().numpy()] = np.nan
         return a
 
     means_ = property(lambda self: self._padded(self.params_.means))
     variances_ = property(lambda self: self._padded(self.params_.variances))
     weights_ = property(lambda self: self._padded(self.params_.weights))
-    proportions_ = property(lambda self: self.params_.proportions.detach().cpu().numpy())
+    proportions_ = property(lambda self: self.params_.proportions[0].detach().cpu().numpy())
+
+    def unfitted_copy(self) -> "MultivariateMixture":
+        """A new estimator with the same settings and no fitted state (scikit-learn's ``clone``)."""
+        return type(self)(**self.get_params())
+
+    def get_params(self) -> dict:
+        """The constructor's settings, as scikit-learn's ``get_params``."""
+        return {"n_subtypes": self.n_subtypes, "n_classes": self.n_classes, "max_iter": self.max_iter,
+                "tol": self.tol, "var_floor": self.var_floor, "mrf_beta": self.mrf_beta, "mrf_iter": self.mrf_iter,
+                "random_state": self.random_state, "learn_proportions": self.learn_proportions,
+                "progress": self.progress, "warm_start": self.warm_start}
 
     # ------------------------------------------------------------------ save / load
     def to_dict(self) -> dict:
@@ -254,74 +306,28 @@ class MultivariateMixture:
         return model
 
     # ------------------------------------------------------------------ EM steps
-    def _log_prior(self, data: _Voxels, params: MixtureParams) -> torch.Tensor:
-        """``log π_kx``, shape [K, V] (or [K, 1] for a plain mixture)."""
-        log_pi = torch.log(params.proportions).to(data.x.dtype).unsqueeze(1)
-        if data.atlas is None:
-            return log_pi
-        joint = log_pi + torch.log(data.atlas.clamp_min(PRIOR_FLOOR))
-        return joint - torch.logsumexp(joint, dim=0, keepdim=True)
-
     def _e_step(self, data: _Voxels, params: MixtureParams, keep_within: bool = True) -> _Responsibilities:
-        """Posteriors under ``params`` (DESIGN.md §1, E-step), all in log space.
+        """Posteriors under ``params`` (DESIGN.md §1, E-step), all in log space, by the functional core.
 
-        ``log p(I(x)|k) = Σ_i M_i(x) logsumexp_c(log τ_ikc + log N_ikc(x))``; the tissue posterior is
-        ``log P_kx = log π_kx + log p(I(x)|k) − logsumexp_l(…)`` (or its mean-field MRF version), and
-        the subtype responsibilities ``P(c | k, x)`` in each image are kept for the M-step.
+        The tissue posterior is ``log P_kx = log π_kx + log p(I(x)|k) − logsumexp_l(…)`` (or its
+        mean-field MRF version); the subtype responsibilities ``P(c | k, x)`` in each image are
+        kept for the M-step.
         """
-        log_joint, within = self._log_joint(data, params, keep_within)
-        log_likelihood = float(torch.logsumexp(log_joint, dim=0).double().mean())
-        log_post = mean_field_potts(log_joint, data.roi, self.mrf_beta, data.spacing, self.mrf_iter)
+        log_lik, within = F.tissue_log_likelihood(data.x, data.m, params, keep_within)
+        joint = F.log_prior(data.log_atlas, params.log_proportions, 1).to(log_lik.dtype) + log_lik
+        log_likelihood = float(F.log_evidence(joint).double().mean())
+        log_post = mean_field_potts(joint[0], data.roi, self.mrf_beta, data.spacing, self.mrf_iter).unsqueeze(0)
         return _Responsibilities(log_post, within, log_likelihood)
 
-    def _log_joint(self, data: _Voxels, params: MixtureParams, keep_within: bool):
-        """``log π_kx + Σ_i M_i(x) log p(I_i(x) | k)``, [K, V], and (optionally) ``P(c | k, x)`` per image."""
-        log_weights = params.log_weights
-        log_lik = torch.zeros((params.means.shape[1], data.x.shape[1]), dtype=data.x.dtype, device=data.x.device)
-        within = []
-        for i in range(data.x.shape[0]):
-            log_dens = subtype_log_densities(data.x[i], params.means[i], params.variances[i], log_weights[i])
-            per_tissue = logsumexp(log_dens, dim=1)
-            log_lik = log_lik + torch.where(data.m[i], per_tissue, torch.zeros_like(per_tissue))
-            if keep_within:
-                within.append((log_dens - per_tissue.unsqueeze(1)).exp())
-        return self._log_prior(data, params) + log_lik, within
-
     def _m_step(self, data: _Voxels, resp: _Responsibilities, params: MixtureParams) -> MixtureParams:
-        """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and of π (fixed point).
-
-        The weight of subtype c of tissue k in image i at x is ``P_ikcx = M_i(x) P_kx P(c | k, x)``.
-        """
-        post = resp.log_post.exp()
-        new = params.clone()
-        mask = params.subtype_mask
-        for i in range(data.x.shape[0]):
-            s0, s1, s2 = sufficient_statistics(data.x[i], resp.within[i] * (post * data.m[i]).unsqueeze(1))
-            means, variances = weighted_moments(s0, s1, s2, self._floors[i])
-            alive = (s0 >= MIN_SUBTYPE_MASS) & mask[i]
-            new.means[i] = torch.where(alive, means, params.means[i])
-            new.variances[i] = torch.where(alive, variances, params.variances[i])
-            mass = s0.sum(dim=1, keepdim=True)
-            weights = torch.where(mass > 0, s0 / mass.clamp_min(1e-300), params.weights[i])
-            weights = torch.where(mask[i], weights.clamp_min(MIN_WEIGHT), torch.zeros_like(weights))
-            new.weights[i] = weights / weights.sum(dim=1, keepdim=True)
-            self._warn_collapsed(i, (~alive & mask[i]).nonzero().tolist())
-        new.proportions = self._update_proportions(data, post, params.proportions)
-        return new
-
-    def _update_proportions(self, data: _Voxels, post: torch.Tensor, proportions: torch.Tensor) -> torch.Tensor:
-        """π_k ← Σ_x P_kx / Σ_x A_kx / Σ_j π_j A_jx, normalised (an MM step: log L cannot decrease)."""
-        if data.atlas is not None and not self.learn_proportions:
-            return proportions
-        counts = post.double().sum(dim=1)
-        if data.atlas is None:
-            new = counts
-        else:
-            atlas = data.atlas.double()
-            mix = (proportions.unsqueeze(1) * atlas).sum(dim=0).clamp_min(1e-300)
-            new = counts / (atlas / mix).sum(dim=1).clamp_min(1e-300)
-        new = new.clamp_min(1e-300)
-        return new / new.sum()
+        """Closed-form updates of τ, μ, σ² and π (:func:`mvmm.mixture.functional.m_step`)."""
+        step = F.m_step(data.x, data.m, resp.log_post.exp(), resp.within, params, self._floors.unsqueeze(0),
+                        data.log_atlas, learn_proportions=self.learn_proportions)
+        collapsed = (step.subtype_mass[0] < MIN_SUBTYPE_MASS) & params.subtype_mask
+        if bool(collapsed.any()):
+            for i, k, c in collapsed.nonzero().tolist():
+                self._warn_collapsed(i, [(k, c)])
+        return step.params
 
     def _warn_collapsed(self, image: int, entries) -> None:
         for k, c in entries:
@@ -330,25 +336,51 @@ class MultivariateMixture:
                 self._collapsed.add(key)
                 warnings.warn(f"subtype {c} of tissue {k} in image {image} has collapsed (it explains less than "
                               f"{MIN_SUBTYPE_MASS:g} voxel); its mean and variance are frozen. Consider fewer "
-                              f"subtypes for this tissue.", SubtypeCollapseWarning, stacklevel=3)
+                              f"subtypes for this tissue.", SubtypeCollapseWarning, stacklevel=5)
 
     # ------------------------------------------------------------------ set-up
     def _initial_params(self, data: _Voxels, n_classes: int) -> MixtureParams:
-        if data.atlas is not None:
-            weights = data.atlas
+        x, m = data.x[0], data.m[0]
+        if data.log_atlas is not None:
+            weights = data.log_atlas[0].exp()
         else:
-            weights = tissue_weights_from_kmeans(data.x, data.m, n_classes, self.random_state)
-        return params_from_tissue_weights(data.x, data.m, weights, self.n_subtypes_, self._floors)
+            weights = tissue_weights_from_kmeans(x, m, n_classes, self.random_state)
+        return params_from_tissue_weights(x, m, weights, self.n_subtypes_, self._floors)
 
     def _variance_floors(self, data: _Voxels) -> torch.Tensor:
-        floors = [self.var_floor * float(data.x[i, data.m[i]].double().var()) for i in range(data.x.shape[0])]
-        return torch.as_tensor(floors, dtype=torch.float64, device=data.x.device)
+        x, m = data.x[0], data.m[0]
+        floors = [self.var_floor * float(x[i, m[i]].double().var()) for i in range(x.shape[0])]
+        return torch.as_tensor(floors, dtype=torch.float64, device=x.device)
+
+    def _checked_params(self, params: MixtureParams, data: _Voxels, n_classes: int, argname: str) -> MixtureParams:
+        n_images = data.x.shape[1]
+        if params.batch_size != 1 or tuple(params.means.shape[1:3]) != (n_images, n_classes):
+            raise ValueError(f"{argname}: expected parameters of 1 subject × {n_images} images × {n_classes} "
+                             f"classes, got {list(params.means.shape[:3])}")
+        return params.to(data.x.device, torch.float64)
+
+    @staticmethod
+    def _check_shapes(images: torch.Tensor, coverage: torch.Tensor, log_atlas, params: MixtureParams) -> None:
+        """Shape checks only (no values: nothing here waits for the device)."""
+        if images.dim() < 2 or images.shape[0] != params.means.shape[1]:
+            raise ValueError(f"images: expected shape [N, *S] with N = {params.means.shape[1]} (the parameters' "
+                             f"images), got {list(images.shape)}")
+        if tuple(coverage.shape) != tuple(images.shape) or coverage.dtype != torch.bool:
+            raise ValueError(f"coverage: expected a bool tensor of shape {list(images.shape)}, got "
+                             f"{coverage.dtype} {list(coverage.shape)}")
+        if params.batch_size != 1:
+            raise ValueError(f"params: expected one subject, got a batch of {params.batch_size} (use "
+                             f"mvmm.mixture.functional for batches)")
+        if log_atlas is not None and tuple(log_atlas.shape) != (params.means.shape[2],) + tuple(images.shape[1:]):
+            raise ValueError(f"prior: expected shape [{params.means.shape[2]}, "
+                             f"{', '.join(map(str, images.shape[1:]))}], got {list(log_atlas.shape)}")
 
     def _n_classes(self, data: _Voxels) -> int:
-        if data.atlas is not None:
-            if self.n_classes is not None and self.n_classes != data.atlas.shape[0]:
-                raise ValueError(f"n_classes={self.n_classes} disagrees with the prior's {data.atlas.shape[0]} classes")
-            return data.atlas.shape[0]
+        if data.log_atlas is not None:
+            k = data.log_atlas.shape[1]
+            if self.n_classes is not None and self.n_classes != k:
+                raise ValueError(f"n_classes={self.n_classes} disagrees with the prior's {k} classes")
+            return k
         if self.n_classes is None or self.n_classes < 2:
             raise ValueError("n_classes: a plain mixture (no prior) needs n_classes >= 2")
         return int(self.n_classes)
@@ -392,4 +424,5 @@ class MultivariateMixture:
             raise ValueError("coverage: no voxel is covered by any image")
         spacing = tuple(spacing) if spacing is not None else (1.0,) * len(shape)
         x = torch.where(coverage, images, torch.zeros_like(images))
-        return _Voxels(x[:, roi], coverage[:, roi], prior[:, roi] if prior is not None else None, roi, spacing)
+        log_atlas = torch.log(prior[:, roi].clamp_min(PRIOR_FLOOR)).unsqueeze(0) if prior is not None else None
+        return _Voxels(x[:, roi].unsqueeze(0), coverage[:, roi].unsqueeze(0), log_atlas, roi, spacing)
