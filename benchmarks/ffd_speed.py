@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.spatial.nonlinear import FreeFormDeformation
 
 

@@ -27,7 +27,7 @@ from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.subject import Subject
 from mvmm.metrics import evaluate_labels
-from mvmm.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import prepare_output_dir, write_json
 from mvmm.segment import segment_subject
 
 METHODS = ("atlas", "em-lge", "em-all")

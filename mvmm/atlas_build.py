@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from mvmm.data import io
 from mvmm.data.atlas import DEFAULT_SIGMA_MM, FRAMES, Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values
-from mvmm.errors import InputError, require_choice, require_positive
+from mvmm.core.errors import InputError, require_choice, require_positive
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.scaled import linear_then_ffd_levels

@@ -11,7 +11,7 @@ import click
 
 from mvmm import __version__
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 log = logging.getLogger("mvmm")
 DEVICE = click.Choice(["auto", "cpu", "cuda"], case_sensitive=False)
@@ -162,7 +162,7 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
     """
     from mvmm.data.labels import resolve_labels
     from mvmm.joint import RegistrationSettings
-    from mvmm.outputs import prepare_output_dir
+    from mvmm.core.outputs import prepare_output_dir
     from mvmm.segment import load_subject, segment_subject
 
     _setup_logging(quiet)
@@ -265,7 +265,7 @@ def demo(out, force, mrf_beta, device, seed, quiet):
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def warp(image, transforms_path, name, reference, is_labels, out, force):
     """Bring an image (or labels) of NAME into the common space through its saved transform."""
-    from mvmm.spatial.files import warp_file
+    from mvmm.data.transform_files import warp_file
 
     warp_file(image, transforms_path, name, out, reference, is_labels, force)
     click.echo(f"{image} → {out} through the transform of {name!r}")
@@ -340,7 +340,7 @@ def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, l
     from mvmm.atlas_build import GroupwiseSettings, build_atlas
     from mvmm.data.atlas import Atlas
     from mvmm.data.labels import resolve_labels
-    from mvmm.devices import resolve_device
+    from mvmm.core.devices import resolve_device
 
     _setup_logging(quiet)
     if out.exists() and not force:

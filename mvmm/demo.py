@@ -6,7 +6,7 @@ from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.phantom import SEQUENCES, write_phantom
 from mvmm.evaluate import evaluate_label_files
 from mvmm.joint import RegistrationSettings
-from mvmm.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import prepare_output_dir, write_json
 from mvmm.segment import load_subject, segment_subject
 
 

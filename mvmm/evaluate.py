@@ -8,7 +8,7 @@ import numpy as np
 
 from mvmm.data import io
 from mvmm.data.labels import LabelSet
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.metrics import evaluate_labels
 
 

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.subject import Subject
-from mvmm.errors import InputError, require_choice, require_positive
+from mvmm.core.errors import InputError, require_choice, require_positive
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.init import initial_linear_transform

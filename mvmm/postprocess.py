@@ -21,7 +21,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from mvmm.data.labels import LabelSet
-from mvmm.errors import require_choice
+from mvmm.core.errors import require_choice
 
 POSTPROCESSING = ("none", "cardiac")
 

@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mvmm.data import io
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
-from mvmm.devices import resolve_device
-from mvmm.errors import InputError, require_choice, require_positive
-from mvmm.outputs import prepare_output_dir, write_json
-from mvmm.spatial.files import save_transforms
+from mvmm.core.devices import resolve_device
+from mvmm.core.errors import InputError, require_choice, require_positive
+from mvmm.core.outputs import prepare_output_dir, write_json
+from mvmm.data.transform_files import save_transforms
 from mvmm.spatial.init import INIT_METHODS, initial_linear_transform
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.optim import descend_keeping_best

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mvmm.data.labels import LabelSet  # noqa: E402
-from mvmm.outputs import atomic_path  # noqa: E402
+from mvmm.data.labels import LabelSet
+from mvmm.core.outputs import atomic_path
 
 COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:olive")
 
@@ -34,7 +33,7 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
     """
     z = _display_slice(label_map, labels) if label_map.ndim == 3 else None
     pick = (lambda a: a[z]) if z is not None else (lambda a: a)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4.4), squeeze=False)
+    fig, axes = _subplots(1, len(names), figsize=(4 * len(names), 4.4), squeeze=False)
     for ax, image, cover, name in zip(axes[0], images, coverage, names):
         shown = np.where(pick(cover), pick(image), np.nan)
         ax.imshow(shown, cmap="gray", interpolation="nearest")
@@ -44,7 +43,7 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
                 ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.2)
         ax.set_title(name + (f" (slice {z})" if z is not None else ""))
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=c, label=n) for (n, _), c in zip(labels.foreground, COLOURS)]
+    handles = [Line2D([], [], color=c, label=n) for (n, _), c in zip(labels.foreground, COLOURS)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     if title:
         fig.suptitle(title)
@@ -63,7 +62,7 @@ def comparison_figure(path, image: np.ndarray, label_maps: Mapping[str, np.ndarr
     first = next(iter(label_maps.values()))
     z = _display_slice(first, labels) if first.ndim == 3 else None
     pick = (lambda a: a[z]) if z is not None else (lambda a: a)
-    fig, axes = plt.subplots(1, len(label_maps), figsize=(3.2 * len(label_maps), 3.6), squeeze=False)
+    fig, axes = _subplots(1, len(label_maps), figsize=(3.2 * len(label_maps), 3.6), squeeze=False)
     for ax, (name, label_map) in zip(axes[0], label_maps.items()):
         ax.imshow(pick(image), cmap="gray", interpolation="nearest")
         for (_, value), colour in zip(labels.foreground, COLOURS):
@@ -72,7 +71,7 @@ def comparison_figure(path, image: np.ndarray, label_maps: Mapping[str, np.ndarr
                 ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0)
         ax.set_title(name)
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=c, label=n) for (n, _), c in zip(labels.foreground, COLOURS)]
+    handles = [Line2D([], [], color=c, label=n) for (n, _), c in zip(labels.foreground, COLOURS)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     if title:
         fig.suptitle(title + (f" (slice {z})" if z is not None else ""))
@@ -84,7 +83,7 @@ def box_plot(path, values: Mapping[str, Mapping[str, Sequence[float]]], title: s
     """Box plots of ``values[group][structure]``, groups side by side within each structure."""
     groups = list(values)
     structures = list(next(iter(values.values())))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(groups) * len(structures), 3.8))
+    fig, ax = _subplots(figsize=(1.2 + 0.5 * len(groups) * len(structures), 3.8))
     width = 0.8 / len(groups)
     for g, (group, colour) in enumerate(zip(groups, COLOURS)):
         data = [[v for v in values[group][s] if np.isfinite(v)] for s in structures]
@@ -97,7 +96,7 @@ def box_plot(path, values: Mapping[str, Mapping[str, Sequence[float]]], title: s
     ax.set_xticklabels(structures)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend([plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in COLOURS[: len(groups)]], groups,
+    ax.legend([Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in COLOURS[: len(groups)]], groups,
               loc="lower left", fontsize=8)
     if title:
         ax.set_title(title)
@@ -106,7 +105,7 @@ def box_plot(path, values: Mapping[str, Mapping[str, Sequence[float]]], title: s
 
 def convergence_figure(path, lower_bounds: Sequence[float], title: str = "EM convergence") -> None:
     """Mean log-likelihood per voxel against EM iteration."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _subplots(figsize=(5, 3.5))
     ax.plot(range(len(lower_bounds)), lower_bounds, marker="o", markersize=3)
     ax.set_xlabel("iteration (0 = initialisation)")
     ax.set_ylabel("mean log-likelihood per voxel")
@@ -115,11 +114,18 @@ def convergence_figure(path, lower_bounds: Sequence[float], title: str = "EM con
     _save(fig, path)
 
 
+def _subplots(*args, **kwargs):
+    """``pyplot.subplots`` without pyplot: a figure of its own (drawn by Agg when saved as PNG), so
+    that importing or calling mvmm never switches the caller's backend or touches pyplot's state."""
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
 def _save(fig, path, rect=(0, 0, 1, 1)) -> None:
     fig.tight_layout(rect=rect)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def metrics_table(results: Mapping[str, Dict[str, float]], columns=("dice", "hd95", "msd", "hd")) -> str:

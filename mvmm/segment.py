@@ -25,15 +25,15 @@ from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject
-from mvmm.devices import resolve_device
-from mvmm.errors import InputError
+from mvmm.core.devices import resolve_device
+from mvmm.core.errors import InputError
 from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtypes
-from mvmm.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import prepare_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
 from mvmm.report import convergence_figure, overview_figure
-from mvmm.spatial.files import save_transforms
+from mvmm.data.transform_files import save_transforms
 
 log = logging.getLogger(__name__)
 

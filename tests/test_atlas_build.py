@@ -9,9 +9,9 @@ from mvmm.atlas_build import GroupwiseSettings, build_atlas, read_label_maps
 from mvmm.cli import main
 from mvmm.data import io
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.labels import CARDIAC_LABELS
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.metrics import structure_metrics
 from mvmm.segment import load_subject
 from conftest import SHARED_DATA

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.subject import Subject
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 GRID = Grid((20, 16, 6), (1.5, 1.5, 5.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 

@@ -12,7 +12,7 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.postprocess import postprocess_labels
 from mvmm.segment import load_params, load_subject
-from mvmm.spatial.files import load_transforms
+from mvmm.data.transform_files import load_transforms
 
 
 def run(*args):
@@ -138,7 +138,7 @@ def bad_inputs(phantom_files, tmp_path):
     flat = tmp_path / "flat.nii.gz"
     io.write_array(flat, np.full_like(arr, 7.0), grid)
     two_d = tmp_path / "slice.nii.gz"
-    from mvmm.data.grid import Grid
+    from mvmm.core.grid import Grid
     io.write_array(two_d, arr[5], Grid(grid.size[:2], grid.spacing[:2], grid.origin[:2], (1, 0, 0, 1)))
     far = tmp_path / "far.nii.gz"
     io.write_array(far, arr, Grid(grid.size, grid.spacing, (1e4, 0, 0), grid.direction))

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from mvmm.cli import main
 from mvmm.data.manifest import Manifest, parse_patients, scan
 from mvmm.data.phantom import make_phantom
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.experiments.mscmr import METHODS, ExperimentSettings, _cluster_names, _for_images, run_mscmr
 from conftest import SHARED_DATA
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mvmm.data import io
-from mvmm.data.grid import Grid
-from mvmm.errors import InputError
+from mvmm.core.grid import Grid
+from mvmm.core.errors import InputError
 
 
 def oblique_grid():

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.phantom import make_phantom
 from mvmm.data.subject import Subject
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.joint import JointSolver, RegistrationSettings
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.data.labels import CARDIAC_LABELS

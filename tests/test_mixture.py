@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import random_mixture
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.mixture import ConvergenceWarning, MultivariateMixture, parse_subtypes
 from mvmm.mixture.model import _Voxels
 from mvmm.mixture.params import MixtureParams

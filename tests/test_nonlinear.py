@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.spatial import (AffineTransform, FreeFormDeformation, RigidTransform, SequentialTransform,
                           StationaryVelocityField, bending_energy, initial_linear_transform, jacobian_determinant,
                           jacobian_statistics, linear_distortion, sample_image)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.postprocess import close_blood_pool, keep_largest_components, postprocess_labels
 
 MYO, LV, RV = 200, 500, 600

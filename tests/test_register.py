@@ -7,9 +7,9 @@ import torch
 
 from mvmm.cli import main
 from mvmm.data import io
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial import FreeFormDeformation, RigidTransform, sample_image
 from mvmm.spatial.similarity import local_ncc, mutual_information, similarity_loss, soft_dice, ssd

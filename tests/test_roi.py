@@ -4,13 +4,13 @@ import torch
 from scipy import ndimage
 
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet
 from mvmm.data.phantom import make_phantom
 from mvmm.data.roi import dilate_mm
 from mvmm.data.subject import Subject
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.metrics import evaluate_labels
 from mvmm.segment import segment_subject
 

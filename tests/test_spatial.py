@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.spatial import AffineTransform, IdentityTransform, RigidTransform, TranslationTransform, sample_image
 
 

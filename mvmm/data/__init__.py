@@ -1,7 +1,7 @@
 """Data layer: geometry, images, atlases, cases, file I/O and the synthetic phantom."""
 
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject

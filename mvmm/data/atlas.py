@@ -18,10 +18,10 @@ from scipy import ndimage
 from torch import nn
 
 from mvmm.data import io
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet, label_values
-from mvmm.errors import InputError
-from mvmm.outputs import write_json
+from mvmm.core.errors import InputError
+from mvmm.core.outputs import write_json
 from mvmm.spatial.warp import sample_image
 
 BUILTIN_CARDIAC = "builtin:cardiac"

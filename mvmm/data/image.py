@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mvmm.data import io
-from mvmm.data.grid import Grid
-from mvmm.errors import InputError
+from mvmm.core.grid import Grid
+from mvmm.core.errors import InputError
 from mvmm.spatial.warp import sample_image
 
 

@@ -11,9 +11,9 @@ from typing import Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from mvmm.data.grid import Grid
-from mvmm.errors import InputError
-from mvmm.outputs import atomic_path
+from mvmm.core.grid import Grid
+from mvmm.core.errors import InputError
+from mvmm.core.outputs import atomic_path
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}  # NIfTI datatype codes of real floats

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from mvmm.data import io
 from mvmm.data.labels import LabelSet
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 MANIFEST_FORMAT = "mvmm-manifest/1"
 # A source checkout (or editable install) reads the repository's folder; an installed wheel carries

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from mvmm.data import io
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS
-from mvmm.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import prepare_output_dir, write_json
 
 SEQUENCES = ("LGE", "C0", "T2")
 # Mean intensity of each tissue per sequence (scar/oedema replace myocardium where present).

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from mvmm.data.atlas import Atlas
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.roi import atlas_roi
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.spatial.transforms import IdentityTransform, map_grid
 
 log = logging.getLogger(__name__)

@@ -37,13 +37,13 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
-from mvmm.devices import resolve_device
-from mvmm.errors import InputError, require_choice, require_positive
+from mvmm.core.devices import resolve_device
+from mvmm.core.errors import InputError, require_choice, require_positive
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
 from mvmm.mixture.subtypes import parse_subtypes
-from mvmm.outputs import write_json
+from mvmm.core.outputs import write_json
 from mvmm.postprocess import POSTPROCESSING
 from mvmm.report import comparison_figure
 from mvmm.segment import segment_subject

@@ -11,7 +11,7 @@ from typing import List, Sequence
 import numpy as np
 
 from mvmm.data.labels import LabelSet
-from mvmm.outputs import atomic_path, write_json
+from mvmm.core.outputs import atomic_path, write_json
 from mvmm.report import box_plot
 
 COLUMNS = ("patient", "method", "structure", "dice", "hd95_mm", "msd_mm", "seconds")

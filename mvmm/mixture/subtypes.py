@@ -6,7 +6,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 
 def parse_subtypes(specs: Iterable[str], image_names: Sequence[str], tissue_names: Sequence[str],

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mvmm.data.grid import Grid
-from mvmm.errors import InputError
+from mvmm.core.grid import Grid
+from mvmm.core.errors import InputError
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, TranslationTransform
 
 LINEAR_KINDS = {"translation": TranslationTransform, "rigid": RigidTransform, "affine": AffineTransform}

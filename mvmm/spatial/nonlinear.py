@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.spatial.transforms import ParametricTransform, ParamValue
 from mvmm.spatial.warp import sample_image
 

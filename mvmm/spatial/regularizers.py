@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.spatial.transforms import map_grid
 
 log = logging.getLogger(__name__)

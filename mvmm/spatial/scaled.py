@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform
 

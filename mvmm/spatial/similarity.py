@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 from mvmm.spatial.nonlinear import cubic_bspline_weights
 
 METRICS = ("ssd", "ncc", "mi", "dice")

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 
 ParamValue = Union[nn.Parameter, torch.Tensor, Callable[[], torch.Tensor], None]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 
 
 def sample_image(

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from mvmm.data import io
-from mvmm.data.grid import Grid
+from mvmm.core.grid import Grid
 from mvmm.data.labels import label_values
-from mvmm.errors import InputError
-from mvmm.outputs import write_json
+from mvmm.core.errors import InputError
+from mvmm.core.outputs import write_json
 from mvmm.spatial.nonlinear import DenseDisplacementField, DisplacementTransform
 from mvmm.spatial.regularizers import displacement_on
 from mvmm.spatial.transforms import (AffineTransform, IdentityTransform, LinearTransform, SequentialTransform,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -20,7 +20,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-from mvmm.errors import InputError
+from mvmm.core.errors import InputError
 
 PathLike = Union[str, os.PathLike]
 
