@@ -58,7 +58,8 @@ def run_patient(data: Path, n: int, sigma: float, device: str, mrf_beta: float):
     seconds["atlas"] = time.perf_counter() - start
     for method, images in (("em-lge", [lge]), ("em-all", [lge, c0])):
         start = time.perf_counter()
-        result = segment_subject(Subject(images, atlas=atlas), mrf_beta=mrf_beta, device=device)
+        result = segment_subject(Subject(images, atlas=atlas), mrf_beta=mrf_beta, device=device,
+                                         registration=None)
         rows[method] = evaluate_labels(result.label_map(), truth_map, spacing, CARDIAC_LABELS)
         seconds[method] = time.perf_counter() - start
     return rows, seconds

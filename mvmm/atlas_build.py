@@ -36,6 +36,7 @@ from mvmm.data.labels import LabelSet, label_values
 from mvmm.core.errors import InputError, require_choice, require_positive
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.nonlinear import FreeFormDeformation
+from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
 from mvmm.spatial.scaled import linear_then_ffd_levels
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform, map_grid
 from mvmm.spatial.warp import sample_image
@@ -53,7 +54,8 @@ class GroupwiseSettings:
     Attributes
     ----------
     register : {"none", "rigid", "affine", "ffd"}
-        Final transform model of each map (``"none"``: the centroid-aligned average).
+        Final transform model of each map (``"none"``, the default as for ``mvmm atlas build``:
+        the average as the frame places the maps).
     frame : {"world", "axes"}
         Space the maps are related in (see the module notes).
     spacing : sequence of float, optional
@@ -69,13 +71,19 @@ class GroupwiseSettings:
         FFD control spacing (mm) of the first FFD level.
     ffd_levels : int
     bending_weight : float
+        λ of the bending energy against the mean squared difference of probability maps (SSD),
+        a different scale from the pairwise and joint solvers' MI and log L, hence its own value.
+        At 1, eight MS-CMRSeg LGE label maps (patients 1–8, axes frame, one 40 mm level) folded
+        no voxel (det ∇T 0.15–3.6, template Dice 0.908 / 0.942 / 0.934); at 1000 det ∇T stayed
+        within 0.58–1.56 and the template overlap fell (0.884 / 0.921 / 0.917). Each map's FFD
+        is checked for folding after the build (a warning, and ``ffd_jacobians`` in the report).
     grid_spacing : float
         Registration works on the template grid coarsened to at least this spacing (mm).
     steps, max_outer : int
         Adam steps per outer iteration and outer iterations per level, per map.
     """
 
-    register: str = "affine"
+    register: str = "none"
     frame: str = "world"
     spacing: Optional[Sequence[float]] = None
     margin_mm: float = 15.0
@@ -306,6 +314,12 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
     report = {"settings": asdict(settings), "inputs": [str(p) for p in paths],
               "dice_with_template": {"initial": before, "final": after}}
+    if any(f is not None for f in ffds):
+        # each map's deformation, checked for folding as the pairwise and joint solvers check theirs
+        jacobians = [jacobian_statistics(f, grid, device=device) for f in ffds]
+        for path, stats in zip(paths, jacobians):
+            warn_if_folded(stats, f"the group-wise FFD of {path}")
+        report["ffd_jacobians"] = jacobians
     if settings.frame == "axes":
         # Where the anatomy sits in its field of view, on average over the maps (in an axes map the
         # anatomy's centroid is the origin, so its FoV centre is at −offset): the frame's origin is

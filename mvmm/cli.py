@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -10,10 +11,29 @@ from pathlib import Path
 import click
 
 from mvmm import __version__
-from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM
+from mvmm.atlas_build import GroupwiseSettings
 from mvmm.core.errors import InputError
+from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM
+from mvmm.experiments.mscmr import ExperimentSettings
+from mvmm.joint import RegistrationSettings
+from mvmm.register import PairwiseSettings
+from mvmm.segment import segment_subject
 
 log = logging.getLogger("mvmm")
+
+
+def default(owner, name: str):
+    """The default of parameter ``name`` of a settings class or function: each default is defined
+    once, in the Python API, and the command line shows and uses that value."""
+    value = inspect.signature(owner).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise KeyError(f"{owner.__name__}.{name} has no default")
+    return value
+
+
+def default_list(owner, name: str) -> tuple:
+    """A list default (a dataclass ``default_factory``) as the tuple click wants."""
+    return tuple(owner.__dataclass_fields__[name].default_factory())
 DEVICE = click.Choice(["auto", "cpu", "cuda"], case_sensitive=False)
 
 
@@ -114,39 +134,44 @@ def main():
 @click.option("--subtypes", multiple=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes per image and tissue, e.g. LGE:Myo=2 (* for all); default 1, "
                    "and --background-subtypes for the background.")
-@click.option("--background-subtypes", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--background-subtypes", type=click.IntRange(min=1),
+              default=default(segment_subject, "background_subtypes"), show_default=True,
               help="Subtypes of the background class (label 0) in every image.")
-@click.option("--mrf-beta", type=float, default=0.0, show_default=True,
+@click.option("--mrf-beta", type=float, default=default(segment_subject, "mrf_beta"), show_default=True,
               help="Weight of Potts MRF smoothing of the posterior (0: none).")
-@click.option("--postprocess", type=click.Choice(["none", "cardiac"]), default="none", show_default=True,
+@click.option("--postprocess", type=click.Choice(["none", "cardiac"]),
+              default=default(segment_subject, "postprocess"), show_default=True,
               help="Clean-up of the label maps: cardiac keeps each structure's largest component and counts what "
                    "the LV encloses or its convex hull holds of Myo as LV, slice by slice (short-axis stacks; "
                    "papillary muscles in the cavity, as MS-CMRSeg's labels count them).")
 @click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
               help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
                    "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
-@click.option("--max-iter", type=int, default=200, show_default=True, help="Maximum EM iterations.")
-@click.option("--tol", type=float, default=1e-5, show_default=True,
+@click.option("--max-iter", type=int, default=default(segment_subject, "max_iter"), show_default=True, help="Maximum EM iterations.")
+@click.option("--tol", type=float, default=default(segment_subject, "tol"), show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
 @click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]),
               help="Move the atlas while fitting: rigid; rigid then affine; or those then B-spline FFD levels "
-                   "(control spacing halving). Default: affine with an atlas, none without.")
-@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
+                   "(control spacing halving). Default: "
+                   f"{default(RegistrationSettings, 'atlas')} with an atlas, none without.")
+@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]),
+              default=default(RegistrationSettings, "images"),
               show_default=True, help="Move each non-reference image while fitting (the reference stays).")
-@click.option("--images-init", type=click.Choice(["mi", "header"]), default="mi", show_default=True,
+@click.option("--images-init", type=click.Choice(["mi", "header"]), default=default(RegistrationSettings, "images_init"), show_default=True,
               help="With --register-images: start each moving image from a rigid mutual-information registration "
                    "to the reference (mi), or from its header.")
-@click.option("--atlas-init", type=click.Choice(["header", "geometry"]), default="header", show_default=True,
+@click.option("--atlas-init", type=click.Choice(["header", "geometry"]),
+              default=default(RegistrationSettings, "atlas_init"), show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
-@click.option("--atlas-search-mm", type=float, default=0.0, show_default=True,
+@click.option("--atlas-search-mm", type=float, default=default(RegistrationSettings, "atlas_search_mm"), show_default=True,
               help="Before registering the atlas, try it moved by -d, 0, +d mm along each axis and start from the "
                    "placement whose fitted model explains the images best (0: off).")
-@click.option("--control-spacing", type=float, default=40.0, show_default=True,
+@click.option("--control-spacing", type=float, default=default(RegistrationSettings, "control_spacing"), show_default=True,
               help="FFD control-point spacing (mm) of the first level; halved at the next.")
-@click.option("--bending-weight", type=float, default=1000.0, show_default=True,
+@click.option("--bending-weight", type=float, default=default(RegistrationSettings, "bending_weight"), show_default=True,
               help="Weight of the FFD bending energy against the mean log-likelihood per voxel (a folded "
                    "deformation is reported as a warning).")
-@click.option("--affine-weight", type=float, default=1.0, show_default=True,
+@click.option("--affine-weight", type=float, default=default(RegistrationSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
                    "singular values) against the mean log-likelihood per voxel; 0: none.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -161,27 +186,25 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
     parameters and a report into --out.
     """
     from mvmm.data.labels import resolve_labels
-    from mvmm.joint import RegistrationSettings
     from mvmm.core.outputs import prepare_output_dir
-    from mvmm.segment import load_subject, segment_subject
+    from mvmm.joint import default_registration
+    from mvmm.segment import load_subject
 
     _setup_logging(quiet)
     prepare_output_dir(out, force)  # fail before any work if the folder is taken
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
-    if register_atlas is None:
-        register_atlas = "affine" if subject.atlas is not None else "none"
-    registration = RegistrationSettings(atlas=register_atlas, images=register_images, images_init=images_init,
-                                        atlas_init=atlas_init, atlas_search_mm=atlas_search_mm,
-                                        control_spacing=control_spacing,
+    registration = default_registration(subject, atlas=register_atlas, images=register_images,
+                                        images_init=images_init, atlas_init=atlas_init,
+                                        atlas_search_mm=atlas_search_mm, control_spacing=control_spacing,
                                         bending_weight=bending_weight, affine_weight=affine_weight)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=not quiet, registration=registration,
                              postprocess=postprocess)
     files = result.write(out, force=True)
-    if register_atlas == "none" and register_images == "none" and subject.atlas is not None and len(images) > 1:
+    if not registration.active and subject.atlas is not None and len(images) > 1:
         log.info("images and atlas placed by their headers only (see --register-images / --register-atlas)")
     if not quiet:
         click.echo(f"EM: {result.model.n_iter_} iterations, converged: {result.model.converged_}, "
@@ -274,21 +297,24 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
 @main.command()
 @click.option("--fixed", required=True, type=click.Path(path_type=Path), help="Fixed image (its grid is the output space).")
 @click.option("--moving", required=True, type=click.Path(path_type=Path), help="Moving image.")
-@click.option("--transform", "transform_kind", type=click.Choice(["rigid", "affine", "ffd"]), default="affine",
+@click.option("--transform", "transform_kind", type=click.Choice(["rigid", "affine", "ffd"]),
+              default=default(PairwiseSettings, "transform"),
               show_default=True, help="Transform model; affine runs rigid first, ffd runs rigid, affine, then FFD levels.")
-@click.option("--metric", type=click.Choice(["mi", "ncc", "ssd", "dice"]), default="mi", show_default=True,
+@click.option("--metric", type=click.Choice(["mi", "ncc", "ssd", "dice"]),
+              default=default(PairwiseSettings, "metric"), show_default=True,
               help="mi: Mattes-style mutual information (other modalities); ncc: local normalised "
                    "cross-correlation; ssd: squared differences (same contrast); dice: soft Dice of probability maps.")
-@click.option("--init", type=click.Choice(["geometry", "moments", "header"]), default="geometry", show_default=True,
+@click.option("--init", type=click.Choice(["geometry", "moments", "header"]),
+              default=default(PairwiseSettings, "init"), show_default=True,
               help="Initial translation: field-of-view centres, intensity centres of mass, or the headers as they are.")
 @click.option("--fixed-mask", type=click.Path(path_type=Path), help="Only these fixed voxels count (nonzero).")
 @click.option("--moving-mask", type=click.Path(path_type=Path), help="Only these moving voxels count (nonzero).")
-@click.option("--control-spacing", type=float, default=40.0, show_default=True,
+@click.option("--control-spacing", type=float, default=default(PairwiseSettings, "control_spacing"), show_default=True,
               help="FFD control-point spacing (mm) of the first FFD level; halved at the next.")
-@click.option("--bending-weight", type=float, default=1000.0, show_default=True,
+@click.option("--bending-weight", type=float, default=default(PairwiseSettings, "bending_weight"), show_default=True,
               help="Weight of the FFD bending energy against the similarity loss (a folded deformation is "
                    "reported as a warning).")
-@click.option("--grid-spacing", type=float, default=2.0, show_default=True,
+@click.option("--grid-spacing", type=float, default=default(PairwiseSettings, "grid_spacing"), show_default=True,
               help="The loss is computed on the fixed grid coarsened to at least this spacing (mm).")
 @click.option("--full-resolution", is_flag=True, help="Repeat the last level on the full fixed grid.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -299,7 +325,7 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
 def register(fixed, moving, transform_kind, metric, init, fixed_mask, moving_mask, control_spacing, bending_weight,
              grid_spacing, full_resolution, out, force, device, quiet):
     """Register MOVING to FIXED (pairwise); writes transforms/, moved.nii.gz and report.json into --out."""
-    from mvmm.register import PairwiseSettings, register_files
+    from mvmm.register import register_files
 
     _setup_logging(quiet)
     settings = PairwiseSettings(transform=transform_kind, metric=metric, init=init, control_spacing=control_spacing,
@@ -320,15 +346,18 @@ def atlas():
               help="Integer label maps (e.g. patient2_LGE_manual.nii.gz ...); any grids unless --register none "
                    "and --frame world, where maps on one grid are averaged as they are.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output probability atlas (e.g. atlas.nii.gz).")
-@click.option("--register", "register_kind", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="none",
-              show_default=True, help="Group-wise registration of the maps to their evolving mean before averaging.")
-@click.option("--frame", type=click.Choice(["world", "axes"]), default="world", show_default=True,
+@click.option("--register", "register_kind", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+              default=default(GroupwiseSettings, "register"), show_default=True,
+              help="Group-wise registration of the maps to their evolving mean before averaging.")
+@click.option("--frame", type=click.Choice(["world", "axes"]), default=default(GroupwiseSettings, "frame"),
+              show_default=True,
               help="world: relate maps by their headers; axes: by their image axes with the labelled anatomy's "
                    "centroid at the origin (short-axis stacks of different patients). An axes atlas is placed "
                    "on a target by its axes and field-of-view centre.")
-@click.option("--sigma", type=float, default=DEFAULT_SIGMA_MM, show_default=True, help="Gaussian smoothing in mm.")
+@click.option("--sigma", type=float, default=default(GroupwiseSettings, "sigma_mm"), show_default=True,
+              help="Gaussian smoothing in mm.")
 @click.option("--spacing", type=float, multiple=True, help="Voxel size (mm) of the atlas grid (one value or one per axis).")
-@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--rounds", type=click.IntRange(min=1), default=default(GroupwiseSettings, "rounds"), show_default=True,
               help="Template updates per registration level.")
 @click.option("--label-names", metavar="NAME=VALUE,...", help="Names of the label values (default: the values).")
 @click.option("--force", is_flag=True, help="Overwrite an existing atlas file.")
@@ -337,7 +366,7 @@ def atlas():
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
 def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, label_names, force, device, quiet):
     """Average one-hot label maps into a probability atlas (+ a JSON sidecar of labels and how it was built)."""
-    from mvmm.atlas_build import GroupwiseSettings, build_atlas
+    from mvmm.atlas_build import build_atlas
     from mvmm.data.atlas import Atlas
     from mvmm.data.labels import resolve_labels
     from mvmm.core.devices import resolve_device
@@ -400,31 +429,36 @@ def experiment():
 @click.option("--atlas-data", type=click.Path(path_type=Path),
               help="Build the atlases from this folder's patients (default: leave-one-out within --data).")
 @click.option("--patients", help="Target patients, e.g. 1-25 (default: all in --data).")
-@click.option("--sequences", multiple=True, default=("LGE", "C0"), show_default=True,
+@click.option("--sequences", multiple=True, default=default_list(ExperimentSettings, "sequences"), show_default=True,
               help="Sequences of each target for em-all and gmm (LGE is always used).")
-@click.option("--atlas-register", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
+@click.option("--atlas-register", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+              default=default(ExperimentSettings, "atlas_register"),
               show_default=True, help="Group-wise registration of the atlas patients' labels.")
-@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]), default="affine",
+@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+              default=default(ExperimentSettings, "register_atlas"),
               show_default=True, help="Registration of the atlas to each target inside the joint model (affine: "
                                       "rigid, then affine held near rigid by the prior on scaling and shear).")
-@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]), default="none",
+@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]),
+              default=default(ExperimentSettings, "register_images"),
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
-@click.option("--atlas-search-mm", type=float, default=10.0, show_default=True,
+@click.option("--atlas-search-mm", type=float, default=default(ExperimentSettings, "atlas_search_mm"), show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
-@click.option("--affine-weight", type=float, default=0.3, show_default=True,
+@click.option("--affine-weight", type=float, default=default(ExperimentSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the atlas's affine scaling and shear, as for segment.")
-@click.option("--roi-margin", type=MARGIN, default="5", show_default=True, metavar="MM|none",
+@click.option("--roi-margin", type=MARGIN, default=default(ExperimentSettings, "roi_margin_mm"), show_default=True, metavar="MM|none",
               help="em-all and em-lge fit only within MM of the moved atlas's foreground (none: the whole field "
                    "of view).")
-@click.option("--subtypes", multiple=True, default=("LGE:Myo=2",), show_default=True, metavar="IMAGE:TISSUE=N",
+@click.option("--subtypes", multiple=True, default=default_list(ExperimentSettings, "subtypes"), show_default=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes of em-all and em-lge, as for segment (the default: normal and scarred "
                    "LGE myocardium).")
-@click.option("--proportions", type=click.Choice(["atlas", "learned"]), default="atlas", show_default=True,
+@click.option("--proportions", type=click.Choice(["atlas", "learned"]),
+              default=default(ExperimentSettings, "proportions"), show_default=True,
               help="Global tissue proportions of em-all and em-lge: held equal (the prior is the atlas) or "
                    "estimated, as for segment.")
-@click.option("--mrf-beta", type=float, default=0.0, show_default=True,
+@click.option("--mrf-beta", type=float, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
-@click.option("--postprocess", type=click.Choice(["cardiac", "none"]), default="cardiac", show_default=True,
+@click.option("--postprocess", type=click.Choice(["cardiac", "none"]),
+              default=default(ExperimentSettings, "postprocess"), show_default=True,
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
@@ -433,7 +467,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
                      device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
-    from mvmm.experiments.mscmr import METHODS, ExperimentSettings, run_mscmr
+    from mvmm.experiments.mscmr import METHODS, run_mscmr
 
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,

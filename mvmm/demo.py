@@ -5,7 +5,6 @@ from __future__ import annotations
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.phantom import SEQUENCES, write_phantom
 from mvmm.evaluate import evaluate_label_files
-from mvmm.joint import RegistrationSettings
 from mvmm.core.outputs import prepare_output_dir, write_json
 from mvmm.segment import load_subject, segment_subject
 
@@ -23,7 +22,7 @@ def run_demo(out_dir, seed: int = 0, device: str = "auto", force: bool = False,
     subject = load_subject([files[name] for name in SEQUENCES], names=list(SEQUENCES))
     # what `mvmm segment` does by default: the atlas moves (rigid, then affine), the images stay
     result = segment_subject(subject, mrf_beta=mrf_beta, device=device, seed=seed, progress=progress,
-                             registration=RegistrationSettings(atlas="affine", images="none"))
+                             registration="default")
     written = result.write(out / "segmentation", force=True)
     metrics = evaluate_label_files(written["labels_LGE"], files["LGE_truth"], CARDIAC_LABELS)
     report = {

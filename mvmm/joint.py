@@ -53,9 +53,11 @@ class RegistrationSettings:
     Attributes
     ----------
     atlas : {"none", "rigid", "affine", "ffd"}
-        Atlas transform; ``"ffd"`` runs rigid, then affine, then B-spline levels.
+        Atlas transform; ``"affine"`` (the default) runs rigid then affine, ``"ffd"`` then B-spline
+        levels. On MS-CMRSeg an FFD atlas level still loses to affine (docs).
     images : {"none", "rigid", "affine"}
-        Transform of each non-reference image (the reference is fixed).
+        Transform of each non-reference image (the reference is fixed). ``"none"`` by default: on
+        MS-CMRSeg no rigid motion of C0 tried beats the headers (docs).
     atlas_init : {"header", "geometry"}
         Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
     atlas_search_mm : float
@@ -92,8 +94,8 @@ class RegistrationSettings:
         Repeat the last level on the full reference grid (slower, more precise).
     """
 
-    atlas: str = "ffd"
-    images: str = "rigid"
+    atlas: str = "affine"
+    images: str = "none"
     atlas_init: str = "header"
     atlas_search_mm: float = 0.0
     search_em_steps: int = 10
@@ -148,6 +150,14 @@ class RegistrationSettings:
         if self.refine_full_resolution:
             levels.append({**levels[-1], "name": levels[-1]["name"] + ", full resolution", "full_resolution": True})
         return levels
+
+
+def default_registration(subject: Subject, **overrides) -> RegistrationSettings:
+    """What ``mvmm segment`` and :func:`mvmm.segment.segment_subject` do unless told otherwise:
+    :class:`RegistrationSettings`' defaults, with ``atlas="none"`` when the subject has no atlas."""
+    if subject.atlas is None and overrides.get("atlas") is None:
+        overrides["atlas"] = "none"
+    return RegistrationSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass

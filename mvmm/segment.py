@@ -27,7 +27,7 @@ from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
-from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings
+from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.core.outputs import prepare_output_dir, write_json
@@ -219,7 +219,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
                     mrf_beta: float = 0.0, learn_proportions: bool = True,
                     max_iter: int = 200, tol: float = 1e-5, var_floor: float = 1e-3, device: str = "auto",
                     seed: Optional[int] = 0, progress: bool = False,
-                    registration: Optional[RegistrationSettings] = None, postprocess: str = "none") -> Segmentation:
+                    registration: Union[RegistrationSettings, str, None] = "default",
+                    postprocess: str = "none") -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -238,11 +239,12 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     device : {"auto", "cpu", "cuda"}
     seed : int, optional
         Seeds torch and the k-means initialisation of a plain mixture.
-    registration : RegistrationSettings, optional
+    registration : RegistrationSettings, "default" or None
         Move the atlas and/or the non-reference images while fitting (:mod:`mvmm.joint`); the
         transforms found are kept in ``subject.transforms`` of the result and written with it.
-        None: nothing moves (``mvmm segment`` passes ``RegistrationSettings(atlas="affine",
-        images="none")`` unless told otherwise).
+        ``"default"``: what ``mvmm segment`` does (:func:`mvmm.joint.default_registration`: the
+        atlas moves rigidly then affinely, the images stay). None: nothing moves, the headers place
+        everything.
     postprocess : {"none", "cardiac"}
         Clean-up of every label map of the result (:mod:`mvmm.postprocess`; ``"cardiac"`` assumes
         short-axis slices and tissues named LV and Myo); posteriors are left as fitted.
@@ -261,6 +263,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     model = MultivariateMixture(n_subtypes=counts, n_classes=len(labels), max_iter=max_iter, tol=tol,
                                 var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed,
                                 learn_proportions=learn_proportions, progress=progress)
+    if isinstance(registration, str):
+        if registration != "default":
+            raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
+        registration = default_registration(subject)
     registered = None
     if registration is not None and registration.active:
         subject.sample(device=torch_device)  # fail on unusable input before the long part

@@ -42,7 +42,7 @@ def test_roi_keeps_the_likelihood_near_the_atlas_foreground_and_labels_the_rest_
     roi = sample.coverage.any(0)
     # the reference (LGE) covers its whole grid: its coverage is exactly the dilated foreground
     assert np.array_equal(sample.coverage[0].numpy(), expected) and 0.05 < roi.float().mean() < 0.9
-    result = segment_subject(subject, device="cpu")
+    result = segment_subject(subject, device="cpu", registration=None)
     assert result.report()["settings"]["roi_margin_mm"] == 6.0
     labels = result.label_map()
     assert set(np.unique(labels[~roi.numpy()])) == {0}
