@@ -91,7 +91,7 @@ def test_parameter_slot_learnable_fixed_or_callable():
     out = produced(torch.zeros(1, 3, dtype=torch.float64)).sum()
     out.backward()
     assert head.weight.grad is not None  # gradients reach the network that fills the slot
-    with pytest.raises(ValueError, match="expected shape"):
+    with pytest.raises(ValueError, match=r"expects parameters of shape \[6\] or \[B, 6\], got \[5\]"):
         RigidTransform(3, torch.zeros(5))
     with pytest.raises(TypeError, match="Parameter, a tensor or a callable"):
         RigidTransform(3, "rigid")
@@ -100,3 +100,35 @@ def test_parameter_slot_learnable_fixed_or_callable():
 def test_2d_rigid():
     t = RigidTransform(2, torch.tensor([math.pi / 2, 1.0, 0.0], dtype=torch.float64))
     assert torch.allclose(t(torch.tensor([[1.0, 0.0]], dtype=torch.float64)), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+
+
+def test_a_batched_rigid_head_moves_each_subject_independently():
+    head = nn.Linear(4, 6).double()
+    features = torch.randn(3, 4, dtype=torch.float64)
+    batched = RigidTransform(3, lambda: head(features), center=[10.0, -5.0, 2.0])
+    points = torch.randn(3, 7, 5, 3, dtype=torch.float64) * 30  # [B, *S, 3]
+    moved = batched(points)
+    assert moved.shape == points.shape and batched.batch_size == 3
+    with torch.no_grad():
+        params = head(features)
+    for b in range(3):  # transform b alone on subject b's points
+        single = batched.with_params(params[b])
+        torch.testing.assert_close(moved[b], single(points[b]))
+    moved.square().sum().backward()
+    assert head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"B = 3"):
+        batched(points[:2])
+    wrong = RigidTransform(3, lambda: torch.zeros(3, 7, dtype=torch.float64))  # a head of the wrong width
+    with pytest.raises(ValueError, match=r"RigidTransform \(3D\) expects parameters of shape \[6\] or \[B, 6\], got \[3, 7\]"):
+        wrong(points)
+
+
+@pytest.mark.parametrize("kind", [RigidTransform, AffineTransform])
+def test_inverse_is_exact_and_keeps_gradients(kind):
+    params = (torch.randn(kind(3).identity_params().shape, dtype=torch.float64) * 0.2).requires_grad_(True)
+    transform = kind(3, params * 1.0, center=[1.0, 2.0, 3.0])
+    points = torch.randn(10, 3, dtype=torch.float64) * 20
+    back = transform.inverse()(transform(points))
+    torch.testing.assert_close(back, points)
+    transform.inverse()(points).sum().backward()
+    assert params.grad is not None and params.grad.abs().sum() > 0

@@ -87,8 +87,13 @@ class ParametricTransform(nn.Module):
     """Base of transforms with one parameter slot (see the module docstring).
 
     Subclasses define ``identity_params()`` (the parameters of the identity map, which also fixes
-    their shape) and call ``_fill_slot(params)`` once their geometry is set.
+    their shape ``P``) and call ``_fill_slot(params)`` once their geometry is set. Whatever fills
+    the slot must give ``P`` (one transform) or, where the subclass allows a batch, ``[B, *P]``
+    (B transforms, e.g. a network head's output for B subjects); the shape is checked at every
+    evaluation, so a wrong head fails with a message naming the transform, not inside a matmul.
     """
+
+    batchable = False  # subclasses that accept a leading batch dimension set this
 
     def _fill_slot(self, params: ParamValue) -> None:
         self._fn = None
@@ -102,15 +107,33 @@ class ParametricTransform(nn.Module):
             self._fn = params
         else:
             raise TypeError(f"params: expected a Parameter, a tensor or a callable, got {type(params).__name__}")
+        if self._fn is None:
+            self._check_params(self.params_tensor)
+
+    def _check_params(self, value) -> torch.Tensor:
         expected = tuple(self.identity_params().shape)
-        if self._fn is None and tuple(self.params_tensor.shape) != expected:
-            raise ValueError(f"params: expected shape {expected} for {type(self).__name__}, "
-                             f"got {tuple(self.params_tensor.shape)}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"params: the slot of {type(self).__name__} gave a {type(value).__name__}, "
+                            f"expected a tensor of shape {list(expected)}")
+        shape = tuple(value.shape)
+        if shape == expected or (self.batchable and len(shape) == len(expected) + 1 and shape[1:] == expected):
+            return value
+        batch = f" or [B, {', '.join(map(str, expected))}]" if self.batchable else ""
+        raise ValueError(f"params: {type(self).__name__} ({self.ndim}D) expects parameters of shape "
+                         f"{list(expected)}{batch}, got {list(shape)}")
 
     @property
     def params(self) -> torch.Tensor:
-        """The current parameters (evaluating the callable, if the slot holds one)."""
-        return self._fn() if self._fn is not None else self.params_tensor
+        """The current parameters (evaluating the callable, if the slot holds one), shape-checked."""
+        if self._fn is not None:
+            return self._check_params(self._fn())
+        return self.params_tensor
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """B for batched parameters ``[B, *P]``, None for one transform."""
+        p = self.params
+        return p.shape[0] if p.dim() > self.identity_params().dim() else None
 
     @property
     def learnable(self) -> bool:
@@ -118,6 +141,10 @@ class ParametricTransform(nn.Module):
         return self._fn is None and isinstance(self.params_tensor, nn.Parameter) and self.params_tensor.requires_grad
 
     def identity_params(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def with_params(self, params: ParamValue) -> "ParametricTransform":
+        """A transform of the same kind and geometry with ``params`` in its slot (this one unchanged)."""
         raise NotImplementedError
 
 
@@ -128,10 +155,15 @@ class LinearTransform(ParametricTransform):
     ----------
     ndim : {2, 3}
     params : nn.Parameter, tensor, callable or None
-        The parameter slot; None gives a learnable Parameter at the identity.
+        The parameter slot, shape ``[P]`` for one transform or ``[B, P]`` for B (one per subject);
+        None gives a learnable Parameter at the identity.
     center : sequence of float, optional
-        Centre c of rotation/scaling in mm (default: the origin).
+        Centre c of rotation/scaling in mm (default: the origin), shared by the batch.
+
+    A batched transform maps points ``[B, *S, ndim]``: subject b's points by transform b.
     """
+
+    batchable = True
 
     def __init__(self, ndim: int, params: ParamValue = None, center: Optional[Sequence[float]] = None):
         super().__init__()
@@ -143,46 +175,60 @@ class LinearTransform(ParametricTransform):
         self._fill_slot(params)
 
     def matrix_and_translation(self):
-        """``A [ndim, ndim]`` and ``t [ndim]`` from the current parameters."""
+        """``A [..., ndim, ndim]`` and ``t [..., ndim]`` from the current parameters (``...``: the batch)."""
         raise NotImplementedError
 
     def affine(self) -> torch.Tensor:
-        """Homogeneous ``[ndim+1, ndim+1]`` matrix of the map world → world."""
+        """Homogeneous ``[..., ndim+1, ndim+1]`` matrix of the map world → world (differentiable)."""
         a, t = self.matrix_and_translation()
-        c = self.center.to(a.dtype).to(a.device)
-        m = torch.eye(self.ndim + 1, dtype=a.dtype, device=a.device)
-        m[: self.ndim, : self.ndim] = a
-        m[: self.ndim, self.ndim] = c + t - a @ c
-        return m
+        c = self.center.to(device=a.device, dtype=a.dtype)
+        offset = c + t - (a @ c.unsqueeze(-1)).squeeze(-1)
+        top = torch.cat([a, offset.unsqueeze(-1)], dim=-1)
+        bottom = torch.zeros(top.shape[:-2] + (1, self.ndim + 1), dtype=a.dtype, device=a.device)
+        bottom[..., 0, self.ndim] = 1
+        return torch.cat([top, bottom], dim=-2)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """Map world points ``[..., ndim]`` (mm) to world points ``[..., ndim]``."""
+        """Map world points ``[..., ndim]`` (mm) to world points; batched: ``[B, *S, ndim]``."""
         m = self.affine().to(device=points.device, dtype=points.dtype)
-        return points @ m[: self.ndim, : self.ndim].T + m[: self.ndim, self.ndim]
+        if m.dim() == 2:
+            return points @ m[: self.ndim, : self.ndim].T + m[: self.ndim, self.ndim]
+        if points.dim() < 2 or points.shape[0] != m.shape[0]:
+            raise ValueError(f"points: a batch of {m.shape[0]} transforms maps points [B, *S, {self.ndim}] with "
+                             f"B = {m.shape[0]}, got {list(points.shape)}")
+        flat = points.reshape(points.shape[0], -1, self.ndim)
+        moved = flat @ m[:, : self.ndim, : self.ndim].transpose(1, 2) + m[:, None, : self.ndim, self.ndim]
+        return moved.reshape(points.shape)
 
     def inverse(self) -> "AffineTransform":
-        """The exact inverse, as a fixed affine transform (about the origin)."""
-        inv = torch.linalg.inv(self.affine().detach())
-        return AffineTransform.from_matrix(inv)
+        """The exact inverse, as an affine transform (about the origin) whose parameters keep the
+        autograd graph of this one's (gradients flow through the inverse)."""
+        return AffineTransform.from_matrix(torch.linalg.inv(self.affine()))
 
     def compose(self, inner: "LinearTransform") -> "AffineTransform":
-        """``self ∘ inner`` (apply ``inner`` first), as a fixed affine transform."""
-        outer = self.affine().detach()
-        m = outer @ inner.affine().detach().to(outer.dtype)
-        return AffineTransform.from_matrix(m)
+        """``self ∘ inner`` (apply ``inner`` first), as an affine transform (gradients kept)."""
+        outer = self.affine()
+        return AffineTransform.from_matrix(outer @ inner.affine().to(outer))
+
+    def with_params(self, params: ParamValue) -> "LinearTransform":
+        return type(self)(self.ndim, params=params, center=self.center)
 
 
 def rotation_matrix(angles: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Rotation from angles in radians: one angle in 2D; three (about x, then y, then z) in 3D."""
+    """Rotation ``[..., ndim, ndim]`` from angles in radians ``[..., 1]`` (2D) or ``[..., 3]``
+    (3D: about x, then y, then z)."""
     if ndim == 2:
-        c, s = torch.cos(angles[0]), torch.sin(angles[0])
-        return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
-    cx, cy, cz = torch.cos(angles)
-    sx, sy, sz = torch.sin(angles)
+        c, s = torch.cos(angles[..., 0]), torch.sin(angles[..., 0])
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    cx, cy, cz = torch.cos(angles).unbind(-1)
+    sx, sy, sz = torch.sin(angles).unbind(-1)
     one, zero = torch.ones_like(cx), torch.zeros_like(cx)
-    rx = torch.stack([torch.stack([one, zero, zero]), torch.stack([zero, cx, -sx]), torch.stack([zero, sx, cx])])
-    ry = torch.stack([torch.stack([cy, zero, sy]), torch.stack([zero, one, zero]), torch.stack([-sy, zero, cy])])
-    rz = torch.stack([torch.stack([cz, -sz, zero]), torch.stack([sz, cz, zero]), torch.stack([zero, zero, one])])
+
+    def matrix(rows):
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+    rx = matrix([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+    ry = matrix([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rz = matrix([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
     return rz @ ry @ rx
 
 
@@ -194,7 +240,7 @@ class TranslationTransform(LinearTransform):
 
     def matrix_and_translation(self):
         t = self.params
-        return torch.eye(self.ndim, dtype=t.dtype, device=t.device), t
+        return torch.eye(self.ndim, dtype=t.dtype, device=t.device).expand(t.shape[:-1] + (self.ndim, self.ndim)), t
 
 
 class RigidTransform(LinearTransform):
@@ -209,10 +255,10 @@ class RigidTransform(LinearTransform):
     def matrix_and_translation(self):
         p = self.params
         n_angles = 1 if self.ndim == 2 else 3
-        return rotation_matrix(p[:n_angles], self.ndim), p[n_angles:]
+        return rotation_matrix(p[..., :n_angles], self.ndim), p[..., n_angles:]
 
     def angles_degrees(self) -> torch.Tensor:
-        return self.params[: 1 if self.ndim == 2 else 3] * (180.0 / math.pi)
+        return self.params[..., : 1 if self.ndim == 2 else 3] * (180.0 / math.pi)
 
 
 class AffineTransform(LinearTransform):
@@ -224,12 +270,14 @@ class AffineTransform(LinearTransform):
     def matrix_and_translation(self):
         p = self.params
         n = self.ndim
-        return torch.eye(n, dtype=p.dtype, device=p.device) + p[: n * n].reshape(n, n), p[n * n:]
+        a = torch.eye(n, dtype=p.dtype, device=p.device) + p[..., : n * n].reshape(p.shape[:-1] + (n, n))
+        return a, p[..., n * n:]
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor) -> "AffineTransform":
-        """A fixed transform from a homogeneous ``[ndim+1, ndim+1]`` matrix (centre at the origin)."""
-        n = matrix.shape[0] - 1
-        params = torch.cat([(matrix[:n, :n] - torch.eye(n, dtype=matrix.dtype, device=matrix.device)).reshape(-1),
-                            matrix[:n, n]])
+        """A transform from homogeneous ``[..., ndim+1, ndim+1]`` matrices (centre at the origin);
+        the parameters keep ``matrix``'s autograd graph."""
+        n = matrix.shape[-1] - 1
+        linear = matrix[..., :n, :n] - torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+        params = torch.cat([linear.reshape(matrix.shape[:-2] + (n * n,)), matrix[..., :n, n]], dim=-1)
         return cls(n, params)
