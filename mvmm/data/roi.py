@@ -1,4 +1,4 @@
-"""The region of interest of a case: the dilated support of the atlas foreground (DESIGN.md §1, Ω_roi).
+"""The region of interest of a case: the dilated support of the atlas foreground (docs/model.md, Ω_roi).
 
 Cardiac MR fields of view hold far more chest wall, lung and liver than heart; restricting the
 likelihood to where the atlas allows a foreground tissue (plus a margin for misplacement and for

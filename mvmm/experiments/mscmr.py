@@ -78,7 +78,7 @@ class ExperimentSettings:
     subtypes : list of str
         Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
         --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
-        model of DESIGN.md §1.
+        model of docs/model.md.
     proportions : {"atlas", "learned"}
         Global tissue proportions of ``em-all`` and ``em-lge``: held equal, so that the prior is
         the registered atlas (``mvmm segment --proportions atlas``), or estimated.

@@ -1,6 +1,6 @@
 """The multivariate mixture's likelihood as pure, batched, differentiable torch functions.
 
-This is the one implementation of the model (DESIGN.md §1) that every solver uses: the EM
+This is the one implementation of the model (docs/model.md) that every solver uses: the EM
 estimator (:class:`~mvmm.mixture.model.MultivariateMixture`) calls it in its loop, the joint solver
 differentiates it with respect to the transforms, and networks train on it as their loss.
 
@@ -218,7 +218,7 @@ class MStep(NamedTuple):
 def m_step(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tensor, within: List[torch.Tensor],
            params: MixtureParams, var_floor: torch.Tensor, log_atlas: Optional[torch.Tensor] = None,
            learn_proportions: bool = True) -> MStep:
-    """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and π (DESIGN.md §1, M-step).
+    """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and π (docs/model.md, "EM").
 
     The weight of subtype c of tissue k in image i at x is ``P_ikcx = M_i(x) P_kx P(c | k, x)``.
     A subtype with less than ``MIN_SUBTYPE_MASS`` of data keeps its mean and variance (collapse).
