@@ -147,7 +147,8 @@ def main():
 @click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
               help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
                    "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
-@click.option("--max-iter", type=int, default=default(segment_subject, "max_iter"), show_default=True, help="Maximum EM iterations.")
+@click.option("--max-iter", type=int, default=default(segment_subject, "max_iter"),
+              show_default=True, help="Maximum EM iterations.")
 @click.option("--tol", type=float, default=default(segment_subject, "tol"), show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
 @click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]),
@@ -157,18 +158,23 @@ def main():
 @click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]),
               default=default(RegistrationSettings, "images"),
               show_default=True, help="Move each non-reference image while fitting (the reference stays).")
-@click.option("--images-init", type=click.Choice(["mi", "header"]), default=default(RegistrationSettings, "images_init"), show_default=True,
+@click.option("--images-init", type=click.Choice(["mi", "header"]),
+              default=default(RegistrationSettings, "images_init"),
+              show_default=True,
               help="With --register-images: start each moving image from a rigid mutual-information registration "
                    "to the reference (mi), or from its header.")
 @click.option("--atlas-init", type=click.Choice(["header", "geometry"]),
               default=default(RegistrationSettings, "atlas_init"), show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
-@click.option("--atlas-search-mm", type=float, default=default(RegistrationSettings, "atlas_search_mm"), show_default=True,
+@click.option("--atlas-search-mm", type=float, default=default(RegistrationSettings, "atlas_search_mm"),
+              show_default=True,
               help="Before registering the atlas, try it moved by -d, 0, +d mm along each axis and start from the "
                    "placement whose fitted model explains the images best (0: off).")
-@click.option("--control-spacing", type=float, default=default(RegistrationSettings, "control_spacing"), show_default=True,
+@click.option("--control-spacing", type=float, default=default(RegistrationSettings, "control_spacing"),
+              show_default=True,
               help="FFD control-point spacing (mm) of the first level; halved at the next.")
-@click.option("--bending-weight", type=float, default=default(RegistrationSettings, "bending_weight"), show_default=True,
+@click.option("--bending-weight", type=float, default=default(RegistrationSettings, "bending_weight"),
+              show_default=True,
               help="Weight of the FFD bending energy against the mean log-likelihood per voxel (a folded "
                    "deformation is reported as a warning).")
 @click.option("--affine-weight", type=float, default=default(RegistrationSettings, "affine_weight"), show_default=True,
@@ -299,7 +305,8 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
 @click.option("--moving", required=True, type=click.Path(path_type=Path), help="Moving image.")
 @click.option("--transform", "transform_kind", type=click.Choice(["rigid", "affine", "ffd"]),
               default=default(PairwiseSettings, "transform"),
-              show_default=True, help="Transform model; affine runs rigid first, ffd runs rigid, affine, then FFD levels.")
+              show_default=True,
+              help="Transform model; affine runs rigid first, ffd runs rigid, affine, then FFD levels.")
 @click.option("--metric", type=click.Choice(["mi", "ncc", "ssd", "dice"]),
               default=default(PairwiseSettings, "metric"), show_default=True,
               help="mi: Mattes-style mutual information (other modalities); ncc: local normalised "
@@ -441,14 +448,17 @@ def experiment():
 @click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]),
               default=default(ExperimentSettings, "register_images"),
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
-@click.option("--atlas-search-mm", type=float, default=default(ExperimentSettings, "atlas_search_mm"), show_default=True,
+@click.option("--atlas-search-mm", type=float, default=default(ExperimentSettings, "atlas_search_mm"),
+              show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
 @click.option("--affine-weight", type=float, default=default(ExperimentSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the atlas's affine scaling and shear, as for segment.")
-@click.option("--roi-margin", type=MARGIN, default=default(ExperimentSettings, "roi_margin_mm"), show_default=True, metavar="MM|none",
+@click.option("--roi-margin", type=MARGIN, default=default(ExperimentSettings, "roi_margin_mm"),
+              show_default=True, metavar="MM|none",
               help="em-all and em-lge fit only within MM of the moved atlas's foreground (none: the whole field "
                    "of view).")
-@click.option("--subtypes", multiple=True, default=default_list(ExperimentSettings, "subtypes"), show_default=True, metavar="IMAGE:TISSUE=N",
+@click.option("--subtypes", multiple=True, default=default_list(ExperimentSettings, "subtypes"),
+              show_default=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes of em-all and em-lge, as for segment (the default: normal and scarred "
                    "LGE myocardium).")
 @click.option("--proportions", type=click.Choice(["atlas", "learned"]),

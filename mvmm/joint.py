@@ -1,7 +1,7 @@
 """The joint solver: EM on the appearance ⇄ gradient steps on the geometry (ICM), coarse to fine.
 
-DESIGN.md §1, "Registration": with the transforms fixed, a few EM steps update the tissue
-parameters; with those fixed, a few gradient steps on the transform parameters increase
+See docs/design.md ("One model, several solvers"). With the transforms fixed, a few EM steps update
+the tissue parameters; with those fixed, a few gradient steps on the transform parameters increase
 ``log L − λ · bending energy − μ · linear distortion`` through autograd (``torch.grid_sample``
 warps). Levels go coarse to fine: rigid → affine → FFD with the control spacing halving. The
 atlas, the non-reference images, or both move; the reference image defines the common space Ω
@@ -204,7 +204,6 @@ class JointSolver:
         """Register and fit; ``self.model`` ends fitted on the registration grid (refit it on the full one)."""
         s = self.settings
         s.check_subject(subject)
-        self._fitted_here = False
         work = copy.copy(subject)
         work.transforms = dict(subject.transforms)
         reference = subject.reference_image.grid
@@ -245,7 +244,8 @@ class JointSolver:
             region = work.region_of_interest(grid, self.device) if level["atlas"] == "ffd" else None
             previous = None
             for outer in range(1, s.max_outer + 1):
-                after_em = self._em_steps(work, grid, region)
+                # the run's first EM fits from scratch; later ones continue for a few steps
+                after_em = self._em_steps(work, grid, region, continue_fit=bool(history))
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
                 lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
@@ -312,16 +312,16 @@ class JointSolver:
                  [int(x) * d for x in best[1]], best[0], scores[len(scores) // 2][0])
         return best[2]
 
-    def _em_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor]) -> float:
+    def _em_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], continue_fit: bool) -> float:
         with torch.no_grad():
             sample = work.sample(grid, self.device, check=False, region=region)
-            # the first call fits from scratch; later ones continue for a few steps
-            start = getattr(self.model, "params_", None) if self._fitted_here else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
-                               max_iter=self.settings.em_steps if start is not None else None, init_params=start)
-            self._fitted_here = True
+                if continue_fit:
+                    self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
+                                   max_iter=self.settings.em_steps, init_params=self.model.params_)
+                else:
+                    self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing)
         return self.model.lower_bounds_[-1]
 
     def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],

@@ -65,9 +65,11 @@ def test_every_cli_default_is_the_python_default(path):
                 shown = tuple(shown) if isinstance(shown, (list, tuple)) else ()
                 expected = tuple(expected or ())
             if option.name == "register_atlas" and path == ("segment",):
-                assert shown in (None, getattr(click.core, "UNSET", None))  # chosen per subject by default_registration (atlas or none)
+                # chosen per subject by default_registration (the default with an atlas, none without)
+                assert shown in (None, getattr(click.core, "UNSET", None))
             else:
-                assert shown == expected, f"{' '.join(path)} --{option.name.replace('_', '-')}: {shown!r} != {expected!r}"
+                flag = f"{' '.join(path)} --{option.name.replace('_', '-')}"
+                assert shown == expected, f"{flag}: {shown!r} != {expected!r}"
             compared += 1
             break
     assert compared >= 4

@@ -95,8 +95,8 @@ class TinyHead(nn.Module):
         n, k = counts.shape
         c = int(counts.max())
         # subtypes start apart (at equal means the weights' gradient is zero by symmetry)
-        self.means = nn.Parameter(torch.linspace(0, 1, k).reshape(1, 1, k, 1) + 0.1 * torch.arange(c).reshape(1, 1, 1, c)
-                                  + torch.zeros(1, n, k, c))
+        means = torch.linspace(0, 1, k).reshape(1, 1, k, 1) + 0.1 * torch.arange(c).reshape(1, 1, 1, c)
+        self.means = nn.Parameter(means + torch.zeros(1, n, k, c))
         self.variance_logits = nn.Parameter(torch.zeros(1, n, k, c))
         self.weight_logits = nn.Parameter(torch.zeros(1, n, k, c))
         self.atlas_logits = nn.Parameter(torch.zeros((1,) + tuple(prior_shape)))

@@ -119,7 +119,8 @@ def test_a_batched_rigid_head_moves_each_subject_independently():
     with pytest.raises(ValueError, match=r"B = 3"):
         batched(points[:2])
     wrong = RigidTransform(3, lambda: torch.zeros(3, 7, dtype=torch.float64))  # a head of the wrong width
-    with pytest.raises(ValueError, match=r"RigidTransform \(3D\) expects parameters of shape \[6\] or \[B, 6\], got \[3, 7\]"):
+    expected = r"RigidTransform \(3D\) expects parameters of shape \[6\] or \[B, 6\], got \[3, 7\]"
+    with pytest.raises(ValueError, match=expected):
         wrong(points)
 
 

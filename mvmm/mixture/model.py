@@ -1,4 +1,4 @@
-"""The multivariate mixture model (DESIGN.md §1) fitted by EM, with an optional Potts MRF.
+"""The multivariate mixture model (docs/model.md) fitted by EM, with an optional Potts MRF.
 
 For voxel x of the common grid, N images and K tissues,
 
@@ -30,6 +30,14 @@ from mvmm.mixture.params import MixtureParams
 log = logging.getLogger(__name__)
 
 PRIOR_FLOOR = 1e-12  # atlas probabilities are clamped here before the log
+# the constructor settings a params.json keeps (subtype counts are saved as fitted; progress and
+# warm_start are not settings of the fit)
+SAVED_SETTINGS = ("max_iter", "tol", "var_floor", "mrf_beta", "mrf_iter", "random_state", "learn_proportions")
+
+
+def log_of_prior(prior: torch.Tensor) -> torch.Tensor:
+    """``log A`` of atlas probabilities, clamped at ``PRIOR_FLOOR`` (an atlas may hold exact zeros)."""
+    return torch.log(prior.clamp_min(PRIOR_FLOOR))
 
 
 class ConvergenceWarning(UserWarning):
@@ -85,7 +93,7 @@ class MultivariateMixture:
     random_state : int, optional
         Seed of the k-means initialisation of a plain mixture.
     learn_proportions : bool
-        Estimate the global proportions π_k (DESIGN.md §1). With an atlas, False holds them
+        Estimate the global proportions π_k (docs/model.md). With an atlas, False holds them
         equal, so that the prior is the atlas itself: the proportions then cannot shift every
         boundary of a blurred atlas towards the tissue whose Gaussian explains the most voxels
         (on MS-CMRSeg, the right ventricle spreading into the surrounding background). A plain
@@ -197,7 +205,8 @@ class MultivariateMixture:
         if not self.converged_:
             warnings.warn(f"EM did not converge in {max_iter} iterations (last relative change "
                           f"{abs(self.lower_bounds_[-1] - self.lower_bounds_[-2]) / abs(self.lower_bounds_[-2]):.2e}, "
-                          f"tol {self.tol:g}); increase max_iter or tol", ConvergenceWarning, stacklevel=3)  # past no_grad's wrapper
+                          f"tol {self.tol:g}); increase max_iter or tol", ConvergenceWarning,
+                          stacklevel=3)  # 3: past no_grad's wrapper, at fit's caller
         self.params_ = params
         log.debug("EM: %d iterations, converged=%s, mean log-likelihood %.5f", self.n_iter_, self.converged_,
                   self.lower_bounds_[-1])
@@ -253,7 +262,7 @@ class MultivariateMixture:
         if prior is not None and log_atlas is not None:
             raise ValueError("log_likelihood: give prior or log_atlas, not both")
         if prior is not None:
-            log_atlas = torch.log(torch.as_tensor(prior, device=images.device).to(images.dtype).clamp_min(PRIOR_FLOOR))
+            log_atlas = log_of_prior(torch.as_tensor(prior, device=images.device).to(images.dtype))
         self._check_shapes(images, coverage, log_atlas, params)
         x = torch.where(coverage, images, torch.zeros_like(images)).unsqueeze(0)
         nll = F.negative_log_likelihood(x, coverage.unsqueeze(0), params.to(images.device),
@@ -288,9 +297,7 @@ class MultivariateMixture:
         """Settings, fitted parameters and history as plain JSON-able values."""
         self._check_fitted()
         return {
-            "settings": {"max_iter": self.max_iter, "tol": self.tol, "var_floor": self.var_floor,
-                         "mrf_beta": self.mrf_beta, "mrf_iter": self.mrf_iter, "random_state": self.random_state,
-                         "learn_proportions": self.learn_proportions},
+            "settings": {k: v for k, v in self.get_params().items() if k in SAVED_SETTINGS},
             "n_subtypes": self.n_subtypes_.tolist(),
             "params": self.params_.to_dict(),
             "converged": self.converged_, "n_iter": self.n_iter_, "lower_bounds": self.lower_bounds_,
@@ -307,7 +314,7 @@ class MultivariateMixture:
 
     # ------------------------------------------------------------------ EM steps
     def _e_step(self, data: _Voxels, params: MixtureParams, keep_within: bool = True) -> _Responsibilities:
-        """Posteriors under ``params`` (DESIGN.md §1, E-step), all in log space, by the functional core.
+        """Posteriors under ``params`` (docs/model.md, "EM"), all in log space, by the functional core.
 
         The tissue posterior is ``log P_kx = log π_kx + log p(I(x)|k) − logsumexp_l(…)`` (or its
         mean-field MRF version); the subtype responsibilities ``P(c | k, x)`` in each image are
@@ -324,19 +331,16 @@ class MultivariateMixture:
         step = F.m_step(data.x, data.m, resp.log_post.exp(), resp.within, params, self._floors.unsqueeze(0),
                         data.log_atlas, learn_proportions=self.learn_proportions)
         collapsed = (step.subtype_mass[0] < MIN_SUBTYPE_MASS) & params.subtype_mask
-        if bool(collapsed.any()):
-            for i, k, c in collapsed.nonzero().tolist():
-                self._warn_collapsed(i, [(k, c)])
-        return step.params
-
-    def _warn_collapsed(self, image: int, entries) -> None:
-        for k, c in entries:
-            key = (image, k, c)
+        keys = map(tuple, collapsed.nonzero().tolist()) if bool(collapsed.any()) else ()
+        for key in keys:  # warn once per subtype and fit
             if key not in self._collapsed:
                 self._collapsed.add(key)
+                image, k, c = key
                 warnings.warn(f"subtype {c} of tissue {k} in image {image} has collapsed (it explains less than "
                               f"{MIN_SUBTYPE_MASS:g} voxel); its mean and variance are frozen. Consider fewer "
-                              f"subtypes for this tissue.", SubtypeCollapseWarning, stacklevel=5)
+                              f"subtypes for this tissue.", SubtypeCollapseWarning,
+                              stacklevel=4)  # past fit and no_grad's wrapper, at fit's caller
+        return step.params
 
     # ------------------------------------------------------------------ set-up
     def _initial_params(self, data: _Voxels, n_classes: int) -> MixtureParams:
@@ -424,5 +428,5 @@ class MultivariateMixture:
             raise ValueError("coverage: no voxel is covered by any image")
         spacing = tuple(spacing) if spacing is not None else (1.0,) * len(shape)
         x = torch.where(coverage, images, torch.zeros_like(images))
-        log_atlas = torch.log(prior[:, roi].clamp_min(PRIOR_FLOOR)).unsqueeze(0) if prior is not None else None
+        log_atlas = log_of_prior(prior[:, roi]).unsqueeze(0) if prior is not None else None
         return _Voxels(x[:, roi].unsqueeze(0), coverage[:, roi].unsqueeze(0), log_atlas, roi, spacing)

@@ -1,7 +1,7 @@
 """Transforms as ``torch.nn.Module``: ``forward(points) -> points`` on world coordinates (mm).
 
 A transform maps a point x of the common space Ω into the world space of one image or of the
-atlas (DESIGN.md, "Geometry"): samples are pulled back, ``I_i(T_i(x))``.
+atlas (docs/model.md, "Spaces and coordinates"): samples are pulled back, ``I_i(T_i(x))``.
 
 Every parametric transform has one *parameter slot* (as in deepali), which holds
 
@@ -97,6 +97,7 @@ class ParametricTransform(nn.Module):
 
     def _fill_slot(self, params: ParamValue) -> None:
         self._fn = None
+        self._param_shape = tuple(self.identity_params().shape)  # fixed by the geometry; checked at each use
         if params is None:
             params = nn.Parameter(self.identity_params())
         if isinstance(params, nn.Parameter):
@@ -111,7 +112,7 @@ class ParametricTransform(nn.Module):
             self._check_params(self.params_tensor)
 
     def _check_params(self, value) -> torch.Tensor:
-        expected = tuple(self.identity_params().shape)
+        expected = self._param_shape
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"params: the slot of {type(self).__name__} gave a {type(value).__name__}, "
                             f"expected a tensor of shape {list(expected)}")
@@ -133,7 +134,7 @@ class ParametricTransform(nn.Module):
     def batch_size(self) -> Optional[int]:
         """B for batched parameters ``[B, *P]``, None for one transform."""
         p = self.params
-        return p.shape[0] if p.dim() > self.identity_params().dim() else None
+        return p.shape[0] if p.dim() > len(self._param_shape) else None
 
     @property
     def learnable(self) -> bool:
