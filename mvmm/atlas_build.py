@@ -1,7 +1,8 @@
 """Group-wise atlas building: register label maps to their evolving mean, then average them.
 
 Each label map becomes K one-hot channels on its own grid. A template grid is laid over all of
-them; every map gets a transform (template space → the map's world), starting at the identity. Level by level (rigid → affine → FFD), ``rounds`` times: the template is
+them; every map gets a transform (template space → the map's world), starting at the identity.
+Level by level (rigid → affine → FFD or SVF, the schedule every solver shares), ``rounds`` times: the template is
 the coverage-weighted mean of the warped one-hot maps (a map says nothing outside its field of
 view — a stack of short-axis slices does not cover the apex or base it did not image), every map
 is registered to it (SSD of one-hot maps), and the drift common to all transforms is removed so
@@ -33,17 +34,16 @@ from mvmm.data.atlas import DEFAULT_SIGMA_MM, FRAMES, Atlas
 from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values
-from mvmm.core.errors import InputError, require_choice, require_positive
+from mvmm.core.errors import InputError, require_field_choice, require_positive
 from mvmm.register import PairwiseRegistration, PairwiseSettings
-from mvmm.spatial.nonlinear import FreeFormDeformation
+from mvmm.spatial.nonlinear import BSplineTransform
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
-from mvmm.spatial.scaled import linear_then_ffd_levels
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform, map_grid
 from mvmm.spatial.warp import sample_image
 
 log = logging.getLogger(__name__)
 
-BUILD_MODELS = ("none", "rigid", "affine", "ffd")
+BUILD_MODELS = ("none", "rigid", "affine", "ffd", "svf")
 MIN_TEMPLATE_SPACING_MM = 1.5
 
 
@@ -53,7 +53,7 @@ class GroupwiseSettings:
 
     Attributes
     ----------
-    register : {"none", "rigid", "affine", "ffd"}
+    register : {"none", "rigid", "affine", "ffd", "svf"}
         Final transform model of each map (``"none"``, the default as for ``mvmm atlas build``:
         the average as the frame places the maps).
     frame : {"world", "axes"}
@@ -68,8 +68,9 @@ class GroupwiseSettings:
     sigma_mm : float
         Gaussian smoothing of the final mean (mm).
     control_spacing : float
-        FFD control spacing (mm) of the first FFD level.
+        Control spacing (mm) of the first FFD/SVF level.
     ffd_levels : int
+        Non-linear (FFD or SVF) levels.
     bending_weight : float
         λ of the bending energy against the mean squared difference of probability maps (SSD),
         a different scale from the pairwise and joint solvers' MI and log L, hence its own value.
@@ -97,22 +98,22 @@ class GroupwiseSettings:
     max_outer: int = 3
 
     def __post_init__(self):
-        require_choice(self.register, BUILD_MODELS, "--register")
-        require_choice(self.frame, FRAMES, "--frame")
+        require_field_choice(self, "register", BUILD_MODELS)
+        require_field_choice(self, "frame", FRAMES)
         require_positive(self, ("rounds", "control_spacing", "grid_spacing"))
         require_positive(self, ("sigma_mm", "margin_mm", "bending_weight"), strict=False)
         if self.spacing is not None and any(not s > 0 for s in self.spacing):
-            raise InputError(f"--spacing: expected positive values in mm, got {list(self.spacing)}")
+            raise InputError(f"GroupwiseSettings.spacing: expected positive values in mm, got {list(self.spacing)}")
 
     def pairwise(self) -> PairwiseSettings:
-        return PairwiseSettings(transform="ffd" if self.register == "ffd" else "affine", metric="ssd",
+        return PairwiseSettings(transform=self.register if self.register != "none" else "rigid", metric="ssd",
                                 init="header", control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
                                 bending_weight=self.bending_weight, grid_spacing=self.grid_spacing,
                                 steps=self.steps, max_outer=self.max_outer)
 
 
 def read_label_maps(paths: Sequence, labels: Optional[LabelSet], frame: str,
-                    argname: str = "--labels") -> Tuple[List[Image], LabelSet]:
+                    argname: str = "paths") -> Tuple[List[Image], LabelSet]:
     """Read integer label maps as one-hot images ``[K, *S]`` (in ``frame``) with one label set.
 
     Raises InputError naming the file for a missing file, a non-integer map, a map with no
@@ -244,11 +245,11 @@ def _remove_mean_linear(linear: List[LinearTransform], kind: str, centre: np.nda
     return out
 
 
-def _remove_mean_ffd(ffds: List[FreeFormDeformation], grid: Grid) -> List[FreeFormDeformation]:
-    """Subtract the mean control-point displacement (first order: the inverse of the mean deformation)."""
-    mean = torch.stack([f.params.detach() for f in ffds]).mean(0)
-    return [FreeFormDeformation(grid, params=(f.params.detach() - mean).clone(), control_grid=f.control_grid)
-            for f in ffds]
+def _remove_mean_deformation(deformations: List[BSplineTransform]) -> List[BSplineTransform]:
+    """Subtract the mean spline coefficients (control-point displacements of an FFD, velocities of an
+    SVF; to first order, composing with the inverse of the mean deformation)."""
+    mean = torch.stack([f.params.detach() for f in deformations]).mean(0)
+    return [f.with_params((f.params.detach() - mean).clone()) for f in deformations]
 
 
 def _smoothed(mean: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
@@ -279,34 +280,34 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     centre = grid.center_world()
     # maps start where their frame puts them: the headers (world), or centroids on the origin (axes)
     linear: List[LinearTransform] = [RigidTransform(grid.ndim, center=centre) for _ in maps]
-    ffds: List[Optional[FreeFormDeformation]] = [None] * len(maps)
+    deformations: List[Optional[BSplineTransform]] = [None] * len(maps)
 
     def transforms():
-        return [SequentialTransform(f, t) if f is not None else t for f, t in zip(ffds, linear)]
+        return [SequentialTransform(f, t) if f is not None else t for f, t in zip(deformations, linear)]
 
     before = overlap_with_template(maps, transforms(), grid, labels, mean_of_maps(maps, transforms(), grid, device)[0],
                                    device)
-    levels = (linear_then_ffd_levels(settings.register, settings.control_spacing, settings.ffd_levels)
-              if settings.register != "none" else [])
     pairwise = settings.pairwise()
+    levels = pairwise.levels() if settings.register != "none" else []
     bar = tqdm(total=len(levels) * settings.rounds * len(maps), desc="group-wise registration", unit="map",
                disable=not progress, leave=False)
-    for kind, spacing in levels:
+    for level in levels:
         for _ in range(settings.rounds):
             mean, count = mean_of_maps(maps, transforms(), grid, device)
             template = Image(mean, grid, "template")
             covered = Image((count > 0).float().unsqueeze(0), grid, "template coverage")
             for i, image in enumerate(maps):
                 registration = PairwiseRegistration(template, image, pairwise, fixed_mask=covered, device=device,
-                                                    linear=linear[i], ffd=ffds[i])
-                registration.run_level(kind, spacing)
-                linear[i], ffds[i] = registration.linear, registration.ffd
+                                                    linear=linear[i], deformation=deformations[i])
+                registration.run_level(level)
+                linear[i], deformations[i] = registration.linear, registration.deformation
                 bar.update(1)
-            if kind == "ffd":
-                ffds = _remove_mean_ffd(ffds, grid)
+            kind = level.kinds["moving"]
+            if level.control_spacing is not None:
+                deformations = _remove_mean_deformation(deformations)
             else:
                 linear = _remove_mean_linear(linear, kind, centre)
-        log.info("group-wise level %s%s done", kind, f" {spacing:g} mm" if spacing else "")
+        log.info("group-wise level %s done", level.name)
     bar.close()
     mean, _ = mean_of_maps(maps, transforms(), grid, device)
     after = overlap_with_template(maps, transforms(), grid, labels, mean, device)
@@ -314,11 +315,11 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
     report = {"settings": asdict(settings), "inputs": [str(p) for p in paths],
               "dice_with_template": {"initial": before, "final": after}}
-    if any(f is not None for f in ffds):
+    if any(f is not None for f in deformations):
         # each map's deformation, checked for folding as the pairwise and joint solvers check theirs
-        jacobians = [jacobian_statistics(f, grid, device=device) for f in ffds]
+        jacobians = [jacobian_statistics(f, grid, device=device) for f in deformations]
         for path, stats in zip(paths, jacobians):
-            warn_if_folded(stats, f"the group-wise FFD of {path}")
+            warn_if_folded(stats, f"the group-wise {settings.register.upper()} of {path}")
         report["ffd_jacobians"] = jacobians
     if settings.frame == "axes":
         # Where the anatomy sits in its field of view, on average over the maps (in an axes map the

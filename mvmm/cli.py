@@ -5,18 +5,22 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
 from mvmm import __version__
-from mvmm.atlas_build import GroupwiseSettings
+from mvmm.atlas_build import BUILD_MODELS, GroupwiseSettings
 from mvmm.core.errors import InputError
-from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM
+from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, FRAMES
 from mvmm.experiments.mscmr import ExperimentSettings
-from mvmm.joint import RegistrationSettings
-from mvmm.register import PairwiseSettings
+from mvmm.joint import ATLAS_INITS, ATLAS_MODELS, IMAGE_INITS, IMAGE_MODELS, RegistrationSettings
+from mvmm.register import TRANSFORM_KINDS, PairwiseSettings
+from mvmm.spatial.init import INIT_METHODS
+from mvmm.spatial.similarity import METRICS
 from mvmm.segment import segment_subject
 
 log = logging.getLogger("mvmm")
@@ -82,19 +86,73 @@ class MultiValueCommand(click.Command):
         return super().parse_args(ctx, rewritten)
 
 
+# Python parameters (function arguments and ``Settings.field``) whose flag is not their name with
+# dashes; any other parameter ``name`` or ``Settings.name`` is ``--name`` where the command has it.
+PARAMETER_FLAGS = {
+    "masks": "--mask", "roi_margin_mm": "--roi-margin", "learn_proportions": "--proportions",
+    "sigma_mm": "--atlas-sigma", "paths": "--labels",
+    "fixed_path": "--fixed", "moving_path": "--moving", "pred_path": "--pred", "truth_path": "--truth",
+    "image_path": "--image", "transforms_path": "--transforms", "out_path": "--out", "reference_path": "--reference",
+    "RegistrationSettings.atlas": "--register-atlas", "RegistrationSettings.images": "--register-images",
+    "GroupwiseSettings.sigma_mm": "--sigma", "ExperimentSettings.roi_margin_mm": "--roi-margin",
+}
+_PARAMETER = re.compile(r"^([A-Za-z_][\w.]*):|`([A-Za-z_][\w.]*)`")
+
+
+def flag_of(parameter: str, flags) -> Optional[str]:
+    """The flag among ``flags`` (a command's options) that sets Python ``parameter``, or None."""
+    field = parameter.rpartition(".")[2]
+    for candidate in (PARAMETER_FLAGS.get(parameter), "--" + field.replace("_", "-")):
+        if candidate in flags:
+            return candidate
+    return None
+
+
+def in_flags(message: str, flags, leading: bool = True) -> str:
+    """A library message as the command line says it: the leading parameter (an :class:`InputError`'s;
+    ``leading=False`` for log messages) and those in backticks become the command's flags (a
+    parameter the command has no flag for keeps its name)."""
+    def replace(match):
+        if match.group(1) and not leading:
+            return match.group(0)
+        parameter = match.group(1) or match.group(2)
+        flag = flag_of(parameter, flags) or parameter
+        return f"{flag}:" if match.group(1) else flag
+    return _PARAMETER.sub(replace, message)
+
+
+class FlagsInLogs(logging.Filter):
+    """Rewrites the parameters a library log message names in backticks into the running command's flags."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and "`" in str(record.msg):
+            record.msg, record.args = in_flags(record.getMessage(), command_flags(ctx.command), leading=False), ()
+        return True
+
+
+def command_flags(command: click.Command) -> set:
+    return {opt for param in command.params for opt in getattr(param, "opts", ())}
+
+
 class MvmmGroup(click.Group):
-    """Turns input errors raised anywhere in a command into a one-line message and exit code 1."""
+    """Turns input errors raised anywhere in a command into a one-line message, in the command's flags,
+    and exit code 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as err:
-            raise click.ClickException(str(err)) from None
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            flags = command_flags(command) if command is not None else set()
+            raise click.ClickException(in_flags(str(err), flags)) from None
 
 
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="mvmm: %(message)s",
                         stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(FlagsInLogs())
     logging.captureWarnings(True)
 
 
@@ -151,19 +209,19 @@ def main():
               show_default=True, help="Maximum EM iterations.")
 @click.option("--tol", type=float, default=default(segment_subject, "tol"), show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
-@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]),
-              help="Move the atlas while fitting: rigid; rigid then affine; or those then B-spline FFD levels "
-                   "(control spacing halving). Default: "
+@click.option("--register-atlas", type=click.Choice(ATLAS_MODELS),
+              help="Move the atlas while fitting: rigid; rigid then affine; or those then B-spline FFD levels, or "
+                   "diffeomorphic SVF levels (a B-spline velocity), the control spacing halving. Default: "
                    f"{default(RegistrationSettings, 'atlas')} with an atlas, none without.")
-@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]),
+@click.option("--register-images", type=click.Choice(IMAGE_MODELS),
               default=default(RegistrationSettings, "images"),
               show_default=True, help="Move each non-reference image while fitting (the reference stays).")
-@click.option("--images-init", type=click.Choice(["mi", "header"]),
+@click.option("--images-init", type=click.Choice(IMAGE_INITS),
               default=default(RegistrationSettings, "images_init"),
               show_default=True,
               help="With --register-images: start each moving image from a rigid mutual-information registration "
                    "to the reference (mi), or from its header.")
-@click.option("--atlas-init", type=click.Choice(["header", "geometry"]),
+@click.option("--atlas-init", type=click.Choice(ATLAS_INITS),
               default=default(RegistrationSettings, "atlas_init"), show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
 @click.option("--atlas-search-mm", type=float, default=default(RegistrationSettings, "atlas_search_mm"),
@@ -172,10 +230,11 @@ def main():
                    "placement whose fitted model explains the images best (0: off).")
 @click.option("--control-spacing", type=float, default=default(RegistrationSettings, "control_spacing"),
               show_default=True,
-              help="FFD control-point spacing (mm) of the first level; halved at the next.")
+              help="FFD/SVF control-point spacing (mm) of the first level; halved at the next.")
 @click.option("--bending-weight", type=float, default=default(RegistrationSettings, "bending_weight"),
               show_default=True,
-              help="Weight of the FFD bending energy against the mean log-likelihood per voxel (a folded "
+              help="Weight of the bending energy of the FFD (of the SVF's velocity) against the mean "
+                   "log-likelihood per voxel (a folded "
                    "deformation is reported as a warning).")
 @click.option("--affine-weight", type=float, default=default(RegistrationSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
@@ -303,23 +362,25 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
 @main.command()
 @click.option("--fixed", required=True, type=click.Path(path_type=Path), help="Fixed image (its grid is the output space).")
 @click.option("--moving", required=True, type=click.Path(path_type=Path), help="Moving image.")
-@click.option("--transform", "transform_kind", type=click.Choice(["rigid", "affine", "ffd"]),
+@click.option("--transform", "transform_kind", type=click.Choice(TRANSFORM_KINDS),
               default=default(PairwiseSettings, "transform"),
               show_default=True,
-              help="Transform model; affine runs rigid first, ffd runs rigid, affine, then FFD levels.")
-@click.option("--metric", type=click.Choice(["mi", "ncc", "ssd", "dice"]),
+              help="Transform model; affine runs rigid first, ffd runs rigid, affine, then FFD levels, svf the "
+                   "same with diffeomorphic stationary-velocity levels (saved as a displacement field).")
+@click.option("--metric", type=click.Choice(METRICS),
               default=default(PairwiseSettings, "metric"), show_default=True,
               help="mi: Mattes-style mutual information (other modalities); ncc: local normalised "
                    "cross-correlation; ssd: squared differences (same contrast); dice: soft Dice of probability maps.")
-@click.option("--init", type=click.Choice(["geometry", "moments", "header"]),
+@click.option("--init", type=click.Choice(INIT_METHODS),
               default=default(PairwiseSettings, "init"), show_default=True,
               help="Initial translation: field-of-view centres, intensity centres of mass, or the headers as they are.")
 @click.option("--fixed-mask", type=click.Path(path_type=Path), help="Only these fixed voxels count (nonzero).")
 @click.option("--moving-mask", type=click.Path(path_type=Path), help="Only these moving voxels count (nonzero).")
 @click.option("--control-spacing", type=float, default=default(PairwiseSettings, "control_spacing"), show_default=True,
-              help="FFD control-point spacing (mm) of the first FFD level; halved at the next.")
+              help="FFD/SVF control-point spacing (mm) of the first non-linear level; halved at the next.")
 @click.option("--bending-weight", type=float, default=default(PairwiseSettings, "bending_weight"), show_default=True,
-              help="Weight of the FFD bending energy against the similarity loss (a folded deformation is "
+              help="Weight of the bending energy of the FFD (of the SVF's velocity) against the similarity loss "
+                   "(a folded deformation is "
                    "reported as a warning).")
 @click.option("--grid-spacing", type=float, default=default(PairwiseSettings, "grid_spacing"), show_default=True,
               help="The loss is computed on the fixed grid coarsened to at least this spacing (mm).")
@@ -353,10 +414,10 @@ def atlas():
               help="Integer label maps (e.g. patient2_LGE_manual.nii.gz ...); any grids unless --register none "
                    "and --frame world, where maps on one grid are averaged as they are.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output probability atlas (e.g. atlas.nii.gz).")
-@click.option("--register", "register_kind", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+@click.option("--register", "register_kind", type=click.Choice(BUILD_MODELS),
               default=default(GroupwiseSettings, "register"), show_default=True,
               help="Group-wise registration of the maps to their evolving mean before averaging.")
-@click.option("--frame", type=click.Choice(["world", "axes"]), default=default(GroupwiseSettings, "frame"),
+@click.option("--frame", type=click.Choice(FRAMES), default=default(GroupwiseSettings, "frame"),
               show_default=True,
               help="world: relate maps by their headers; axes: by their image axes with the labelled anatomy's "
                    "centroid at the origin (short-axis stacks of different patients). An axes atlas is placed "
@@ -438,14 +499,14 @@ def experiment():
 @click.option("--patients", help="Target patients, e.g. 1-25 (default: all in --data).")
 @click.option("--sequences", multiple=True, default=default_list(ExperimentSettings, "sequences"), show_default=True,
               help="Sequences of each target for em-all and gmm (LGE is always used).")
-@click.option("--atlas-register", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+@click.option("--atlas-register", type=click.Choice(BUILD_MODELS),
               default=default(ExperimentSettings, "atlas_register"),
               show_default=True, help="Group-wise registration of the atlas patients' labels.")
-@click.option("--register-atlas", type=click.Choice(["none", "rigid", "affine", "ffd"]),
+@click.option("--register-atlas", type=click.Choice(ATLAS_MODELS),
               default=default(ExperimentSettings, "register_atlas"),
               show_default=True, help="Registration of the atlas to each target inside the joint model (affine: "
                                       "rigid, then affine held near rigid by the prior on scaling and shear).")
-@click.option("--register-images", type=click.Choice(["none", "rigid", "affine"]),
+@click.option("--register-images", type=click.Choice(IMAGE_MODELS),
               default=default(ExperimentSettings, "register_images"),
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
 @click.option("--atlas-search-mm", type=float, default=default(ExperimentSettings, "atlas_search_mm"),

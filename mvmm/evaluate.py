@@ -32,10 +32,10 @@ def evaluate_label_files(pred_path, truth_path, labels: Optional[LabelSet] = Non
         Default: the values found in either map (cardiac names for 0/200/500/600). Values found in
         the maps but absent from ``labels`` are an error.
     """
-    pred, pred_grid = _read_label_map(pred_path, "--pred")
-    truth, truth_grid = _read_label_map(truth_path, "--truth")
+    pred, pred_grid = _read_label_map(pred_path, "pred_path")
+    truth, truth_grid = _read_label_map(truth_path, "truth_path")
     if not pred_grid.same_geometry(truth_grid):
-        raise InputError(f"--pred {pred_path} and --truth {truth_path} are not on one grid "
+        raise InputError(f"truth_path: {truth_path} is not on the grid of `pred_path` {pred_path} "
                          f"(size {pred_grid.size} vs {truth_grid.size}, spacing {pred_grid.spacing} vs "
                          f"{truth_grid.spacing}, origin {pred_grid.origin} vs {truth_grid.origin}); resample first")
     found = set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())
@@ -43,6 +43,6 @@ def evaluate_label_files(pred_path, truth_path, labels: Optional[LabelSet] = Non
         labels = LabelSet.from_values(found | {0})
     unknown = found - set(labels.values)
     if unknown:
-        raise InputError(f"--labels: the label maps contain values {sorted(unknown)} that are not in "
+        raise InputError(f"labels: the label maps contain values {sorted(unknown)} that are not in "
                          f"{labels.as_dict()}")
     return evaluate_labels(pred, truth, tuple(reversed(truth_grid.spacing)), labels)

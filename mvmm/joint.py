@@ -3,13 +3,9 @@
 See docs/design.md ("One model, several solvers"). With the transforms fixed, a few EM steps update
 the tissue parameters; with those fixed, a few gradient steps on the transform parameters increase
 ``log L − λ · bending energy − μ · linear distortion`` through autograd (``torch.grid_sample``
-warps). Levels go coarse to fine: rigid → affine → FFD with the control spacing halving. The
-atlas, the non-reference images, or both move; the reference image defines the common space Ω
-and never moves.
-
-Linear parameters are optimised in scaled units (angles and matrix entries times the radius of
-the field of view), so that a unit change moves the anatomy by about a millimetre whatever the
-parameter: one step length fits them all.
+warps). Levels go coarse to fine by the loop every solver shares (:mod:`mvmm.spatial.coarse_to_fine`):
+rigid → affine → FFD or SVF with the control spacing halving. The atlas, the non-reference images,
+or both move; the reference image defines the common space Ω and never moves.
 """
 
 from __future__ import annotations
@@ -28,20 +24,20 @@ from tqdm.auto import tqdm
 
 from mvmm.core.grid import Grid
 from mvmm.data.subject import Subject
-from mvmm.core.errors import InputError, require_choice, require_positive
+from mvmm.core.errors import InputError, require_field_choice, require_positive
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
+from mvmm.spatial.coarse_to_fine import (LINEAR_KINDS, NONLINEAR_KINDS, Level, MovingTransform, OuterLoop,
+                                         run_outer_iterations, schedule)
 from mvmm.spatial.init import initial_linear_transform
-from mvmm.spatial.nonlinear import FreeFormDeformation
 from mvmm.spatial.optim import descend_keeping_best
-from mvmm.spatial.regularizers import bending_energy, jacobian_statistics, linear_distortion, warn_if_folded
-from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd
-from mvmm.spatial.transforms import RigidTransform, SequentialTransform
+from mvmm.spatial.regularizers import jacobian_statistics, linear_distortion, spline_bending_energy, warn_if_folded
+from mvmm.spatial.transforms import RigidTransform
 
 log = logging.getLogger(__name__)
 
-ATLAS_MODELS = ("none", "rigid", "affine", "ffd")
-IMAGE_MODELS = ("none", "rigid", "affine")
+ATLAS_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS
+IMAGE_MODELS = ("none",) + LINEAR_KINDS
 ATLAS_INITS = ("header", "geometry")
 IMAGE_INITS = ("mi", "header")
 
@@ -52,9 +48,10 @@ class RegistrationSettings:
 
     Attributes
     ----------
-    atlas : {"none", "rigid", "affine", "ffd"}
+    atlas : {"none", "rigid", "affine", "ffd", "svf"}
         Atlas transform; ``"affine"`` (the default) runs rigid then affine, ``"ffd"`` then B-spline
-        levels. On MS-CMRSeg an FFD atlas level still loses to affine (docs).
+        levels, ``"svf"`` then diffeomorphic stationary-velocity levels (a B-spline velocity).
+        On MS-CMRSeg an FFD atlas level still loses to affine (docs).
     images : {"none", "rigid", "affine"}
         Transform of each non-reference image (the reference is fixed). ``"none"`` by default: on
         MS-CMRSeg no rigid motion of C0 tried beats the headers (docs).
@@ -69,8 +66,9 @@ class RegistrationSettings:
         Initial placement of moving images: a rigid registration to the reference by mutual
         information (:mod:`mvmm.register`), or the headers.
     control_spacing : float
-        Control-point spacing (mm) of the first FFD level; each further level halves it.
+        Control-point spacing (mm) of the first FFD/SVF level; each further level halves it.
     ffd_levels : int
+        Non-linear (FFD or SVF) levels.
     bending_weight : float
         λ of the bending energy (mm² · nats per voxel). At 10, the atlas's FFD folded 10–23 % of the
         voxels on the 3D phantom and on MS-CMRSeg; 1000 kept it unfolded on both (README).
@@ -115,10 +113,10 @@ class RegistrationSettings:
     refine_full_resolution: bool = True
 
     def __post_init__(self):
-        require_choice(self.atlas, ATLAS_MODELS, "--register-atlas")
-        require_choice(self.images, IMAGE_MODELS, "--register-images")
-        require_choice(self.images_init, IMAGE_INITS, "--images-init")
-        require_choice(self.atlas_init, ATLAS_INITS, "--atlas-init")
+        require_field_choice(self, "atlas", ATLAS_MODELS)
+        require_field_choice(self, "images", IMAGE_MODELS)
+        require_field_choice(self, "images_init", IMAGE_INITS)
+        require_field_choice(self, "atlas_init", ATLAS_INITS)
         require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
         require_positive(self, ("bending_weight", "affine_weight", "atlas_search_mm"), strict=False)
 
@@ -129,27 +127,20 @@ class RegistrationSettings:
     def check_subject(self, subject: Subject) -> None:
         """Raise ``InputError`` if what these settings move is not there: no atlas, or no second image."""
         if self.atlas != "none" and subject.atlas is None:
-            raise InputError(f"--register-atlas {self.atlas}: there is no atlas to move (--atlas none); "
-                             f"give an atlas or use --register-atlas none")
+            raise InputError(f"RegistrationSettings.atlas: {self.atlas!r} moves the atlas, but the subject has none "
+                             f"(`atlas` none); give an atlas or set `RegistrationSettings.atlas`=none")
         if self.images != "none" and len(subject.names) < 2:
-            raise InputError(f"--register-images {self.images}: there is only the reference image "
-                             f"({subject.reference!r}), nothing to move; use --register-images none")
+            raise InputError(f"RegistrationSettings.images: {self.images!r} moves the non-reference images, but "
+                             f"there is only the reference ({subject.reference!r}); set "
+                             f"`RegistrationSettings.images`=none")
 
-    def levels(self) -> List[dict]:
-        """The coarse-to-fine schedule: per level, the atlas's and the images' transform kinds."""
-        levels = [{"name": "rigid", "atlas": "rigid" if self.atlas != "none" else None,
-                   "images": "rigid" if self.images != "none" else None}]
-        if self.atlas in ("affine", "ffd") or self.images == "affine":
-            levels.append({"name": "affine", "atlas": "affine" if self.atlas in ("affine", "ffd") else levels[0]["atlas"],
-                           "images": self.images if self.images != "none" else None})
-        if self.atlas == "ffd":
-            for level in range(self.ffd_levels):
-                spacing = self.control_spacing / 2 ** level
-                levels.append({"name": f"ffd {spacing:g} mm", "atlas": "ffd", "control_spacing": spacing,
-                               "images": levels[-1]["images"]})
-        if self.refine_full_resolution:
-            levels.append({**levels[-1], "name": levels[-1]["name"] + ", full resolution", "full_resolution": True})
-        return levels
+    def levels(self) -> List[Level]:
+        """The coarse-to-fine schedule: at each level, what the atlas and the moving images optimise."""
+        return schedule({"atlas": self.atlas, "images": self.images}, self.control_spacing, self.ffd_levels,
+                        self.refine_full_resolution)
+
+    def loop(self) -> OuterLoop:
+        return OuterLoop(self.grad_steps, self.max_outer, self.step_mm, self.step_decay, self.min_step_mm, self.tol)
 
 
 def default_registration(subject: Subject, **overrides) -> RegistrationSettings:
@@ -210,69 +201,57 @@ class JointSolver:
         coarse = reference.coarsened(s.grid_spacing)
         radius = float(np.linalg.norm(reference.extent_mm()[:2])) / 2
         moving_images = [n for n in subject.names if n != subject.reference]
-        linear = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
+        start = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
         if subject.atlas is not None:
-            linear["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
+            start["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
             if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
-                linear["atlas"].requires_grad_(False)
+                start["atlas"].requires_grad_(False)
             if s.atlas_search_mm > 0 and s.atlas != "none":
-                work.transforms.update(linear)
-                linear["atlas"] = self._searched_atlas_start(work, linear["atlas"], coarse)
-        ffd = None
+                work.transforms.update(start)
+                start["atlas"] = self._searched_atlas_start(work, start["atlas"], coarse)
+        moving = {name: MovingTransform(linear, reference, radius) for name, linear in start.items()}
         history: List[dict] = []
         levels = s.levels()
         bar = tqdm(total=len(levels) * s.max_outer, desc="registration", unit="outer", disable=not self.progress,
                    leave=False)
         for level in levels:
-            grid = reference if level.get("full_resolution") else coarse
-            scaled = {}
-            if level["atlas"] in ("rigid", "affine") and "atlas" in linear:
-                scaled["atlas"] = ScaledLinear(level["atlas"], linear["atlas"], radius)
-            if level["images"]:
-                for name in moving_images:
-                    scaled[name] = ScaledLinear(level["images"], linear[name], radius)
-            params = [lin.raw for lin in scaled.values()]
-            if level["atlas"] == "ffd" and subject.atlas is not None:
-                ffd = learnable_ffd(ffd, reference, level["control_spacing"], self.device)
-                params.append(ffd.params_tensor)
-            for name in linear:
-                current = scaled[name].module if name in scaled else linear[name]
-                work.transforms[name] = (SequentialTransform(ffd, current) if name == "atlas" and ffd is not None
-                                         else current)
-            # a deforming atlas would redraw its own region of interest (and could gain by it): an FFD
-            # level keeps the region the atlas gave at the level's start
-            region = work.region_of_interest(grid, self.device) if level["atlas"] == "ffd" else None
-            previous = None
-            for outer in range(1, s.max_outer + 1):
+            grid = reference if level.full_resolution else coarse
+            params = [p for name, state in moving.items()
+                      for p in state.begin(level.kinds["atlas" if name == "atlas" else "images"],
+                                           level.control_spacing, self.device)]
+            work.transforms.update({name: state.transform for name, state in moving.items()})
+            deformation = moving["atlas"].learning_deformation() if "atlas" in moving else None
+            affine = [t for t in (state.learning_affine() for state in moving.values()) if t is not None]
+            # a deforming atlas would redraw its own region of interest (and could gain by it): a
+            # non-linear level keeps the region the atlas gave at the level's start
+            region = work.region_of_interest(grid, self.device) if deformation is not None else None
+
+            def outer_iteration(outer: int, step_mm: float) -> dict:
                 # the run's first EM fits from scratch; later ones continue for a few steps
-                after_em = self._em_steps(work, grid, region, continue_fit=bool(history))
+                after_em = self._em_steps(work, grid, region, continue_fit=bool(history) or outer > 1)
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
-                lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
-                after_grad, penalty = self._gradient_steps(work, grid, region, params, lr,
-                                                  ffd if level["atlas"] == "ffd" else None,
-                                                  [lin.module for lin in scaled.values() if lin.kind == "affine"])
-                history.append({"level": level["name"], "outer": outer, "log_likelihood": after_em,
-                                "log_likelihood_after_registration": after_grad, "penalty": penalty})
+                after_grad, penalty = self._gradient_steps(work, grid, region, params, step_mm, deformation, affine)
+                return {"log_likelihood": after_em, "log_likelihood_after_registration": after_grad,
+                        "penalty": penalty}
+
+            def shown(record: dict) -> None:
                 bar.update(1)
-                bar.set_postfix(level=level["name"], logL=f"{after_em:.4f}")
-                if previous is not None and abs(after_em - previous) <= s.tol * abs(previous):
-                    break
-                previous = after_em
-            bar.update(s.max_outer - outer)
-            for name, lin in scaled.items():
-                linear[name] = lin.baked().to(self.device)
-            if ffd is not None:
-                ffd = frozen_ffd(ffd, reference)
-            log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level["name"], outer,
-                     history[-1]["log_likelihood"])
+                bar.set_postfix(level=level.name, logL=f"{record['log_likelihood']:.4f}")
+
+            level_history = run_outer_iterations(outer_iteration, s.loop(), "log_likelihood", level.name, shown)
+            history += level_history
+            bar.update(s.max_outer - len(level_history))
+            for state in moving.values():
+                state.end(self.device)
+            log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level.name,
+                     len(level_history), history[-1]["log_likelihood"])
         bar.close()
-        transforms = dict(linear)
+        transforms = {name: state.transform for name, state in moving.items()}
         jacobian = None
-        if ffd is not None:
-            transforms["atlas"] = SequentialTransform(ffd, linear["atlas"])
-            jacobian = jacobian_statistics(ffd, reference, device=self.device)
-            warn_if_folded(jacobian, "the atlas's FFD")
+        if "atlas" in moving and moving["atlas"].deformation is not None:
+            jacobian = jacobian_statistics(moving["atlas"].deformation, reference, device=self.device)
+            warn_if_folded(jacobian, f"the atlas's {s.atlas.upper()}")
         return RegistrationResult(transforms, history, jacobian)
 
     def _initial_image_transform(self, subject: Subject, name: str) -> RigidTransform:
@@ -325,11 +304,12 @@ class JointSolver:
         return self.model.lower_bounds_[-1]
 
     def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],
-                        lr: float, ffd: Optional[FreeFormDeformation], affine: List[nn.Module]) -> float:
+                        lr: float, deformation, affine: List[nn.Module]) -> float:
         """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
         fixed; returns the final log L and penalty (the level's objective is their difference)."""
         s = self.settings
-        bending_grid = work.reference_image.grid.resampled(min(ffd.control_spacing) / 2) if ffd is not None else None
+        bending_grid = (work.reference_image.grid.resampled(min(deformation.control_spacing) / 2)
+                        if deformation is not None else None)
         # Coverage stays as the EM step saw it: with it free, the objective would change by whole
         # voxels entering or leaving a field of view, which the gradient cannot see.
         with torch.no_grad():
@@ -337,8 +317,8 @@ class JointSolver:
 
         def penalty():
             total = torch.zeros((), device=self.device)
-            if ffd is not None and s.bending_weight > 0:
-                total = total + s.bending_weight * bending_energy(ffd, bending_grid, device=self.device)
+            if deformation is not None and s.bending_weight > 0:
+                total = total + s.bending_weight * spline_bending_energy(deformation, bending_grid).to(total)
             for transform in affine if s.affine_weight > 0 else ():
                 total = total + s.affine_weight * linear_distortion(transform).to(total)
             return total

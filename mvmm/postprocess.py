@@ -89,10 +89,10 @@ def close_blood_pool(labels: np.ndarray, pool: int, wall: int) -> np.ndarray:
 
 def check_postprocess(method: str, label_set: LabelSet) -> None:
     """Raise InputError unless ``method`` is one of :data:`POSTPROCESSING` and ``label_set`` has what it needs."""
-    require_choice(method, POSTPROCESSING, "--postprocess")
+    require_choice(method, POSTPROCESSING, "postprocess")
     if method == "cardiac":
         for name in ("LV", "Myo"):
-            label_set.index(name, "--postprocess cardiac")
+            label_set.index(name, "postprocess")
 
 
 def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str) -> np.ndarray:

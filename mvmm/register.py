@@ -1,13 +1,14 @@
 """Pairwise registration: find the transform that maps a fixed image's space into a moving image's.
 
-Coarse to fine, as the joint solver: rigid → affine → B-spline FFD levels (control spacing halving),
-on the fixed grid resampled to ``grid_spacing`` mm; at each level, outer iterations of Adam steps
-(best point kept, step shrinking) on ``similarity + λ · bending energy`` until the loss stops
-changing. The overlap mask is frozen within an outer iteration, so that voxels entering or leaving
-the moving field of view do not make the loss jump under the optimiser.
+Coarse to fine, by the loop all solvers share (:mod:`mvmm.spatial.coarse_to_fine`): rigid → affine →
+FFD or SVF levels (control spacing halving), on the fixed grid resampled to ``grid_spacing`` mm; at
+each level, outer iterations of Adam steps (best point kept, step shrinking) on ``similarity +
+λ · bending energy`` until the loss stops changing. The overlap mask is frozen within an outer
+iteration, so that voxels entering or leaving the moving field of view do not make the loss jump
+under the optimiser.
 
-:class:`PairwiseRegistration` keeps its state (linear transform and FFD) between levels, which is
-what group-wise atlas building uses; :func:`register_files` is ``mvmm register``.
+:class:`PairwiseRegistration` keeps its state (linear transform and deformation) between levels,
+which is what group-wise atlas building uses; :func:`register_files` is ``mvmm register``.
 """
 
 from __future__ import annotations
@@ -27,21 +28,22 @@ from mvmm.data import io
 from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.core.devices import resolve_device
-from mvmm.core.errors import InputError, require_choice, require_positive
+from mvmm.core.errors import InputError, require_field_choice, require_positive
 from mvmm.core.outputs import prepare_output_dir, write_json
 from mvmm.data.transform_files import save_transforms
 from mvmm.spatial.init import INIT_METHODS, initial_linear_transform
-from mvmm.spatial.nonlinear import FreeFormDeformation
+from mvmm.spatial.coarse_to_fine import (LINEAR_KINDS, NONLINEAR_KINDS, Level, MovingTransform, OuterLoop,
+                                         run_outer_iterations, schedule)
+from mvmm.spatial.nonlinear import BSplineTransform
 from mvmm.spatial.optim import descend_keeping_best
-from mvmm.spatial.regularizers import bending_energy, jacobian_statistics, warn_if_folded
-from mvmm.spatial.scaled import ScaledLinear, frozen_ffd, learnable_ffd, linear_then_ffd_levels
+from mvmm.spatial.regularizers import jacobian_statistics, spline_bending_energy, warn_if_folded
 from mvmm.spatial.similarity import METRICS, check_mask, similarity_loss
-from mvmm.spatial.transforms import LinearTransform, SequentialTransform, map_grid
+from mvmm.spatial.transforms import LinearTransform, map_grid
 from mvmm.spatial.warp import sample_image
 
 log = logging.getLogger(__name__)
 
-TRANSFORM_KINDS = ("rigid", "affine", "ffd")
+TRANSFORM_KINDS = LINEAR_KINDS + NONLINEAR_KINDS
 
 
 @dataclass
@@ -50,15 +52,17 @@ class PairwiseSettings:
 
     Attributes
     ----------
-    transform : {"rigid", "affine", "ffd"}
-        The final transform model (``"affine"`` runs rigid first, ``"ffd"`` rigid, affine, FFD).
+    transform : {"rigid", "affine", "ffd", "svf"}
+        The final transform model (``"affine"`` runs rigid first, ``"ffd"`` rigid, affine, FFD;
+        ``"svf"`` rigid, affine, a diffeomorphic stationary velocity field).
     metric : {"mi", "ncc", "ssd", "dice"}
         Similarity (see :mod:`mvmm.spatial.similarity`).
     init : {"geometry", "moments", "header"}
         Initial translation: field-of-view centres, intensity centres of mass, or none.
     control_spacing : float
-        FFD control spacing (mm) of the first FFD level; halved at each further one.
+        Control spacing (mm) of the first FFD/SVF level; halved at each further one.
     ffd_levels : int
+        Non-linear (FFD or SVF) levels.
     bending_weight : float
         λ of the bending energy (mm⁻² per voxel) against the similarity.
     grid_spacing : float
@@ -92,13 +96,20 @@ class PairwiseSettings:
     window: int = 9
 
     def __post_init__(self):
-        require_choice(self.transform, TRANSFORM_KINDS, "--transform")
-        require_choice(self.metric, METRICS, "--metric")
-        require_choice(self.init, INIT_METHODS, "--init")
+        require_field_choice(self, "transform", TRANSFORM_KINDS)
+        require_field_choice(self, "metric", METRICS)
+        require_field_choice(self, "init", INIT_METHODS)
         require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
         require_positive(self, ("bending_weight",), strict=False)
         if self.bins < 4:
-            raise InputError(f"bins: expected at least 4, got {self.bins}")
+            raise InputError(f"PairwiseSettings.bins: expected at least 4, got {self.bins}")
+
+    def loop(self) -> OuterLoop:
+        return OuterLoop(self.steps, self.max_outer, self.step_mm, self.step_decay, self.min_step_mm, self.tol)
+
+    def levels(self) -> List[Level]:
+        """The coarse-to-fine schedule of ``transform`` (the moving image is ``"moving"``)."""
+        return schedule({"moving": self.transform}, self.control_spacing, self.ffd_levels, self.full_resolution)
 
 
 @dataclass
@@ -114,7 +125,7 @@ class PairwiseResult:
     loss_before, loss_after : float
         Similarity on the registration grid at the initial placement and at the end (without λ·bending).
     jacobian : dict, optional
-        Statistics of ``det ∇T`` of the FFD on the fixed grid.
+        Statistics of ``det ∇T`` of the deformation (FFD or SVF) on the fixed grid.
     """
 
     transform: nn.Module
@@ -137,13 +148,13 @@ class PairwiseRegistration:
     device : torch.device
     linear : LinearTransform, optional
         Starting linear transform (default: ``settings.init``).
-    ffd : FreeFormDeformation, optional
-        Starting FFD (on ``fixed.grid``), applied before ``linear``.
+    deformation : FreeFormDeformation or StationaryVelocityField, optional
+        Starting deformation (on ``fixed.grid``), applied before ``linear``.
     """
 
     def __init__(self, fixed: Image, moving: Image, settings: PairwiseSettings, fixed_mask: Optional[Image] = None,
                  moving_mask: Optional[Image] = None, device=None, linear: Optional[LinearTransform] = None,
-                 ffd: Optional[FreeFormDeformation] = None):
+                 deformation: Optional[BSplineTransform] = None):
         self.settings = settings
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.fixed, self.moving = fixed.to(self.device), moving.to(self.device)
@@ -151,18 +162,26 @@ class PairwiseRegistration:
         self.moving_mask = moving_mask.to(self.device) if moving_mask is not None else None
         self.loss_fn = similarity_loss(settings.metric, settings.bins, settings.window)
         self.coarse = fixed.grid.coarsened(settings.grid_spacing)
-        self.radius = float(np.linalg.norm(fixed.grid.extent_mm()[:2])) / 2
+        radius = float(np.linalg.norm(fixed.grid.extent_mm()[:2])) / 2
         if linear is None:
             linear = initial_linear_transform("rigid", fixed.grid, moving.grid, settings.init,
                                               fixed.data, moving.data)
-        self.linear = linear.to(self.device)
-        self.ffd = ffd.to(self.device) if ffd is not None else None
+        self.state = MovingTransform(linear.to(self.device), fixed.grid, radius,
+                                     deformation.to(self.device) if deformation is not None else None)
         self._fixed_on: Dict[Grid, tuple] = {}
+
+    @property
+    def linear(self) -> LinearTransform:
+        return self.state.linear
+
+    @property
+    def deformation(self) -> Optional[BSplineTransform]:
+        return self.state.deformation
 
     @property
     def transform(self) -> nn.Module:
         """Current transform (fixed space → moving world)."""
-        return SequentialTransform(self.ffd, self.linear) if self.ffd is not None else self.linear
+        return self.state.transform
 
     def _fixed_values(self, grid: Grid):
         """Fixed values ``[C, *S]`` and fixed-side mask ``[*S]`` on ``grid`` (cached)."""
@@ -202,31 +221,22 @@ class PairwiseRegistration:
             mask = fixed_inside & moving_inside
         return self.loss_fn(fixed_values, moving_values, mask)
 
-    def run_level(self, kind: str, control_spacing: Optional[float] = None, grid: Optional[Grid] = None,
-                  name: Optional[str] = None) -> List[dict]:
-        """Optimise one level (``"rigid"``, ``"affine"`` or ``"ffd"``) from the current state."""
+    def run_level(self, level: Level) -> List[dict]:
+        """Optimise one level of the schedule (its ``kinds["moving"]``) from the current state."""
         s = self.settings
-        grid = grid or self.coarse
-        params: List[torch.Tensor] = []
-        scaled = None
-        if kind in ("rigid", "affine"):
-            scaled = ScaledLinear(kind, self.linear, self.radius)
-            self.linear = scaled.module
-            params.append(scaled.raw)
-        else:
-            self.ffd = learnable_ffd(self.ffd, self.fixed.grid, control_spacing, self.device)
-            params.append(self.ffd.params_tensor)
-        bending_grid = (self.fixed.grid.resampled(min(self.ffd.control_spacing) / 2)
-                        if kind == "ffd" and s.bending_weight > 0 else None)
+        grid = self.fixed.grid if level.full_resolution else self.coarse
+        params = self.state.begin(level.kinds.get("moving"), level.control_spacing, self.device)
+        deformation = self.state.learning_deformation()
+        bending_grid = (self.fixed.grid.resampled(min(deformation.control_spacing) / 2)
+                        if deformation is not None and s.bending_weight > 0 else None)
 
         def objective(mask):
             loss = self.similarity(grid, mask)
             if bending_grid is not None:
-                loss = loss + s.bending_weight * bending_energy(self.ffd, bending_grid, device=self.device)
+                loss = loss + s.bending_weight * spline_bending_energy(deformation, bending_grid)
             return loss
 
-        history, previous = [], None
-        for outer in range(1, s.max_outer + 1):
+        def outer_iteration(outer: int, step_mm: float) -> dict:
             mask = self.overlap(grid)
             check_mask(mask, f"registration of {self.moving.name} to {self.fixed.name}")
 
@@ -235,16 +245,10 @@ class PairwiseRegistration:
                 loss.backward()
                 return loss.detach()
 
-            lr = max(s.step_mm * s.step_decay ** (outer - 1), s.min_step_mm)
-            loss = descend_keeping_best(params, closure, s.steps, lr)
-            history.append({"level": name or kind, "outer": outer, "loss": loss})
-            if previous is not None and abs(previous - loss) <= s.tol * max(abs(previous), 1e-12):
-                break
-            previous = loss
-        if scaled is not None:
-            self.linear = scaled.baked().to(self.device)
-        if self.ffd is not None:
-            self.ffd = frozen_ffd(self.ffd, self.fixed.grid)
+            return {"loss": descend_keeping_best(params, closure, s.steps, step_mm)}
+
+        history = run_outer_iterations(outer_iteration, s.loop(), "loss", level.name)
+        self.state.end(self.device)
         return history
 
     def run(self, progress: bool = False) -> PairwiseResult:
@@ -252,22 +256,17 @@ class PairwiseRegistration:
         s = self.settings
         with torch.no_grad():
             before = float(self.similarity())
-        levels = [(kind, spacing, self.coarse, f"{kind} {spacing:g} mm" if spacing else kind)
-                  for kind, spacing in linear_then_ffd_levels(s.transform, s.control_spacing, s.ffd_levels)]
-        if s.full_resolution:
-            kind, spacing, _, name = levels[-1]
-            levels.append((kind, spacing, self.fixed.grid, name + ", full resolution"))
         history = []
-        for kind, spacing, grid, name in tqdm(levels, desc="registration", unit="level", disable=not progress,
-                                               leave=False):
-            history += self.run_level(kind, spacing, grid, name)
-            log.info("level %s: %d outer iterations, loss %.5f", name, history[-1]["outer"], history[-1]["loss"])
+        for level in tqdm(s.levels(), desc="registration", unit="level", disable=not progress, leave=False):
+            history += self.run_level(level)
+            log.info("level %s: %d outer iterations, loss %.5f", level.name, history[-1]["outer"],
+                     history[-1]["loss"])
         with torch.no_grad():
             after = float(self.similarity())
         jacobian = None
-        if self.ffd is not None:
-            jacobian = jacobian_statistics(self.ffd, self.fixed.grid, device=self.device)
-            warn_if_folded(jacobian, "the FFD")
+        if self.deformation is not None:
+            jacobian = jacobian_statistics(self.deformation, self.fixed.grid, device=self.device)
+            warn_if_folded(jacobian, f"the {s.transform.upper()}")
         return PairwiseResult(self.transform, history, before, after, jacobian)
 
 
@@ -291,17 +290,17 @@ def register_files(fixed_path, moving_path, out_dir, settings: PairwiseSettings,
     (the moving image resampled onto the fixed grid) and ``report.json``. Returns the report.
     """
     out = prepare_output_dir(out_dir, force)
-    fixed = Image.read(fixed_path, "fixed", "--fixed")
-    moving = Image.read(moving_path, "moving", "--moving")
-    for image, arg in ((fixed, "--fixed"), (moving, "--moving")):
+    fixed = Image.read(fixed_path, "fixed", "fixed_path")
+    moving = Image.read(moving_path, "moving", "moving_path")
+    for image, arg in ((fixed, "fixed_path"), (moving, "moving_path")):
         image.check_intensities(arg)
     if fixed.grid.ndim != moving.grid.ndim:
-        raise InputError(f"--moving: {moving_path} is {moving.grid.ndim}D but --fixed {fixed_path} is "
+        raise InputError(f"moving_path: {moving_path} is {moving.grid.ndim}D but `fixed_path` {fixed_path} is "
                          f"{fixed.grid.ndim}D")
     torch_device = resolve_device(device)
     start = time.perf_counter()
-    registration = PairwiseRegistration(fixed, moving, settings, _read_mask(fixed_mask, fixed, "--fixed-mask"),
-                                        _read_mask(moving_mask, moving, "--moving-mask"), torch_device)
+    registration = PairwiseRegistration(fixed, moving, settings, _read_mask(fixed_mask, fixed, "fixed_mask"),
+                                        _read_mask(moving_mask, moving, "moving_mask"), torch_device)
     result = registration.run(progress)
     seconds = time.perf_counter() - start
     save_transforms(out / "transforms", {"moving": result.transform}, fixed.grid)

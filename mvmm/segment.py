@@ -77,18 +77,18 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         Fit only near the atlas foreground (see :class:`mvmm.data.subject.Subject`).
     """
     if not images:
-        raise InputError("--images: at least one image is needed")
+        raise InputError("images: at least one image is needed")
     names = list(names) if names else [default_name(p) for p in images]
     if len(names) != len(images):
-        raise InputError(f"--names: {len(names)} names for {len(images)} images")
+        raise InputError(f"names: {len(names)} names for {len(images)} images")
     if len(set(names)) != len(names):
-        raise InputError(f"--names: image names must be unique, got {names} (give --names)")
+        raise InputError(f"names: image names must be unique, got {names} (give `names`)")
     loaded = [Image.read(p, n) for p, n in zip(images, names)]
     mask_images = {}
     for name, path in (masks or {}).items():
         if name not in names:
-            raise InputError(f"--mask: {name!r} is not one of the image names {names}")
-        mask_images[name] = Image.read(path, f"{name}_mask", argname="--mask")
+            raise InputError(f"masks: {name!r} is not one of the image names {names}")
+        mask_images[name] = Image.read(path, f"{name}_mask", argname="masks")
     atlas = list(atlas) if atlas else [BUILTIN_CARDIAC]
     reference_grid = loaded[names.index(reference)].grid if reference in names else loaded[0].grid
     if atlas == [NO_ATLAS]:
@@ -96,7 +96,7 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
     elif atlas == [BUILTIN_CARDIAC]:
         atlas_obj = Atlas.builtin_cardiac(reference_grid, labels or CARDIAC_LABELS)
     elif any(a in (NO_ATLAS, BUILTIN_CARDIAC) for a in atlas):
-        raise InputError(f"--atlas: {NO_ATLAS!r} and {BUILTIN_CARDIAC!r} stand alone, got {atlas}")
+        raise InputError(f"atlas: {NO_ATLAS!r} and {BUILTIN_CARDIAC!r} stand alone, got {atlas}")
     else:
         atlas_obj = Atlas.read(atlas, reference_grid.ndim, labels, atlas_sigma)
         if atlas_obj.frame == "axes":
@@ -254,7 +254,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_s
     if seed is not None:
         torch.manual_seed(seed)
     if not learn_proportions and subject.atlas is None:
-        raise InputError("--proportions atlas: needs an atlas (a plain mixture has no prior but its proportions)")
+        raise InputError("learn_proportions: held proportions (the prior is then the atlas) need an atlas; a plain mixture "
+                         "has no prior but its proportions")
     labels = subject.class_labels
     check_postprocess(postprocess, labels)  # fail now, not after the fit
     base = np.ones((len(subject.names), len(labels)), dtype=np.int64)

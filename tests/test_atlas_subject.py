@@ -113,5 +113,5 @@ def test_subject_rejects_bad_input(problem, match):
 def test_atlas_that_misses_the_images_is_rejected():
     far = Grid(GRID.size, GRID.spacing, (0.0, 0.0, 900.0), GRID.direction)
     atlas = Atlas.from_label_maps([label_map()], far)
-    with pytest.raises(InputError, match="--atlas: the atlas .* does not overlap"):
+    with pytest.raises(InputError, match="^atlas: the atlas .* does not overlap"):
         Subject([make_image("A")], atlas=atlas).sample()

@@ -154,26 +154,28 @@ def bad_inputs(phantom_files, tmp_path):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("missing", "file not found"),
-    ("unreadable", "cannot read"),
-    ("nan", "NaN/Inf"),
-    ("flat", "one constant value"),
-    ("2d", "2D and 3D images cannot share"),
-    ("far", "does not overlap"),
-    ("atlas_far", "atlas .* does not overlap"),
+    ("missing", "--images: file not found"),
+    ("unreadable", "--images: cannot read"),
+    ("nan", "--images: .*NaN/Inf"),
+    ("flat", "--images: .*one constant value"),
+    ("2d", "--images: 2D and 3D images cannot share"),
+    ("far", "--images: image 'far' .*does not overlap"),
+    ("atlas_far", "--atlas: the atlas .* does not overlap"),
     ("labels_mismatch", "do not occur"),
     ("unknown_labels", r"values \[500, 600\] that are not in"),
-    ("empty_mask", "is empty"),
-    ("subtypes_image", "unknown image 'T2'"),
-    ("subtypes_tissue", "unknown tissue 'scar'"),
-    ("out_exists", "exists and is not empty"),
-    ("cuda", "CUDA is not available"),
-    ("names_count", "2 names for 1 images"),
+    ("empty_mask", "--mask: mask of 'LGE' .*is empty"),
+    ("subtypes_image", "--subtypes: unknown image 'T2'"),
+    ("subtypes_tissue", "--subtypes: unknown tissue 'scar'"),
+    ("out_exists", "--out: .* exists and is not empty.*use --force"),
+    ("cuda", "--device: 'cuda' asks for CUDA, which is not available.*use --device=cpu"),
+    ("names_count", "--names: 2 names for 1 images"),
     ("roi_without_atlas", "--roi-margin: a region of interest around the atlas needs an atlas"),
-    ("proportions_without_atlas", "--proportions atlas: needs an atlas"),
-    ("postprocess_labels", "--postprocess cardiac: unknown tissue 'LV'"),
-    ("register_without_atlas", "--register-atlas affine: there is no atlas to move"),
-    ("register_one_image", "--register-images rigid: there is only the reference image"),
+    ("proportions_without_atlas", "--proportions: held proportions .* need an atlas"),
+    ("postprocess_labels", "--postprocess: unknown tissue 'LV'"),
+    ("register_without_atlas", r"--register-atlas: 'affine' moves the atlas, but the subject has none \(--atlas "
+                               r"none\); give an atlas or set --register-atlas=none"),
+    ("register_one_image", "--register-images: 'rigid' moves the non-reference images, but there is only the "
+                           "reference .*; set --register-images=none"),
 ])
 def test_segment_rejects_bad_input_with_a_clear_message(case, match, phantom_files, bad_inputs, tmp_path):
     if case == "cuda" and torch.cuda.is_available():
@@ -220,7 +222,7 @@ def test_force_overwrites_an_existing_output(phantom_files, bad_inputs):
 
 def test_evaluate_errors(phantom_files, tmp_path):
     r = run("evaluate", "--pred", phantom_files["LGE_truth"], "--truth", phantom_files["C0_truth"])
-    assert r.exit_code == 1 and "not on one grid" in r.output
+    assert r.exit_code == 1 and "--truth: " in r.output and "is not on the grid of --pred" in r.output
     r = run("evaluate", "--pred", phantom_files["LGE_truth"], "--truth", phantom_files["LGE_truth"],
             "--labels", "bg=0,Myo=200")
     assert r.exit_code == 1 and "values [500, 600]" in r.output

@@ -67,12 +67,12 @@ def test_io_round_trip_of_stacked_maps(tmp_path):
 
 
 def test_read_errors_name_the_file(tmp_path):
-    with pytest.raises(InputError, match=r"--images: file not found: .*missing.nii.gz"):
-        io.read_array(tmp_path / "missing.nii.gz", "--images")
+    with pytest.raises(InputError, match=r"^images: file not found: .*missing.nii.gz"):
+        io.read_array(tmp_path / "missing.nii.gz", "images")
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not an image")
-    with pytest.raises(InputError, match=r"--images: cannot read .*junk.nii.gz"):
-        io.read_array(junk, "--images")
+    with pytest.raises(InputError, match=r"^images: cannot read .*junk.nii.gz"):
+        io.read_array(junk, "images")
 
 
 def test_write_is_atomic_on_failure(tmp_path):
@@ -92,5 +92,5 @@ def test_nan_and_inf_in_files_are_reported_not_zeroed(tmp_path, suffix):
     arr[1, 2, 3], arr[0, 0, 0] = np.nan, np.inf
     path = tmp_path / f"bad{suffix}"
     io.write_array(path, arr, grid)
-    with pytest.raises(InputError, match=r"--images: .*bad.* has 2 NaN/Inf voxels"):
-        io.read_array(path, "--images")
+    with pytest.raises(InputError, match=r"^images: .*bad.* has 2 NaN/Inf voxels"):
+        io.read_array(path, "images")

@@ -97,14 +97,19 @@ def test_joint_solver_aligns_sequences_and_a_misplaced_atlas_together(seed):
 
 
 def test_registration_settings_reject_unknown_models():
-    with pytest.raises(InputError, match="--register-atlas"):
+    with pytest.raises(InputError, match="^RegistrationSettings.atlas: expected one of none, rigid, affine, ffd, svf"):
         RegistrationSettings(atlas="bspline")
-    with pytest.raises(InputError, match="--register-images"):
+    with pytest.raises(InputError, match="^RegistrationSettings.images: expected one of"):
         RegistrationSettings(images="ffd")
-    with pytest.raises(InputError, match="--images-init"):
+    with pytest.raises(InputError, match="^RegistrationSettings.images_init: expected one of"):
         RegistrationSettings(images_init="moments")
-    levels = [level["name"] for level in RegistrationSettings(atlas="ffd", images="rigid").levels()]
-    assert levels == ["rigid", "affine", "ffd 40 mm", "ffd 20 mm", "ffd 20 mm, full resolution"]
+    levels = RegistrationSettings(atlas="ffd", images="rigid").levels()
+    assert [level.name for level in levels] == ["rigid", "affine", "ffd 40 mm", "ffd 20 mm",
+                                                "ffd 20 mm, full resolution"]
+    # the images stay rigid throughout; the atlas's linear part is held at the non-linear levels
+    assert [level.kinds["images"] for level in levels] == ["rigid"] * 5
+    assert [level.kinds["atlas"] for level in levels] == ["rigid", "affine", "ffd", "ffd", "ffd"]
+    assert [level.control_spacing for level in levels] == [None, None, 40.0, 20.0, 20.0]
 
 
 def test_an_atlas_that_does_not_move_leaves_the_solver_with_fixed_transforms():
@@ -165,7 +170,7 @@ def test_atlas_search_finds_a_far_misplaced_atlas():
         moved[search] = result.registration.transforms["atlas"](torch.zeros(1, 2)).numpy()[0]
     # the search starts the atlas 20 mm over, where its heart meets the image's
     assert moved[20.0][0] > 15.0 and dice[20.0] > dice[0.0] + 0.1, (moved, dice)
-    with pytest.raises(InputError, match="--atlas-search-mm"):
+    with pytest.raises(InputError, match="^RegistrationSettings.atlas_search_mm: expected >= 0"):
         RegistrationSettings(atlas_search_mm=-1.0)
 
 
@@ -196,22 +201,25 @@ def test_affine_prior_weighs_the_scaling_of_the_atlas():
     # than rigid; held hard, it stays (nearly) rigid
     assert spread["affine", 1.0] > 0.05 and dice["affine", 1.0] > dice["rigid", 1.0] + 0.02, (spread, dice)
     assert spread["affine", 1e4] < 0.02, spread
-    with pytest.raises(InputError, match="--affine-weight"):
+    with pytest.raises(InputError, match="^RegistrationSettings.affine_weight: expected >= 0"):
         RegistrationSettings(affine_weight=-1.0)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ffd_levels_with_a_region_of_interest_ascend_their_own_objective(seed):
-    # The region of interest follows the atlas; an FFD level holds it where the level began, or the
-    # deforming atlas would redraw the voxels it is scored on and log L could fall within a level.
+@pytest.mark.parametrize("kind, seed", [("ffd", 0), ("ffd", 1), ("svf", 0)])
+def test_deformable_levels_with_a_region_of_interest_ascend_their_own_objective(kind, seed):
+    # The region of interest follows the atlas; a non-linear level holds it where the level began, or
+    # the deforming atlas would redraw the voxels it is scored on and log L could fall within a level.
     phantom = make_phantom(seed, ndim=2)
     images = [phantom.images["LGE"], phantom.images["C0"]]
     subject = Subject(images, misplaced_builtin_atlas(images[0].grid, (4.0, -3.0)), roi_margin_mm=5.0)
-    result = segment_subject(subject, registration=RegistrationSettings(atlas="ffd", images="none"))
+    result = segment_subject(subject, registration=RegistrationSettings(atlas=kind, images="none"))
     history = result.registration.history
-    ffd_levels = {h["level"] for h in history if h["level"].startswith("ffd")}
-    assert len(ffd_levels) == 3
-    for level in ffd_levels:
+    deformable_levels = {h["level"] for h in history if h["level"].startswith(kind)}
+    assert len(deformable_levels) == 3
+    assert result.registration.jacobian["folding_share"] == 0.0
+    kinds = {type(step).__name__ for step in result.registration.transforms["atlas"].steps}
+    assert kinds == {"FreeFormDeformation" if kind == "ffd" else "StationaryVelocityField", "AffineTransform"}
+    for level in deformable_levels:
         # the level's objective, log L − λ·bending, after each outer iteration: EM cannot lower it
         # (same voxels, fixed geometry) and the descent keeps its best point, so it never falls
         values = [h["log_likelihood_after_registration"] - h["penalty"] for h in history if h["level"] == level]

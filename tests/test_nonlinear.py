@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 
@@ -8,7 +9,7 @@ import torch
 from mvmm.core.grid import Grid
 from mvmm.spatial import (AffineTransform, FreeFormDeformation, RigidTransform, SequentialTransform,
                           StationaryVelocityField, bending_energy, initial_linear_transform, jacobian_determinant,
-                          jacobian_statistics, linear_distortion, sample_image)
+                          jacobian_statistics, linear_distortion, map_grid, sample_image)
 from mvmm.spatial.init import center_of_mass
 
 
@@ -77,24 +78,103 @@ def test_ffd_gradcheck():
     assert torch.autograd.gradcheck(fn, (ffd.params.detach().clone().requires_grad_(),))
 
 
-def test_svf_exponential_of_a_constant_field_is_that_translation_and_inverse_is_exact():
-    grid = oblique_grid()
-    svf = StationaryVelocityField(grid, spacing=5.0)
+def random_svf(grid, spacing=15.0, scale=2.0, seed=0, **kwargs):
+    svf = StationaryVelocityField(grid, spacing, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        svf.params.copy_(torch.tensor([2.0, -1.0, 0.5]).reshape(3, 1, 1, 1).expand_as(svf.params))
+        svf.params.copy_(scale * torch.randn(svf.params.shape, generator=gen))
+    return svf
+
+
+def interior(grid, points, margin=2):
+    index = grid.world_to_index(points)
+    return ((index > margin) & (index < torch.tensor(grid.size) - 1 - margin)).all(-1)
+
+
+def test_svf_at_zero_is_the_identity_and_a_constant_velocity_is_that_translation():
+    grid = oblique_grid()
     points = grid.world_points()
-    assert torch.allclose(svf(points) - points, torch.tensor([2.0, -1.0, 0.5]).expand_as(points), atol=1e-4)
-    # a smooth, large field (up to 4 mm): the inverse is exact up to the interpolation of the fields
-    local = svf.grid.world_points() - torch.as_tensor(grid.center_world(), dtype=torch.float32)
-    waves = torch.stack([torch.sin(local[..., 1] / 12), torch.cos(local[..., 2] / 15), torch.sin(local[..., 0] / 10)])
-    svf = StationaryVelocityField(grid, grid=svf.grid, params=4.0 * waves)
-    assert jacobian_statistics(svf, grid)["folding_share"] == 0.0
+    svf = StationaryVelocityField(grid, 10.0)
+    assert torch.equal(svf(points), points)
+    shift = torch.tensor([2.0, -1.0, 0.5])
+    with torch.no_grad():
+        svf.params.copy_(shift.reshape(3, 1, 1, 1).expand_as(svf.params))
+    # exp of a constant field is the translation by it (the spline sums to one inside the domain)
+    assert torch.allclose(svf(points) - points, shift.expand_as(points), atol=1e-4)
+
+
+def test_svf_composed_with_its_inverse_is_the_identity_and_does_not_fold():
+    grid = oblique_grid()
+    points = grid.world_points()
+    svf = random_svf(grid, scale=3.0)
     moved = svf(points)
-    assert (moved - points).norm(dim=-1).max() > 2.0
+    assert (moved - points).norm(dim=-1).max() > 2.0  # a real deformation
+    assert jacobian_statistics(svf, grid)["folding_share"] == 0.0
+    assert jacobian_statistics(svf, grid)["min"] > 0.2
     back = svf.inverse()(moved)
-    inner = grid.world_to_index(points)
-    interior = ((inner > 2) & (inner < torch.tensor(grid.size) - 3)).all(-1)
-    assert (back - points).norm(dim=-1)[interior].mean() < 0.1
+    inside = interior(grid, points)
+    assert (back - points).norm(dim=-1)[inside].mean() < 0.05
+    assert (svf(svf.inverse()(points)) - points).norm(dim=-1)[inside].mean() < 0.05
+
+
+def test_svf_gradcheck_and_the_inverse_keeps_gradients():
+    grid = Grid((6, 5, 4), (3.0, 3.0, 4.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    shape = StationaryVelocityField(grid, 6.0, steps=3, field_subdivision=2).control_grid.shape
+    coeffs = torch.randn((3,) + shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    points = grid.world_points(dtype=torch.float64) + 0.3
+    svf = StationaryVelocityField(grid, 6.0, steps=3, field_subdivision=2, params=coeffs)
+
+    def fn(c):
+        return svf.with_params(c)(points)
+
+    assert torch.autograd.gradcheck(fn, (coeffs.clone().requires_grad_(),))
+    learnable = svf.with_params(torch.nn.Parameter(coeffs.clone()))
+    learnable.inverse()(points).sum().backward()
+    assert learnable.params.grad is not None and float(learnable.params.grad.abs().sum()) > 0
+
+
+def test_svf_computes_its_exponential_once_per_parameter_value():
+    grid = oblique_grid()
+    svf = random_svf(grid, scale=1.0)
+    svf.params.requires_grad_(True)
+    calls = []
+    original = svf._exponential
+    svf._exponential = lambda v: calls.append(1) or original(v)
+    points = grid.world_points()
+    with torch.no_grad():
+        svf(points), svf(points + 1.0), svf.inverse()  # one evaluation, reused
+    assert len(calls) == 1
+    loss = (svf(points) ** 2).mean() + svf(points + 1.0).mean()  # one graph, one field
+    assert len(calls) == 2
+    loss.backward()
+    svf(points).sum().backward()  # after a backward the field is recomputed (no freed graph reused)
+    assert len(calls) == 3
+    with torch.no_grad():
+        svf.params.add_(0.5)  # an optimiser step changes the parameters in place
+        svf(points)
+    assert len(calls) == 4
+    copy.deepcopy(svf)  # a cached graph is not copied
+
+
+@pytest.mark.parametrize("cls", [FreeFormDeformation, StationaryVelocityField])
+def test_a_batch_of_deformations_equals_each_one_alone(cls):
+    grid = oblique_grid()
+    single = [cls(grid, 15.0, params=2.0 * torch.randn((3,) + cls(grid, 15.0).control_grid.shape,
+                                                      generator=torch.Generator().manual_seed(b)))
+              for b in range(3)]
+    batch = single[0].with_params(torch.stack([t.params for t in single]))
+    assert batch.batch_size == 3
+    points = grid.world_points()
+    moved = batch(points.expand(3, *points.shape))
+    on_grid = map_grid(batch, grid)
+    for b, transform in enumerate(single):
+        assert torch.allclose(moved[b], transform(points), atol=1e-4)
+        assert torch.allclose(on_grid[b], map_grid(transform, grid), atol=1e-4)
+    # refinement keeps the spline (displacement or velocity) of each member
+    many = points.expand(3, *points.shape)
+    assert torch.allclose(batch.refined().spline_at(many), batch.spline_at(many), atol=1e-3)
+    with pytest.raises(ValueError, match=r"expects parameters of shape \[3, "):
+        batch.with_params(torch.zeros(3, 2, 2, 2))(points)
 
 
 def test_bending_energy_vanishes_for_affine_maps_and_grows_with_deformation():
@@ -125,7 +205,7 @@ def test_a_folded_deformation_is_reported(caplog):
         warn_if_folded(jacobian_statistics(random_ffd(grid, spacing=15.0, scale=0.5), grid), "the smooth FFD")
         assert not caplog.records
         warn_if_folded(jacobian_statistics(random_ffd(grid, spacing=8.0, scale=12.0), grid), "the folded FFD")
-    assert len(caplog.records) == 1 and "the folded FFD folds" in caplog.text and "--bending-weight" in caplog.text
+    assert len(caplog.records) == 1 and "the folded FFD folds" in caplog.text and "raise `bending_weight`" in caplog.text
 
 
 def test_sequential_transform_and_its_inverse():

@@ -55,7 +55,7 @@ def test_each_structure_keeps_its_largest_component():
 def test_postprocess_labels_checks_method_and_labels():
     plane = short_axis_slice()
     assert postprocess_labels(plane, CARDIAC_LABELS, "none") is plane
-    with pytest.raises(InputError, match="--postprocess: expected one of none, cardiac, got 'smooth'"):
+    with pytest.raises(InputError, match="^postprocess: expected one of none, cardiac, got 'smooth'"):
         postprocess_labels(plane, CARDIAC_LABELS, "smooth")
-    with pytest.raises(InputError, match="--postprocess cardiac: unknown tissue 'LV'"):
+    with pytest.raises(InputError, match="^postprocess: unknown tissue 'LV'"):
         postprocess_labels(plane, LabelSet(("bg", "WM", "GM"), (0, 1, 2)), "cardiac")

@@ -11,7 +11,8 @@ from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.core.errors import InputError
 from mvmm.register import PairwiseRegistration, PairwiseSettings
-from mvmm.spatial import FreeFormDeformation, RigidTransform, sample_image
+from mvmm.data.transform_files import load_transforms
+from mvmm.spatial import FreeFormDeformation, RigidTransform, map_grid, sample_image
 from mvmm.spatial.similarity import local_ncc, mutual_information, similarity_loss, soft_dice, ssd
 from test_joint import errors, misaligned_case
 
@@ -47,7 +48,7 @@ def test_similarity_losses_are_lowest_at_alignment_and_invariant_where_they_shou
     messed = f.clone()
     messed[:, :, 20:] = 0
     assert float(ssd(f, messed, half)) == 0.0
-    with pytest.raises(InputError, match="--metric"):
+    with pytest.raises(InputError, match="^metric: expected one of"):
         similarity_loss("cc")
 
 
@@ -71,8 +72,8 @@ def test_pairwise_rigid_registration_recovers_a_misalignment_between_sequences(m
     assert [h["level"] for h in result.history][0] == "rigid"
 
 
-def test_pairwise_ffd_recovers_a_smooth_deformation_better_than_affine():
-    # moving = fixed seen through a known smooth deformation: fixed(x) = moving(T(x))
+def deformed_blobs():
+    """Fixed blobs and the moving image they become through a known smooth FFD T: fixed(x) = moving(T(x))."""
     grid = Grid((64, 56), (1.5, 1.5), (-40.0, -30.0), (1.0, 0.0, 0.0, 1.0))
     fixed_data = blobs((56, 64), seed=3)
     truth = FreeFormDeformation(grid, 30.0)
@@ -83,7 +84,14 @@ def test_pairwise_ffd_recovers_a_smooth_deformation_better_than_affine():
     inverse = truth.inverse()
     with torch.no_grad():
         moving_data, _ = sample_image(fixed_data, grid, points, inverse)  # moving(y) = fixed(T⁻¹(y))
-    fixed, moving = Image(fixed_data, grid, "fixed"), Image(moving_data, grid, "moving")
+    return Image(fixed_data, grid, "fixed"), Image(moving_data, grid, "moving"), truth
+
+
+@pytest.mark.parametrize("kind", ["ffd", "svf"])
+def test_pairwise_deformable_registration_recovers_a_smooth_deformation_better_than_affine(kind):
+    fixed, moving, truth = deformed_blobs()
+    grid = fixed.grid
+    points = grid.world_points()
     inner = (points - torch.as_tensor(grid.center_world(), dtype=torch.float32)).abs().max(-1).values < 25
 
     def error(transform):
@@ -92,12 +100,38 @@ def test_pairwise_ffd_recovers_a_smooth_deformation_better_than_affine():
 
     settings = dict(metric="ssd", init="header", control_spacing=30.0, ffd_levels=1, grid_spacing=1.5)
     affine = PairwiseRegistration(fixed, moving, PairwiseSettings(transform="affine", **settings)).run()
-    ffd = PairwiseRegistration(fixed, moving, PairwiseSettings(transform="ffd", **settings)).run()
+    deformable = PairwiseRegistration(fixed, moving, PairwiseSettings(transform=kind, **settings)).run()
     identity_error = error(torch.nn.Identity())
     assert identity_error > 2.0
-    assert error(ffd.transform) < 0.5 * min(identity_error, error(affine.transform)), \
-        (identity_error, error(affine.transform), error(ffd.transform))
-    assert ffd.jacobian["folding_share"] == 0.0
+    assert error(deformable.transform) < 0.5 * min(identity_error, error(affine.transform)), \
+        (identity_error, error(affine.transform), error(deformable.transform))
+    assert deformable.jacobian["folding_share"] == 0.0
+    assert [h["level"] for h in deformable.history][-1] == f"{kind} 30 mm"
+
+
+def test_register_cli_saves_an_svf_as_a_displacement_field_that_reloads(tmp_path):
+    from click.testing import CliRunner
+
+    fixed, moving, _ = deformed_blobs()
+    fixed.write(tmp_path / "fixed.nii.gz")
+    moving.write(tmp_path / "moving.nii.gz")
+    out = tmp_path / "reg"
+    args = ["register", "--fixed", tmp_path / "fixed.nii.gz", "--moving", tmp_path / "moving.nii.gz", "--transform",
+            "svf", "--metric", "ssd", "--init", "header", "--control-spacing", "30", "--out", out, "--quiet",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "transforms" / "transforms.json").read_text())
+    assert [(e["type"], e["kind"]) for e in index["transforms"]["moving"]] == \
+        [("displacement", "StationaryVelocityField"), ("linear", "AffineTransform")]
+    report = json.loads((out / "report.json").read_text())
+    assert report["loss_after"] < report["loss_before"] and report["jacobian"]["folding_share"] == 0.0
+    # the saved field reproduces the moved image mvmm wrote
+    loaded = load_transforms(out / "transforms")["moving"]
+    with torch.no_grad():
+        again, _ = sample_image(moving.data, moving.grid, map_grid(loaded, fixed.grid))
+    written, _, _ = io.read_array(out / "moved.nii.gz", "moved")
+    assert np.allclose(again[0].numpy(), written, atol=1e-4)
 
 
 def test_register_cli_writes_a_transform_simpleitk_applies_the_same_way(tmp_path):

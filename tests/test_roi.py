@@ -66,5 +66,5 @@ def test_roi_that_misses_every_image_is_reported():
     labels[-4:, -4:] = 200
     atlas_grid = Grid((20, 20), (1.0, 1.0), (15.0, 15.0), (1, 0, 0, 1))  # its foreground lies off the image
     atlas = Atlas.from_label_maps([labels], atlas_grid, LabelSet(["bg", "Myo"], [0, 200]), sigma_mm=0.0)
-    with pytest.raises(InputError, match="--roi-margin: no voxel covered"):
+    with pytest.raises(InputError, match="^roi_margin_mm: no voxel covered"):
         Subject([image], atlas=atlas, roi_margin_mm=1.0).sample()

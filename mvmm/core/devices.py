@@ -16,7 +16,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu")
+            raise InputError(f"device: {name!r} asks for CUDA, which is not available on this machine "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use `device`=cpu")
         return torch.device(name)
-    raise InputError(f"--device: expected auto, cpu or cuda, got {name!r}")
+    raise InputError(f"device: expected auto, cpu or cuda, got {name!r}")

@@ -14,7 +14,7 @@ from mvmm.core.errors import InputError
 PathLike = Union[str, os.PathLike]
 
 
-def prepare_output_dir(path: PathLike, force: bool, argname: str = "--out") -> Path:
+def prepare_output_dir(path: PathLike, force: bool, argname: str = "out") -> Path:
     """Create ``path`` (and parents), or accept an existing one only when ``force`` is set.
 
     Raises
@@ -27,7 +27,7 @@ def prepare_output_dir(path: PathLike, force: bool, argname: str = "--out") -> P
         raise InputError(f"{argname}: {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{argname}: {path} exists and is not empty; nothing was written "
-                         f"(use --force to overwrite its files)")
+                         f"(use `force` to overwrite its files)")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

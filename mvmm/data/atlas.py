@@ -67,7 +67,7 @@ class Atlas:
     @classmethod
     def from_label_maps(cls, maps: Sequence[np.ndarray], grid: Grid, labels: Optional[LabelSet] = None,
                         sigma_mm: float = DEFAULT_SIGMA_MM, source: str = "<memory>",
-                        argname: str = "--atlas") -> "Atlas":
+                        argname: str = "atlas") -> "Atlas":
         """Average of one-hot label maps, each smoothed by a Gaussian of ``sigma_mm``.
 
         Parameters
@@ -81,7 +81,7 @@ class Atlas:
             Standard deviation of the smoothing, in mm (0 for none); anisotropic spacing is honoured.
         """
         if sigma_mm < 0 or not np.isfinite(sigma_mm):
-            raise InputError(f"--atlas-sigma: must be a finite number >= 0, got {sigma_mm}")
+            raise InputError(f"sigma_mm: must be a finite number >= 0, got {sigma_mm}")
         found = set()
         for m in maps:
             found |= label_values(m, source, argname)
@@ -100,7 +100,7 @@ class Atlas:
 
     @classmethod
     def read(cls, paths: Sequence[str], image_ndim: Optional[int] = None, labels: Optional[LabelSet] = None,
-             sigma_mm: float = DEFAULT_SIGMA_MM, argname: str = "--atlas") -> "Atlas":
+             sigma_mm: float = DEFAULT_SIGMA_MM, argname: str = "atlas") -> "Atlas":
         """Read a probability atlas (one file) or label maps (one or more files on one grid).
 
         A file with one more axis than the images (or several components) is a probability atlas;
@@ -134,12 +134,12 @@ class Atlas:
             stored = LabelSet.from_dict(meta["labels"])
             frame = meta.get("frame", "world")
             if labels is not None and labels != stored:
-                raise InputError(f"--labels {labels.as_dict()} differ from the labels of atlas {path} "
+                raise InputError(f"labels: {labels.as_dict()} differ from the labels of atlas {path} "
                                  f"({stored.as_dict()}, from {sidecar.name})")
             labels = stored
         if labels is None:
             raise InputError(f"{argname}: {path} holds {array.shape[0]} probability maps but no label values "
-                             f"(no {sidecar.name} beside it): give --labels with {array.shape[0]} entries")
+                             f"(no {sidecar.name} beside it): give `labels` with {array.shape[0]} entries")
         if array.shape[0] != len(labels):
             raise InputError(f"{argname}: {path} holds {array.shape[0]} probability maps but the label set "
                              f"{labels.as_dict()} has {len(labels)} classes")
@@ -161,7 +161,7 @@ class Atlas:
         wrapping the septum; along the stack the heart narrows towards both ends.
         """
         if len(labels) != 4:
-            raise InputError(f"--labels: the built-in cardiac atlas has 4 classes (background, Myo, LV, RV); "
+            raise InputError(f"labels: the built-in cardiac atlas has 4 classes (background, Myo, LV, RV); "
                              f"got {labels.as_dict()}")
         spacing = [1.5, 1.5] + ([min(reference.spacing[2], 5.0)] if reference.ndim == 3 else [])
         extent = [160.0, 160.0] + ([reference.extent_mm()[2]] if reference.ndim == 3 else [])

@@ -48,7 +48,7 @@ class Image:
         return cls(data, grid, name, source)
 
     @classmethod
-    def read(cls, path, name: str, argname: str = "--images") -> "Image":
+    def read(cls, path, name: str, argname: str = "images") -> "Image":
         """Read a scalar 2D or 3D image (any format SimpleITK reads) as float32."""
         array, grid, ndim = io.read_array(path, argname)
         if array.ndim != grid.ndim or ndim == 4:
@@ -56,7 +56,7 @@ class Image:
                              f"(array shape {array.shape}, {ndim} dimensions)")
         return cls.from_array(array, grid, name, str(path))
 
-    def check_intensities(self, argname: str = "--images") -> None:
+    def check_intensities(self, argname: str = "images") -> None:
         """Raise InputError when the image has NaN/Inf values or is one constant value."""
         values = self.data
         finite = torch.isfinite(values)

@@ -93,7 +93,7 @@ def read_array(path, argname: str) -> Tuple[np.ndarray, Grid, int]:
     path : str or Path
         Any format SimpleITK reads.
     argname : str
-        The argument the file came from, used in error messages (e.g. ``"--images"``).
+        The argument the file came from, used in error messages (e.g. ``"images"``).
 
     Returns
     -------
@@ -189,7 +189,7 @@ def write_linear_transform(path, matrix: np.ndarray) -> Path:
     return path
 
 
-def read_linear_transform(path, argname: str = "--transforms") -> np.ndarray:
+def read_linear_transform(path, argname: str = "path") -> np.ndarray:
     """Read any linear ITK transform file (Euler, similarity, versor, affine…) as a homogeneous matrix."""
     path = Path(path)
     if not path.is_file():

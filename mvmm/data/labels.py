@@ -41,7 +41,7 @@ class LabelSet:
         bg = self.background_index
         return tuple((n, v) for k, (n, v) in enumerate(zip(self.names, self.values)) if k != bg)
 
-    def index(self, name: str, argname: str = "--labels") -> int:
+    def index(self, name: str, argname: str = "labels") -> int:
         if name not in self.names:
             raise InputError(f"{argname}: unknown tissue {name!r}; known: {', '.join(self.names)}")
         return self.names.index(name)
@@ -50,7 +50,7 @@ class LabelSet:
         return dict(zip(self.names, self.values))
 
     @classmethod
-    def parse(cls, text: str, argname: str = "--labels") -> "LabelSet":
+    def parse(cls, text: str, argname: str = "labels") -> "LabelSet":
         """Parse ``"bg=0,Myo=200,LV=500,RV=600"`` (order kept)."""
         names, values = [], []
         for item in filter(None, (p.strip() for p in text.split(","))):

@@ -67,7 +67,7 @@ class Manifest:
         except KeyError as err:
             raise InputError(f"manifest: {path} lacks the field {err}") from None
 
-    def canonical_sequence(self, name: str, argname: str = "--sequences") -> str:
+    def canonical_sequence(self, name: str, argname: str = "sequences") -> str:
         """The manifest's name of a sequence given by name or alias (case-insensitive)."""
         for canonical, aliases in self.sequences.items():
             if name.lower() in [canonical.lower()] + [a.lower() for a in aliases]:
@@ -116,7 +116,7 @@ def _pattern(template: str, file_sequence: str) -> re.Pattern:
 
 def scan(manifest: Manifest, data, patients: Optional[Sequence[int]] = None,
          sequences: Optional[Sequence[str]] = None, label_sequences: Sequence[str] = (),
-         check_labels: bool = True, argname: str = "--data") -> Scan:
+         check_labels: bool = True, argname: str = "data") -> Scan:
     """Find the patients of ``data`` under the manifest's layouts and check what is asked for.
 
     Parameters
@@ -186,7 +186,7 @@ def _expected(manifest: Manifest, seq: str, number: int, kind: str) -> str:
 
 
 def _label_problem(path: Path, labels: LabelSet) -> Optional[str]:
-    array, _, _ = io.read_array(path, "--data")
+    array, _, _ = io.read_array(path, "data")
     values = set(np.unique(array).tolist())
     unknown = sorted(v for v in values if v not in labels.values)
     if unknown:
@@ -196,7 +196,7 @@ def _label_problem(path: Path, labels: LabelSet) -> Optional[str]:
     return None
 
 
-def parse_patients(text: str, argname: str = "--patients") -> List[int]:
+def parse_patients(text: str, argname: str = "patients") -> List[int]:
     """``"1-25"``, ``"1,3,7-9"`` → list of patient numbers."""
     out = []
     for part in str(text).split(","):

@@ -87,35 +87,35 @@ class Subject:
     def __post_init__(self):
         self.images = list(self.images)
         if not self.images:
-            raise InputError("--images: at least one image is needed")
+            raise InputError("images: at least one image is needed")
         names = [im.name for im in self.images]
         if len(set(names)) != len(names):
-            raise InputError(f"--names: image names must be unique, got {names}")
+            raise InputError(f"images: image names must be unique, got {names}")
         if self.reference is None:
             self.reference = names[0]
         if self.reference not in names:
-            raise InputError(f"--reference: {self.reference!r} is not one of the image names {names}")
+            raise InputError(f"reference: {self.reference!r} is not one of the image names {names}")
         dims = {im.name: im.grid.ndim for im in self.images}
         if len(set(dims.values())) > 1:
-            raise InputError(f"--images: 2D and 3D images cannot share one space: dimensions {dims} "
+            raise InputError(f"images: 2D and 3D images cannot share one space: dimensions {dims} "
                              f"(a 2D image has no position along a third axis)")
         for im in self.images:
             im.check_intensities()
         for name, mask in self.masks.items():
             if name not in names:
-                raise InputError(f"--mask: {name!r} is not one of the image names {names}")
+                raise InputError(f"masks: {name!r} is not one of the image names {names}")
             if mask.grid.ndim != dims[name]:
-                raise InputError(f"--mask: mask of {name!r} ({mask.source}) is {mask.grid.ndim}D, "
+                raise InputError(f"masks: mask of {name!r} ({mask.source}) is {mask.grid.ndim}D, "
                                  f"its image is {dims[name]}D")
             if not bool((mask.data > 0).any()):
-                raise InputError(f"--mask: mask of {name!r} ({mask.source}) is empty (no nonzero voxel)")
+                raise InputError(f"masks: mask of {name!r} ({mask.source}) is empty (no nonzero voxel)")
         if self.roi_margin_mm is not None:
             if self.atlas is None:
-                raise InputError("--roi-margin: a region of interest around the atlas needs an atlas")
+                raise InputError("roi_margin_mm: a region of interest around the atlas needs an atlas")
             if not math.isfinite(self.roi_margin_mm) or self.roi_margin_mm < 0:
-                raise InputError(f"--roi-margin: must be a number of mm ≥ 0, got {self.roi_margin_mm}")
+                raise InputError(f"roi_margin_mm: must be a number of mm ≥ 0, got {self.roi_margin_mm}")
         if self.atlas is not None and self.atlas.grid.ndim != self.ndim:
-            raise InputError(f"--atlas: the atlas ({self.atlas.source}) is {self.atlas.grid.ndim}D, "
+            raise InputError(f"atlas: the atlas ({self.atlas.source}) is {self.atlas.grid.ndim}D, "
                              f"the images are {self.ndim}D")
 
     @property
@@ -190,7 +190,7 @@ class Subject:
                 m, m_inside = self.masks[im.name].sample(image_points, mode="nearest")
                 inside = inside & m_inside & (m[0] > 0)
             if check and not bool(inside.any()):
-                raise InputError(f"--images: image {im.name!r} ({im.source}) does not overlap the common "
+                raise InputError(f"images: image {im.name!r} ({im.source}) does not overlap the common "
                                  f"grid of {self.reference!r} at all (check its header's origin/direction, "
                                  f"or its mask)")
             values.append(v[0])
@@ -200,7 +200,7 @@ class Subject:
             prior, inside = self.atlas.sample(moved("atlas"))
             share = float(inside.float().mean()) if check else 1.0
             if share == 0.0:
-                raise InputError(f"--atlas: the atlas ({self.atlas.source}) does not overlap the common grid "
+                raise InputError(f"atlas: the atlas ({self.atlas.source}) does not overlap the common grid "
                                  f"of {self.reference!r} at all")
             if share < 0.5:
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
@@ -209,7 +209,7 @@ class Subject:
                 region = self._roi_of(prior, grid) if region is None else region.to(prior.device)
                 coverage = [inside & region for inside in coverage]
                 if check and not any(bool(inside.any()) for inside in coverage):
-                    raise InputError(f"--roi-margin: no voxel covered by the images lies within "
+                    raise InputError(f"roi_margin_mm: no voxel covered by the images lies within "
                                      f"{self.roi_margin_mm:g} mm of the atlas foreground ({self.atlas.source}); "
                                      f"the atlas is placed off the images")
         return CaseSample(torch.stack(values), torch.stack(coverage), prior, grid, self.names, self.class_labels)

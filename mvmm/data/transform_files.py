@@ -66,7 +66,7 @@ def save_transforms(out_dir, transforms: Dict[str, nn.Module], common_grid: Grid
     return out / INDEX_NAME
 
 
-def load_transforms(path, argname: str = "--transforms") -> Dict[str, nn.Module]:
+def load_transforms(path, argname: str = "path") -> Dict[str, nn.Module]:
     """Read a ``transforms.json`` (or the folder holding one) back into fixed transforms by name."""
     path = Path(path)
     if path.is_dir():
@@ -121,16 +121,16 @@ def warp_file(image_path, transforms_path, name: str, out_path, reference_path=N
     """
     out_path = Path(out_path)
     if out_path.exists() and not force:
-        raise InputError(f"--out: {out_path} exists; nothing was written (use --force to overwrite)")
-    transforms = load_transforms(transforms_path)
+        raise InputError(f"out_path: {out_path} exists; nothing was written (use `force` to overwrite)")
+    transforms = load_transforms(transforms_path, "transforms_path")
     if name not in transforms:
-        raise InputError(f"--name: {name!r} has no transform in {transforms_path} (there: {sorted(transforms)})")
-    array, grid, _ = io.read_array(image_path, "--image")
+        raise InputError(f"name: {name!r} has no transform in {transforms_path} (there: {sorted(transforms)})")
+    array, grid, _ = io.read_array(image_path, "image_path")
     if array.ndim != grid.ndim:
-        raise InputError(f"--image: {image_path} is not a scalar image (array shape {array.shape})")
+        raise InputError(f"image_path: {image_path} is not a scalar image (array shape {array.shape})")
     if labels:  # nearest sampling of intensities would pass silently for a label map
-        label_values(array, image_path, "--image (with --labels)")
-    target = io.read_array(reference_path, "--reference")[1] if reference_path else common_grid_of(transforms_path)
+        label_values(array, image_path, "image_path")
+    target = io.read_array(reference_path, "reference_path")[1] if reference_path else common_grid_of(transforms_path)
     data = torch.as_tensor(array, dtype=torch.float32).unsqueeze(0)
     with torch.no_grad():
         values, _ = sample_image(data, grid, map_grid(transforms[name], target),

@@ -38,7 +38,7 @@ from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
-from mvmm.core.errors import InputError, require_choice, require_positive
+from mvmm.core.errors import InputError, require_field_choice, require_positive
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
@@ -62,9 +62,9 @@ class ExperimentSettings:
     ----------
     sequences : list of str
         Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
-    atlas_register : {"none", "rigid", "affine", "ffd"}
+    atlas_register : {"none", "rigid", "affine", "ffd", "svf"}
         Group-wise registration when building each atlas.
-    register_atlas : {"none", "rigid", "affine", "ffd"}
+    register_atlas : {"none", "rigid", "affine", "ffd", "svf"}
         Registration of the atlas to the target inside the joint model.
     register_images : {"none", "rigid", "affine"}
         Registration of the other sequences to the LGE inside the joint model.
@@ -107,8 +107,8 @@ class ExperimentSettings:
     seed: int = 0
 
     def __post_init__(self):
-        require_choice(self.proportions, ("atlas", "learned"), "--proportions")
-        require_choice(self.postprocess, POSTPROCESSING, "--postprocess")
+        require_field_choice(self, "proportions", ("atlas", "learned"))
+        require_field_choice(self, "postprocess", POSTPROCESSING)
         require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
 
 
@@ -155,7 +155,7 @@ def _for_images(subtypes: List[str], names: List[str]) -> List[str]:
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) -> dict:
     """Every method on one target; returns metrics, seconds and label maps (LGE grid)."""
     images = [Image.read(files.images[s], s) for s in settings.sequences]
-    truth = Image.read(files.labels["LGE"], "LGE manual", argname="--data")
+    truth = Image.read(files.labels["LGE"], "LGE manual", argname="data")
     registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
                                         images_init="header", atlas_search_mm=settings.atlas_search_mm,
                                         affine_weight=settings.affine_weight)
@@ -186,7 +186,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) 
     seconds["gmm"] = time.perf_counter() - start
     truth_map = truth.data[0].numpy().astype(np.int64)
     if truth_map.shape != maps["em-all"].shape:
-        raise InputError(f"--data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
+        raise InputError(f"data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
     spacing = tuple(reversed(images[0].grid.spacing))
     metrics = {m: evaluate_labels(maps[m], truth_map, spacing, atlas.labels) for m in METHODS}
     return {"patient": target, "metrics": metrics, "seconds": seconds, "maps": maps,
@@ -197,14 +197,14 @@ def _prepare(out: Path, record: dict, force: bool) -> None:
     """Create ``out``, or resume in it when it holds a run with the same settings (else refuse)."""
     index = out / "experiment.json"
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a folder")
+        raise InputError(f"out: {out} exists and is not a folder")
     if index.exists() and not force:
         previous = json.loads(index.read_text())
         if {k: previous.get(k) for k in record} != record:
-            raise InputError(f"--out: {out} holds a run with other settings or data ({index.name}); "
-                             f"nothing was changed (use another --out, or --force to redo it)")
+            raise InputError(f"out: {out} holds a run with other settings or data ({index.name}); "
+                             f"nothing was changed (use another `out`, or `force` to redo it)")
     elif out.is_dir() and any(out.iterdir()) and not index.exists() and not force:
-        raise InputError(f"--out: {out} exists, is not empty and is not an experiment folder (use --force)")
+        raise InputError(f"out: {out} exists, is not empty and is not an experiment folder (use `force`)")
     (out / "patients").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     write_json(index, {"format": EXPERIMENT_FORMAT, **record})
@@ -220,12 +220,12 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     parse_subtypes(settings.subtypes, sequences, manifest.labels.names)  # a typo fails now, not after a patient
     targets = scan(manifest, data, patients, sequences, ["LGE"])
     if targets.problems:
-        raise InputError("--data: " + "; ".join(targets.problems[:5])
+        raise InputError("data: " + "; ".join(targets.problems[:5])
                          + (f" (and {len(targets.problems) - 5} more)" if len(targets.problems) > 5 else ""))
     patients = sorted(patients or targets.patients)
     atlas_scan = scan(manifest, atlas_data, None, [], ["LGE"]) if atlas_data is not None else targets
     if atlas_scan.problems:
-        raise InputError("--atlas-data: " + "; ".join(atlas_scan.problems[:5]))
+        raise InputError("atlas_data: " + "; ".join(atlas_scan.problems[:5]))
     pool = {n: f.labels["LGE"] for n, f in atlas_scan.patients.items() if "LGE" in f.labels}
     out = Path(out)
     record = {"data": str(Path(data).resolve()), "atlas_data": str(Path(atlas_data).resolve()) if atlas_data else None,
@@ -238,7 +238,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
             continue
         own = {n: p for n, p in pool.items() if atlas_data is not None or n != target}
         if len(own) < 2:
-            raise InputError(f"--atlas-data: patient {target} needs at least two atlas patients with LGE labels, "
+            raise InputError(f"atlas_data: patient {target} needs at least two atlas patients with LGE labels, "
                              f"found {sorted(own)}")
         atlas, build_seconds = _atlas_for(own, out, device, progress, settings.atlas_register)
         result = run_patient(target, targets.patients[target], atlas, settings)

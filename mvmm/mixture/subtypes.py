@@ -10,7 +10,7 @@ from mvmm.core.errors import InputError
 
 
 def parse_subtypes(specs: Iterable[str], image_names: Sequence[str], tissue_names: Sequence[str],
-                   default: Union[int, np.ndarray] = 1, argname: str = "--subtypes") -> np.ndarray:
+                   default: Union[int, np.ndarray] = 1, argname: str = "subtypes") -> np.ndarray:
     """Build the ``[N, K]`` array of subtype counts.
 
     Parameters

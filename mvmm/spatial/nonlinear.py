@@ -1,14 +1,19 @@
 """Non-linear transforms: cubic B-spline free-form deformation (FFD) and stationary velocity field (SVF).
 
 Both are displacement models ``T(x) = x + u(x)`` on world points (mm), with the parameter slot of
-:class:`~mvmm.spatial.transforms.ParametricTransform`. Their parameters live on a grid that shares
-the direction of a *domain* grid (the common space) and covers its field of view:
+:class:`~mvmm.spatial.transforms.ParametricTransform`, and both are parametrised by cubic B-spline
+coefficients ``[ndim, *control.shape]`` (mm, world axes) on control points ``control_spacing`` mm
+apart that share the direction of a *domain* grid (the common space) and cover its field of view,
+two beyond it on each side (the cubic support). ``refined()`` halves the spacing exactly (B-spline
+subdivision), for coarse-to-fine fitting. The slot may also hold a batch ``[B, ndim, *control]``
+(B deformations, e.g. a network head's output for B subjects); a batched transform maps points
+``[B, *S, ndim]``.
 
-- FFD: displacement coefficients ``[ndim, *control.shape]`` (mm, world axes) on control points
-  ``control_spacing`` mm apart, two beyond the domain on each side (the cubic support);
-  ``refined()`` halves the spacing exactly (B-spline subdivision), for coarse-to-fine fitting.
-- SVF: a velocity field ``[ndim, *grid.shape]`` (mm, world axes); ``T = exp(v)`` by scaling and
-  squaring, so T is diffeomorphic for a smooth enough v and its exact inverse is ``exp(−v)``.
+- FFD (Rueckert et al. 1999): the spline is the displacement, ``u = Σ c φ``.
+- SVF (as deepali's stationary velocity FFD): the spline is a velocity v, ``T = exp(v)`` by scaling
+  and squaring on a dense grid; T is diffeomorphic for a smooth enough v, its inverse is
+  ``exp(−v)``. exp(v) is computed once per parameter value and reused (see
+  :meth:`StationaryVelocityField.displacement_field`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import torch.nn.functional as F
 
 from mvmm.core.grid import Grid
 from mvmm.spatial.transforms import ParametricTransform, ParamValue
-from mvmm.spatial.warp import sample_image
 
 Spacing = Union[float, Sequence[float]]
 
@@ -61,14 +65,42 @@ def _subdivide(coeffs: torch.Tensor, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def sample_fields(fields: torch.Tensor, grid: Grid, points: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """Linearly interpolate vector fields at world points.
+
+    Parameters
+    ----------
+    fields : torch.Tensor, shape [C, *grid.shape] or [B, C, *grid.shape]
+    grid : Grid
+    points : torch.Tensor, shape [..., ndim] (one field) or [B, *S, ndim] (a batch)
+    padding_mode : {"zeros", "border"}
+        Value beyond the grid: zero, or the nearest border value.
+
+    Returns
+    -------
+    torch.Tensor, shape [..., C] or [B, *S, C]
+    """
+    batched = fields.dim() == grid.ndim + 2
+    data = fields if batched else fields.unsqueeze(0)
+    batch = data.shape[0]
+    flat = points.reshape(batch, -1, grid.ndim).to(data.dtype)
+    normalized = grid.world_to_normalized(flat).reshape((batch,) + (1,) * (grid.ndim - 1) + (-1, grid.ndim))
+    values = F.grid_sample(data, normalized, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return values.reshape(batch, data.shape[1], -1).transpose(1, 2).reshape(points.shape[:-1] + (data.shape[1],))
+
+
 class DisplacementTransform(ParametricTransform):
     """Base of ``T(x) = x + u(x)``; subclasses give ``displacement(points)``."""
 
     def displacement(self, points: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def grid_displacement(self, grid: Grid) -> Optional[torch.Tensor]:
+        """``u`` at the voxel centres of ``grid`` by a faster route than :meth:`displacement`, or None."""
+        return None
+
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """Map world points ``[..., ndim]`` (mm) to ``x + u(x)``."""
+        """Map world points ``[..., ndim]`` (mm) to ``x + u(x)``; batched: ``[B, *S, ndim]``."""
         return points + self.displacement(points)
 
     def inverse(self, iterations: int = 20) -> "FixedPointInverse":
@@ -76,8 +108,8 @@ class DisplacementTransform(ParametricTransform):
         return FixedPointInverse(self, iterations)
 
 
-class FreeFormDeformation(DisplacementTransform):
-    """Cubic B-spline free-form deformation (Rueckert et al. 1999) on world coordinates.
+class BSplineTransform(DisplacementTransform):
+    """Base of the transforms parametrised by cubic B-spline coefficients on a control grid.
 
     Parameters
     ----------
@@ -87,10 +119,13 @@ class FreeFormDeformation(DisplacementTransform):
     control_spacing : float or sequence of float
         Distance between control points in mm (one value or one per axis, ITK order).
     params : Parameter, tensor, callable or None
-        Control-point displacements ``[ndim, *control_grid.shape]`` in mm (None: a learnable zero).
+        Coefficients ``[ndim, *control_grid.shape]`` or ``[B, ndim, *control_grid.shape]`` in mm
+        (None: a learnable zero, the identity).
     control_grid : Grid, optional
         Use this control grid instead of deriving it (set by :meth:`refined` and when loading).
     """
+
+    batchable = True
 
     def __init__(self, domain: Grid, control_spacing: Spacing = 20.0, params: ParamValue = None,
                  control_grid: Grid = None):
@@ -107,38 +142,48 @@ class FreeFormDeformation(DisplacementTransform):
     def control_spacing(self) -> tuple:
         return self.control_grid.spacing
 
-    def displacement(self, points: torch.Tensor) -> torch.Tensor:
-        """``u(x)`` at world points ``[..., ndim]``; control points beyond the grid count as zero.
+    def _geometry(self) -> dict:
+        """Keyword arguments that rebuild this transform's geometry (subclasses add theirs)."""
+        return {"control_grid": self.control_grid}
+
+    def with_params(self, params: ParamValue) -> "BSplineTransform":
+        return type(self)(self.domain, params=params, **self._geometry())
+
+    def spline_at(self, points: torch.Tensor) -> torch.Tensor:
+        """The spline at world points ``[..., ndim]`` (batched: ``[B, *S, ndim]``), shaped like them;
+        control points beyond the grid count as zero.
 
         A cubic B-spline is evaluated with 2^ndim linear lookups (``grid_sample``) instead of
         4^ndim gathers: along each axis the four weighted neighbours are two linear interpolations
         at shifted positions (Sigg & Hadwiger, GPU Gems 2, ch. 20).
         """
         coeffs = self.params
-        index = self.control_grid.world_to_index(points.reshape(-1, self.ndim).to(coeffs.dtype))
+        batch = coeffs.shape[0] if coeffs.dim() == self.ndim + 2 else 1
+        index = self.control_grid.world_to_index(points.reshape(batch, -1, self.ndim).to(coeffs.dtype))
         floor = torch.floor(index)
-        w = cubic_bspline_weights(index - floor)  # [P, ndim, 4]
+        w = cubic_bspline_weights(index - floor)  # [B, P, ndim, 4]
         g0, g1 = w[..., 0] + w[..., 1], w[..., 2] + w[..., 3]
         h0 = floor - 1 + w[..., 1] / g0
         h1 = floor + 1 + w[..., 3] / g1
-        out = coeffs.new_zeros((self.ndim, index.shape[0]))
+        data = coeffs.reshape((batch, self.ndim) + self.control_grid.shape)
+        out = coeffs.new_zeros((batch, self.ndim, index.shape[1]))
         for upper in itertools.product((False, True), repeat=self.ndim):
             choice = torch.as_tensor(upper, device=index.device)
             position = torch.where(choice, h1, h0)
-            weight = torch.where(choice, g1, g0).prod(dim=-1)
-            normalized = self.control_grid.index_to_normalized(position).reshape((1,) * self.ndim + (-1, self.ndim))
-            values = F.grid_sample(coeffs.unsqueeze(0), normalized, mode="bilinear", padding_mode="zeros",
-                                   align_corners=False)
-            out = out + values.reshape(self.ndim, -1) * weight
-        return out.T.reshape(points.shape).to(points.dtype)
+            weight = torch.where(choice, g1, g0).prod(dim=-1)  # [B, P]
+            normalized = self.control_grid.index_to_normalized(position)
+            normalized = normalized.reshape((batch,) + (1,) * (self.ndim - 1) + (-1, self.ndim))
+            values = F.grid_sample(data, normalized, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out = out + values.reshape(batch, self.ndim, -1) * weight.unsqueeze(1)
+        return out.transpose(1, 2).reshape(points.shape).to(points.dtype)
 
-    def grid_displacement(self, grid: Grid) -> Optional[torch.Tensor]:
-        """``u`` at the voxel centres of ``grid``, ``[ndim, *grid.shape]`` (mm), or None.
+    def spline_on(self, grid: Grid) -> Optional[torch.Tensor]:
+        """The spline at the voxel centres of ``grid``, ``[(B,) ndim, *grid.shape]`` (mm), or None.
 
         Where ``grid`` shares the control grid's direction (the common grid, its coarsened or
         resampled versions), the spline is separable along the axes: one small matrix of B-spline
         weights per axis, applied in turn, instead of 2^ndim lookups per point — much faster,
-        forward and backward. Returns None for any other grid (use :meth:`displacement`).
+        forward and backward. Returns None for any other grid (use :meth:`spline_at`).
         """
         control = self.control_grid
         to_control = control.world_to_index_matrix @ grid.index_to_world_matrix  # grid index → control index
@@ -146,22 +191,122 @@ class FreeFormDeformation(DisplacementTransform):
         if not np.allclose(to_control[: self.ndim, : self.ndim], np.diag(scale), atol=1e-6):
             return None
         out = self.params
-        # torch dim d + 1 of the coefficients is ITK axis ndim - 1 - d
-        for d, axis in enumerate(reversed(range(self.ndim))):
+        for axis in range(self.ndim):
+            dim = -(axis + 1)  # ITK axis a is the a-th torch dimension from the end
             position = (torch.arange(grid.size[axis], dtype=torch.float64) * scale[axis]
                         + to_control[axis, self.ndim])
             weights = _bspline_matrix(position, control.size[axis]).to(out)
-            out = torch.tensordot(out, weights, dims=([d + 1], [1])).movedim(-1, d + 1)
+            out = torch.tensordot(out, weights, dims=([dim], [1])).movedim(-1, dim)
         return out
 
-    def refined(self) -> "FreeFormDeformation":
-        """The same deformation on control points half as far apart (a new learnable FFD)."""
+    def refined(self) -> "BSplineTransform":
+        """The same transform on control points half as far apart (a new learnable one)."""
         coeffs = self.params.detach()
-        for dim in range(1, coeffs.dim()):
+        for dim in range(-self.ndim, 0):
             coeffs = _subdivide(coeffs, dim)
         g = self.control_grid
         finer = Grid(tuple(2 * s - 1 for s in g.size), tuple(s / 2 for s in g.spacing), g.origin, g.direction)
-        return FreeFormDeformation(self.domain, params=torch.nn.Parameter(coeffs), control_grid=finer)
+        return type(self)(self.domain, params=torch.nn.Parameter(coeffs), **{**self._refined_geometry(),
+                                                                           "control_grid": finer})
+
+    def _refined_geometry(self) -> dict:
+        return self._geometry()
+
+
+class FreeFormDeformation(BSplineTransform):
+    """Cubic B-spline free-form deformation (Rueckert et al. 1999): ``u(x) = Σ c φ(x)``.
+
+    Parameters: see :class:`BSplineTransform`; the coefficients are displacements in mm.
+    """
+
+    def displacement(self, points: torch.Tensor) -> torch.Tensor:
+        """``u(x)`` at world points ``[..., ndim]`` (batched: ``[B, *S, ndim]``)."""
+        return self.spline_at(points)
+
+    def grid_displacement(self, grid: Grid) -> Optional[torch.Tensor]:
+        """``u`` at the voxel centres of ``grid``, ``[(B,) ndim, *grid.shape]``, separably (or None)."""
+        return self.spline_on(grid)
+
+
+class StationaryVelocityField(BSplineTransform):
+    """Diffeomorphism ``T = exp(v)`` of a stationary velocity field v, a cubic B-spline.
+
+    The velocity is evaluated on a dense *field grid* (the domain at ``control spacing /
+    field_subdivision`` mm, one voxel beyond it) and integrated there by scaling and squaring,
+    ``exp(v) ≈ (id + v / 2^steps)^(2^steps)``; points are then moved by linear interpolation of
+    that displacement. As for deepali's SVFFD, the spline keeps v smooth, so its bending energy and
+    control spacing mean what they mean for the FFD, and coarse-to-fine refinement is exact in v.
+
+    Parameters
+    ----------
+    domain, control_spacing, params, control_grid
+        As :class:`BSplineTransform`; the coefficients are velocities in mm.
+    steps : int
+        Squarings.
+    field_subdivision : int
+        Field-grid voxels per control spacing.
+    """
+
+    def __init__(self, domain: Grid, control_spacing: Spacing = 20.0, params: ParamValue = None,
+                 control_grid: Grid = None, steps: int = 7, field_subdivision: int = 4):
+        super().__init__(domain, control_spacing, params, control_grid)
+        if steps < 0 or field_subdivision < 1:
+            raise ValueError(f"steps, field_subdivision: expected >= 0 and >= 1, got {steps}, {field_subdivision}")
+        self.steps, self.field_subdivision = int(steps), int(field_subdivision)
+        self.field_grid = domain.resampled(tuple(s / self.field_subdivision for s in self.control_spacing), pad=1)
+        self._cache = None
+
+    def _geometry(self) -> dict:
+        return {"control_grid": self.control_grid, "steps": self.steps, "field_subdivision": self.field_subdivision}
+
+    def velocity_field(self) -> torch.Tensor:
+        """v at the field grid's voxels, ``[(B,) ndim, *field_grid.shape]`` (mm)."""
+        return self.spline_on(self.field_grid)  # same direction as the control grid: always separable
+
+    def displacement_field(self) -> torch.Tensor:
+        """``exp(v) − id`` at the field grid's voxels, ``[(B,) ndim, *field_grid.shape]`` (mm).
+
+        Computed once per parameter value and reused: the cache is keyed on the parameter tensor,
+        its in-place version (an optimiser step changes it) and the grad mode, and dropped when a
+        backward pass goes through it, so a freed graph is never reused. A callable slot (a
+        network head) gives a new tensor at each call, hence a new field.
+        """
+        v = self.params
+        grad = torch.is_grad_enabled()
+        cached = self._cache
+        if cached is not None and cached[0] is v and cached[1] == v._version and cached[2] == grad:
+            return cached[3]
+        field = self._exponential(v)
+        self._cache = (v, v._version, grad, field)
+        if field.requires_grad:
+            field.register_hook(self._drop_cache)
+        return field
+
+    def _drop_cache(self, grad):
+        self._cache = None
+
+    def _exponential(self, v: torch.Tensor) -> torch.Tensor:
+        field = self.velocity_field() / (2 ** self.steps)
+        batched = field.dim() == self.ndim + 2
+        points = self.field_grid.world_points(device=v.device, dtype=field.dtype)
+        channels = -self.ndim - 1
+        for _ in range(self.steps):
+            moved = points + field.movedim(channels, -1)
+            field = field + sample_fields(field, self.field_grid, moved, "border").movedim(-1, channels)
+        return field if batched else field.reshape((self.ndim,) + self.field_grid.shape)
+
+    def displacement(self, points: torch.Tensor) -> torch.Tensor:
+        """``exp(v)(x) − x`` at world points ``[..., ndim]`` (batched: ``[B, *S, ndim]``)."""
+        field = self.displacement_field()
+        return sample_fields(field, self.field_grid, points, "border").to(points.dtype)
+
+    def inverse(self) -> "StationaryVelocityField":
+        """``exp(−v)``, following this transform's parameters (gradients reach them)."""
+        return self.with_params(lambda: -self.params)
+
+    def __getstate__(self):
+        # the cached field may hold an autograd graph, which cannot be copied or pickled
+        return {**super().__getstate__(), "_cache": None}
 
 
 class FixedPointInverse(torch.nn.Module):
@@ -173,11 +318,13 @@ class FixedPointInverse(torch.nn.Module):
         self.iterations = int(iterations)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``T⁻¹(points)``; gradients reach the forward transform's parameters through a last
+        differentiable step ``y − u(x*)`` (first order: the exact gradient also has ``(I + ∇u)⁻¹``)."""
         with torch.no_grad():
             x = points
             for _ in range(self.iterations):
                 x = points - self.forward_transform.displacement(x)
-        return x
+        return points - self.forward_transform.displacement(x)
 
     def inverse(self) -> DisplacementTransform:
         return self.forward_transform
@@ -208,44 +355,8 @@ class DenseDisplacementField(DisplacementTransform):
         return self.params
 
     def displacement(self, points: torch.Tensor) -> torch.Tensor:
-        field = self.displacement_field()
-        values = sample_image(field, self.grid, points.to(field.dtype))[0]
-        return values.movedim(0, -1).to(points.dtype)
+        # beyond the grid the border value, as an image sampled through the saved field would be
+        return sample_fields(self.displacement_field(), self.grid, points, "border").to(points.dtype)
 
-
-class StationaryVelocityField(DenseDisplacementField):
-    """Diffeomorphism ``T = exp(v)`` of a stationary velocity field, by scaling and squaring.
-
-    Parameters
-    ----------
-    domain : Grid
-        The space the transform acts on; the velocity grid covers its field of view.
-    spacing : float or sequence of float
-        Voxel size of the velocity grid in mm.
-    params : Parameter, tensor, callable or None
-        Velocities ``[ndim, *grid.shape]`` in mm (None: a learnable zero field).
-    steps : int
-        Squarings: ``exp(v) ≈ (id + v / 2^steps)^(2^steps)``.
-    grid : Grid, optional
-        Use this velocity grid instead of deriving it from ``domain`` and ``spacing``.
-    """
-
-    def __init__(self, domain: Grid, spacing: Spacing = 4.0, params: ParamValue = None, steps: int = 7,
-                 grid: Grid = None):
-        super().__init__(grid if grid is not None else domain.resampled(spacing), params)
-        self.domain = domain
-        self.steps = int(steps)
-
-    def displacement_field(self) -> torch.Tensor:
-        """``exp(v) − id`` on the velocity grid, ``[ndim, *grid.shape]`` (mm)."""
-        v = self.params
-        points = self.grid.world_points(device=v.device, dtype=v.dtype)
-        disp = v / (2 ** self.steps)
-        for _ in range(self.steps):
-            moved = points + disp.movedim(0, -1)
-            disp = disp + sample_image(disp, self.grid, moved)[0]
-        return disp
-
-    def inverse(self) -> "StationaryVelocityField":
-        """``exp(−v)``, as a fixed transform."""
-        return StationaryVelocityField(self.domain, params=-self.params.detach(), steps=self.steps, grid=self.grid)
+    def with_params(self, params: ParamValue) -> "DenseDisplacementField":
+        return DenseDisplacementField(self.grid, params)

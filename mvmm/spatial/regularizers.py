@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mvmm.core.grid import Grid
+from mvmm.spatial.nonlinear import BSplineTransform
 from mvmm.spatial.transforms import map_grid
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,14 @@ FOLDING_TOLERANCE = 1e-3
 
 
 def displacement_on(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
-    """``u(x) = T(x) − x`` at the voxel centres of ``grid``: ``[ndim, *grid.shape]`` (mm, world axes)."""
-    return (map_grid(transform, grid, device) - grid.world_points(device=device)).movedim(-1, 0)
+    """``u(x) = T(x) − x`` at the voxel centres of ``grid``: ``[(B,) ndim, *grid.shape]`` (mm, world axes)."""
+    return (map_grid(transform, grid, device) - grid.world_points(device=device)).movedim(-1, -grid.ndim - 1)
 
 
 def _axis_derivatives(field: torch.Tensor, grid: Grid) -> List[torch.Tensor]:
     """``∂field/∂a`` for each ITK axis a (mm along the axis direction), each shaped like ``field``."""
     spacing = tuple(reversed(grid.spacing))  # torch dim order
-    dims = tuple(range(1, grid.ndim + 1))
+    dims = tuple(range(-grid.ndim, 0))  # the trailing spatial dimensions (any batch and components lead)
     if min(grid.shape) < 2:
         raise ValueError(f"grid: derivatives need at least 2 voxels per axis, got shape {grid.shape}")
     by_dim = torch.gradient(field, spacing=spacing, dim=dims)
@@ -38,13 +39,28 @@ def _axis_derivatives(field: torch.Tensor, grid: Grid) -> List[torch.Tensor]:
 def bending_energy(transform: nn.Module, grid: Grid, device=None) -> torch.Tensor:
     """Mean over ``grid`` of ``Σ_c Σ_ab (∂²u_c / ∂a ∂b)²`` (mm⁻²): zero for any affine map.
 
-    Returns a scalar tensor that keeps the autograd graph of the transform's parameters.
+    Returns a scalar tensor that keeps the autograd graph of the transform's parameters (for a
+    batched transform, the mean over the batch too).
     """
-    u = displacement_on(transform, grid, device)
+    return _bending_of(displacement_on(transform, grid, device), grid)
+
+
+def spline_bending_energy(deformation: BSplineTransform, grid: Grid) -> torch.Tensor:
+    """The bending energy of a B-spline transform's spline on ``grid``: the displacement of an FFD,
+    the velocity of an SVF (as deepali regularises its stationary velocity FFD; for small
+    deformations exp(v) ≈ id + v, so a weight means the same for both)."""
+    field = deformation.spline_on(grid)
+    if field is None:
+        raise ValueError("grid: must share the direction of the deformation's control grid")
+    return _bending_of(field, grid)
+
+
+def _bending_of(u: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Mean of ``Σ_c Σ_ab (∂²u_c / ∂a ∂b)²`` over a field ``[(B,) ndim, *grid.shape]``."""
     total = u.new_zeros(())
     for first in _axis_derivatives(u, grid):
         for second in _axis_derivatives(first, grid):
-            total = total + (second ** 2).sum(dim=0).mean()
+            total = total + (second ** 2).sum(dim=-grid.ndim - 1).mean()
     return total
 
 
@@ -85,4 +101,4 @@ def warn_if_folded(stats: Dict[str, float], what: str) -> None:
     """Log a warning when ``jacobian_statistics`` show folding: such a map is not a plausible anatomy."""
     if stats["folding_share"] > FOLDING_TOLERANCE:
         log.warning("%s folds %.1f%% of the voxels (det of its Jacobian <= 0, minimum %.2f): raise "
-                    "--bending-weight, or use a linear transform", what, 100 * stats["folding_share"], stats["min"])
+                    "`bending_weight`, or use a linear transform", what, 100 * stats["folding_share"], stats["min"])

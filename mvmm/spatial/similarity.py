@@ -150,7 +150,7 @@ def similarity_loss(metric: str, bins: int = 32, window: int = 9) -> Loss:
         return MutualInformation(bins)
     if metric == "dice":
         return soft_dice
-    raise InputError(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    raise InputError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
 
 
 def check_mask(mask: torch.Tensor, what: str, minimum: int = 32) -> None:
@@ -158,7 +158,7 @@ def check_mask(mask: torch.Tensor, what: str, minimum: int = 32) -> None:
     count = int(mask.sum())
     if count < minimum:
         raise InputError(f"{what}: the images overlap on {count} voxels of the fixed grid; place them closer "
-                         f"(another --init) or check their headers")
+                         f"(another `init`) or check their headers")
 
 
 __all__ = ["METRICS", "ssd", "local_ncc", "mutual_information", "MutualInformation", "soft_dice", "similarity_loss", "check_mask"]

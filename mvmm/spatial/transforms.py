@@ -62,7 +62,8 @@ class SequentialTransform(nn.Module):
 
 def map_grid(transform: Optional[nn.Module], grid: Grid, device=None, dtype=torch.float32,
              points: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``T(x)`` at the voxel centres ``x`` of ``grid``: ``[*grid.shape, ndim]`` world mm.
+    """``T(x)`` at the voxel centres ``x`` of ``grid``: ``[*grid.shape, ndim]`` world mm
+    (``[B, *grid.shape, ndim]`` when a step is batched).
 
     The same as ``transform(grid.world_points())``, but a first step that offers
     ``grid_displacement(grid)`` (an FFD on a grid of the same direction) is evaluated separably,
@@ -75,8 +76,12 @@ def map_grid(transform: Optional[nn.Module], grid: Grid, device=None, dtype=torc
         return points
     steps = list(transform.steps) if isinstance(transform, SequentialTransform) else [transform]
     displacement = steps[0].grid_displacement(grid) if hasattr(steps[0], "grid_displacement") else None
+    batch = next((step.batch_size for step in steps if getattr(step, "batch_size", None) is not None), None)
+    if batch is not None and points.dim() == grid.ndim + 1:
+        points = points.expand((batch,) + tuple(points.shape))  # B transforms map B copies of the grid
     if displacement is not None:
-        points = points + displacement.movedim(0, -1).to(points)
+        # [(B,) ndim, *S] → [(B,) *S, ndim]; a batched deformation gives B maps of the grid
+        points = points + displacement.movedim(-grid.ndim - 1, -1).to(points)
         steps = steps[1:]
     for step in steps:
         points = step(points)
