@@ -30,6 +30,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from mvmm.data import io
+from mvmm.data.anatomy import short_axis_frame, spacing_along
 from mvmm.data.atlas import DEFAULT_SIGMA_MM, FRAMES, Atlas
 from mvmm.core.grid import Grid
 from mvmm.data.image import Image
@@ -152,10 +153,12 @@ def _foreground_centroid_index(array: np.ndarray, labels: LabelSet) -> np.ndarra
 
 
 def _in_axes_frame(grid: Grid, array: np.ndarray, labels: LabelSet) -> Grid:
-    """``grid`` with identity direction and the anatomy's centroid at the origin (during building)."""
-    centroid = _foreground_centroid_index(array, labels)
-    origin = -np.asarray(grid.spacing) * centroid
-    return Grid(grid.size, grid.spacing, tuple(origin), tuple(np.eye(grid.ndim).ravel()))
+    """``grid`` re-expressed in its heart's frame (:func:`mvmm.data.anatomy.short_axis_frame`, the same
+    for any storage order) with the anatomy's centroid at the origin (during building)."""
+    frame = short_axis_frame(grid)
+    centroid = grid.index_to_world_matrix @ np.append(_foreground_centroid_index(array, labels), 1.0)
+    origin = frame.T @ (np.asarray(grid.origin) - centroid[:-1])
+    return Grid(grid.size, grid.spacing, tuple(origin), tuple((frame.T @ grid.direction_matrix).ravel()))
 
 
 def _foreground_points(image: Image) -> torch.Tensor:
@@ -172,8 +175,9 @@ def template_grid(maps: Sequence[Image], settings: GroupwiseSettings) -> Grid:
     low, high = along_axes.min(0) - settings.margin_mm, along_axes.max(0) + settings.margin_mm
     if settings.spacing is not None:
         spacing = np.broadcast_to(np.asarray(settings.spacing, dtype=np.float64), (ndim,))
-    else:
-        spacing = np.maximum(np.median([m.grid.spacing for m in maps], axis=0), MIN_TEMPLATE_SPACING_MM)
+    else:  # each map's spacing along the template's axes (its storage order may differ)
+        spacing = np.maximum(np.median([spacing_along(direction, m.grid) for m in maps], axis=0),
+                             MIN_TEMPLATE_SPACING_MM)
     size = np.ceil((high - low) / spacing).astype(int) + 1
     reference = Grid(tuple(size), tuple(spacing), tuple(np.zeros(ndim)), tuple(direction.ravel()))
     return reference.with_size(size, spacing, direction @ ((low + high) / 2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import click
 from mvmm import __version__
 from mvmm.atlas_build import BUILD_MODELS, GroupwiseSettings
 from mvmm.core.errors import InputError
+from mvmm.core.outputs import OutputError
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, FRAMES
 from mvmm.experiments.mscmr import ExperimentSettings
 from mvmm.joint import ATLAS_INITS, ATLAS_MODELS, IMAGE_INITS, IMAGE_MODELS, RegistrationSettings
@@ -55,12 +57,42 @@ class MarginOrNone(click.ParamType):
             margin = float(value)
         except ValueError:
             self.fail(f"expected a number of mm or 'none', got {value!r}", param, ctx)
-        if not margin >= 0:  # also rejects NaN
-            self.fail(f"must be ≥ 0 mm, got {value!r}", param, ctx)
+        if not (math.isfinite(margin) and margin >= 0):
+            self.fail(f"must be a finite number of mm ≥ 0, got {value!r}", param, ctx)
         return margin
 
 
 MARGIN = MarginOrNone()
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number (no NaN or infinity) at least ``min`` (above it when ``strict``): every numeric
+    option is checked here, at the command line's boundary, before any work starts."""
+
+    name = "number"
+
+    def __init__(self, min: Optional[float] = None, strict: bool = False):
+        self.min, self.strict = min, strict
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"expected a number, got {value!r}", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"expected a finite number, got {value!r}", param, ctx)
+        if self.min is not None and (number <= self.min if self.strict else number < self.min):
+            self.fail(f"must be {'>' if self.strict else '≥'} {self.min:g}, got {value!r}", param, ctx)
+        return number
+
+
+NON_NEGATIVE = FiniteFloat(min=0.0)
+POSITIVE = FiniteFloat(min=0.0, strict=True)
+COUNT = click.IntRange(min=1)
+SEED = click.IntRange(min=0)
 
 
 class MultiValueCommand(click.Command):
@@ -142,10 +174,14 @@ class MvmmGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except InputError as err:
+        except (InputError, OutputError) as err:
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             flags = command_flags(command) if command is not None else set()
             raise click.ClickException(in_flags(str(err), flags)) from None
+        except KeyboardInterrupt:
+            # outputs are staged and moved into place only when complete: nothing half-written is left
+            click.echo("mvmm: interrupted; no partial output was left", err=True)
+            raise click.exceptions.Exit(130) from None
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -156,10 +192,25 @@ def _setup_logging(quiet: bool) -> None:
     logging.captureWarnings(True)
 
 
+def _apply_threads(ctx, param, value):
+    from mvmm.core.devices import set_threads
+
+    set_threads(value)
+    return value
+
+
+def threads_option(func):
+    """--threads, applied as soon as it is parsed (torch's default can oversubscribe a shared machine)."""
+    return click.option("--threads", type=COUNT, default=None, expose_value=False, callback=_apply_threads,
+                        help="CPU threads for torch (and NumPy's BLAS with threadpoolctl). Default: the cores "
+                             "this process may use.")(func)
+
+
 def common_options(func):
-    """--device, --seed and --quiet, shared by the commands that compute."""
+    """--device, --threads, --seed and --quiet, shared by the commands that compute."""
+    func = threads_option(func)
     func = click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")(func)
-    func = click.option("--seed", type=int, default=0, show_default=True,
+    func = click.option("--seed", type=SEED, default=0, show_default=True,
                         help="Seed of every random choice (initialisation, phantom noise).")(func)
     func = click.option("--device", type=DEVICE, default="auto", show_default=True,
                         help="Where tensors live: auto picks CUDA when available.")(func)
@@ -181,7 +232,7 @@ def main():
                    "or none for a plain mixture.")
 @click.option("--labels", "labels_text", metavar="NAME=VALUE,...",
               help="Tissue names and label values, e.g. bg=0,Myo=200,LV=500,RV=600 (checked against the atlas).")
-@click.option("--atlas-sigma", type=float, default=DEFAULT_SIGMA_MM, show_default=True,
+@click.option("--atlas-sigma", type=NON_NEGATIVE, default=DEFAULT_SIGMA_MM, show_default=True,
               help="Gaussian smoothing (mm) of label-map atlases.")
 @click.option("--mask", "masks", multiple=True, metavar="NAME=PATH",
               help="Restrict an image to a mask (nonzero = use), e.g. T2=t2_mask.nii.gz.")
@@ -192,10 +243,10 @@ def main():
 @click.option("--subtypes", multiple=True, metavar="IMAGE:TISSUE=N",
               help="Gaussian subtypes per image and tissue, e.g. LGE:Myo=2 (* for all); default 1, "
                    "and --background-subtypes for the background.")
-@click.option("--background-subtypes", type=click.IntRange(min=1),
+@click.option("--background-subtypes", type=COUNT,
               default=default(segment_subject, "background_subtypes"), show_default=True,
               help="Subtypes of the background class (label 0) in every image.")
-@click.option("--mrf-beta", type=float, default=default(segment_subject, "mrf_beta"), show_default=True,
+@click.option("--mrf-beta", type=NON_NEGATIVE, default=default(segment_subject, "mrf_beta"), show_default=True,
               help="Weight of Potts MRF smoothing of the posterior (0: none).")
 @click.option("--postprocess", type=click.Choice(["none", "cardiac"]),
               default=default(segment_subject, "postprocess"), show_default=True,
@@ -205,9 +256,9 @@ def main():
 @click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
               help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
                    "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
-@click.option("--max-iter", type=int, default=default(segment_subject, "max_iter"),
+@click.option("--max-iter", type=COUNT, default=default(segment_subject, "max_iter"),
               show_default=True, help="Maximum EM iterations.")
-@click.option("--tol", type=float, default=default(segment_subject, "tol"), show_default=True,
+@click.option("--tol", type=NON_NEGATIVE, default=default(segment_subject, "tol"), show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
 @click.option("--register-atlas", type=click.Choice(ATLAS_MODELS),
               help="Move the atlas while fitting: rigid; rigid then affine; or those then B-spline FFD levels, or "
@@ -224,19 +275,19 @@ def main():
 @click.option("--atlas-init", type=click.Choice(ATLAS_INITS),
               default=default(RegistrationSettings, "atlas_init"), show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
-@click.option("--atlas-search-mm", type=float, default=default(RegistrationSettings, "atlas_search_mm"),
+@click.option("--atlas-search-mm", type=NON_NEGATIVE, default=default(RegistrationSettings, "atlas_search_mm"),
               show_default=True,
               help="Before registering the atlas, try it moved by -d, 0, +d mm along each axis and start from the "
                    "placement whose fitted model explains the images best (0: off).")
-@click.option("--control-spacing", type=float, default=default(RegistrationSettings, "control_spacing"),
+@click.option("--control-spacing", type=POSITIVE, default=default(RegistrationSettings, "control_spacing"),
               show_default=True,
               help="FFD/SVF control-point spacing (mm) of the first level; halved at the next.")
-@click.option("--bending-weight", type=float, default=default(RegistrationSettings, "bending_weight"),
+@click.option("--bending-weight", type=NON_NEGATIVE, default=default(RegistrationSettings, "bending_weight"),
               show_default=True,
               help="Weight of the bending energy of the FFD (of the SVF's velocity) against the mean "
                    "log-likelihood per voxel (a folded "
                    "deformation is reported as a warning).")
-@click.option("--affine-weight", type=float, default=default(RegistrationSettings, "affine_weight"), show_default=True,
+@click.option("--affine-weight", type=NON_NEGATIVE, default=default(RegistrationSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
                    "singular values) against the mean log-likelihood per voxel; 0: none.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -251,12 +302,12 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
     parameters and a report into --out.
     """
     from mvmm.data.labels import resolve_labels
-    from mvmm.core.outputs import prepare_output_dir
+    from mvmm.core.outputs import check_output_dir
     from mvmm.joint import default_registration
     from mvmm.segment import load_subject
 
     _setup_logging(quiet)
-    prepare_output_dir(out, force)  # fail before any work if the folder is taken
+    check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
@@ -310,7 +361,7 @@ def evaluate(pred, truth, labels_text, as_json):
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of anatomy, placement, bias and noise.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of anatomy, placement, bias and noise.")
 @click.option("--dims", type=click.Choice(["3", "2"]), default="3", show_default=True,
               help="3: short-axis stacks; 2: one mid-ventricular slice per sequence.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
@@ -325,7 +376,7 @@ def phantom(out, seed, dims, force):
 @main.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
-@click.option("--mrf-beta", type=float, default=0.0, show_default=True, help="Potts MRF weight.")
+@click.option("--mrf-beta", type=NON_NEGATIVE, default=0.0, show_default=True, help="Potts MRF weight.")
 @common_options
 def demo(out, force, mrf_beta, device, seed, quiet):
     """Phantom → segment with the built-in atlas → evaluate; writes OUT/report.json."""
@@ -376,13 +427,13 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
               help="Initial translation: field-of-view centres, intensity centres of mass, or the headers as they are.")
 @click.option("--fixed-mask", type=click.Path(path_type=Path), help="Only these fixed voxels count (nonzero).")
 @click.option("--moving-mask", type=click.Path(path_type=Path), help="Only these moving voxels count (nonzero).")
-@click.option("--control-spacing", type=float, default=default(PairwiseSettings, "control_spacing"), show_default=True,
+@click.option("--control-spacing", type=POSITIVE, default=default(PairwiseSettings, "control_spacing"), show_default=True,
               help="FFD/SVF control-point spacing (mm) of the first non-linear level; halved at the next.")
-@click.option("--bending-weight", type=float, default=default(PairwiseSettings, "bending_weight"), show_default=True,
+@click.option("--bending-weight", type=NON_NEGATIVE, default=default(PairwiseSettings, "bending_weight"), show_default=True,
               help="Weight of the bending energy of the FFD (of the SVF's velocity) against the similarity loss "
                    "(a folded deformation is "
                    "reported as a warning).")
-@click.option("--grid-spacing", type=float, default=default(PairwiseSettings, "grid_spacing"), show_default=True,
+@click.option("--grid-spacing", type=POSITIVE, default=default(PairwiseSettings, "grid_spacing"), show_default=True,
               help="The loss is computed on the fixed grid coarsened to at least this spacing (mm).")
 @click.option("--full-resolution", is_flag=True, help="Repeat the last level on the full fixed grid.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -390,6 +441,7 @@ def warp(image, transforms_path, name, reference, is_labels, out, force):
 @click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="Where tensors live: auto picks CUDA when available.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
+@threads_option
 def register(fixed, moving, transform_kind, metric, init, fixed_mask, moving_mask, control_spacing, bending_weight,
              grid_spacing, full_resolution, out, force, device, quiet):
     """Register MOVING to FIXED (pairwise); writes transforms/, moved.nii.gz and report.json into --out."""
@@ -422,16 +474,17 @@ def atlas():
               help="world: relate maps by their headers; axes: by their image axes with the labelled anatomy's "
                    "centroid at the origin (short-axis stacks of different patients). An axes atlas is placed "
                    "on a target by its axes and field-of-view centre.")
-@click.option("--sigma", type=float, default=default(GroupwiseSettings, "sigma_mm"), show_default=True,
+@click.option("--sigma", type=NON_NEGATIVE, default=default(GroupwiseSettings, "sigma_mm"), show_default=True,
               help="Gaussian smoothing in mm.")
-@click.option("--spacing", type=float, multiple=True, help="Voxel size (mm) of the atlas grid (one value or one per axis).")
-@click.option("--rounds", type=click.IntRange(min=1), default=default(GroupwiseSettings, "rounds"), show_default=True,
+@click.option("--spacing", type=POSITIVE, multiple=True, help="Voxel size (mm) of the atlas grid (one value or one per axis).")
+@click.option("--rounds", type=COUNT, default=default(GroupwiseSettings, "rounds"), show_default=True,
               help="Template updates per registration level.")
 @click.option("--label-names", metavar="NAME=VALUE,...", help="Names of the label values (default: the values).")
 @click.option("--force", is_flag=True, help="Overwrite an existing atlas file.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="Where tensors live: auto picks CUDA when available.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
+@threads_option
 def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, label_names, force, device, quiet):
     """Average one-hot label maps into a probability atlas (+ a JSON sidecar of labels and how it was built)."""
     from mvmm.atlas_build import build_atlas
@@ -509,10 +562,10 @@ def experiment():
 @click.option("--register-images", type=click.Choice(IMAGE_MODELS),
               default=default(ExperimentSettings, "register_images"),
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
-@click.option("--atlas-search-mm", type=float, default=default(ExperimentSettings, "atlas_search_mm"),
+@click.option("--atlas-search-mm", type=NON_NEGATIVE, default=default(ExperimentSettings, "atlas_search_mm"),
               show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
-@click.option("--affine-weight", type=float, default=default(ExperimentSettings, "affine_weight"), show_default=True,
+@click.option("--affine-weight", type=NON_NEGATIVE, default=default(ExperimentSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the atlas's affine scaling and shear, as for segment.")
 @click.option("--roi-margin", type=MARGIN, default=default(ExperimentSettings, "roi_margin_mm"),
               show_default=True, metavar="MM|none",
@@ -526,7 +579,7 @@ def experiment():
               default=default(ExperimentSettings, "proportions"), show_default=True,
               help="Global tissue proportions of em-all and em-lge: held equal (the prior is the atlas) or "
                    "estimated, as for segment.")
-@click.option("--mrf-beta", type=float, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
+@click.option("--mrf-beta", type=NON_NEGATIVE, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
 @click.option("--postprocess", type=click.Choice(["cardiac", "none"]),
               default=default(ExperimentSettings, "postprocess"), show_default=True,

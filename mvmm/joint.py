@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mvmm.core.grid import Grid
+from mvmm.data.anatomy import in_plane_radius
 from mvmm.data.subject import Subject
 from mvmm.core.errors import InputError, require_field_choice, require_positive
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
@@ -199,7 +200,7 @@ class JointSolver:
         work.transforms = dict(subject.transforms)
         reference = subject.reference_image.grid
         coarse = reference.coarsened(s.grid_spacing)
-        radius = float(np.linalg.norm(reference.extent_mm()[:2])) / 2
+        radius = in_plane_radius(reference)
         moving_images = [n for n in subject.names if n != subject.reference]
         start = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
         if subject.atlas is not None:

@@ -10,8 +10,9 @@ them as blood pool (one of the two conventions SCMR's post-processing guidelines
 2. slice by slice, the blood pool (``LV``) is closed: voxels it encloses become blood pool, and so do
    wall (``Myo``) voxels inside its convex hull — never background or another structure.
 
-Slices are the label map's first array axis (ITK's third axis: the slices of a short-axis stack as
-acquired); a 2D map is one slice. The step assumes short-axis slices and is opt-in in ``mvmm segment``.
+Slices are taken across the stack axis (``slice_axis``; ``mvmm segment`` passes the grid's stack
+axis, :func:`mvmm.data.anatomy.stack_axis`, so the result does not depend on the storage order); a 2D
+map is one slice. The step assumes short-axis slices and is opt-in in ``mvmm segment``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _inside_hull(points: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return np.all(candidates @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
 
 
-def close_blood_pool(labels: np.ndarray, pool: int, wall: int) -> np.ndarray:
+def close_blood_pool(labels: np.ndarray, pool: int, wall: int, slice_axis: int = 0) -> np.ndarray:
     """Per slice, voxels enclosed by ``pool`` and ``wall`` voxels inside its convex hull become ``pool``.
 
     Parameters
@@ -68,13 +69,15 @@ def close_blood_pool(labels: np.ndarray, pool: int, wall: int) -> np.ndarray:
     labels : ndarray of int, shape [Z, Y, X] or [Y, X]
     pool, wall : int
         Label values of the blood pool (e.g. LV, 500) and of the wall around it (e.g. Myo, 200).
+    slice_axis : int
+        The array axis across which a 3D map is cut into slices.
 
     Returns
     -------
     ndarray, same shape (a copy)
     """
     out = labels.copy()
-    slices = out if out.ndim == 3 else out[None]
+    slices = np.moveaxis(out, slice_axis, 0) if out.ndim == 3 else out[None]
     for plane in slices:  # views into ``out``
         cavity = plane == pool
         if not cavity.any():
@@ -95,10 +98,11 @@ def check_postprocess(method: str, label_set: LabelSet) -> None:
             label_set.index(name, "postprocess")
 
 
-def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str) -> np.ndarray:
+def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str, slice_axis: int = 0) -> np.ndarray:
     """Apply post-processing ``method`` (one of :data:`POSTPROCESSING`) to a label map ``[*S]``.
 
-    ``"cardiac"`` needs tissues named ``LV`` and ``Myo`` in ``label_set``.
+    ``"cardiac"`` needs tissues named ``LV`` and ``Myo`` in ``label_set``; ``slice_axis`` is the array
+    axis across the short-axis slices.
     """
     check_postprocess(method, label_set)
     if method == "none":
@@ -106,4 +110,4 @@ def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str) -> 
     value = dict(zip(label_set.names, label_set.values))
     background = label_set.values[label_set.background_index]
     cleaned = keep_largest_components(labels, [v for _, v in label_set.foreground], background)
-    return close_blood_pool(cleaned, value["LV"], value["Myo"])
+    return close_blood_pool(cleaned, value["LV"], value["Myo"], slice_axis)

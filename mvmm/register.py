@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from mvmm.data import io
 from mvmm.core.grid import Grid
+from mvmm.data.anatomy import in_plane_radius
 from mvmm.data.image import Image
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError, require_field_choice, require_positive
-from mvmm.core.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import check_output_dir, staged_output_dir, write_json
 from mvmm.data.transform_files import save_transforms
 from mvmm.spatial.init import INIT_METHODS, initial_linear_transform
 from mvmm.spatial.coarse_to_fine import (LINEAR_KINDS, NONLINEAR_KINDS, Level, MovingTransform, OuterLoop,
@@ -162,7 +163,7 @@ class PairwiseRegistration:
         self.moving_mask = moving_mask.to(self.device) if moving_mask is not None else None
         self.loss_fn = similarity_loss(settings.metric, settings.bins, settings.window)
         self.coarse = fixed.grid.coarsened(settings.grid_spacing)
-        radius = float(np.linalg.norm(fixed.grid.extent_mm()[:2])) / 2
+        radius = in_plane_radius(fixed.grid)
         if linear is None:
             linear = initial_linear_transform("rigid", fixed.grid, moving.grid, settings.init,
                                               fixed.data, moving.data)
@@ -289,7 +290,7 @@ def register_files(fixed_path, moving_path, out_dir, settings: PairwiseSettings,
     ITK ``.tfm`` for the linear part, a displacement-field NIfTI for an FFD), ``moved.nii.gz``
     (the moving image resampled onto the fixed grid) and ``report.json``. Returns the report.
     """
-    out = prepare_output_dir(out_dir, force)
+    check_output_dir(out_dir, force)  # fail before any work; the outputs are staged at the end
     fixed = Image.read(fixed_path, "fixed", "fixed_path")
     moving = Image.read(moving_path, "moving", "moving_path")
     for image, arg in ((fixed, "fixed_path"), (moving, "moving_path")):
@@ -303,14 +304,15 @@ def register_files(fixed_path, moving_path, out_dir, settings: PairwiseSettings,
                                         _read_mask(moving_mask, moving, "moving_mask"), torch_device)
     result = registration.run(progress)
     seconds = time.perf_counter() - start
-    save_transforms(out / "transforms", {"moving": result.transform}, fixed.grid)
     with torch.no_grad():
         moved, _ = sample_image(moving.data.to(torch_device), moving.grid,
                                 map_grid(result.transform, fixed.grid, torch_device))
-    io.write_array(out / "moved.nii.gz", moved[0].cpu().numpy(), fixed.grid)
     report = {"fixed": str(fixed_path), "moving": str(moving_path), "settings": asdict(settings),
               "device": str(torch_device), "seconds": seconds, "loss_before": result.loss_before,
               "loss_after": result.loss_after, "history": result.history, "jacobian": result.jacobian,
               "outputs": {"transforms": "transforms/transforms.json", "moved": "moved.nii.gz"}}
-    write_json(Path(out) / "report.json", report)
+    with staged_output_dir(out_dir, force, verify=io.verify_written) as out:
+        save_transforms(out / "transforms", {"moving": result.transform}, fixed.grid)
+        io.write_array(out / "moved.nii.gz", moved[0].cpu().numpy(), fixed.grid)
+        write_json(out / "report.json", report)
     return report

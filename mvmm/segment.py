@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from mvmm import __version__
+from mvmm.core.grid import Grid
 from mvmm.data import io
+from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
@@ -30,7 +32,7 @@ from mvmm.core.errors import InputError
 from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtypes
-from mvmm.core.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
 from mvmm.report import convergence_figure, overview_figure
 from mvmm.data.transform_files import save_transforms
@@ -124,11 +126,18 @@ class Segmentation:
     def device(self) -> torch.device:
         return self.posterior.device
 
-    def label_map(self, posterior: Optional[torch.Tensor] = None) -> np.ndarray:
-        """Label values (the user's, e.g. 0/200/500/600) of the most probable class, post-processed, shape [*S]."""
+    def label_map(self, posterior: Optional[torch.Tensor] = None, grid: Optional[Grid] = None) -> np.ndarray:
+        """Label values (the user's, e.g. 0/200/500/600) of the most probable class, post-processed, shape [*S].
+
+        ``posterior`` on ``grid`` (default: the common posterior and grid); the grid's stack axis is
+        where post-processing cuts slices.
+        """
         posterior = self.posterior if posterior is None else posterior
+        grid = self.common.grid if grid is None else grid
         values = np.asarray(self.labels.values)
-        return postprocess_labels(values[posterior.argmax(dim=0).cpu().numpy()], self.labels, self.postprocess)
+        slice_axis = grid.ndim - 1 - stack_axis(grid) if grid.ndim == 3 else 0  # ITK axis → array axis
+        return postprocess_labels(values[posterior.argmax(dim=0).cpu().numpy()], self.labels, self.postprocess,
+                                  slice_axis)
 
     def entropy(self) -> torch.Tensor:
         """Posterior entropy in nats, [*S]: 0 where the model is certain, log K at most."""
@@ -159,9 +168,18 @@ class Segmentation:
                 "common_grid": self.common.grid.to_dict(), "model": self.model.to_dict()}
 
     def write(self, out_dir, force: bool = False) -> Dict[str, Path]:
-        """Write every output into ``out_dir`` (see docs/cli.md); never overwrites without ``force``."""
+        """Write every output into ``out_dir`` (see docs/cli.md); returns the written paths by role.
+
+        Never overwrites without ``force``; with it, the previous run's outputs are replaced (none
+        left stale). The files are written into a staging folder, read back, then moved into place:
+        a failed or interrupted write leaves nothing (:func:`mvmm.core.outputs.staged_output_dir`).
+        """
+        with staged_output_dir(out_dir, force, verify=io.verify_written) as stage:
+            staged = self._write_into(stage)
+        return {role: Path(out_dir) / path.relative_to(stage) for role, path in staged.items()}
+
+    def _write_into(self, out: Path) -> Dict[str, Path]:
         start = time.perf_counter()
-        out = prepare_output_dir(out_dir, force)
         grid = self.common.grid
         label_dtype = np.int16 if max(map(abs, self.labels.values)) < 2 ** 15 else np.int32
         labels = self.label_map()  # post-processing included: compute once
@@ -170,7 +188,8 @@ class Segmentation:
         for name in self.common.names:
             files[f"labels_{name}"] = out / f"labels_{name}.nii.gz"
             native = self.native_posterior(name)
-            io.write_array(files[f"labels_{name}"], self.label_map(native).astype(label_dtype),
+            native_grid = self.subject.image(name).grid
+            io.write_array(files[f"labels_{name}"], self.label_map(native, native_grid).astype(label_dtype),
                            self.subject.image(name).grid)
         files["posteriors"] = out / "posteriors.nii.gz"
         io.write_array(files["posteriors"], self.posterior.cpu().numpy().astype(np.float32), grid)

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from mvmm.atlas_build import GroupwiseSettings, build_atlas, read_label_maps
 from mvmm.cli import main
 from mvmm.data import io
+from mvmm.data.anatomy import short_axis_frame
 from mvmm.data.atlas import Atlas
 from mvmm.core.grid import Grid
 from mvmm.data.labels import CARDIAC_LABELS
@@ -83,22 +84,30 @@ def test_axes_frame_ignores_headers_and_places_the_atlas_on_a_target(tmp_path):
     grid = Grid((80, 70), (1.25, 1.25), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     labels = heart_map(grid, grid.center_world() + np.array([5.0, -3.0]))
     paths = []
-    for i, angle in enumerate((0.0, 0.7, -1.2)):  # same voxels, headers rotated and moved anywhere
+    # same voxels, headers moved anywhere and turned (within 45° of the heart's usual orientation)
+    for i, angle in enumerate((0.0, 0.6, -0.25)):
         c, s = np.cos(angle), np.sin(angle)
         moved = Grid(grid.size, grid.spacing, (100.0 * i, -50.0 * i), (c, -s, s, c))
         paths.append(tmp_path / f"m{i}.nii.gz")
         io.write_array(paths[-1], labels, moved)
+    # and the first map stored with its x axis reversed (the same voxels at the same world positions)
+    flipped = Grid(grid.size, grid.spacing, (grid.origin[0] + (grid.size[0] - 1) * grid.spacing[0], grid.origin[1]),
+                   (-1.0, 0.0, 0.0, 1.0))
+    paths.append(tmp_path / "m0_flipped.nii.gz")
+    io.write_array(paths[-1], labels[:, ::-1].copy(), flipped)
     world, world_report = build_atlas(paths, GroupwiseSettings(register="none", frame="world"))
     axes, axes_report = build_atlas(paths, GroupwiseSettings(register="none", frame="axes"))
     assert min(axes_report["dice_with_template"]["initial"].values()) > 0.99
     # in world space the headers scatter the maps: the template spans them all
     assert world.grid.extent_mm().max() > 200 and axes.grid.extent_mm().max() < 120
     assert axes.frame == "axes" and np.allclose(axes.grid.direction_matrix, np.eye(2))
-    # placed on a target, the atlas takes the target's axes, its origin on the target's field-of-view centre
+    # placed on a target, the atlas takes the heart's frame of the target (the target's axis closest to
+    # the patient's left first: here its −y axis), its origin on the target's field-of-view centre
     target = Grid(grid.size, grid.spacing, (30.0, 40.0), (0.0, -1.0, 1.0, 0.0))
     placed = axes.placed_on(target)
     assert placed.frame == "world"
-    assert np.allclose(placed.grid.direction_matrix, target.direction_matrix)
+    frame = short_axis_frame(target)
+    assert np.allclose(frame, [[1.0, 0.0], [0.0, 1.0]]) and np.allclose(placed.grid.direction_matrix, frame)
     origin_of_frame = placed.grid.index_to_world(
         axes.grid.world_to_index(torch.zeros(1, 2, dtype=torch.float64)))[0].numpy()
     assert np.allclose(origin_of_frame, target.center_world(), atol=1e-6)
@@ -107,7 +116,7 @@ def test_axes_frame_ignores_headers_and_places_the_atlas_on_a_target(tmp_path):
     assert np.allclose(axes_report["anatomy_offset_from_fov_centre_mm"], offset, atol=0.1)
     heart = placed.probabilities[0] < 0.5
     centroid = placed.grid.world_points(dtype=torch.float64)[heart].mean(0).numpy()
-    expected = target.center_world() + target.direction_matrix @ offset
+    expected = target.center_world() + frame @ offset
     assert np.linalg.norm(centroid - expected) < 1.0, (centroid, expected)
     # saved and read back, the frame survives; mvmm segment's loader places it on the reference
     axes.save(tmp_path / "atlas.nii.gz")

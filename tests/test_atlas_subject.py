@@ -61,9 +61,11 @@ def test_builtin_atlas_is_centred_and_sized_in_mm():
     assert np.allclose(centroid, [47.5, 47.5], atol=1.0)  # LV pool at the centre of the field of view
     lv_area_mm2 = float((lv[6] > 0.5).sum()) * 1.25 ** 2
     assert 0.7 < lv_area_mm2 / (np.pi * 24.0 ** 2) < 1.3  # radius ~24 mm whatever the spacing
-    # RV lies towards -x (image left) of the LV
-    rv_cols = np.nonzero((prior[3][6] > 0.5).numpy())[1]
-    assert rv_cols.mean() < 47.5
+    # the RV lies to the patient's right of the LV (−x in LPS world; this image's +y storage axis points
+    # left, so the RV sits at low row indices, whatever the storage order)
+    points = pts[6].double()
+    rv_minus_lv = points[prior[3][6] > 0.5].mean(0) - points[lv[6] > 0.5].mean(0)
+    assert float(rv_minus_lv[0]) < -20.0 and abs(float(rv_minus_lv[1])) < 5.0, rv_minus_lv
 
 
 def make_image(name, grid=GRID, value_fn=None, seed=0):

@@ -159,3 +159,58 @@ def test_command_line_errors_name_flags(tmp_path):
     result = runner.invoke(main, ["atlas", "build", "--labels", str(tmp_path / "no.nii.gz"), "--out",
                                   str(tmp_path / "a.nii.gz"), "--register", "affine"])
     assert result.exit_code == 1 and result.output.startswith("Error: --labels: file not found"), result.output
+
+
+def test_every_numeric_option_of_every_command_rejects_invalid_values_cleanly():
+    from click.testing import CliRunner
+
+    from mvmm.cli import FiniteFloat, MarginOrNone
+
+    runner, walked = CliRunner(), 0
+    for path, command in all_commands():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag:
+                continue
+            numeric = isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType, FiniteFloat,
+                                              MarginOrNone))
+            if not numeric:
+                continue
+            # every number is checked at the boundary: a range or a finite-number type, never a bare int/float
+            assert isinstance(param.type, (click.IntRange, FiniteFloat, MarginOrNone)), (path, param.opts)
+            invalid = ["abc", "nan", "inf", "-1"]
+            if (isinstance(param.type, FiniteFloat) and param.type.strict) or \
+                    (isinstance(param.type, click.IntRange) and (param.type.min or 0) >= 1):
+                invalid.append("0")
+            flag = param.opts[0]
+            for value in invalid:
+                if value in ("nan", "inf") and isinstance(param.type, click.IntRange):
+                    value = "1.5"  # not an integer
+                result = runner.invoke(main, [*path, f"{flag}={value}"])
+                assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (path, flag, value,
+                                                                                            result.output)
+                assert "Error: Invalid value for" in result.output and flag in result.output, (path, flag, value,
+                                                                                               result.output)
+                walked += 1
+    assert walked > 60
+
+
+def test_threads_are_set_for_torch_and_default_to_the_cores_this_process_may_use(tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from mvmm.core.devices import available_cores
+
+    before = torch.get_num_threads()
+    try:
+        runner = CliRunner()
+        result = runner.invoke(main, ["phantom", "--out", str(tmp_path / "p"), "--dims", "2"])
+        assert result.exit_code == 0
+        result = runner.invoke(main, ["register", "--threads", "1", "--fixed", str(tmp_path / "p" / "LGE.nii.gz"),
+                                      "--moving", str(tmp_path / "p" / "LGE.nii.gz"), "--transform", "rigid",
+                                      "--out", str(tmp_path / "r"), "-q"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+        runner.invoke(main, ["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving", "x", "--out", "y"])
+        assert torch.get_num_threads() == available_cores()
+    finally:
+        torch.set_num_threads(before)

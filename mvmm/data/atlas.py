@@ -18,6 +18,7 @@ from scipy import ndimage
 from torch import nn
 
 from mvmm.data import io
+from mvmm.data.anatomy import extent_along, short_axis_frame, spacing_along
 from mvmm.core.grid import Grid
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet, label_values
 from mvmm.core.errors import InputError
@@ -156,31 +157,38 @@ class Atlas:
                         sigma_mm: float = 3.0) -> "Atlas":
         """A smooth short-axis cardiac atlas centred in ``reference``'s field of view.
 
-        Geometry (in mm, along the reference's own axes, so a short-axis stack is assumed): an LV
-        blood pool of radius 24 mm, a 9 mm myocardial ring, and an RV crescent on the −x side
-        wrapping the septum; along the stack the heart narrows towards both ends.
+        Geometry (in mm, along the heart's frame of the reference, :func:`mvmm.data.anatomy.short_axis_frame`:
+        the stack axis and the in-plane image axis closest to the patient's left, whatever the
+        storage order, so a short-axis stack is assumed): an LV blood pool of radius 24 mm, a 9 mm
+        myocardial ring, and an RV crescent on the patient's right wrapping the septum; along the
+        stack the heart narrows towards both ends.
         """
         if len(labels) != 4:
             raise InputError(f"labels: the built-in cardiac atlas has 4 classes (background, Myo, LV, RV); "
                              f"got {labels.as_dict()}")
-        spacing = [1.5, 1.5] + ([min(reference.spacing[2], 5.0)] if reference.ndim == 3 else [])
-        extent = [160.0, 160.0] + ([reference.extent_mm()[2]] if reference.ndim == 3 else [])
+        frame = short_axis_frame(reference)
+        stack_spacing, stack_extent = (spacing_along(frame, reference)[-1], extent_along(frame, reference)[-1])
+        spacing = [1.5, 1.5] + ([min(stack_spacing, 5.0)] if reference.ndim == 3 else [])
+        extent = [160.0, 160.0] + ([stack_extent] if reference.ndim == 3 else [])
         size = [max(1, int(round(e / s))) for e, s in zip(extent, spacing)]
-        grid = reference.with_size(size, spacing, reference.center_world())
+        oriented = Grid(tuple(size), tuple(spacing), (0.0,) * reference.ndim, tuple(frame.ravel()))
+        grid = oriented.with_size(size, spacing, reference.center_world())
         label_map = _cardiac_label_map(grid, labels.values)
         return cls.from_label_maps([label_map], grid, labels, sigma_mm, source=BUILTIN_CARDIAC)
 
     # ------------------------------------------------------------------ use
     def placed_on(self, reference: Grid) -> "Atlas":
-        """The atlas with its frame's axes along ``reference``'s and its origin at the reference's FoV centre.
+        """The atlas with its frame's axes along the heart's frame of ``reference`` and its origin at
+        the reference's FoV centre.
 
-        For an ``"axes"`` atlas (built in image axes), this is the placement by image axes that
-        short-axis stacks share; the result is a ``"world"`` atlas.
+        For an ``"axes"`` atlas (built in the heart's frame of each label map), this is the placement
+        that short-axis stacks share, the same for any storage order of the reference
+        (:func:`mvmm.data.anatomy.short_axis_frame`); the result is a ``"world"`` atlas.
         """
         if reference.ndim != self.grid.ndim:
             raise InputError(f"atlas {self.source} is {self.grid.ndim}D but the images are {reference.ndim}D")
         placement = np.eye(reference.ndim + 1)
-        placement[:-1, :-1], placement[:-1, -1] = reference.direction_matrix, reference.center_world()
+        placement[:-1, :-1], placement[:-1, -1] = short_axis_frame(reference), reference.center_world()
         return Atlas(self.probabilities, self.grid.moved(placement), self.labels, self.source, "world")
 
     def sample(self, points: torch.Tensor, transform: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -13,6 +14,19 @@ from mvmm.data import io
 from mvmm.core.grid import Grid
 from mvmm.core.errors import InputError
 from mvmm.spatial.warp import sample_image
+
+log = logging.getLogger(__name__)
+
+# An image with at most this many distinct values, all integers, is taken for a label map.
+MAX_LABEL_VALUES = 16
+
+
+def looks_like_labels(values: torch.Tensor) -> bool:
+    """True when ``values`` hold at most :data:`MAX_LABEL_VALUES` distinct integers (a label map or a
+    mask, rather than intensities)."""
+    if not bool((values == values.round()).all()):
+        return False
+    return int(torch.unique(values).numel()) <= MAX_LABEL_VALUES
 
 
 @dataclass
@@ -66,6 +80,10 @@ class Image:
         if float(values.max() - values.min()) == 0.0:
             raise InputError(f"{argname}: image {self.name!r} ({self.source}) has one constant value "
                              f"({float(values.flatten()[0]):g}); nothing can be segmented in it")
+        if looks_like_labels(values):
+            log.warning("image %r (%s) holds only %d integer values: it looks like a label map, not an "
+                        "intensity image (check `%s`)", self.name, self.source,
+                        int(torch.unique(values).numel()), argname)
 
     def to(self, device) -> "Image":
         return Image(self.data.to(device), self.grid, self.name, self.source)

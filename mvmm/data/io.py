@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Tuple
 
@@ -13,14 +14,20 @@ import SimpleITK as sitk
 
 from mvmm.core.grid import Grid
 from mvmm.core.errors import InputError
-from mvmm.core.outputs import atomic_path
+from mvmm.core.outputs import OutputError, atomic_path, verify_output
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}  # NIfTI datatype codes of real floats
+# Voxel spacing (mm) and size outside which a file is taken to have a broken header, not anatomy.
+SPACING_RANGE_MM = (0.01, 50.0)
+MAX_VOXELS = 2 ** 30
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
-def _nifti_nonfinite_count(path: Path) -> int:
-    """Number of NaN/Inf values stored in a float NIfTI file (0 for other formats and types).
+def _nifti_check(path: Path, argname: str) -> int:
+    """For a NIfTI file: raise InputError if it is truncated or its compression is corrupt (SimpleITK
+    would fill the missing voxels with zeros, or stop without naming the file); return the number of
+    NaN/Inf values it stores (0 for other formats and for integer types).
 
     SimpleITK 2.x (ITK 5) reads NaN and ±Inf in NIfTI files as 0 without a word (fixed only in
     ITK 6, InsightSoftwareConsortium/ITK#6683), so they are looked for in the file's own bytes.
@@ -28,24 +35,54 @@ def _nifti_nonfinite_count(path: Path) -> int:
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return 0
-    with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
-        raw = f.read()
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise InputError(f"{argname}: {path} is truncated or corrupt ({err})") from None
     for endian in "<>":
+        if len(raw) < 4:
+            break
         sizeof_hdr = struct.unpack(endian + "i", raw[:4])[0]
-        if sizeof_hdr == 348:  # NIfTI-1
-            datatype = struct.unpack(endian + "h", raw[70:72])[0]
+        if sizeof_hdr == 348 and len(raw) >= 348:  # NIfTI-1
+            dims = struct.unpack(endian + "8h", raw[40:56])
+            datatype, bitpix = struct.unpack(endian + "hh", raw[70:74])
             offset = int(struct.unpack(endian + "f", raw[108:112])[0])
             break
-        if sizeof_hdr == 540:  # NIfTI-2
-            datatype = struct.unpack(endian + "h", raw[12:14])[0]
+        if sizeof_hdr == 540 and len(raw) >= 540:  # NIfTI-2
+            datatype, bitpix = struct.unpack(endian + "hh", raw[12:16])
+            dims = struct.unpack(endian + "8q", raw[16:80])
             offset = int(struct.unpack(endian + "q", raw[168:176])[0])
             break
     else:
         return 0
+    if len(raw) < 4 or sizeof_hdr not in (348, 540):
+        return 0
+    expected = offset + int(np.prod([max(int(d), 1) for d in dims[1:1 + max(1, min(int(dims[0]), 7))]])) * bitpix // 8
+    if len(raw) < expected:
+        raise InputError(f"{argname}: {path} is truncated: {len(raw)} bytes of voxel data where its header "
+                         f"says {expected}")
     if datatype not in _NIFTI_FLOAT_TYPES:
         return 0
-    data = np.frombuffer(raw, dtype=np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(endian), offset=offset)
+    data = np.frombuffer(raw, dtype=np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(endian), offset=offset,
+                         count=(expected - offset) // np.dtype(_NIFTI_FLOAT_TYPES[datatype]).itemsize)
     return int((~np.isfinite(data)).sum())
+
+
+def _check_geometry(image, path: Path, argname: str) -> None:
+    """Raise InputError for a header whose size or spacing cannot be anatomy (zero-size axis, spacing
+    outside :data:`SPACING_RANGE_MM`, more than :data:`MAX_VOXELS` voxels)."""
+    ndim = min(image.GetDimension(), 3)
+    size, spacing = image.GetSize()[:ndim], image.GetSpacing()[:ndim]
+    if min(size) < 1:
+        raise InputError(f"{argname}: {path} has an axis of size 0 (size {list(size)})")
+    low, high = SPACING_RANGE_MM
+    if not all(low <= s <= high for s in spacing):
+        raise InputError(f"{argname}: {path} has voxel spacing {[round(s, 6) for s in spacing]} mm, outside "
+                         f"{low}–{high} mm: its header is probably wrong (fix the spacing, e.g. with SimpleITK)")
+    if int(np.prod(size)) > MAX_VOXELS:
+        raise InputError(f"{argname}: {path} has {int(np.prod(size))} voxels (size {list(size)}), more than "
+                         f"{MAX_VOXELS}: not an image mvmm can hold")
 
 
 def _grid_from_sitk(image: sitk.Image, ndim: int) -> Grid:
@@ -64,18 +101,21 @@ def _read_checked(path: Path, argname: str, header_only: bool = False):
     reader = sitk.ImageFileReader()
     reader.SetFileName(os.fspath(path))
     try:
-        if header_only:
-            reader.ReadImageInformation()
-            result = reader
-        else:
-            result = reader.Execute()
+        reader.ReadImageInformation()
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
         raise InputError(f"{argname}: cannot read {path} as an image ({first})") from None
     ndim = reader.GetDimension()
     if ndim not in (2, 3, 4):
         raise InputError(f"{argname}: {path} has {ndim} dimensions; mvmm reads 2D, 3D and 4D images")
-    return result
+    _check_geometry(reader, path, argname)
+    if header_only:
+        return reader
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
+        raise InputError(f"{argname}: cannot read {path} as an image ({first})") from None
 
 
 def read_grid(path, argname: str) -> Grid:
@@ -106,10 +146,11 @@ def read_array(path, argname: str) -> Tuple[np.ndarray, Grid, int]:
         The file's dimension: ``array.ndim`` for scalar images, ``array.ndim - 1`` for vector images.
     """
     path = Path(path)
+    nifti_nonfinite = _nifti_check(path, argname) if path.exists() and path.is_file() else 0
     image = _read_checked(path, argname)
     ndim = image.GetDimension()
     array = sitk.GetArrayFromImage(image)
-    nonfinite = _nifti_nonfinite_count(path) or int((~np.isfinite(array)).sum())
+    nonfinite = nifti_nonfinite or int((~np.isfinite(array)).sum())
     if nonfinite:
         raise InputError(f"{argname}: {path} has {nonfinite} NaN/Inf voxels")
     components = image.GetNumberOfComponentsPerPixel()
@@ -209,3 +250,17 @@ def read_linear_transform(path, argname: str = "path") -> np.ndarray:
         matrix[:ndim, axis] = np.asarray(transform.TransformPoint(unit)) - origin
     matrix[:ndim, ndim] = origin
     return matrix
+
+
+def verify_written(path: Path) -> None:
+    """Read a written output back whole (an image with SimpleITK, a transform file as ITK transform,
+    JSON and PNG by :func:`mvmm.core.outputs.verify_output`); raises OutputError."""
+    path = Path(path)
+    verify_output(path)
+    try:
+        if path.name.lower().endswith(IMAGE_SUFFIXES):
+            sitk.ReadImage(os.fspath(path))
+        elif path.suffix == ".tfm":
+            sitk.ReadTransform(os.fspath(path))
+    except RuntimeError as err:
+        raise OutputError(f"{path} does not read back ({str(err).strip().splitlines()[-1]})") from None

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from mvmm.data import io
+from mvmm.data.anatomy import rv_direction
 from mvmm.core.grid import Grid
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS
-from mvmm.core.outputs import prepare_output_dir, write_json
+from mvmm.core.outputs import staged_output_dir, write_json
 
 SEQUENCES = ("LGE", "C0", "T2")
 # Mean intensity of each tissue per sequence (scar/oedema replace myocardium where present).
@@ -50,16 +51,24 @@ class Phantom:
 
 
 def _rotation(rng: np.random.Generator, ndim: int) -> np.ndarray:
-    """A mildly oblique orientation (the short-axis stack is never axis-aligned)."""
+    """The heart's orientation (columns: the heart's axes in LPS world; the RV lies along −axis 0):
+    mildly oblique at random, so that the short-axis stack is never aligned with the scanner's axes,
+    with the RV on the patient's right (−x, the side :func:`mvmm.data.anatomy.short_axis_frame` expects)."""
     if ndim == 2:
         a = rng.uniform(-0.3, 0.3)
         return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    away = -rv_direction(ndim)
     q = rng.normal(size=4) * np.array([1.0, 0.25, 0.25, 0.25])
     q /= np.linalg.norm(q)
     w, x, y, z = q
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    rotation = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    # a random tilt may also twist the heart about its long axis; undo whole quarter turns of that
+    # twist, so that the RV stays on the anatomical side (the heart's axis 0 closest to `away`)
+    quarter = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    turns = [rotation @ np.linalg.matrix_power(quarter, k) for k in range(4)]
+    return max(turns, key=lambda r: float(r[:, 0] @ away))
 
 
 def _anatomy(local: torch.Tensor, p: dict) -> Dict[str, torch.Tensor]:
@@ -178,20 +187,20 @@ def write_phantom(out_dir, seed: int = 0, ndim: int = 3, force: bool = False) ->
 
     Returns the written files by role (``"LGE"``, ``"LGE_truth"``, …, ``"description"``).
     """
-    out = prepare_output_dir(out_dir, force)
     phantom = make_phantom(seed, ndim)
-    files = {}
-    for name in SEQUENCES:
-        files[name] = out / f"{name}.nii.gz"
-        phantom.images[name].write(files[name])
-        files[f"{name}_truth"] = out / f"{name}_truth.nii.gz"
-        _write_labels(phantom.truth[name], files[f"{name}_truth"])
-    for mask in (phantom.scar, phantom.oedema):
-        files[mask.name] = out / f"{mask.name}.nii.gz"
-        _write_labels(mask, files[mask.name])
-    files["description"] = out / "phantom.json"
-    write_json(files["description"], {**phantom.parameters, "files": {k: v.name for k, v in files.items()}})
-    return files
+    names = {}
+    with staged_output_dir(out_dir, force, verify=io.verify_written) as out:
+        for name in SEQUENCES:
+            names[name] = f"{name}.nii.gz"
+            phantom.images[name].write(out / names[name])
+            names[f"{name}_truth"] = f"{name}_truth.nii.gz"
+            _write_labels(phantom.truth[name], out / names[f"{name}_truth"])
+        for mask in (phantom.scar, phantom.oedema):
+            names[mask.name] = f"{mask.name}.nii.gz"
+            _write_labels(mask, out / names[mask.name])
+        names["description"] = "phantom.json"
+        write_json(out / names["description"], {**phantom.parameters, "files": dict(names)})
+    return {role: Path(out_dir) / name for role, name in names.items()}
 
 
 def _write_labels(image: Image, path: Path) -> None:

@@ -109,6 +109,10 @@ class Subject:
                                  f"its image is {dims[name]}D")
             if not bool((mask.data > 0).any()):
                 raise InputError(f"masks: mask of {name!r} ({mask.source}) is empty (no nonzero voxel)")
+            image_grid = self.images[names.index(name)].grid
+            if not mask.grid.same_geometry(image_grid):
+                log.info("mask of %r (%s) is on another grid than its image: it is resampled by the headers "
+                         "(world positions, nearest neighbour)", name, mask.source)
         if self.roi_margin_mm is not None:
             if self.atlas is None:
                 raise InputError("roi_margin_mm: a region of interest around the atlas needs an atlas")
