@@ -21,7 +21,7 @@ sits, on average, in the maps' fields of view.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 from mvmm.data import io
 from mvmm.data.anatomy import short_axis_frame, spacing_along
-from mvmm.data.atlas import DEFAULT_SIGMA_MM, FRAMES, Atlas
+from mvmm.data.atlas import Atlas
 from mvmm.core.grid import Grid
+from mvmm.core.settings import GroupwiseSettings  # noqa: F401 (defined there, re-exported here)
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values
-from mvmm.core.errors import InputError, require_field_choice, require_positive
-from mvmm.register import PairwiseRegistration, PairwiseSettings
+from mvmm.core.errors import InputError
+from mvmm.register import PairwiseRegistration
 from mvmm.spatial.nonlinear import BSplineTransform
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform, map_grid
@@ -44,73 +45,7 @@ from mvmm.spatial.warp import sample_image
 
 log = logging.getLogger(__name__)
 
-BUILD_MODELS = ("none", "rigid", "affine", "ffd", "svf")
 MIN_TEMPLATE_SPACING_MM = 1.5
-
-
-@dataclass
-class GroupwiseSettings:
-    """How label maps are brought together.
-
-    Attributes
-    ----------
-    register : {"none", "rigid", "affine", "ffd", "svf"}
-        Final transform model of each map (``"none"``, the default as for ``mvmm atlas build``:
-        the average as the frame places the maps).
-    frame : {"world", "axes"}
-        Space the maps are related in (see the module notes).
-    spacing : sequence of float, optional
-        Template voxel size (mm, ITK order); default: the median input spacing per axis, at
-        least 1.5 mm.
-    margin_mm : float
-        Template field of view beyond the labelled anatomy of every map.
-    rounds : int
-        Template updates (each followed by registering every map to it) per level.
-    sigma_mm : float
-        Gaussian smoothing of the final mean (mm).
-    control_spacing : float
-        Control spacing (mm) of the first FFD/SVF level.
-    ffd_levels : int
-        Non-linear (FFD or SVF) levels.
-    bending_weight : float
-        λ of the bending energy against the mean squared difference of probability maps (SSD),
-        a different scale from the pairwise and joint solvers' MI and log L, hence its own value.
-        At 1, eight MS-CMRSeg LGE label maps (patients 1–8, axes frame, one 40 mm level) folded
-        no voxel (det ∇T 0.15–3.6, template Dice 0.908 / 0.942 / 0.934); at 1000 det ∇T stayed
-        within 0.58–1.56 and the template overlap fell (0.884 / 0.921 / 0.917). Each map's FFD
-        is checked for folding after the build (a warning, and ``ffd_jacobians`` in the report).
-    grid_spacing : float
-        Registration works on the template grid coarsened to at least this spacing (mm).
-    steps, max_outer : int
-        Adam steps per outer iteration and outer iterations per level, per map.
-    """
-
-    register: str = "none"
-    frame: str = "world"
-    spacing: Optional[Sequence[float]] = None
-    margin_mm: float = 15.0
-    rounds: int = 2
-    sigma_mm: float = DEFAULT_SIGMA_MM
-    control_spacing: float = 40.0
-    ffd_levels: int = 1
-    bending_weight: float = 1.0
-    grid_spacing: float = 3.0
-    steps: int = 10
-    max_outer: int = 3
-
-    def __post_init__(self):
-        require_field_choice(self, "register", BUILD_MODELS)
-        require_field_choice(self, "frame", FRAMES)
-        require_positive(self, ("rounds", "control_spacing", "grid_spacing"))
-        require_positive(self, ("sigma_mm", "margin_mm", "bending_weight"), strict=False)
-        if self.spacing is not None and any(not s > 0 for s in self.spacing):
-            raise InputError(f"GroupwiseSettings.spacing: expected positive values in mm, got {list(self.spacing)}")
-
-    def pairwise(self) -> PairwiseSettings:
-        return PairwiseSettings(transform=self.register if self.register != "none" else "rigid", metric="ssd",
-                                init="header", control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
-                                bending_weight=self.bending_weight, grid_spacing=self.grid_spacing,
-                                steps=self.steps, max_outer=self.max_outer)
 
 
 def read_label_maps(paths: Sequence, labels: Optional[LabelSet], frame: str,

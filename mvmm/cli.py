@@ -14,16 +14,14 @@ from typing import Optional
 import click
 
 from mvmm import __version__
-from mvmm.atlas_build import BUILD_MODELS, GroupwiseSettings
 from mvmm.core.errors import InputError
 from mvmm.core.outputs import OutputError
-from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, FRAMES
-from mvmm.experiments.mscmr import ExperimentSettings
-from mvmm.joint import ATLAS_INITS, ATLAS_MODELS, IMAGE_INITS, IMAGE_MODELS, RegistrationSettings
-from mvmm.register import TRANSFORM_KINDS, PairwiseSettings
-from mvmm.spatial.init import INIT_METHODS
-from mvmm.spatial.similarity import METRICS
-from mvmm.segment import segment_subject
+# Only plain-Python modules at import: `mvmm --help` and option parsing start at once; each command
+# imports torch and the rest of mvmm when it runs.
+from mvmm.core.settings import (ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, FRAMES,
+                                IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS, POSTPROCESSING, TRANSFORM_KINDS,
+                                ExperimentSettings, GroupwiseSettings, PairwiseSettings, RegistrationSettings,
+                                SegmentationDefaults)
 
 log = logging.getLogger("mvmm")
 
@@ -244,21 +242,21 @@ def main():
               help="Gaussian subtypes per image and tissue, e.g. LGE:Myo=2 (* for all); default 1, "
                    "and --background-subtypes for the background.")
 @click.option("--background-subtypes", type=COUNT,
-              default=default(segment_subject, "background_subtypes"), show_default=True,
+              default=default(SegmentationDefaults, "background_subtypes"), show_default=True,
               help="Subtypes of the background class (label 0) in every image.")
-@click.option("--mrf-beta", type=NON_NEGATIVE, default=default(segment_subject, "mrf_beta"), show_default=True,
+@click.option("--mrf-beta", type=NON_NEGATIVE, default=default(SegmentationDefaults, "mrf_beta"), show_default=True,
               help="Weight of Potts MRF smoothing of the posterior (0: none).")
-@click.option("--postprocess", type=click.Choice(["none", "cardiac"]),
-              default=default(segment_subject, "postprocess"), show_default=True,
+@click.option("--postprocess", type=click.Choice(POSTPROCESSING),
+              default=default(SegmentationDefaults, "postprocess"), show_default=True,
               help="Clean-up of the label maps: cardiac keeps each structure's largest component and counts what "
                    "the LV encloses or its convex hull holds of Myo as LV, slice by slice (short-axis stacks; "
                    "papillary muscles in the cavity, as MS-CMRSeg's labels count them).")
 @click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
               help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
                    "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
-@click.option("--max-iter", type=COUNT, default=default(segment_subject, "max_iter"),
+@click.option("--max-iter", type=COUNT, default=default(SegmentationDefaults, "max_iter"),
               show_default=True, help="Maximum EM iterations.")
-@click.option("--tol", type=NON_NEGATIVE, default=default(segment_subject, "tol"), show_default=True,
+@click.option("--tol", type=NON_NEGATIVE, default=default(SegmentationDefaults, "tol"), show_default=True,
               help="Stop when the relative change of the log-likelihood falls below this.")
 @click.option("--register-atlas", type=click.Choice(ATLAS_MODELS),
               help="Move the atlas while fitting: rigid; rigid then affine; or those then B-spline FFD levels, or "
@@ -304,7 +302,7 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
     from mvmm.data.labels import resolve_labels
     from mvmm.core.outputs import check_output_dir
     from mvmm.joint import default_registration
-    from mvmm.segment import load_subject
+    from mvmm.segment import load_subject, segment_subject
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
@@ -350,7 +348,7 @@ def evaluate(pred, truth, labels_text, as_json):
     """Dice, HD, HD95 and mean surface distance (mm) per structure."""
     from mvmm.data.labels import resolve_labels
     from mvmm.evaluate import evaluate_label_files
-    from mvmm.report import metrics_table
+    from mvmm.evaluate import metrics_table
 
     metrics = evaluate_label_files(pred, truth, resolve_labels(labels_text))
     if as_json:
@@ -381,7 +379,7 @@ def phantom(out, seed, dims, force):
 def demo(out, force, mrf_beta, device, seed, quiet):
     """Phantom → segment with the built-in atlas → evaluate; writes OUT/report.json."""
     from mvmm.demo import run_demo
-    from mvmm.report import metrics_table
+    from mvmm.evaluate import metrics_table
 
     _setup_logging(quiet)
     report = run_demo(out, seed=seed, device=device, force=force, progress=not quiet, mrf_beta=mrf_beta)
@@ -581,7 +579,7 @@ def experiment():
                    "estimated, as for segment.")
 @click.option("--mrf-beta", type=NON_NEGATIVE, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
-@click.option("--postprocess", type=click.Choice(["cardiac", "none"]),
+@click.option("--postprocess", type=click.Choice(POSTPROCESSING),
               default=default(ExperimentSettings, "postprocess"), show_default=True,
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 
@@ -46,3 +46,12 @@ def evaluate_label_files(pred_path, truth_path, labels: Optional[LabelSet] = Non
         raise InputError(f"labels: the label maps contain values {sorted(unknown)} that are not in "
                          f"{labels.as_dict()}")
     return evaluate_labels(pred, truth, tuple(reversed(truth_grid.spacing)), labels)
+
+
+def metrics_table(results: Mapping[str, Dict[str, float]], columns=("dice", "hd95", "msd", "hd")) -> str:
+    """A plain-text table: one row per structure, metrics as columns (distances in mm)."""
+    header = f"{'structure':<10}" + "".join(f"{c + (' mm' if c != 'dice' else ''):>11}" for c in columns)
+    rows = [header, "-" * len(header)]
+    for name, m in results.items():
+        rows.append(f"{name:<10}" + "".join(f"{m[c]:>11.3f}" for c in columns))
+    return "\n".join(rows)

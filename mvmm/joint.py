@@ -23,13 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mvmm.core.grid import Grid
+from mvmm.core.settings import RegistrationSettings  # noqa: F401 (defined there, re-exported here)
 from mvmm.data.anatomy import in_plane_radius
 from mvmm.data.subject import Subject
-from mvmm.core.errors import InputError, require_field_choice, require_positive
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
-from mvmm.spatial.coarse_to_fine import (LINEAR_KINDS, NONLINEAR_KINDS, Level, MovingTransform, OuterLoop,
-                                         run_outer_iterations, schedule)
+from mvmm.spatial.coarse_to_fine import MovingTransform, run_outer_iterations
 from mvmm.spatial.init import initial_linear_transform
 from mvmm.spatial.optim import descend_keeping_best
 from mvmm.spatial.regularizers import jacobian_statistics, linear_distortion, spline_bending_energy, warn_if_folded
@@ -37,111 +36,6 @@ from mvmm.spatial.transforms import RigidTransform
 
 log = logging.getLogger(__name__)
 
-ATLAS_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS
-IMAGE_MODELS = ("none",) + LINEAR_KINDS
-ATLAS_INITS = ("header", "geometry")
-IMAGE_INITS = ("mi", "header")
-
-
-@dataclass
-class RegistrationSettings:
-    """What moves, how, and how hard the solver works.
-
-    Attributes
-    ----------
-    atlas : {"none", "rigid", "affine", "ffd", "svf"}
-        Atlas transform; ``"affine"`` (the default) runs rigid then affine, ``"ffd"`` then B-spline
-        levels, ``"svf"`` then diffeomorphic stationary-velocity levels (a B-spline velocity).
-        On MS-CMRSeg an FFD atlas level still loses to affine (docs).
-    images : {"none", "rigid", "affine"}
-        Transform of each non-reference image (the reference is fixed). ``"none"`` by default: on
-        MS-CMRSeg no rigid motion of C0 tried beats the headers (docs).
-    atlas_init : {"header", "geometry"}
-        Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
-    atlas_search_mm : float
-        Before the levels, try the atlas start moved by −d, 0, +d mm along each axis of the reference
-        (3^ndim placements) and keep the one whose freshly fitted model explains the images best
-        (highest log L after ``search_em_steps`` EM iterations); 0 turns the search off.
-    search_em_steps : int
-    images_init : {"mi", "header"}
-        Initial placement of moving images: a rigid registration to the reference by mutual
-        information (:mod:`mvmm.register`), or the headers.
-    control_spacing : float
-        Control-point spacing (mm) of the first FFD/SVF level; each further level halves it.
-    ffd_levels : int
-        Non-linear (FFD or SVF) levels.
-    bending_weight : float
-        λ of the bending energy (mm² · nats per voxel). At 10, the atlas's FFD folded 10–23 % of the
-        voxels on the 3D phantom and on MS-CMRSeg; 1000 kept it unfolded on both (README).
-    affine_weight : float
-        μ of the affine levels' prior ``Σ log² σ_i(A)`` on the scaling and shear of each affine
-        transform (nats per voxel); without it an affine atlas can drift on real images, shrinking
-        or stretching until the foreground covers only what its Gaussians explain best.
-    em_steps, grad_steps : int
-        EM iterations and gradient steps per outer iteration.
-    step_mm, step_decay, min_step_mm : float
-        Adam's step (about mm of motion per step) in the first outer iteration of a level; it is
-        multiplied by ``step_decay`` each outer iteration, down to ``min_step_mm``.
-    max_outer : int
-        Outer iterations per level at most.
-    tol : float
-        A level stops when the relative change of log L over an outer iteration falls below it.
-    grid_spacing : float
-        The registration works on the reference grid resampled to at least this spacing (mm)
-        per axis (an image pyramid of two levels); the final EM runs on the full reference grid.
-    refine_full_resolution : bool
-        Repeat the last level on the full reference grid (slower, more precise).
-    """
-
-    atlas: str = "affine"
-    images: str = "none"
-    atlas_init: str = "header"
-    atlas_search_mm: float = 0.0
-    search_em_steps: int = 10
-    images_init: str = "mi"
-    control_spacing: float = 40.0
-    ffd_levels: int = 2
-    bending_weight: float = 1000.0
-    affine_weight: float = 1.0
-    em_steps: int = 3
-    grad_steps: int = 10
-    step_mm: float = 1.0
-    step_decay: float = 0.7
-    min_step_mm: float = 0.05
-    max_outer: int = 15
-    tol: float = 1e-4
-    grid_spacing: float = 2.5
-    refine_full_resolution: bool = True
-
-    def __post_init__(self):
-        require_field_choice(self, "atlas", ATLAS_MODELS)
-        require_field_choice(self, "images", IMAGE_MODELS)
-        require_field_choice(self, "images_init", IMAGE_INITS)
-        require_field_choice(self, "atlas_init", ATLAS_INITS)
-        require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
-        require_positive(self, ("bending_weight", "affine_weight", "atlas_search_mm"), strict=False)
-
-    @property
-    def active(self) -> bool:
-        return self.atlas != "none" or self.images != "none"
-
-    def check_subject(self, subject: Subject) -> None:
-        """Raise ``InputError`` if what these settings move is not there: no atlas, or no second image."""
-        if self.atlas != "none" and subject.atlas is None:
-            raise InputError(f"RegistrationSettings.atlas: {self.atlas!r} moves the atlas, but the subject has none "
-                             f"(`atlas` none); give an atlas or set `RegistrationSettings.atlas`=none")
-        if self.images != "none" and len(subject.names) < 2:
-            raise InputError(f"RegistrationSettings.images: {self.images!r} moves the non-reference images, but "
-                             f"there is only the reference ({subject.reference!r}); set "
-                             f"`RegistrationSettings.images`=none")
-
-    def levels(self) -> List[Level]:
-        """The coarse-to-fine schedule: at each level, what the atlas and the moving images optimise."""
-        return schedule({"atlas": self.atlas, "images": self.images}, self.control_spacing, self.ffd_levels,
-                        self.refine_full_resolution)
-
-    def loop(self) -> OuterLoop:
-        return OuterLoop(self.grad_steps, self.max_outer, self.step_mm, self.step_decay, self.min_step_mm, self.tol)
 
 
 def default_registration(subject: Subject, **overrides) -> RegistrationSettings:

@@ -23,8 +23,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 from mvmm.data.labels import LabelSet
 from mvmm.core.errors import require_choice
+from mvmm.core.settings import POSTPROCESSING
 
-POSTPROCESSING = ("none", "cardiac")
 
 
 def keep_largest_components(labels: np.ndarray, values, background: int = 0) -> np.ndarray:

@@ -16,101 +16,32 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mvmm.data import io
 from mvmm.core.grid import Grid
+from mvmm.core.settings import PairwiseSettings  # noqa: F401 (defined there, re-exported here)
 from mvmm.data.anatomy import in_plane_radius
 from mvmm.data.image import Image
 from mvmm.core.devices import resolve_device
-from mvmm.core.errors import InputError, require_field_choice, require_positive
+from mvmm.core.errors import InputError
 from mvmm.core.outputs import check_output_dir, staged_output_dir, write_json
 from mvmm.data.transform_files import save_transforms
-from mvmm.spatial.init import INIT_METHODS, initial_linear_transform
-from mvmm.spatial.coarse_to_fine import (LINEAR_KINDS, NONLINEAR_KINDS, Level, MovingTransform, OuterLoop,
-                                         run_outer_iterations, schedule)
+from mvmm.spatial.init import initial_linear_transform
+from mvmm.spatial.coarse_to_fine import Level, MovingTransform, run_outer_iterations
 from mvmm.spatial.nonlinear import BSplineTransform
 from mvmm.spatial.optim import descend_keeping_best
 from mvmm.spatial.regularizers import jacobian_statistics, spline_bending_energy, warn_if_folded
-from mvmm.spatial.similarity import METRICS, check_mask, similarity_loss
+from mvmm.spatial.similarity import check_mask, similarity_loss
 from mvmm.spatial.transforms import LinearTransform, map_grid
 from mvmm.spatial.warp import sample_image
 
 log = logging.getLogger(__name__)
 
-TRANSFORM_KINDS = LINEAR_KINDS + NONLINEAR_KINDS
-
-
-@dataclass
-class PairwiseSettings:
-    """How a pair is registered.
-
-    Attributes
-    ----------
-    transform : {"rigid", "affine", "ffd", "svf"}
-        The final transform model (``"affine"`` runs rigid first, ``"ffd"`` rigid, affine, FFD;
-        ``"svf"`` rigid, affine, a diffeomorphic stationary velocity field).
-    metric : {"mi", "ncc", "ssd", "dice"}
-        Similarity (see :mod:`mvmm.spatial.similarity`).
-    init : {"geometry", "moments", "header"}
-        Initial translation: field-of-view centres, intensity centres of mass, or none.
-    control_spacing : float
-        Control spacing (mm) of the first FFD/SVF level; halved at each further one.
-    ffd_levels : int
-        Non-linear (FFD or SVF) levels.
-    bending_weight : float
-        λ of the bending energy (mm⁻² per voxel) against the similarity.
-    grid_spacing : float
-        The loss is evaluated on the fixed grid resampled so no axis is finer than this (mm).
-    full_resolution : bool
-        Repeat the last level on the full fixed grid.
-    steps, max_outer : int
-        Adam steps per outer iteration; outer iterations per level at most.
-    step_mm, step_decay, min_step_mm, tol : float
-        First step (≈ mm of motion), its decay per outer iteration and floor; a level stops when
-        the loss changes by less than ``tol`` (relative) over an outer iteration.
-    bins, window : int
-        Histogram bins of MI; window (voxels) of local NCC.
-    """
-
-    transform: str = "affine"
-    metric: str = "mi"
-    init: str = "geometry"
-    control_spacing: float = 40.0
-    ffd_levels: int = 2
-    bending_weight: float = 1000.0
-    grid_spacing: float = 2.0
-    full_resolution: bool = False
-    steps: int = 15
-    max_outer: int = 10
-    step_mm: float = 2.0
-    step_decay: float = 0.6
-    min_step_mm: float = 0.05
-    tol: float = 1e-4
-    bins: int = 32
-    window: int = 9
-
-    def __post_init__(self):
-        require_field_choice(self, "transform", TRANSFORM_KINDS)
-        require_field_choice(self, "metric", METRICS)
-        require_field_choice(self, "init", INIT_METHODS)
-        require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
-        require_positive(self, ("bending_weight",), strict=False)
-        if self.bins < 4:
-            raise InputError(f"PairwiseSettings.bins: expected at least 4, got {self.bins}")
-
-    def loop(self) -> OuterLoop:
-        return OuterLoop(self.steps, self.max_outer, self.step_mm, self.step_decay, self.min_step_mm, self.tol)
-
-    def levels(self) -> List[Level]:
-        """The coarse-to-fine schedule of ``transform`` (the moving image is ``"moving"``)."""
-        return schedule({"moving": self.transform}, self.control_spacing, self.ffd_levels, self.full_resolution)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -126,12 +126,3 @@ def _save(fig, path, rect=(0, 0, 1, 1)) -> None:
     fig.tight_layout(rect=rect)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-
-
-def metrics_table(results: Mapping[str, Dict[str, float]], columns=("dice", "hd95", "msd", "hd")) -> str:
-    """A plain-text table: one row per structure, metrics as columns (distances in mm)."""
-    header = f"{'structure':<10}" + "".join(f"{c + (' mm' if c != 'dice' else ''):>11}" for c in columns)
-    rows = [header, "-" * len(header)]
-    for name, m in results.items():
-        rows.append(f"{name:<10}" + "".join(f"{m[c]:>11.3f}" for c in columns))
-    return "\n".join(rows)

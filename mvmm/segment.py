@@ -21,6 +21,7 @@ import torch
 
 from mvmm import __version__
 from mvmm.core.grid import Grid
+from mvmm.core.settings import NO_ATLAS, SEGMENTATION
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
@@ -39,8 +40,6 @@ from mvmm.data.transform_files import save_transforms
 
 log = logging.getLogger(__name__)
 
-NO_ATLAS = "none"
-BACKGROUND_SUBTYPES = 2  # the background mixes several tissues (fat, lung, liver, air) in every sequence
 PARAMS_FORMAT = "mvmm-params/1"
 
 
@@ -234,12 +233,13 @@ class Segmentation:
         }
 
 
-def segment_subject(subject: Subject, subtypes: Sequence[str] = (), background_subtypes: int = BACKGROUND_SUBTYPES,
-                    mrf_beta: float = 0.0, learn_proportions: bool = True,
-                    max_iter: int = 200, tol: float = 1e-5, var_floor: float = 1e-3, device: str = "auto",
-                    seed: Optional[int] = 0, progress: bool = False,
+def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
+                    background_subtypes: int = SEGMENTATION.background_subtypes,
+                    mrf_beta: float = SEGMENTATION.mrf_beta, learn_proportions: bool = True,
+                    max_iter: int = SEGMENTATION.max_iter, tol: float = SEGMENTATION.tol, var_floor: float = 1e-3,
+                    device: str = "auto", seed: Optional[int] = 0, progress: bool = False,
                     registration: Union[RegistrationSettings, str, None] = "default",
-                    postprocess: str = "none") -> Segmentation:
+                    postprocess: str = SEGMENTATION.postprocess) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters

@@ -15,12 +15,14 @@ tensors hold coordinates in ITK order in their last dimension, which is what ``g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import TYPE_CHECKING, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from mvmm.core.errors import InputError
+
+if TYPE_CHECKING:  # annotations only; torch is imported where it is used
+    import torch
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,10 @@ class Grid:
         return self.resampled(coarse)
 
     # ----------------------------------------------------------------- conversions (torch)
+    # torch is imported in the methods that use it, so that the command line (and `mvmm evaluate`)
+    # can read headers without loading torch.
     def _matrix(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        import torch
         return torch.as_tensor(getattr(self, name), dtype=like.dtype, device=like.device)
 
     def index_to_world(self, index: torch.Tensor) -> torch.Tensor:
@@ -171,6 +176,7 @@ class Grid:
 
     def index_to_normalized(self, index: torch.Tensor) -> torch.Tensor:
         """Continuous indices ``[..., ndim]`` to ``grid_sample`` coordinates (align_corners=False)."""
+        import torch
         size = torch.as_tensor(self.size, dtype=index.dtype, device=index.device)
         return (2.0 * index + 1.0) / size - 1.0
 
@@ -183,16 +189,19 @@ class Grid:
         The field of view reaches half a voxel beyond the outer voxel centres (a thick slice
         covers its whole thickness). Returns a bool tensor of shape ``[...]``.
         """
+        import torch
         size = torch.as_tensor(self.size, dtype=index.dtype, device=index.device)
         return ((index >= -0.5 - tol) & (index <= size - 0.5 + tol)).all(dim=-1)
 
-    def voxel_indices(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Indices of all voxel centres, ``[*shape, ndim]`` in ITK order."""
+    def voxel_indices(self, device=None, dtype=None) -> torch.Tensor:
+        """Indices of all voxel centres, ``[*shape, ndim]`` in ITK order (float32 unless ``dtype``)."""
+        import torch
+        dtype = torch.float32 if dtype is None else dtype
         axes = [torch.arange(n, device=device, dtype=dtype) for n in self.shape]
         zyx = torch.meshgrid(*axes, indexing="ij")
         return torch.stack(tuple(reversed(zyx)), dim=-1)
 
-    def world_points(self, device=None, dtype=torch.float32) -> torch.Tensor:
+    def world_points(self, device=None, dtype=None) -> torch.Tensor:
         """World coordinates (mm) of all voxel centres, ``[*shape, ndim]``."""
         return self.index_to_world(self.voxel_indices(device=device, dtype=dtype))
 

@@ -22,12 +22,10 @@ from mvmm.data.anatomy import extent_along, short_axis_frame, spacing_along
 from mvmm.core.grid import Grid
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet, label_values
 from mvmm.core.errors import InputError
+from mvmm.core.settings import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, FRAMES  # noqa: F401 (re-exported)
 from mvmm.core.outputs import write_json
 from mvmm.spatial.warp import sample_image
 
-BUILTIN_CARDIAC = "builtin:cardiac"
-DEFAULT_SIGMA_MM = 2.0
-FRAMES = ("world", "axes")
 
 
 @dataclass

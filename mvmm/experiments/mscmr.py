@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -38,13 +38,13 @@ from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
-from mvmm.core.errors import InputError, require_field_choice, require_positive
+from mvmm.core.settings import ExperimentSettings  # noqa: F401 (defined there, re-exported here)
+from mvmm.core.errors import InputError
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.core.outputs import write_json
-from mvmm.postprocess import POSTPROCESSING
 from mvmm.report import comparison_figure
 from mvmm.segment import segment_subject
 
@@ -52,64 +52,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("atlas", "em-lge", "em-all", "gmm")
 EXPERIMENT_FORMAT = "mvmm-experiment/1"
-
-
-@dataclass
-class ExperimentSettings:
-    """What the experiment does; a rerun resumes only with the same settings.
-
-    Attributes
-    ----------
-    sequences : list of str
-        Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
-    atlas_register : {"none", "rigid", "affine", "ffd", "svf"}
-        Group-wise registration when building each atlas.
-    register_atlas : {"none", "rigid", "affine", "ffd", "svf"}
-        Registration of the atlas to the target inside the joint model.
-    register_images : {"none", "rigid", "affine"}
-        Registration of the other sequences to the LGE inside the joint model.
-    atlas_search_mm : float
-        Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
-    affine_weight : float
-        Weight of the prior on the atlas's affine scaling and shear (``mvmm segment --affine-weight``).
-    roi_margin_mm : float or None
-        ``em-all`` and ``em-lge`` fit only within this many mm of the moved atlas's foreground
-        (:mod:`mvmm.data.roi`); None fits the whole field of view.
-    subtypes : list of str
-        Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
-        --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
-        model of docs/model.md.
-    proportions : {"atlas", "learned"}
-        Global tissue proportions of ``em-all`` and ``em-lge``: held equal, so that the prior is
-        the registered atlas (``mvmm segment --proportions atlas``), or estimated.
-    mrf_beta : float
-        Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
-        --mrf-beta``); 0 for none.
-    postprocess : {"cardiac", "none"}
-        Clean-up of the label maps of ``em-all`` and ``em-lge`` (:mod:`mvmm.postprocess`): MS-CMRSeg's
-        labels count papillary muscles and trabeculae as LV blood pool. ``atlas`` and ``gmm`` stay raw.
-    device : str
-    seed : int
-    """
-
-    sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
-    atlas_register: str = "affine"
-    register_atlas: str = "affine"
-    register_images: str = "none"
-    atlas_search_mm: float = 10.0
-    affine_weight: float = 0.3
-    roi_margin_mm: Optional[float] = 5.0
-    subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
-    proportions: str = "atlas"
-    mrf_beta: float = 0.0
-    postprocess: str = "cardiac"
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        require_field_choice(self, "proportions", ("atlas", "learned"))
-        require_field_choice(self, "postprocess", POSTPROCESSING)
-        require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
 
 
 def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, register: str) -> tuple:

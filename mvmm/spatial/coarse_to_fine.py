@@ -12,128 +12,23 @@ Linear parameters are optimised in millimetres of motion: angles and matrix entr
 by the radius of the field of view, so that a unit change of any raw parameter moves the anatomy by
 about a millimetre, and one Adam step length fits them all. A level starts from a fixed transform
 (``base``) and learns a zero-initialised offset (``raw``).
+
+The schedule itself (:class:`Level`, :func:`schedule`, :class:`OuterLoop`) is plain Python in
+:mod:`mvmm.core.settings`, beside the settings that describe it; it is re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
 from mvmm.core.grid import Grid
+from mvmm.core.settings import (LINEAR_KINDS, NONLINEAR_KINDS, Level, OuterLoop,  # noqa: F401 (re-exported)
+                                 schedule)
 from mvmm.spatial.nonlinear import BSplineTransform, FreeFormDeformation, StationaryVelocityField
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, SequentialTransform
-
-LINEAR_KINDS = ("rigid", "affine")
-NONLINEAR_KINDS = ("ffd", "svf")
-DEFORMATIONS = {"ffd": FreeFormDeformation, "svf": StationaryVelocityField}
-
-
-@dataclass(frozen=True)
-class Level:
-    """One level of the schedule.
-
-    Attributes
-    ----------
-    name : str
-        E.g. ``"affine"``, ``"ffd 20 mm"``, ``"svf 40 mm, full resolution"``.
-    kinds : dict of str to str or None
-        What each moving object optimises at this level: ``"rigid"``/``"affine"`` (its linear part),
-        ``"ffd"``/``"svf"`` (its deformation, the linear part held), or None (held fixed).
-    control_spacing : float, optional
-        Control-point spacing (mm) of a non-linear level.
-    full_resolution : bool
-        Run on the full grid instead of the coarse registration grid.
-    """
-
-    name: str
-    kinds: Mapping[str, Optional[str]] = field(default_factory=dict)
-    control_spacing: Optional[float] = None
-    full_resolution: bool = False
-
-
-def _kind_at(final: str, stage: str) -> Optional[str]:
-    """What an object whose final kind is ``final`` optimises at ``stage``."""
-    if final == "none":
-        return None
-    if stage in NONLINEAR_KINDS:
-        return final  # the deformation, or a linear object's continuing linear part
-    linear = "affine" if final in NONLINEAR_KINDS else final
-    return "rigid" if "rigid" in (stage, linear) else "affine"
-
-
-def schedule(kinds: Mapping[str, str], control_spacing: float, nonlinear_levels: int,
-             full_resolution: bool = False) -> List[Level]:
-    """The coarse-to-fine levels that take each object to its final kind.
-
-    Parameters
-    ----------
-    kinds : dict of str to {"none", "rigid", "affine", "ffd", "svf"}
-        Final transform kind of each moving object (at most one non-linear kind among them).
-    control_spacing : float
-        Control spacing (mm) of the first non-linear level; each further level halves it.
-    nonlinear_levels : int
-    full_resolution : bool
-        Repeat the last level on the full grid.
-
-    Returns
-    -------
-    list of Level
-        Empty when nothing moves. Rigid first; affine when any object goes beyond rigid; then
-        the non-linear levels.
-    """
-    finals = set(kinds.values())
-    unknown = finals - {"none", *LINEAR_KINDS, *NONLINEAR_KINDS}
-    if unknown:
-        raise ValueError(f"kinds: unknown transform kinds {sorted(unknown)}")
-    nonlinear = sorted(finals & set(NONLINEAR_KINDS))
-    if len(nonlinear) > 1:
-        raise ValueError(f"kinds: one non-linear kind per schedule, got {nonlinear}")
-    if finals <= {"none"}:
-        return []
-    stages = [("rigid", None)]
-    if finals & {"affine", *NONLINEAR_KINDS}:
-        stages.append(("affine", None))
-    for kind in nonlinear:
-        stages += [(kind, control_spacing / 2 ** i) for i in range(nonlinear_levels)]
-    levels = [Level(stage if spacing is None else f"{stage} {spacing:g} mm",
-                    {name: _kind_at(final, stage) for name, final in kinds.items()}, spacing)
-              for stage, spacing in stages]
-    if full_resolution:
-        levels.append(replace(levels[-1], name=levels[-1].name + ", full resolution", full_resolution=True))
-    return levels
-
-
-@dataclass(frozen=True)
-class OuterLoop:
-    """How hard a level works.
-
-    Attributes
-    ----------
-    steps : int
-        Adam steps per outer iteration.
-    max_outer : int
-        Outer iterations per level at most.
-    step_mm, step_decay, min_step_mm : float
-        Adam's step (about mm of motion) in the first outer iteration, its factor per further
-        outer iteration, and its floor.
-    tol : float
-        A level stops when the monitored value changes by less than ``tol`` (relative) over an
-        outer iteration.
-    """
-
-    steps: int
-    max_outer: int
-    step_mm: float
-    step_decay: float
-    min_step_mm: float
-    tol: float
-
-    def step_at(self, outer: int) -> float:
-        """Adam's step in outer iteration ``outer`` (from 1)."""
-        return max(self.step_mm * self.step_decay ** (outer - 1), self.min_step_mm)
 
 
 def run_outer_iterations(iteration: Callable[[int, float], dict], loop: OuterLoop, monitor: str,
@@ -170,6 +65,9 @@ def run_outer_iterations(iteration: Callable[[int, float], dict], loop: OuterLoo
             break
         previous = value
     return history
+
+
+DEFORMATIONS = {"ffd": FreeFormDeformation, "svf": StationaryVelocityField}
 
 
 class ScaledLinear:

@@ -16,10 +16,10 @@ import torch
 
 from mvmm.core.grid import Grid
 from mvmm.core.errors import InputError
+from mvmm.core.settings import INIT_METHODS  # noqa: F401 (re-exported)
 from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTransform, TranslationTransform
 
 LINEAR_KINDS = {"translation": TranslationTransform, "rigid": RigidTransform, "affine": AffineTransform}
-INIT_METHODS = ("header", "geometry", "moments")
 
 
 def center_of_mass(data: torch.Tensor, grid: Grid) -> np.ndarray:

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from mvmm.core.errors import InputError
+from mvmm.core.settings import METRICS  # noqa: F401 (re-exported)
 from mvmm.spatial.nonlinear import cubic_bspline_weights
 
-METRICS = ("ssd", "ncc", "mi", "dice")
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

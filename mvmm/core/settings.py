@@ -1,0 +1,449 @@
+"""The settings users choose, with their defaults and choices, in plain Python.
+
+Every default and every list of choices is defined here once; the solvers, the Python API and the
+command line read them from here. The module imports neither torch nor SimpleITK, so that
+``mvmm --help`` and the option parsing start at once (the command line imports the heavy modules
+only when a command runs).
+
+Also here: the coarse-to-fine schedule the registration settings describe (:func:`schedule`,
+:class:`Level`, :class:`OuterLoop`), which :mod:`mvmm.spatial.coarse_to_fine` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List, Mapping, Optional, Sequence
+
+from mvmm.core.errors import InputError, require_field_choice, require_positive
+
+# ---------------------------------------------------------------- choices and constants
+METRICS = ("ssd", "ncc", "mi", "dice")  # pairwise similarity (mvmm.spatial.similarity)
+INIT_METHODS = ("header", "geometry", "moments")  # initial placement (mvmm.spatial.init)
+FRAMES = ("world", "axes")  # how atlas label maps are related (mvmm.atlas_build, mvmm.data.atlas)
+POSTPROCESSING = ("none", "cardiac")  # mvmm.postprocess
+BUILTIN_CARDIAC = "builtin:cardiac"  # the built-in atlas, as --atlas names it
+NO_ATLAS = "none"
+DEFAULT_SIGMA_MM = 2.0  # smoothing of label-map atlases
+# The background mixes several tissues (fat, lung, liver, air) in every sequence.
+BACKGROUND_SUBTYPES = 2
+
+
+@dataclass(frozen=True)
+class SegmentationDefaults:
+    """Defaults of :func:`mvmm.segment.segment_subject` (and ``mvmm segment``) beyond the registration."""
+
+    background_subtypes: int = BACKGROUND_SUBTYPES
+    mrf_beta: float = 0.0
+    max_iter: int = 200
+    tol: float = 1e-5
+    postprocess: str = "none"
+
+
+SEGMENTATION = SegmentationDefaults()
+
+# ---------------------------------------------------------------- the coarse-to-fine schedule
+LINEAR_KINDS = ("rigid", "affine")
+NONLINEAR_KINDS = ("ffd", "svf")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the schedule.
+
+    Attributes
+    ----------
+    name : str
+        E.g. ``"affine"``, ``"ffd 20 mm"``, ``"svf 40 mm, full resolution"``.
+    kinds : dict of str to str or None
+        What each moving object optimises at this level: ``"rigid"``/``"affine"`` (its linear part),
+        ``"ffd"``/``"svf"`` (its deformation, the linear part held), or None (held fixed).
+    control_spacing : float, optional
+        Control-point spacing (mm) of a non-linear level.
+    full_resolution : bool
+        Run on the full grid instead of the coarse registration grid.
+    """
+
+    name: str
+    kinds: Mapping[str, Optional[str]] = field(default_factory=dict)
+    control_spacing: Optional[float] = None
+    full_resolution: bool = False
+
+
+def _kind_at(final: str, stage: str) -> Optional[str]:
+    """What an object whose final kind is ``final`` optimises at ``stage``."""
+    if final == "none":
+        return None
+    if stage in NONLINEAR_KINDS:
+        return final  # the deformation, or a linear object's continuing linear part
+    linear = "affine" if final in NONLINEAR_KINDS else final
+    return "rigid" if "rigid" in (stage, linear) else "affine"
+
+
+def schedule(kinds: Mapping[str, str], control_spacing: float, nonlinear_levels: int,
+             full_resolution: bool = False) -> List[Level]:
+    """The coarse-to-fine levels that take each object to its final kind.
+
+    Parameters
+    ----------
+    kinds : dict of str to {"none", "rigid", "affine", "ffd", "svf"}
+        Final transform kind of each moving object (at most one non-linear kind among them).
+    control_spacing : float
+        Control spacing (mm) of the first non-linear level; each further level halves it.
+    nonlinear_levels : int
+    full_resolution : bool
+        Repeat the last level on the full grid.
+
+    Returns
+    -------
+    list of Level
+        Empty when nothing moves. Rigid first; affine when any object goes beyond rigid; then
+        the non-linear levels.
+    """
+    finals = set(kinds.values())
+    unknown = finals - {"none", *LINEAR_KINDS, *NONLINEAR_KINDS}
+    if unknown:
+        raise ValueError(f"kinds: unknown transform kinds {sorted(unknown)}")
+    nonlinear = sorted(finals & set(NONLINEAR_KINDS))
+    if len(nonlinear) > 1:
+        raise ValueError(f"kinds: one non-linear kind per schedule, got {nonlinear}")
+    if finals <= {"none"}:
+        return []
+    stages = [("rigid", None)]
+    if finals & {"affine", *NONLINEAR_KINDS}:
+        stages.append(("affine", None))
+    for kind in nonlinear:
+        stages += [(kind, control_spacing / 2 ** i) for i in range(nonlinear_levels)]
+    levels = [Level(stage if spacing is None else f"{stage} {spacing:g} mm",
+                    {name: _kind_at(final, stage) for name, final in kinds.items()}, spacing)
+              for stage, spacing in stages]
+    if full_resolution:
+        levels.append(replace(levels[-1], name=levels[-1].name + ", full resolution", full_resolution=True))
+    return levels
+
+
+@dataclass(frozen=True)
+class OuterLoop:
+    """How hard a level works.
+
+    Attributes
+    ----------
+    steps : int
+        Adam steps per outer iteration.
+    max_outer : int
+        Outer iterations per level at most.
+    step_mm, step_decay, min_step_mm : float
+        Adam's step (about mm of motion) in the first outer iteration, its factor per further
+        outer iteration, and its floor.
+    tol : float
+        A level stops when the monitored value changes by less than ``tol`` (relative) over an
+        outer iteration.
+    """
+
+    steps: int
+    max_outer: int
+    step_mm: float
+    step_decay: float
+    min_step_mm: float
+    tol: float
+
+    def step_at(self, outer: int) -> float:
+        """Adam's step in outer iteration ``outer`` (from 1)."""
+        return max(self.step_mm * self.step_decay ** (outer - 1), self.min_step_mm)
+
+# ---------------------------------------------------------------- registration settings
+ATLAS_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS
+IMAGE_MODELS = ("none",) + LINEAR_KINDS
+ATLAS_INITS = ("header", "geometry")
+IMAGE_INITS = ("mi", "header")
+TRANSFORM_KINDS = LINEAR_KINDS + NONLINEAR_KINDS  # pairwise
+BUILD_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS  # group-wise
+
+
+@dataclass
+class RegistrationSettings:
+    """What moves, how, and how hard the solver works.
+
+    Attributes
+    ----------
+    atlas : {"none", "rigid", "affine", "ffd", "svf"}
+        Atlas transform; ``"affine"`` (the default) runs rigid then affine, ``"ffd"`` then B-spline
+        levels, ``"svf"`` then diffeomorphic stationary-velocity levels (a B-spline velocity).
+        On MS-CMRSeg an FFD atlas level still loses to affine (docs).
+    images : {"none", "rigid", "affine"}
+        Transform of each non-reference image (the reference is fixed). ``"none"`` by default: on
+        MS-CMRSeg no rigid motion of C0 tried beats the headers (docs).
+    atlas_init : {"header", "geometry"}
+        Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
+    atlas_search_mm : float
+        Before the levels, try the atlas start moved by −d, 0, +d mm along each axis of the reference
+        (3^ndim placements) and keep the one whose freshly fitted model explains the images best
+        (highest log L after ``search_em_steps`` EM iterations); 0 turns the search off.
+    search_em_steps : int
+    images_init : {"mi", "header"}
+        Initial placement of moving images: a rigid registration to the reference by mutual
+        information (:mod:`mvmm.register`), or the headers.
+    control_spacing : float
+        Control-point spacing (mm) of the first FFD/SVF level; each further level halves it.
+    ffd_levels : int
+        Non-linear (FFD or SVF) levels.
+    bending_weight : float
+        λ of the bending energy (mm² · nats per voxel). At 10, the atlas's FFD folded 10–23 % of the
+        voxels on the 3D phantom and on MS-CMRSeg; 1000 kept it unfolded on both (README).
+    affine_weight : float
+        μ of the affine levels' prior ``Σ log² σ_i(A)`` on the scaling and shear of each affine
+        transform (nats per voxel); without it an affine atlas can drift on real images, shrinking
+        or stretching until the foreground covers only what its Gaussians explain best.
+    em_steps, grad_steps : int
+        EM iterations and gradient steps per outer iteration.
+    step_mm, step_decay, min_step_mm : float
+        Adam's step (about mm of motion per step) in the first outer iteration of a level; it is
+        multiplied by ``step_decay`` each outer iteration, down to ``min_step_mm``.
+    max_outer : int
+        Outer iterations per level at most.
+    tol : float
+        A level stops when the relative change of log L over an outer iteration falls below it.
+    grid_spacing : float
+        The registration works on the reference grid resampled to at least this spacing (mm)
+        per axis (an image pyramid of two levels); the final EM runs on the full reference grid.
+    refine_full_resolution : bool
+        Repeat the last level on the full reference grid (slower, more precise).
+    """
+
+    atlas: str = "affine"
+    images: str = "none"
+    atlas_init: str = "header"
+    atlas_search_mm: float = 0.0
+    search_em_steps: int = 10
+    images_init: str = "mi"
+    control_spacing: float = 40.0
+    ffd_levels: int = 2
+    bending_weight: float = 1000.0
+    affine_weight: float = 1.0
+    em_steps: int = 3
+    grad_steps: int = 10
+    step_mm: float = 1.0
+    step_decay: float = 0.7
+    min_step_mm: float = 0.05
+    max_outer: int = 15
+    tol: float = 1e-4
+    grid_spacing: float = 2.5
+    refine_full_resolution: bool = True
+
+    def __post_init__(self):
+        require_field_choice(self, "atlas", ATLAS_MODELS)
+        require_field_choice(self, "images", IMAGE_MODELS)
+        require_field_choice(self, "images_init", IMAGE_INITS)
+        require_field_choice(self, "atlas_init", ATLAS_INITS)
+        require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
+        require_positive(self, ("bending_weight", "affine_weight", "atlas_search_mm"), strict=False)
+
+    @property
+    def active(self) -> bool:
+        return self.atlas != "none" or self.images != "none"
+
+    def check_subject(self, subject) -> None:
+        """Raise ``InputError`` if what these settings move is not there: no atlas, or no second image."""
+        if self.atlas != "none" and subject.atlas is None:
+            raise InputError(f"RegistrationSettings.atlas: {self.atlas!r} moves the atlas, but the subject has none "
+                             f"(`atlas` none); give an atlas or set `RegistrationSettings.atlas`=none")
+        if self.images != "none" and len(subject.names) < 2:
+            raise InputError(f"RegistrationSettings.images: {self.images!r} moves the non-reference images, but "
+                             f"there is only the reference ({subject.reference!r}); set "
+                             f"`RegistrationSettings.images`=none")
+
+    def levels(self) -> List[Level]:
+        """The coarse-to-fine schedule: at each level, what the atlas and the moving images optimise."""
+        return schedule({"atlas": self.atlas, "images": self.images}, self.control_spacing, self.ffd_levels,
+                        self.refine_full_resolution)
+
+    def loop(self) -> OuterLoop:
+        return OuterLoop(self.grad_steps, self.max_outer, self.step_mm, self.step_decay, self.min_step_mm, self.tol)
+
+
+@dataclass
+class PairwiseSettings:
+    """How a pair is registered.
+
+    Attributes
+    ----------
+    transform : {"rigid", "affine", "ffd", "svf"}
+        The final transform model (``"affine"`` runs rigid first, ``"ffd"`` rigid, affine, FFD;
+        ``"svf"`` rigid, affine, a diffeomorphic stationary velocity field).
+    metric : {"mi", "ncc", "ssd", "dice"}
+        Similarity (see :mod:`mvmm.spatial.similarity`).
+    init : {"geometry", "moments", "header"}
+        Initial translation: field-of-view centres, intensity centres of mass, or none.
+    control_spacing : float
+        Control spacing (mm) of the first FFD/SVF level; halved at each further one.
+    ffd_levels : int
+        Non-linear (FFD or SVF) levels.
+    bending_weight : float
+        λ of the bending energy (mm⁻² per voxel) against the similarity.
+    grid_spacing : float
+        The loss is evaluated on the fixed grid resampled so no axis is finer than this (mm).
+    full_resolution : bool
+        Repeat the last level on the full fixed grid.
+    steps, max_outer : int
+        Adam steps per outer iteration; outer iterations per level at most.
+    step_mm, step_decay, min_step_mm, tol : float
+        First step (≈ mm of motion), its decay per outer iteration and floor; a level stops when
+        the loss changes by less than ``tol`` (relative) over an outer iteration.
+    bins, window : int
+        Histogram bins of MI; window (voxels) of local NCC.
+    """
+
+    transform: str = "affine"
+    metric: str = "mi"
+    init: str = "geometry"
+    control_spacing: float = 40.0
+    ffd_levels: int = 2
+    bending_weight: float = 1000.0
+    grid_spacing: float = 2.0
+    full_resolution: bool = False
+    steps: int = 15
+    max_outer: int = 10
+    step_mm: float = 2.0
+    step_decay: float = 0.6
+    min_step_mm: float = 0.05
+    tol: float = 1e-4
+    bins: int = 32
+    window: int = 9
+
+    def __post_init__(self):
+        require_field_choice(self, "transform", TRANSFORM_KINDS)
+        require_field_choice(self, "metric", METRICS)
+        require_field_choice(self, "init", INIT_METHODS)
+        require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
+        require_positive(self, ("bending_weight",), strict=False)
+        if self.bins < 4:
+            raise InputError(f"PairwiseSettings.bins: expected at least 4, got {self.bins}")
+
+    def loop(self) -> OuterLoop:
+        return OuterLoop(self.steps, self.max_outer, self.step_mm, self.step_decay, self.min_step_mm, self.tol)
+
+    def levels(self) -> List[Level]:
+        """The coarse-to-fine schedule of ``transform`` (the moving image is ``"moving"``)."""
+        return schedule({"moving": self.transform}, self.control_spacing, self.ffd_levels, self.full_resolution)
+
+
+@dataclass
+class GroupwiseSettings:
+    """How label maps are brought together.
+
+    Attributes
+    ----------
+    register : {"none", "rigid", "affine", "ffd", "svf"}
+        Final transform model of each map (``"none"``, the default as for ``mvmm atlas build``:
+        the average as the frame places the maps).
+    frame : {"world", "axes"}
+        Space the maps are related in (see the module notes).
+    spacing : sequence of float, optional
+        Template voxel size (mm, ITK order); default: the median input spacing per axis, at
+        least 1.5 mm.
+    margin_mm : float
+        Template field of view beyond the labelled anatomy of every map.
+    rounds : int
+        Template updates (each followed by registering every map to it) per level.
+    sigma_mm : float
+        Gaussian smoothing of the final mean (mm).
+    control_spacing : float
+        Control spacing (mm) of the first FFD/SVF level.
+    ffd_levels : int
+        Non-linear (FFD or SVF) levels.
+    bending_weight : float
+        λ of the bending energy against the mean squared difference of probability maps (SSD),
+        a different scale from the pairwise and joint solvers' MI and log L, hence its own value.
+        At 1, eight MS-CMRSeg LGE label maps (patients 1–8, axes frame, one 40 mm level) folded
+        no voxel (det ∇T 0.15–3.6, template Dice 0.908 / 0.942 / 0.934); at 1000 det ∇T stayed
+        within 0.58–1.56 and the template overlap fell (0.884 / 0.921 / 0.917). Each map's FFD
+        is checked for folding after the build (a warning, and ``ffd_jacobians`` in the report).
+    grid_spacing : float
+        Registration works on the template grid coarsened to at least this spacing (mm).
+    steps, max_outer : int
+        Adam steps per outer iteration and outer iterations per level, per map.
+    """
+
+    register: str = "none"
+    frame: str = "world"
+    spacing: Optional[Sequence[float]] = None
+    margin_mm: float = 15.0
+    rounds: int = 2
+    sigma_mm: float = DEFAULT_SIGMA_MM
+    control_spacing: float = 40.0
+    ffd_levels: int = 1
+    bending_weight: float = 1.0
+    grid_spacing: float = 3.0
+    steps: int = 10
+    max_outer: int = 3
+
+    def __post_init__(self):
+        require_field_choice(self, "register", BUILD_MODELS)
+        require_field_choice(self, "frame", FRAMES)
+        require_positive(self, ("rounds", "control_spacing", "grid_spacing"))
+        require_positive(self, ("sigma_mm", "margin_mm", "bending_weight"), strict=False)
+        if self.spacing is not None and any(not s > 0 for s in self.spacing):
+            raise InputError(f"GroupwiseSettings.spacing: expected positive values in mm, got {list(self.spacing)}")
+
+    def pairwise(self) -> PairwiseSettings:
+        return PairwiseSettings(transform=self.register if self.register != "none" else "rigid", metric="ssd",
+                                init="header", control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
+                                bending_weight=self.bending_weight, grid_spacing=self.grid_spacing,
+                                steps=self.steps, max_outer=self.max_outer)
+
+
+@dataclass
+class ExperimentSettings:
+    """What the experiment does; a rerun resumes only with the same settings.
+
+    Attributes
+    ----------
+    sequences : list of str
+        Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
+    atlas_register : {"none", "rigid", "affine", "ffd", "svf"}
+        Group-wise registration when building each atlas.
+    register_atlas : {"none", "rigid", "affine", "ffd", "svf"}
+        Registration of the atlas to the target inside the joint model.
+    register_images : {"none", "rigid", "affine"}
+        Registration of the other sequences to the LGE inside the joint model.
+    atlas_search_mm : float
+        Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
+    affine_weight : float
+        Weight of the prior on the atlas's affine scaling and shear (``mvmm segment --affine-weight``).
+    roi_margin_mm : float or None
+        ``em-all`` and ``em-lge`` fit only within this many mm of the moved atlas's foreground
+        (:mod:`mvmm.data.roi`); None fits the whole field of view.
+    subtypes : list of str
+        Gaussian subtypes of ``em-all`` and ``em-lge`` (``IMAGE:TISSUE=N``, as ``mvmm segment
+        --subtypes``); by default the LGE myocardium has two, normal and enhanced (scar), the
+        model of docs/model.md.
+    proportions : {"atlas", "learned"}
+        Global tissue proportions of ``em-all`` and ``em-lge``: held equal, so that the prior is
+        the registered atlas (``mvmm segment --proportions atlas``), or estimated.
+    mrf_beta : float
+        Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
+        --mrf-beta``); 0 for none.
+    postprocess : {"cardiac", "none"}
+        Clean-up of the label maps of ``em-all`` and ``em-lge`` (:mod:`mvmm.postprocess`): MS-CMRSeg's
+        labels count papillary muscles and trabeculae as LV blood pool. ``atlas`` and ``gmm`` stay raw.
+    device : str
+    seed : int
+    """
+
+    sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
+    atlas_register: str = "affine"
+    register_atlas: str = "affine"
+    register_images: str = "none"
+    atlas_search_mm: float = 10.0
+    affine_weight: float = 0.3
+    roi_margin_mm: Optional[float] = 5.0
+    subtypes: List[str] = field(default_factory=lambda: ["LGE:Myo=2"])
+    proportions: str = "atlas"
+    mrf_beta: float = 0.0
+    postprocess: str = "cardiac"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        require_field_choice(self, "proportions", ("atlas", "learned"))
+        require_field_choice(self, "postprocess", POSTPROCESSING)
+        require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
