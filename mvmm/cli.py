@@ -182,6 +182,12 @@ class MvmmGroup(click.Group):
             raise click.exceptions.Exit(130) from None
 
 
+def _show_progress(quiet: bool) -> bool:
+    """Progress bars only for a person watching: not with --quiet, and not when stderr is a file or a
+    pipe (a redirected bar is kilobytes of carriage returns)."""
+    return not quiet and sys.stderr.isatty()
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="mvmm: %(message)s",
                         stream=sys.stderr, force=True)
@@ -222,7 +228,7 @@ def main():
 
 
 @main.command(cls=MultiValueCommand)
-@click.option("--images", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("--images", multiple=True, required=True, type=click.Path(path_type=Path), metavar="PATH...",
               help="Source images of one subject (any format SimpleITK reads), e.g. LGE.nii.gz C0.nii.gz T2.nii.gz.")
 @click.option("--names", multiple=True, help="One name per image (default: file names without extension).")
 @click.option("--atlas", multiple=True, metavar="PATH|builtin:cardiac|none",
@@ -315,7 +321,7 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
                                         bending_weight=bending_weight, affine_weight=affine_weight)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
-                             device=device, seed=seed, progress=not quiet, registration=registration,
+                             device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
                              postprocess=postprocess)
     files = result.write(out, force=True)
     if not registration.active and subject.atlas is not None and len(images) > 1:
@@ -382,7 +388,7 @@ def demo(out, force, mrf_beta, device, seed, quiet):
     from mvmm.evaluate import metrics_table
 
     _setup_logging(quiet)
-    report = run_demo(out, seed=seed, device=device, force=force, progress=not quiet, mrf_beta=mrf_beta)
+    report = run_demo(out, seed=seed, device=device, force=force, progress=_show_progress(quiet), mrf_beta=mrf_beta)
     click.echo(f"mvmm demo: phantom seed {seed}, LGE + C0 + T2, built-in atlas registered in "
                f"{report['registration_outer_iterations']} outer iterations, then {report['em_iterations']} EM "
                f"iteration(s) on the full grid, on {report['device']}")
@@ -449,7 +455,7 @@ def register(fixed, moving, transform_kind, metric, init, fixed_mask, moving_mas
     settings = PairwiseSettings(transform=transform_kind, metric=metric, init=init, control_spacing=control_spacing,
                                 bending_weight=bending_weight, grid_spacing=grid_spacing,
                                 full_resolution=full_resolution)
-    report = register_files(fixed, moving, out, settings, fixed_mask, moving_mask, device, force, progress=not quiet)
+    report = register_files(fixed, moving, out, settings, fixed_mask, moving_mask, device, force, progress=_show_progress(quiet))
     click.echo(f"{transform_kind} registration ({metric}) on {report['device']} in {report['seconds']:.1f} s: "
                f"loss {report['loss_before']:.4f} -> {report['loss_after']:.4f}; outputs in {out}")
 
@@ -460,7 +466,7 @@ def atlas():
 
 
 @atlas.command("build", cls=MultiValueCommand)
-@click.option("--labels", "label_maps", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("--labels", "label_maps", multiple=True, required=True, type=click.Path(path_type=Path), metavar="PATH...",
               help="Integer label maps (e.g. patient2_LGE_manual.nii.gz ...); any grids unless --register none "
                    "and --frame world, where maps on one grid are averaged as they are.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output probability atlas (e.g. atlas.nii.gz).")
@@ -499,7 +505,7 @@ def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, l
     else:
         settings = GroupwiseSettings(register=register_kind, frame=frame, spacing=list(spacing) or None,
                                      sigma_mm=sigma, rounds=rounds)
-        built, extra = build_atlas(label_maps, settings, labels, resolve_device(device), progress=not quiet)
+        built, extra = build_atlas(label_maps, settings, labels, resolve_device(device), progress=_show_progress(quiet))
     built.save(out, extra={"build": extra} if extra else None)
     click.echo(f"atlas of {len(label_maps)} label map(s), labels {built.labels.as_dict()}, register {register_kind}, "
                f"frame {frame}, sigma {sigma} mm: {out}")
@@ -598,7 +604,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
                                   roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
                                   mrf_beta=mrf_beta, postprocess=postprocess, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
-                        progress=not quiet)
+                        progress=_show_progress(quiet))
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")
     for method in METHODS:
         stats = summary["methods"][method]

@@ -136,7 +136,10 @@ class JointSolver:
 
             level_history = run_outer_iterations(outer_iteration, s.loop(), "log_likelihood", level.name, shown)
             history += level_history
-            bar.update(s.max_outer - len(level_history))
+            # a level that converged early takes its unused iterations off the total, so the bar's
+            # total is the true count when the solve ends (it does not jump)
+            bar.total -= s.max_outer - len(level_history)
+            bar.refresh()
             for state in moving.values():
                 state.end(self.device)
             log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level.name,
@@ -179,7 +182,7 @@ class JointSolver:
                 warnings.simplefilter("ignore")
                 sample = work.sample(grid, self.device, check=False)
                 model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
-                          max_iter=self.settings.search_em_steps)
+                          max_iter=self.settings.search_em_steps, progress=False)
             scores.append((model.lower_bounds_[-1], steps, candidate))
         best = max(scores, key=lambda item: item[0])
         log.info("atlas start: best of %d placements ±%g mm is %s (log L %.4f; unmoved %.4f)", len(scores), d,
@@ -191,11 +194,12 @@ class JointSolver:
             sample = work.sample(grid, self.device, check=False, region=region)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
+                # the registration's bar counts outer iterations: no EM bar of its own for each step
                 if continue_fit:
                     self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
-                                   max_iter=self.settings.em_steps, init_params=self.model.params_)
+                                   max_iter=self.settings.em_steps, init_params=self.model.params_, progress=False)
                 else:
-                    self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing)
+                    self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing, progress=False)
         return self.model.lower_bounds_[-1]
 
     def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from mvmm.data.labels import LabelSet
 from mvmm.core.outputs import atomic_path
 
-COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:olive")
+# Okabe & Ito's palette: distinguishable with the common colour-vision deficiencies (no red/green pair).
+COLOURS = ("#E69F00", "#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
 
 
 def _display_slice(label_map: np.ndarray, labels: LabelSet) -> int:
@@ -103,15 +105,60 @@ def box_plot(path, values: Mapping[str, Mapping[str, Sequence[float]]], title: s
     _save(fig, path)
 
 
-def convergence_figure(path, lower_bounds: Sequence[float], title: str = "EM convergence") -> None:
-    """Mean log-likelihood per voxel against EM iteration."""
-    fig, ax = _subplots(figsize=(5, 3.5))
-    ax.plot(range(len(lower_bounds)), lower_bounds, marker="o", markersize=3)
-    ax.set_xlabel("iteration (0 = initialisation)")
-    ax.set_ylabel("mean log-likelihood per voxel")
-    ax.set_title(title)
+def convergence_figure(path, lower_bounds: Sequence[float], registration_history: Optional[Sequence[dict]] = None,
+                       title: str = "convergence") -> None:
+    """The whole solve: the registration (mean log-likelihood per voxel after each outer iteration's
+    EM steps, on the registration grid, with its levels marked) and the final EM on the full grid.
+
+    Parameters
+    ----------
+    lower_bounds : sequence of float
+        The final EM's mean log-likelihood per voxel, from its initialisation (iteration 0).
+    registration_history : sequence of dict, optional
+        The joint solver's history (``level``, ``log_likelihood``, ``log_likelihood_after_registration``,
+        ``penalty``); None or empty: the EM panel alone.
+    """
+    history = list(registration_history or [])
+    fig, axes = _subplots(1, 2 if history else 1, figsize=(10 if history else 5, 3.6), squeeze=False)
+    if history:
+        ax = axes[0, 0]
+        # one segment per level, not joined: the full-resolution level is scored on another grid
+        levels, start = [], 0
+        for i in range(1, len(history) + 1):
+            if i == len(history) or history[i]["level"] != history[start]["level"]:
+                levels.append((history[start]["level"], start, i))
+                start = i
+        for n, (name, first, last) in enumerate(levels):
+            x = np.arange(first + 1, last + 1)
+            ax.plot(x, [h["log_likelihood"] for h in history[first:last]], marker="o", markersize=3,
+                    color=COLOURS[1], label="after EM steps" if n == 0 else None)
+            if all("log_likelihood_after_registration" in h for h in history[first:last]):
+                objective = [h["log_likelihood_after_registration"] - h.get("penalty", 0.0)
+                             for h in history[first:last]]
+                ax.plot(x, objective, marker=".", markersize=3, linestyle="--", color=COLOURS[0],
+                        label="after transform steps, minus penalty" if n == 0 else None)
+            if n % 2 == 0:
+                ax.axvspan(first + 0.5, last + 0.5, color="0.93", zorder=0)
+            ax.text((first + last + 1) / 2, 1.01 + 0.06 * (n % 2), name, transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7)  # staggered: short levels' names do not overlap
+        ax.set_xlabel("outer iteration of the registration (shading: levels)")
+        ax.set_ylabel("mean log-likelihood per voxel\n(registration grid)")
+        ax.legend(fontsize=7, loc="best")
+        _readable_axes(ax)
+    ax = axes[0, -1]
+    ax.plot(range(len(lower_bounds)), lower_bounds, marker="o", markersize=3, color=COLOURS[2])
+    ax.set_xlabel("final EM iteration (0 = start)")
+    ax.set_ylabel("mean log-likelihood per voxel\n(full grid)")
+    _readable_axes(ax)
+    fig.suptitle(title)
+    _save(fig, path, rect=(0, 0, 1, 0.93))
+
+
+def _readable_axes(ax) -> None:
+    """Whole-number iteration ticks and plain tick labels (no offset notation), a light grid."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.grid(alpha=0.3)
-    _save(fig, path)
 
 
 def _subplots(*args, **kwargs):

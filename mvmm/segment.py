@@ -203,7 +203,9 @@ class Segmentation:
         if self.registration is not None:
             files["transforms"] = save_transforms(out / "transforms", self.registration.transforms, grid)
         files["convergence"] = out / "convergence.png"
-        convergence_figure(files["convergence"], self.model.lower_bounds_)
+        convergence_figure(files["convergence"], self.model.lower_bounds_,
+                           self.registration.history if self.registration is not None else None,
+                           title=f"mvmm: registration and EM ({', '.join(self.common.names)})")
         self.timings["write_s"] = time.perf_counter() - start
         files["report"] = out / "report.json"
         write_json(files["report"], self.report())

@@ -157,3 +157,39 @@ def test_a_label_map_given_as_an_image_is_warned_about_and_a_mask_on_another_gri
         assert "resampled by the headers" not in caplog.text
         Subject([lge], masks={"LGE": coarse})
     assert "is on another grid than its image: it is resampled by the headers" in caplog.text
+
+
+def test_no_progress_bars_or_carriage_returns_when_stderr_is_not_a_terminal(case2d, tmp_path):
+    result = CliRunner().invoke(main, [str(a) for a in ["segment", "--images", case2d["LGE"], case2d["C0"],
+                                                        "--out", tmp_path / "seg2", "--device", "cpu"]])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output and "outer/s" not in result.output and "it/s" not in result.output
+    assert "EM:" in result.output  # the summary still prints
+
+
+def test_the_convergence_figure_shows_the_registration_levels_and_the_final_em(tmp_path, monkeypatch):
+    from mvmm import report
+    from mvmm.core.outputs import verify_output
+
+    drawn = {}
+    original = report._save
+
+    def keep(fig, path, rect=(0, 0, 1, 1)):
+        drawn["axes"] = fig.axes
+        original(fig, path, rect)
+
+    monkeypatch.setattr(report, "_save", keep)
+    history = [{"level": level, "outer": i, "log_likelihood": 2.0 + 0.01 * i,
+                "log_likelihood_after_registration": 2.005 + 0.01 * i, "penalty": 0.001}
+               for level, count in (("rigid", 3), ("affine", 2), ("affine, full resolution", 2)) for i in range(count)]
+    report.convergence_figure(tmp_path / "c.png", [2.2784, 2.27841, 2.278411], history)
+    verify_output(tmp_path / "c.png")
+    registration, em = drawn["axes"]
+    names = [t.get_text() for t in registration.texts]
+    assert names == ["rigid", "affine", "affine, full resolution"]
+    # one line per level and curve (levels are not joined), whole-number ticks, no offset notation
+    assert len(registration.lines) == 6 and len(em.lines) == 1
+    assert all(float(t).is_integer() for t in em.get_xticks())
+    assert em.yaxis.get_major_formatter().get_offset() == ""
+    report.convergence_figure(tmp_path / "em.png", [1.0, 1.5], None)
+    assert len(drawn["axes"]) == 1

@@ -146,7 +146,8 @@ class MultivariateMixture:
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def fit(self, images, coverage=None, prior=None, spacing: Optional[Sequence[float]] = None, *,
-            max_iter: Optional[int] = None, init_params: Optional[MixtureParams] = None) -> "MultivariateMixture":
+            max_iter: Optional[int] = None, init_params: Optional[MixtureParams] = None,
+            progress: Optional[bool] = None) -> "MultivariateMixture":
         """Estimate the parameters by EM (no autograd graph is built, whatever the inputs require).
 
         Parameters
@@ -162,6 +163,9 @@ class MultivariateMixture:
         max_iter : int, optional
             EM iterations of this call (default: the estimator's ``max_iter``); the settings are
             not changed, so a solver can run a few steps at a time.
+        progress : bool, optional
+            A progress bar for this call (default: the estimator's ``progress``); a solver that
+            fits a few steps at a time under its own bar passes False.
         init_params : MixtureParams, optional
             Start from these parameters (a batch of one) instead of initialising; with
             ``warm_start`` and no ``init_params``, from the fitted ones.
@@ -191,7 +195,8 @@ class MultivariateMixture:
         resp = self._e_step(data, params)
         self.lower_bounds_ = [resp.log_likelihood]
         self.converged_ = False
-        iterations = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=not self.progress, leave=False)
+        show = self.progress if progress is None else progress
+        iterations = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=not show, leave=False)
         for self.n_iter_ in iterations:
             params = self._m_step(data, resp, params)
             resp = self._e_step(data, params)
