@@ -7,9 +7,12 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.colors import ListedColormap
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from mvmm.core.grid import Grid
+from mvmm.data.anatomy import stack_axis
 from mvmm.data.labels import LabelSet
 from mvmm.core.outputs import atomic_path
 
@@ -17,39 +20,97 @@ from mvmm.core.outputs import atomic_path
 COLOURS = ("#E69F00", "#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
 
 
-def _display_slice(label_map: np.ndarray, labels: LabelSet) -> int:
-    """The slice (first tensor axis of a 3D map) with the most foreground."""
+def _display_slices(label_map: np.ndarray, labels: LabelSet, axis: int, count: int = 3) -> list:
+    """Up to ``count`` slices along array ``axis`` spread through the labelled structure (a quarter,
+    half and three quarters of its extent), or the middle slices when nothing is labelled."""
     foreground = label_map != labels.values[labels.background_index]
-    return int(np.argmax(foreground.reshape(foreground.shape[0], -1).sum(1)))
+    per_slice = np.moveaxis(foreground, axis, 0).reshape(foreground.shape[axis], -1).sum(1)
+    occupied = np.flatnonzero(per_slice)
+    first, last = (occupied[0], occupied[-1]) if occupied.size else (0, foreground.shape[axis] - 1)
+    fractions = (0.5,) if count == 1 else np.linspace(0.25, 0.75, count)
+    picks = [int(round(first + f * (last - first))) for f in fractions]
+    return sorted(set(picks))
 
 
 def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: np.ndarray,
-                    names: Sequence[str], labels: LabelSet, title: str = "") -> None:
-    """One panel per image on the common grid, with the label contours drawn over it.
+                    names: Sequence[str], labels: LabelSet, grid: Grid, entropy: Optional[np.ndarray] = None,
+                    title: str = "") -> None:
+    """Slices through the segmented structure: each image with the label contours, the labels filled
+    over the reference image, and the posterior entropy.
+
+    Rows are slices across the stack (up to three, through the labelled structure; one for a 2D
+    image), numbered from 1 and placed in mm from the first slice along the stack axis; where an image does not cover the common grid it is
+    hatched, not blank; a 20 mm scale bar is on the first panel.
 
     Parameters
     ----------
     images : np.ndarray, shape [N, *S]
     coverage : np.ndarray of bool, shape [N, *S]
     label_map : np.ndarray, shape [*S], label values
+    grid : Grid
+        The common grid (spacing for the aspect ratio and the scale bar, the stack axis for the slices).
+    entropy : np.ndarray, shape [*S], optional
+        Posterior entropy (nats).
     """
-    z = _display_slice(label_map, labels) if label_map.ndim == 3 else None
-    pick = (lambda a: a[z]) if z is not None else (lambda a: a)
-    fig, axes = _subplots(1, len(names), figsize=(4 * len(names), 4.4), squeeze=False)
-    for ax, image, cover, name in zip(axes[0], images, coverage, names):
-        shown = np.where(pick(cover), pick(image), np.nan)
-        ax.imshow(shown, cmap="gray", interpolation="nearest")
-        for (_, value), colour in zip(labels.foreground, COLOURS):
-            mask = (pick(label_map) == value).astype(float)
-            if mask.any():
-                ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.2)
-        ax.set_title(name + (f" (slice {z})" if z is not None else ""))
-        ax.axis("off")
-    handles = [Line2D([], [], color=c, label=n) for (n, _), c in zip(labels.foreground, COLOURS)]
+    if grid.ndim == 3:
+        itk_axis = stack_axis(grid)
+        axis = 2 - itk_axis  # array axis of the stack
+        slices = _display_slices(label_map, labels, axis)
+        in_plane = [a for a in range(3) if a != itk_axis]  # ITK axes of the displayed plane (x, y)
+
+        def pick(a, k):
+            return np.take(a, k, axis=a.ndim - 3 + axis)
+    else:
+        slices, in_plane = [None], [0, 1]
+
+        def pick(a, k):
+            return a
+    column_mm, row_mm = grid.spacing[in_plane[0]], grid.spacing[in_plane[1]]
+    columns = list(names) + ["labels"] + (["entropy"] if entropy is not None else [])
+    fig, axes = _subplots(len(slices), len(columns), figsize=(3.2 * len(columns), 3.3 * len(slices) + 0.6),
+                          squeeze=False)
+    cmap = ListedColormap(COLOURS[: len(labels.foreground)])
+    for row, k in enumerate(slices):
+        where = "" if k is None else f"slice {k + 1}/{label_map.shape[axis]}, {k * grid.spacing[itk_axis]:.0f} mm"
+        labelled = pick(label_map, k)
+        for col, name in enumerate(columns):
+            ax = axes[row, col]
+            if name == "entropy":
+                shown = ax.imshow(pick(entropy, k), cmap="viridis", vmin=0.0, vmax=float(np.log(len(labels))),
+                                  interpolation="nearest",
+                                  aspect=row_mm / column_mm)
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="nats")
+            else:
+                index = 0 if name == "labels" else col
+                image, cover = pick(images[index], k), pick(coverage[index], k)
+                ax.imshow(np.where(cover, image, np.nan), cmap="gray", interpolation="nearest",
+                          aspect=row_mm / column_mm)
+                if not cover.all():  # not covered by this image: hatched, so it is not read as dark tissue
+                    ax.contourf(~cover, levels=[0.5, 1.5], colors="none", hatches=["////"])
+                if name == "labels":
+                    classes = np.full(labelled.shape, np.nan)
+                    for c, (_, value) in enumerate(labels.foreground):
+                        classes[labelled == value] = c
+                    ax.imshow(classes, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=0.45,
+                              interpolation="nearest", aspect=row_mm / column_mm)
+                for (_, value), colour in zip(labels.foreground, COLOURS):
+                    mask = (labelled == value).astype(float)
+                    if mask.any():
+                        ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0)
+            ax.set_title(f"{name}\n{where}" if where and row == 0 else (where if col == 0 and where else name),
+                         fontsize=8)
+            ax.axis("off")
+        bar = 20.0 / column_mm  # a 20 mm scale bar, in pixels along the displayed rows
+        height = labelled.shape[0]
+        axes[row, 0].plot([2, 2 + bar], [height - 3, height - 3], color="white", linewidth=2)
+        axes[row, 0].text(2 + bar / 2, height - 5, "20 mm", color="white", ha="center", va="bottom", fontsize=7)
+    handles = [Rectangle((0, 0), 1, 1, facecolor=c, alpha=0.6, edgecolor=c, label=n)
+               for (n, _), c in zip(labels.foreground, COLOURS)]
+    handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="////", label="not covered"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     if title:
         fig.suptitle(title)
-    _save(fig, path, rect=(0, 0.06, 1, 0.97))
+    _save(fig, path, rect=(0, 0.05, 1, 0.96))
 
 
 def comparison_figure(path, image: np.ndarray, label_maps: Mapping[str, np.ndarray], labels: LabelSet,
@@ -62,7 +123,7 @@ def comparison_figure(path, image: np.ndarray, label_maps: Mapping[str, np.ndarr
     label_maps : mapping of name to np.ndarray of shape [*S] (label values); the first picks the slice
     """
     first = next(iter(label_maps.values()))
-    z = _display_slice(first, labels) if first.ndim == 3 else None
+    z = _display_slices(first, labels, axis=0, count=1)[0] if first.ndim == 3 else None
     pick = (lambda a: a[z]) if z is not None else (lambda a: a)
     fig, axes = _subplots(1, len(label_maps), figsize=(3.2 * len(label_maps), 3.6), squeeze=False)
     for ax, (name, label_map) in zip(axes[0], label_maps.items()):

@@ -198,7 +198,7 @@ class Segmentation:
         write_json(files["params"], self.params_dict())
         files["overview"] = out / "overview.png"
         overview_figure(files["overview"], self.common.images.cpu().numpy(), self.common.coverage.cpu().numpy(),
-                        labels, self.common.names, self.labels,
+                        labels, self.common.names, self.labels, grid, self.entropy().cpu().numpy(),
                         title=f"mvmm: {', '.join(self.common.names)} on the grid of {self.subject.reference}")
         if self.registration is not None:
             files["transforms"] = save_transforms(out / "transforms", self.registration.transforms, grid)

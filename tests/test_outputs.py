@@ -193,3 +193,30 @@ def test_the_convergence_figure_shows_the_registration_levels_and_the_final_em(t
     assert em.yaxis.get_major_formatter().get_offset() == ""
     report.convergence_figure(tmp_path / "em.png", [1.0, 1.5], None)
     assert len(drawn["axes"]) == 1
+
+
+def test_the_overview_shows_slices_through_the_structure_with_coverage_and_entropy(tmp_path, monkeypatch):
+    from mvmm import report
+    from mvmm.core.grid import Grid
+    from mvmm.data.labels import CARDIAC_LABELS
+
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path, rect=None: drawn.update(fig=fig))
+    # the stack is the last ITK axis (thick slices); the heart occupies slices 4–11 of 16
+    grid = Grid((40, 36, 16), (1.5, 1.5, 6.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    labels = np.zeros(grid.shape, np.int16)
+    labels[4:12, 10:20, 12:22] = 500
+    images = np.random.default_rng(0).normal(size=(2,) + grid.shape).astype(np.float32)
+    coverage = np.ones((2,) + grid.shape, bool)
+    coverage[1, :, :, :5] = False  # C0 misses a strip
+    entropy = np.zeros(grid.shape, np.float32)
+    report.overview_figure(tmp_path / "o.png", images, coverage, labels, ["LGE", "C0"], CARDIAC_LABELS, grid,
+                           entropy)
+    axes = drawn["fig"].axes
+    titles = " ".join(ax.get_title() for ax in axes)
+    # three rows (a quarter, half, three quarters through the heart), four columns, and the colour bars
+    # slices 1-based, their distance (mm) from the first slice of the stack
+    assert "slice 7/16, 36 mm" in titles and "slice 9/16, 48 mm" in titles and "slice 10/16, 54 mm" in titles
+    assert sum(ax.get_title().startswith("entropy") for ax in axes) == 3 and len(axes) == 3 * 4 + 3
+    legend = [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
+    assert legend == ["Myo", "LV", "RV", "not covered"]
