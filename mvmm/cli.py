@@ -120,7 +120,7 @@ class MultiValueCommand(click.Command):
 # dashes; any other parameter ``name`` or ``Settings.name`` is ``--name`` where the command has it.
 PARAMETER_FLAGS = {
     "masks": "--mask", "roi_margin_mm": "--roi-margin", "learn_proportions": "--proportions",
-    "sigma_mm": "--atlas-sigma", "paths": "--labels",
+    "sigma_mm": "--atlas-sigma", "paths": "--label-maps",
     "fixed_path": "--fixed", "moving_path": "--moving", "pred_path": "--pred", "truth_path": "--truth",
     "image_path": "--image", "transforms_path": "--transforms", "out_path": "--out", "reference_path": "--reference",
     "RegistrationSettings.atlas": "--register-atlas", "RegistrationSettings.images": "--register-images",
@@ -403,12 +403,19 @@ def demo(out, force, mrf_beta, device, seed, quiet):
 @click.option("--name", required=True, help="Whose transform: an image name or 'atlas'.")
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Image whose grid to sample on (default: the common grid of the transforms).")
-@click.option("--labels", "is_labels", is_flag=True, help="Nearest-neighbour sampling that keeps label values.")
+@click.option("--label-map", "is_labels", is_flag=True,
+              help="The image is a label map: nearest-neighbour sampling that keeps its values.")
+@click.option("--labels", "old_is_labels", is_flag=True, hidden=True, help="Deprecated name of --label-map.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output image.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def warp(image, transforms_path, name, reference, is_labels, out, force):
+def warp(image, transforms_path, name, reference, is_labels, old_is_labels, out, force):
     """Bring an image (or labels) of NAME into the common space through its saved transform."""
     from mvmm.data.transform_files import warp_file
+
+    if old_is_labels:
+        click.echo("mvmm: warp --labels is deprecated (elsewhere --labels names NAME=VALUE pairs): use --label-map",
+                   err=True)
+        is_labels = True
 
     warp_file(image, transforms_path, name, out, reference, is_labels, force)
     click.echo(f"{image} → {out} through the transform of {name!r}")
@@ -466,9 +473,11 @@ def atlas():
 
 
 @atlas.command("build", cls=MultiValueCommand)
-@click.option("--labels", "label_maps", multiple=True, required=True, type=click.Path(path_type=Path), metavar="PATH...",
+@click.option("--label-maps", "label_maps", multiple=True, type=click.Path(path_type=Path), metavar="PATH...",
               help="Integer label maps (e.g. patient2_LGE_manual.nii.gz ...); any grids unless --register none "
                    "and --frame world, where maps on one grid are averaged as they are.")
+@click.option("--labels", "old_label_maps", multiple=True, type=click.Path(path_type=Path), hidden=True,
+              help="Deprecated name of --label-maps (--labels names NAME=VALUE pairs elsewhere).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output probability atlas (e.g. atlas.nii.gz).")
 @click.option("--register", "register_kind", type=click.Choice(BUILD_MODELS),
               default=default(GroupwiseSettings, "register"), show_default=True,
@@ -489,7 +498,8 @@ def atlas():
               help="Where tensors live: auto picks CUDA when available.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
 @threads_option
-def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, label_names, force, device, quiet):
+def atlas_build(label_maps, old_label_maps, out, register_kind, frame, sigma, spacing, rounds, label_names, force,
+                device, quiet):
     """Average one-hot label maps into a probability atlas (+ a JSON sidecar of labels and how it was built)."""
     from mvmm.atlas_build import build_atlas
     from mvmm.data.atlas import Atlas
@@ -497,11 +507,17 @@ def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, l
     from mvmm.core.devices import resolve_device
 
     _setup_logging(quiet)
+    if old_label_maps:
+        log.warning("atlas build --labels is deprecated (elsewhere --labels names NAME=VALUE pairs): "
+                    "use --label-maps")
+    label_maps = tuple(label_maps) + tuple(old_label_maps)
+    if not label_maps:
+        raise click.UsageError("Missing option '--label-maps'.")
     if out.exists() and not force:
         raise InputError(f"--out: {out} exists; nothing was written (use --force to overwrite)")
     labels = resolve_labels(label_names)
     if register_kind == "none" and frame == "world" and not spacing and _same_grids(label_maps):
-        built, extra = Atlas.read(label_maps, labels=labels, sigma_mm=sigma, argname="--labels"), {}
+        built, extra = Atlas.read(label_maps, labels=labels, sigma_mm=sigma, argname="--label-maps"), {}
     else:
         settings = GroupwiseSettings(register=register_kind, frame=frame, spacing=list(spacing) or None,
                                      sigma_mm=sigma, rounds=rounds)
@@ -519,7 +535,7 @@ def atlas_build(label_maps, out, register_kind, frame, sigma, spacing, rounds, l
 def _same_grids(paths) -> bool:
     from mvmm.data import io
 
-    grids = [io.read_grid(p, "--labels") for p in paths]
+    grids = [io.read_grid(p, "--label-maps") for p in paths]
     return all(g.same_geometry(grids[0]) for g in grids[1:])
 
 

@@ -152,7 +152,7 @@ def test_read_label_maps_names_the_file_that_is_wrong(tmp_path):
 def test_atlas_build_cli_registers_maps_on_different_grids(tmp_path):
     paths = varied_maps(tmp_path, n=4, seed=1)
     out = tmp_path / "atlas.nii.gz"
-    result = CliRunner().invoke(main, ["atlas", "build", "--labels", *map(str, paths), "--register", "affine",
+    result = CliRunner().invoke(main, ["atlas", "build", "--label-maps", *map(str, paths), "--register", "affine",
                                        "--out", str(out), "--quiet", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     sidecar = json.loads((tmp_path / "atlas.json").read_text())
@@ -162,9 +162,15 @@ def test_atlas_build_cli_registers_maps_on_different_grids(tmp_path):
     again = CliRunner().invoke(main, ["atlas", "build", "--labels", *map(str, paths), "--out", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     # without registration, maps on different grids are resampled by their headers
-    plain = CliRunner().invoke(main, ["atlas", "build", "--labels", *map(str, paths), "--out",
+    plain = CliRunner().invoke(main, ["atlas", "build", "--label-maps", *map(str, paths), "--out",
                                       str(tmp_path / "plain.nii.gz"), "--quiet"])
     assert plain.exit_code == 0, plain.output
+    # the old name of --label-maps still works, with a deprecation warning
+    old = CliRunner().invoke(main, ["atlas", "build", "--labels", *map(str, paths), "--out",
+                                    str(tmp_path / "old.nii.gz"), "--quiet"])
+    assert old.exit_code == 0 and (tmp_path / "old.nii.gz").exists(), old.output
+    missing = CliRunner().invoke(main, ["atlas", "build", "--out", str(tmp_path / "none.nii.gz")])
+    assert missing.exit_code == 2 and "Missing option '--label-maps'" in missing.output
 
 
 MSCMR = SHARED_DATA / "mscmr"

@@ -91,7 +91,7 @@ def test_phantom_command_2d(tmp_path):
 
 def test_atlas_build_and_use_with_custom_labels(phantom_files, tmp_path):
     truth = phantom_files["LGE_truth"]
-    result = run("atlas", "build", "--labels", truth, truth, "--out", tmp_path / "atlas.nii.gz", "--sigma", "3")
+    result = run("atlas", "build", "--label-maps", truth, truth, "--out", tmp_path / "atlas.nii.gz", "--sigma", "3")
     assert result.exit_code == 0, result.output
     atlas = Atlas.read([tmp_path / "atlas.nii.gz"], 3)
     assert atlas.labels == CARDIAC_LABELS and torch.allclose(atlas.probabilities.sum(0), torch.tensor(1.0))
@@ -259,7 +259,7 @@ def test_segment_with_registration_writes_reloadable_itk_transforms(tmp_path):
     # mvmm warp brings C0's truth into the common space with the same transform SimpleITK applies
     warped = tmp_path / "c0_truth_common.nii.gz"
     result = run("warp", "--image", files["C0_truth"], "--transforms", out / "transforms", "--name", "C0",
-                 "--reference", files["LGE"], "--labels", "--out", warped)
+                 "--reference", files["LGE"], "--label-map", "--out", warped)
     assert result.exit_code == 0, result.output
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(warped)))
     fixed = sitk.ReadImage(str(files["LGE"]))

@@ -156,9 +156,9 @@ def test_command_line_errors_name_flags(tmp_path):
     result = runner.invoke(main, ["register", "--fixed", str(tmp_path / "no.nii.gz"), "--moving",
                                   str(tmp_path / "no2.nii.gz"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and result.output.startswith("Error: --fixed: file not found"), result.output
-    result = runner.invoke(main, ["atlas", "build", "--labels", str(tmp_path / "no.nii.gz"), "--out",
+    result = runner.invoke(main, ["atlas", "build", "--label-maps", str(tmp_path / "no.nii.gz"), "--out",
                                   str(tmp_path / "a.nii.gz"), "--register", "affine"])
-    assert result.exit_code == 1 and result.output.startswith("Error: --labels: file not found"), result.output
+    assert result.exit_code == 1 and result.output.startswith("Error: --label-maps: file not found"), result.output
 
 
 def test_every_numeric_option_of_every_command_rejects_invalid_values_cleanly():

@@ -3,6 +3,7 @@
 import errno
 import os
 import stat
+import struct
 
 import numpy as np
 import pytest
@@ -131,6 +132,15 @@ def test_truncated_corrupt_empty_and_absurd_files_are_named(case2d, tmp_path):
         io.write_array(odd, array, Grid(grid.size, spacing, grid.origin, grid.direction))
         with pytest.raises(InputError, match=rf"^images: .*odd.* has voxel {match}"):
             io.read_array(odd, "images")
+    # a header with an axis of size 0 (ITK reads it as 1, and takes part of the voxels as the image)
+    raw = bytearray(plain.read_bytes())
+    dims = list(struct.unpack("<8h", raw[40:56]))
+    dims[2] = 0
+    raw[40:56] = struct.pack("<8h", *dims)
+    zero = tmp_path / "zero.nii"
+    zero.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"^images: .*zero.nii has an axis of size 0"):
+        io.read_array(zero, "images")
     # on the command line: one line naming the flag and the file, no traceback
     result = segment({"LGE": truncated, "C0": case2d["C0"]}, tmp_path / "seg")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
@@ -220,3 +230,18 @@ def test_the_overview_shows_slices_through_the_structure_with_coverage_and_entro
     assert sum(ax.get_title().startswith("entropy") for ax in axes) == 3 and len(axes) == 3 * 4 + 3
     legend = [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
     assert legend == ["Myo", "LV", "RV", "not covered"]
+
+
+def test_ctrl_c_while_the_command_line_loads_is_an_interruption_not_a_traceback(monkeypatch, capsys):
+    import sys
+
+    from mvmm.__main__ import run
+
+    class Loading:
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "mvmm.cli", Loading())
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert stop.value.code == 130 and capsys.readouterr().err == "mvmm: interrupted\n"

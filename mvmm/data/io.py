@@ -58,7 +58,10 @@ def _nifti_check(path: Path, argname: str) -> int:
         return 0
     if len(raw) < 4 or sizeof_hdr not in (348, 540):
         return 0
-    expected = offset + int(np.prod([max(int(d), 1) for d in dims[1:1 + max(1, min(int(dims[0]), 7))]])) * bitpix // 8
+    sizes = [int(d) for d in dims[1:1 + max(1, min(int(dims[0]), 7))]]
+    if min(sizes) < 1:  # ITK would read such an axis as size 1, and part of the voxels as the image
+        raise InputError(f"{argname}: {path} has an axis of size {min(sizes)} in its header (size {sizes})")
+    expected = offset + int(np.prod(sizes)) * bitpix // 8
     if len(raw) < expected:
         raise InputError(f"{argname}: {path} is truncated: {len(raw)} bytes of voxel data where its header "
                          f"says {expected}")
