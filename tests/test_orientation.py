@@ -5,11 +5,9 @@ import itertools
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from conftest import SHARED_DATA
-from mvmm.data import io
 from mvmm.data.anatomy import short_axis_frame, stack_axis
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
@@ -30,12 +28,9 @@ def storage_variants(ndim):
 
 
 def restored(image: Image, order, flips) -> Image:
-    """``image`` with its storage axes permuted and flipped by SimpleITK: the same voxels at the same
-    world positions, only the array order and the header's direction, origin and spacing differ."""
-    itk = io._to_sitk(image.data[0].numpy(), image.grid)
-    itk = sitk.Flip(sitk.PermuteAxes(itk, list(order)), list(flips), flipAboutOrigin=False)
-    grid = io._grid_from_sitk(itk, image.grid.ndim)
-    return Image.from_array(sitk.GetArrayFromImage(itk), grid, image.name, f"{image.source} {order} {flips}")
+    """``image`` with its storage axes permuted and flipped: the same voxels at the same world
+    positions, only the array order and the header's direction, origin and spacing differ."""
+    return image.reoriented(order, flips)
 
 
 def on(grid, image: Image, mode="nearest"):

@@ -85,6 +85,12 @@ class Image:
                         "intensity image (check `%s`)", self.name, self.source,
                         int(torch.unique(values).numel()), argname)
 
+    def reoriented(self, order, flips) -> "Image":
+        """This image stored in another axis order and direction, the same voxels at the same world
+        positions (:func:`mvmm.data.io.reoriented`; channel 0)."""
+        array, grid = io.reoriented(self.data[0].numpy(), self.grid, order, flips)
+        return Image.from_array(array, grid, self.name, f"{self.source} (axes {list(order)}, flipped {list(flips)})")
+
     def to(self, device) -> "Image":
         return Image(self.data.to(device), self.grid, self.name, self.source)
 

@@ -267,3 +267,24 @@ def verify_written(path: Path) -> None:
             sitk.ReadTransform(os.fspath(path))
     except RuntimeError as err:
         raise OutputError(f"{path} does not read back ({str(err).strip().splitlines()[-1]})") from None
+
+
+def reoriented(array: np.ndarray, grid: Grid, order, flips) -> Tuple[np.ndarray, Grid]:
+    """The same voxels at the same world positions, stored in another axis order and direction:
+    SimpleITK's ``PermuteAxes(order)`` then ``Flip(flips)`` (about the field of view, not the origin).
+
+    Scanners and converters produce any of the 8 (2D) or 48 (3D) storage orders of one image; results
+    in world space must not depend on which (``tests/test_orientation.py``).
+
+    Parameters
+    ----------
+    array : np.ndarray, shape [*grid.shape]
+    grid : Grid
+    order : sequence of int
+        ITK axes in their new order.
+    flips : sequence of bool
+        Per new axis, whether its storage direction is reversed.
+    """
+    image = sitk.Flip(sitk.PermuteAxes(_to_sitk(array, grid), [int(a) for a in order]), [bool(f) for f in flips],
+                      flipAboutOrigin=False)
+    return sitk.GetArrayFromImage(image), _grid_from_sitk(image, grid.ndim)
