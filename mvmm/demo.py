@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mvmm.core.outputs import check_output_dir, staged_output_dir, write_json
+from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.phantom import SEQUENCES, write_phantom
 from mvmm.evaluate import evaluate_label_files
@@ -19,7 +19,6 @@ def run_demo(out_dir, seed: int = 0, device: str = "auto", force: bool = False,
     ``"dice"`` maps each structure's name to its Dice against the phantom's ground truth.
     Returns the report.
     """
-    check_output_dir(out_dir, force)
     out = Path(out_dir)
     with staged_output_dir(out_dir, force) as stage:
         files = write_phantom(stage / "phantom", seed=seed)

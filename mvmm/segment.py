@@ -189,7 +189,7 @@ class Segmentation:
             native = self.native_posterior(name)
             native_grid = self.subject.image(name).grid
             io.write_array(files[f"labels_{name}"], self.label_map(native, native_grid).astype(label_dtype),
-                           self.subject.image(name).grid)
+                           native_grid)
         files["posteriors"] = out / "posteriors.nii.gz"
         io.write_array(files["posteriors"], self.posterior.cpu().numpy().astype(np.float32), grid)
         files["entropy"] = out / "entropy.nii.gz"

@@ -206,11 +206,7 @@ class BSplineTransform(DisplacementTransform):
             coeffs = _subdivide(coeffs, dim)
         g = self.control_grid
         finer = Grid(tuple(2 * s - 1 for s in g.size), tuple(s / 2 for s in g.spacing), g.origin, g.direction)
-        return type(self)(self.domain, params=torch.nn.Parameter(coeffs), **{**self._refined_geometry(),
-                                                                           "control_grid": finer})
-
-    def _refined_geometry(self) -> dict:
-        return self._geometry()
+        return type(self)(self.domain, params=torch.nn.Parameter(coeffs), **{**self._geometry(), "control_grid": finer})
 
 
 class FreeFormDeformation(BSplineTransform):
