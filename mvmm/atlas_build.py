@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,13 +87,20 @@ def _foreground_centroid_index(array: np.ndarray, labels: LabelSet) -> np.ndarra
     return fg.mean(0)[::-1]
 
 
-def _in_axes_frame(grid: Grid, array: np.ndarray, labels: LabelSet) -> Grid:
-    """``grid`` re-expressed in its heart's frame (:func:`mvmm.data.anatomy.short_axis_frame`, the same
-    for any storage order) with the anatomy's centroid at the origin (during building)."""
+def _axes_frame_matrix(grid: Grid, array: np.ndarray, labels: LabelSet) -> np.ndarray:
+    """The rigid map ``[ndim + 1, ndim + 1]`` from world into the label map's heart frame
+    (:func:`mvmm.data.anatomy.short_axis_frame`, the same for any storage order) with the anatomy's
+    centroid at the origin (during building)."""
     frame = short_axis_frame(grid)
-    centroid = grid.index_to_world_matrix @ np.append(_foreground_centroid_index(array, labels), 1.0)
-    origin = frame.T @ (np.asarray(grid.origin) - centroid[:-1])
-    return Grid(grid.size, grid.spacing, tuple(origin), tuple((frame.T @ grid.direction_matrix).ravel()))
+    centroid = (grid.index_to_world_matrix @ np.append(_foreground_centroid_index(array, labels), 1.0))[:-1]
+    matrix = np.eye(grid.ndim + 1)
+    matrix[:-1, :-1], matrix[:-1, -1] = frame.T, -frame.T @ centroid
+    return matrix
+
+
+def _in_axes_frame(grid: Grid, array: np.ndarray, labels: LabelSet) -> Grid:
+    """``grid`` re-expressed in its heart's frame (:func:`_axes_frame_matrix`)."""
+    return grid.moved(_axes_frame_matrix(grid, array, labels))
 
 
 def _foreground_points(image: Image) -> torch.Tensor:
@@ -191,6 +198,63 @@ def _remove_mean_deformation(deformations: List[BSplineTransform]) -> List[BSpli
     return [f.with_params((f.params.detach() - mean).clone()) for f in deformations]
 
 
+def _placement(original: Grid, moved: Grid) -> np.ndarray:
+    """The rigid map ``[ndim + 1, ndim + 1]`` that took ``original``'s voxels to ``moved``'s (``Grid.moved``)."""
+    return moved.index_to_world_matrix @ np.linalg.inv(original.index_to_world_matrix)
+
+
+def mean_templates(images: Mapping[str, Sequence[Optional[str]]], maps: Sequence[Image], transforms: Sequence,
+                   grid: Grid, mean: torch.Tensor, labels: LabelSet, device=None,
+                   argname: str = "images") -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Mean intensity template ``[*S]`` per sequence, through the label maps' group-wise transforms.
+
+    ``images[seq][i]`` is the image of sequence ``seq`` of the subject of label map ``i`` (None where
+    that subject has none), in its scanner world: it goes into the map's frame as the map did, then
+    through the map's transform onto ``grid``. Each image is normalised robustly where it covers the
+    template's labelled anatomy (``mean``'s foreground above one half): minus its median there, over
+    the spread between the 5th and 95th percentiles — scanners and sequences differ in units and
+    gain, not in how the anatomy's contrasts are ordered. The template is the coverage-weighted mean
+    of the normalised images (0, the median, where none reaches).
+
+    Returns the templates and how many images went into each.
+    """
+    anatomy = (1.0 - mean[labels.background_index]) > 0.5
+    templates, counts = {}, {}
+    for sequence, paths in images.items():
+        if len(paths) != len(maps):
+            raise InputError(f"{argname}: {len(paths)} {sequence} images for {len(maps)} label maps; give one per "
+                             f"label map, in the same order")
+        total = torch.zeros(grid.shape, device=device)
+        count = torch.zeros(grid.shape, device=device)
+        used = 0
+        for path, label_map, transform in zip(paths, maps, transforms):
+            if path is None:
+                continue
+            image = Image.read(path, sequence, argname)
+            image.check_intensities(argname)
+            if image.grid.ndim != grid.ndim:
+                raise InputError(f"{argname}: {path} is {image.grid.ndim}D but the label maps are {grid.ndim}D")
+            placed = image.grid.moved(_placement(io.read_grid(label_map.source, argname), label_map.grid))
+            with torch.no_grad():
+                values, inside = sample_image(image.data.to(device), placed, map_grid(transform, grid, device))
+            region = inside & anatomy.to(inside.device)
+            if int(region.sum()) < 10:
+                log.warning("%s image %s does not cover the labelled anatomy of its label map %s: left out of the "
+                            "template", sequence, path, label_map.source)
+                continue
+            low, middle, high = torch.quantile(values[0][region].float(), torch.tensor([0.05, 0.5, 0.95],
+                                                                                      device=values.device))
+            normalised = (values[0] - middle) / max(float(high - low), 1e-6)
+            total += normalised * inside
+            count += inside
+            used += 1
+        if used == 0:
+            raise InputError(f"{argname}: no {sequence} image covers the anatomy of its label map")
+        templates[sequence] = (total / count.clamp_min(1)).cpu()
+        counts[sequence] = used
+    return templates, counts
+
+
 def _smoothed(mean: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
     if sigma_mm <= 0:
         return mean
@@ -202,8 +266,13 @@ def _smoothed(mean: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
 
 
 def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[LabelSet] = None, device=None,
-                progress: bool = False) -> Tuple[Atlas, dict]:
+                progress: bool = False, images: Optional[Mapping[str, Sequence[Optional[str]]]] = None
+                ) -> Tuple[Atlas, dict]:
     """Build a probabilistic atlas from label maps (any grids), registering them group-wise.
+
+    With ``images`` (``{sequence: [image of map 1's subject, ...]}``, None for a subject without that
+    sequence), the atlas also carries a mean intensity template per sequence
+    (:func:`mean_templates`), on its grid: the images follow their label map's transforms.
 
     Returns
     -------
@@ -214,6 +283,10 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
         at the initial (centroid) placement and at the end.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    for sequence, sequence_paths in (images or {}).items():  # fail now, not after the registration
+        if len(sequence_paths) != len(paths):
+            raise InputError(f"images: {len(sequence_paths)} {sequence} images for {len(paths)} label maps; give "
+                             f"one per label map, in the same order")
     maps, labels = read_label_maps(paths, labels, settings.frame)
     grid = template_grid(maps, settings)
     centre = grid.center_world()
@@ -250,10 +323,15 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     bar.close()
     mean, _ = mean_of_maps(maps, transforms(), grid, device)
     after = overlap_with_template(maps, transforms(), grid, labels, mean, device)
-    probabilities = _smoothed(mean, grid, settings.sigma_mm)
-    source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
     report = {"settings": asdict(settings), "inputs": [str(p) for p in paths],
               "dice_with_template": {"initial": before, "final": after}}
+    probabilities = _smoothed(mean, grid, settings.sigma_mm)
+    templates = {}
+    if images:
+        templates, used = mean_templates(images, maps, transforms(), grid, mean, labels, device)
+        report["templates"] = {sequence: {"images": used[sequence], "inputs": [str(p) if p else None for p in ps]}
+                               for sequence, ps in images.items()}
+    source = f"group-wise ({settings.register}) mean of {len(maps)} label maps"
     if any(f is not None for f in deformations):
         # each map's deformation, checked for folding as the pairwise and joint solvers check theirs
         jacobians = [jacobian_statistics(f, grid, device=device) for f in deformations]
@@ -269,5 +347,5 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
         grid = Grid(grid.size, grid.spacing, tuple(np.asarray(grid.origin) + offset), grid.direction)
         report["anatomy_offset_from_fov_centre_mm"] = offset.tolist()
     report["grid"] = grid.to_dict()
-    atlas = Atlas(probabilities, grid, labels, source, settings.frame)
+    atlas = Atlas(probabilities, grid, labels, source, settings.frame, templates)
     return atlas, report

@@ -18,9 +18,11 @@ from mvmm.core.errors import InputError
 from mvmm.core.outputs import OutputError
 # Only plain-Python modules at import: `mvmm --help` and option parsing start at once; each command
 # imports torch and the rest of mvmm when it runs.
-from mvmm.core.settings import (ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, FRAMES,
-                                IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS, POSTPROCESSING, TRANSFORM_KINDS,
-                                ExperimentSettings, GroupwiseSettings, PairwiseSettings, RegistrationSettings,
+from mvmm.core.settings import (ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
+                                EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
+                                POSTPROCESSING, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                ExperimentSettings, GroupwiseSettings, MultiAtlasSettings, PairwiseSettings,
+                                RegistrationSettings,
                                 SegmentationDefaults)
 
 log = logging.getLogger("mvmm")
@@ -125,6 +127,8 @@ PARAMETER_FLAGS = {
     "image_path": "--image", "transforms_path": "--transforms", "out_path": "--out", "reference_path": "--reference",
     "RegistrationSettings.atlas": "--register-atlas", "RegistrationSettings.images": "--register-images",
     "GroupwiseSettings.sigma_mm": "--sigma", "ExperimentSettings.roi_margin_mm": "--roi-margin",
+    "MultiAtlasSettings.size": "--atlas-set-size", "MultiAtlasSettings.transform": "--atlas-set-transform",
+    "MultiAtlasSettings.workers": "--atlas-set-workers", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
 }
 _PARAMETER = re.compile(r"^([A-Za-z_][\w.]*):|`([A-Za-z_][\w.]*)`")
 
@@ -234,6 +238,17 @@ def main():
 @click.option("--atlas", multiple=True, metavar="PATH|builtin:cardiac|none",
               help=f"Probability atlas (K maps), label map(s) on one grid, {BUILTIN_CARDIAC} (default), "
                    "or none for a plain mixture.")
+@click.option("--atlas-set", type=click.Path(path_type=Path), metavar="DIR|CSV",
+              help="Multi-atlas prior instead of --atlas: labelled images of other subjects (a folder of NAME_SEQ "
+                   "images with NAME_SEQ_manual label maps beside them, or a CSV with subject,sequence,image,labels), "
+                   "those of the reference's sequence registered to it and their labels fused by local NCC.")
+@click.option("--atlas-set-size", type=COUNT, default=default(MultiAtlasSettings, "size"),
+              help="Keep the N atlases most similar to the case after the affine step (default: all).")
+@click.option("--atlas-set-transform", type=click.Choice(TRANSFORM_KINDS),
+              default=default(MultiAtlasSettings, "transform"), show_default=True,
+              help="Final transform of each atlas registration (rigid, affine, then FFD or SVF levels).")
+@click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
+              show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--labels", "labels_text", metavar="NAME=VALUE,...",
               help="Tissue names and label values, e.g. bg=0,Myo=200,LV=500,RV=600 (checked against the atlas).")
 @click.option("--atlas-sigma", type=NON_NEGATIVE, default=DEFAULT_SIGMA_MM, show_default=True,
@@ -276,6 +291,16 @@ def main():
               show_default=True,
               help="With --register-images: start each moving image from a rigid mutual-information registration "
                    "to the reference (mi), or from its header.")
+@click.option("--template-metric", type=click.Choice(TEMPLATE_METRICS),
+              default=default(RegistrationSettings, "template_metric"), show_default=True,
+              help="An atlas with intensity templates (atlas build --images) is first placed by registering the "
+                   "template of one of the case's sequences to that image with this similarity; none: ignore templates.")
+@click.option("--template-transform", type=click.Choice(TRANSFORM_KINDS),
+              default=default(RegistrationSettings, "template_transform"), show_default=True,
+              help="Final transform of that template registration.")
+@click.option("--template-sequence", metavar="NAME", default=default(RegistrationSettings, "template_sequence"),
+              help="The image (and template) that places the atlas (default: the reference's, else the first "
+                   "image the atlas has a template for).")
 @click.option("--atlas-init", type=click.Choice(ATLAS_INITS),
               default=default(RegistrationSettings, "atlas_init"), show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
@@ -297,9 +322,10 @@ def main():
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @common_options
-def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
-            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, atlas_init,
-            atlas_search_mm, control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
+def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
+            atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
+            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init,
+            template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -312,11 +338,18 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
+    multi_atlas = None
+    if atlas_set is not None:
+        multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform, workers=atlas_set_workers)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
-                           reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin)
+                           reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin,
+                           atlas_set=atlas_set, multi_atlas=multi_atlas, device=device,
+                           progress=_show_progress(quiet))
     registration = default_registration(subject, atlas=register_atlas, images=register_images,
                                         images_init=images_init, atlas_init=atlas_init,
+                                        template_metric=template_metric, template_transform=template_transform,
+                                        template_sequence=template_sequence,
                                         atlas_search_mm=atlas_search_mm, control_spacing=control_spacing,
                                         bending_weight=bending_weight, affine_weight=affine_weight)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
@@ -324,7 +357,7 @@ def segment(images, names, atlas, labels_text, atlas_sigma, masks, reference, ro
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
                              postprocess=postprocess)
     files = result.write(out, force=True)
-    if not registration.active and subject.atlas is not None and len(images) > 1:
+    if result.registration is None and subject.atlas is not None and len(images) > 1:
         log.info("images and atlas placed by their headers only (see --register-images / --register-atlas)")
     if not quiet:
         click.echo(f"EM: {result.model.n_iter_} iterations, converged: {result.model.converged_}, "
@@ -478,6 +511,11 @@ def atlas():
                    "and --frame world, where maps on one grid are averaged as they are.")
 @click.option("--labels", "old_label_maps", multiple=True, type=click.Path(path_type=Path), hidden=True,
               help="Deprecated name of --label-maps (--labels names NAME=VALUE pairs elsewhere).")
+@click.option("--images", "template_images", multiple=True, metavar="SEQ=PATH",
+              help="Intensity images of the label maps' subjects, one per label map and sequence, in the order of "
+                   "--label-maps (e.g. --images LGE=p2_LGE.nii.gz --images LGE=p3_LGE.nii.gz ...): the atlas then "
+                   "carries a mean template per sequence, which segment registers to the case's image of that "
+                   "sequence (--template-metric).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output probability atlas (e.g. atlas.nii.gz).")
 @click.option("--register", "register_kind", type=click.Choice(BUILD_MODELS),
               default=default(GroupwiseSettings, "register"), show_default=True,
@@ -498,7 +536,7 @@ def atlas():
               help="Where tensors live: auto picks CUDA when available.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
 @threads_option
-def atlas_build(label_maps, old_label_maps, out, register_kind, frame, sigma, spacing, rounds, label_names, force,
+def atlas_build(label_maps, old_label_maps, template_images, out, register_kind, frame, sigma, spacing, rounds, label_names, force,
                 device, quiet):
     """Average one-hot label maps into a probability atlas (+ a JSON sidecar of labels and how it was built)."""
     from mvmm.atlas_build import build_atlas
@@ -516,20 +554,34 @@ def atlas_build(label_maps, old_label_maps, out, register_kind, frame, sigma, sp
     if out.exists() and not force:
         raise InputError(f"--out: {out} exists; nothing was written (use --force to overwrite)")
     labels = resolve_labels(label_names)
-    if register_kind == "none" and frame == "world" and not spacing and _same_grids(label_maps):
+    images = _parse_template_images(template_images)
+    if register_kind == "none" and frame == "world" and not spacing and not images and _same_grids(label_maps):
         built, extra = Atlas.read(label_maps, labels=labels, sigma_mm=sigma, argname="--label-maps"), {}
     else:
         settings = GroupwiseSettings(register=register_kind, frame=frame, spacing=list(spacing) or None,
                                      sigma_mm=sigma, rounds=rounds)
-        built, extra = build_atlas(label_maps, settings, labels, resolve_device(device), progress=_show_progress(quiet))
+        built, extra = build_atlas(label_maps, settings, labels, resolve_device(device), progress=_show_progress(quiet),
+                                   images=images)
     built.save(out, extra={"build": extra} if extra else None)
     click.echo(f"atlas of {len(label_maps)} label map(s), labels {built.labels.as_dict()}, register {register_kind}, "
-               f"frame {frame}, sigma {sigma} mm: {out}")
+               f"frame {frame}, sigma {sigma} mm: {out}"
+               + (f" (templates: {', '.join(built.templates)})" if built.templates else ""))
     if extra:
         dice = extra["dice_with_template"]
         for stage in ("initial", "final"):
             click.echo(f"  mean Dice of the maps with the mean ({stage}): "
                        + ", ".join(f"{k} {v:.3f}" for k, v in dice[stage].items()))
+
+
+def _parse_template_images(items) -> dict:
+    """``["LGE=a", "LGE=b", "C0=c", "C0=d"]`` → ``{"LGE": ["a", "b"], "C0": ["c", "d"]}``."""
+    images = {}
+    for item in items:
+        sequence, sep, path = item.partition("=")
+        if not sep or not sequence or not path:
+            raise InputError(f"--images: expected SEQ=PATH, got {item!r}")
+        images.setdefault(sequence, []).append(path)
+    return images
 
 
 def _same_grids(paths) -> bool:
@@ -572,6 +624,20 @@ def experiment():
 @click.option("--patients", help="Target patients, e.g. 1-25 (default: all in --data).")
 @click.option("--sequences", multiple=True, default=default_list(ExperimentSettings, "sequences"), show_default=True,
               help="Sequences of each target for em-all and gmm (LGE is always used).")
+@click.option("--methods", multiple=True, type=click.Choice(EXPERIMENT_METHODS),
+              default=default_list(ExperimentSettings, "methods"), show_default=True,
+              help="Methods to run and report (atlas and em-all always run).")
+@click.option("--prior", type=click.Choice(PRIORS), default=default(ExperimentSettings, "prior"), show_default=True,
+              help="Spatial prior of each target, from the atlas patients only: their group-wise atlas placed by "
+                   "the target's axes (groupwise), placed by registering its LGE intensity template (template), "
+                   "or their LGE images registered to the target's and their labels fused (multi-atlas).")
+@click.option("--template-sequence", default=default(ExperimentSettings, "template_sequence"), show_default=True,
+              help="template: the sequence whose template, registered to the target's image of it, places the atlas.")
+@click.option("--template-transform", type=click.Choice(TRANSFORM_KINDS),
+              default=default(ExperimentSettings, "template_transform"), show_default=True,
+              help="template: the final transform of that registration.")
+@click.option("--atlas-set-size", type=COUNT, default=default(ExperimentSettings, "atlas_set_size"),
+              help="multi-atlas: keep the N atlases most similar to the target after the affine step (default: all).")
 @click.option("--atlas-register", type=click.Choice(BUILD_MODELS),
               default=default(ExperimentSettings, "atlas_register"),
               show_default=True, help="Group-wise registration of the atlas patients' labels.")
@@ -606,15 +672,20 @@ def experiment():
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
-def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register, register_atlas, register_images,
+def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, prior, template_sequence, template_transform,
+                     atlas_set_size, atlas_register,
+                     register_atlas, register_images,
                      atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, postprocess, force,
                      device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
-    from mvmm.experiments.mscmr import METHODS, run_mscmr
+    from mvmm.experiments.mscmr import run_mscmr
 
     _setup_logging(quiet)
-    settings = ExperimentSettings(sequences=list(sequences), atlas_register=atlas_register,
+    settings = ExperimentSettings(sequences=list(sequences), methods=list(methods), prior=prior,
+                                  template_sequence=template_sequence, template_transform=template_transform,
+                                  atlas_set_size=atlas_set_size,
+                                  atlas_register=atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_mm=atlas_search_mm, affine_weight=affine_weight,
                                   roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
@@ -622,7 +693,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, atlas_register,
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=_show_progress(quiet))
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")
-    for method in METHODS:
+    for method in settings.methods:
         stats = summary["methods"][method]
         click.echo(f"  {method:<7} " + " / ".join(f"{stats[s]['dice_mean']:.3f}" for s in ("Myo", "LV", "RV"))
                    + f"   {summary['seconds_per_patient'][method]:.1f} s")

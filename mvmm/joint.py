@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 from mvmm.core.grid import Grid
 from mvmm.core.settings import RegistrationSettings  # noqa: F401 (defined there, re-exported here)
 from mvmm.data.anatomy import in_plane_radius
+from mvmm.core.errors import InputError
+from mvmm.data.image import Image
 from mvmm.data.subject import Subject
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
@@ -36,6 +39,21 @@ from mvmm.spatial.transforms import RigidTransform
 
 log = logging.getLogger(__name__)
 
+
+
+def template_sequence(subject: Subject, settings: RegistrationSettings) -> Optional[str]:
+    """The atlas template that places the atlas (:class:`RegistrationSettings`' ``template_*``), or None."""
+    if subject.atlas is None or settings.template_metric == "none" or not subject.atlas.templates:
+        return None
+    preferred = settings.template_sequence or subject.reference
+    if settings.template_sequence and subject.atlas.template_for([settings.template_sequence]) is None:
+        raise InputError(f"RegistrationSettings.template_sequence: the atlas has no {settings.template_sequence!r} "
+                         f"template (it has {', '.join(subject.atlas.templates)})")
+    sequence = subject.atlas.template_for(subject.names, preferred)
+    if settings.template_sequence and sequence.lower() not in [n.lower() for n in subject.names]:
+        raise InputError(f"RegistrationSettings.template_sequence: no image of the case is named "
+                         f"{settings.template_sequence!r} (images: {', '.join(subject.names)})")
+    return sequence
 
 
 def default_registration(subject: Subject, **overrides) -> RegistrationSettings:
@@ -60,11 +78,15 @@ class RegistrationResult:
         (on the registration grid) and after its gradient steps.
     jacobian : dict, optional
         Statistics of ``det ∇T_atlas`` on the common grid when the atlas deforms.
+    template : dict, optional
+        How the atlas's template placed it: sequence, metric, transform, loss before and after,
+        seconds (and the deformation's Jacobian statistics).
     """
 
     transforms: Dict[str, nn.Module]
     history: List[dict] = field(default_factory=list)
     jacobian: Optional[dict] = None
+    template: Optional[dict] = None
 
 
 class JointSolver:
@@ -97,14 +119,20 @@ class JointSolver:
         radius = in_plane_radius(reference)
         moving_images = [n for n in subject.names if n != subject.reference]
         start = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
+        deformation_start, template = None, None
         if subject.atlas is not None:
             start["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
-            if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
-                start["atlas"].requires_grad_(False)
-            if s.atlas_search_mm > 0 and s.atlas != "none":
+            sequence = template_sequence(subject, s)
+            if sequence is not None:
+                start["atlas"], deformation_start, template = self._template_placement(subject, sequence,
+                                                                                       start["atlas"])
+            elif s.atlas_search_mm > 0 and s.atlas != "none":
                 work.transforms.update(start)
                 start["atlas"] = self._searched_atlas_start(work, start["atlas"], coarse)
-        moving = {name: MovingTransform(linear, reference, radius) for name, linear in start.items()}
+            if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
+                start["atlas"].requires_grad_(False)
+        moving = {name: MovingTransform(linear, reference, radius, deformation_start if name == "atlas" else None)
+                  for name, linear in start.items()}
         history: List[dict] = []
         levels = s.levels()
         bar = tqdm(total=len(levels) * s.max_outer, desc="registration", unit="outer", disable=not self.progress,
@@ -114,6 +142,9 @@ class JointSolver:
             params = [p for name, state in moving.items()
                       for p in state.begin(level.kinds["atlas" if name == "atlas" else "images"],
                                            level.control_spacing, self.device)]
+            if not params:  # nothing learns at this level (e.g. a rigid level after an affine template placement)
+                bar.total -= s.max_outer
+                continue
             work.transforms.update({name: state.transform for name, state in moving.items()})
             deformation = moving["atlas"].learning_deformation() if "atlas" in moving else None
             affine = [t for t in (state.learning_affine() for state in moving.values()) if t is not None]
@@ -150,7 +181,36 @@ class JointSolver:
         if "atlas" in moving and moving["atlas"].deformation is not None:
             jacobian = jacobian_statistics(moving["atlas"].deformation, reference, device=self.device)
             warn_if_folded(jacobian, f"the atlas's {s.atlas.upper()}")
-        return RegistrationResult(transforms, history, jacobian)
+        return RegistrationResult(transforms, history, jacobian, template)
+
+    def _template_placement(self, subject: Subject, sequence: str, start: RigidTransform):
+        """Register the atlas's ``sequence`` template to the case's image of that sequence (the fixed
+        image; the template moves), from ``start``; returns the linear map, the deformation (or None)
+        and a record."""
+        s = self.settings
+        if s.atlas == "rigid" and s.template_transform != "rigid":
+            raise InputError(f"RegistrationSettings.atlas: a rigid atlas cannot continue the template's "
+                             f"{s.template_transform} placement; use `RegistrationSettings.atlas`=affine or more, "
+                             f"or `RegistrationSettings.template_transform`=rigid")
+        began = time.perf_counter()
+        name = next(n for n in subject.names if n.lower() == sequence.lower())
+        atlas = subject.atlas
+        moving = Image(atlas.templates[sequence].unsqueeze(0), atlas.grid, f"{sequence} template", atlas.source)
+        settings = PairwiseSettings(transform=s.template_transform, metric=s.template_metric, init="header",
+                                    control_spacing=s.control_spacing, ffd_levels=s.ffd_levels,
+                                    grid_spacing=s.grid_spacing)
+        registration = PairwiseRegistration(subject.image(name), moving, settings, moving_mask=None,
+                                            device=self.device, linear=start.with_params(start.params.detach().clone()))
+        result = registration.run()
+        if result.jacobian is not None:
+            warn_if_folded(result.jacobian, f"the atlas template's {s.template_transform.upper()}")
+        record = {"sequence": sequence, "image": name, "metric": s.template_metric,
+                  "transform": s.template_transform, "loss_before": result.loss_before,
+                  "loss_after": result.loss_after, "jacobian": result.jacobian,
+                  "seconds": time.perf_counter() - began}
+        log.info("atlas placed by its %s template on %s (%s %s: loss %.4f -> %.4f)", sequence, name,
+                 s.template_transform, s.template_metric, result.loss_before, result.loss_after)
+        return registration.linear, registration.deformation, record
 
     def _initial_image_transform(self, subject: Subject, name: str) -> RigidTransform:
         """Identity (headers), or a rigid MI registration of image ``name`` to the reference."""

@@ -166,6 +166,35 @@ def box_plot(path, values: Mapping[str, Mapping[str, Sequence[float]]], title: s
     _save(fig, path)
 
 
+def paired_figure(path, before: Mapping[str, Sequence[float]], after: Mapping[str, Sequence[float]],
+                  patients: Sequence, xlabel: str, ylabel: str, title: str = "") -> None:
+    """Per structure, each patient's ``after`` against ``before`` (e.g. em-all's Dice against its prior's):
+    points above the diagonal gained, below it lost; the counts are in each panel's title."""
+    structures = list(before)
+    fig, axes = _subplots(1, len(structures), figsize=(3.4 * len(structures), 4.1), squeeze=False)
+    for ax, structure, colour in zip(axes[0], structures, COLOURS):
+        x, y = np.asarray(before[structure], dtype=float), np.asarray(after[structure], dtype=float)
+        finite = np.isfinite(x) & np.isfinite(y)
+        low = float(min(x[finite].min(), y[finite].min(), 0.5)) if finite.any() else 0.0
+        ax.plot([low, 1], [low, 1], color="0.6", lw=1, zorder=0)
+        ax.scatter(x, y, s=18, color=colour)
+        for patient, xi, yi in zip(patients, x, y):
+            if np.isfinite(xi) and np.isfinite(yi) and abs(yi - xi) > 0.03:
+                ax.annotate(str(patient), (xi, yi), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        gained, lost = int(np.sum(y[finite] > x[finite])), int(np.sum(y[finite] < x[finite]))
+        mean_gain = float(np.mean(y[finite] - x[finite])) if finite.any() else float("nan")
+        ax.set_title(f"{structure}: {gained} up, {lost} down, mean {mean_gain:+.3f}", fontsize=9)
+        ax.set_xlim(low, 1)
+        ax.set_ylim(low, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, rect=(0, 0, 1, 0.93 if title else 1))
+
+
 def convergence_figure(path, lower_bounds: Sequence[float], registration_history: Optional[Sequence[dict]] = None,
                        title: str = "convergence") -> None:
     """The whole solve: the registration (mean log-likelihood per voxel after each outer iteration's

@@ -25,14 +25,16 @@ from mvmm.core.settings import NO_ATLAS, SEGMENTATION
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
+from mvmm.data.atlas_set import entries_of, read_atlas_set
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
-from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration
+from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration, template_sequence
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtypes
+from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
 from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
 from mvmm.report import convergence_figure, overview_figure
@@ -55,7 +57,9 @@ def default_name(path) -> str:
 def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[str]] = None,
                  atlas: Optional[Sequence[str]] = None, labels: Optional[LabelSet] = None,
                  masks: Optional[Mapping[str, str]] = None, reference: Optional[str] = None,
-                 atlas_sigma: float = DEFAULT_SIGMA_MM, roi_margin_mm: Optional[float] = None) -> Subject:
+                 atlas_sigma: float = DEFAULT_SIGMA_MM, roi_margin_mm: Optional[float] = None,
+                 atlas_set=None, multi_atlas: Optional[MultiAtlasSettings] = None, device: str = "auto",
+                 progress: bool = False) -> Subject:
     """Read a case from files and check it.
 
     Parameters
@@ -76,6 +80,14 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         Smoothing (mm) of label-map atlases.
     roi_margin_mm : float, optional
         Fit only near the atlas foreground (see :class:`mvmm.data.subject.Subject`).
+    atlas_set : path, optional
+        Labelled images of other subjects (a folder or CSV, :mod:`mvmm.data.atlas_set`): instead of
+        ``atlas``, the prior is their labels fused on the reference image (:mod:`mvmm.multi_atlas`),
+        from the set's images of the reference's sequence (matched by name).
+    multi_atlas : MultiAtlasSettings, optional
+        How (default: :class:`MultiAtlasSettings`' defaults).
+    device, progress
+        Where the multi-atlas registrations run; progress bars.
     """
     if not images:
         raise InputError("images: at least one image is needed")
@@ -90,8 +102,17 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         if name not in names:
             raise InputError(f"masks: {name!r} is not one of the image names {names}")
         mask_images[name] = Image.read(path, f"{name}_mask", argname="masks")
+    reference_image = loaded[names.index(reference)] if reference in names else loaded[0]
+    reference_grid = reference_image.grid
+    if atlas_set is not None:
+        if atlas:
+            raise InputError(f"atlas_set: give `atlas` or `atlas_set`, not both (atlas {list(atlas)})")
+        entries = entries_of(read_atlas_set(atlas_set), reference_image.name)
+        reference_image.check_intensities()
+        atlas_obj, _ = multi_atlas_prior(reference_image, entries, multi_atlas or MultiAtlasSettings(), labels,
+                                         resolve_device(device), progress)
+        return Subject(loaded, atlas_obj, mask_images, reference, labels=labels, roi_margin_mm=roi_margin_mm)
     atlas = list(atlas) if atlas else [BUILTIN_CARDIAC]
-    reference_grid = loaded[names.index(reference)].grid if reference in names else loaded[0].grid
     if atlas == [NO_ATLAS]:
         atlas_obj = None
     elif atlas == [BUILTIN_CARDIAC]:
@@ -229,6 +250,7 @@ class Segmentation:
                    "log_likelihood": self.model.lower_bounds_},
             "registration": None if self.registration is None else {
                 "history": self.registration.history, "atlas_jacobian": self.registration.jacobian,
+                "template": self.registration.template,
                 "transforms": sorted(self.registration.transforms)},
             "timings_s": self.timings,
             "volumes_ml": self.volumes_ml(),
@@ -290,7 +312,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
             raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
         registration = default_registration(subject)
     registered = None
-    if registration is not None and registration.active:
+    if registration is not None and (registration.active or template_sequence(subject, registration) is not None):
         subject.sample(device=torch_device)  # fail on unusable input before the long part
         registered = JointSolver(model, registration, torch_device, progress).run(subject)
         subject = replace(subject, transforms={**subject.transforms, **registered.transforms})
@@ -300,7 +322,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         sampled = time.perf_counter()
         # after registration, EM continues from the solver's parameters (fitted on its coarser grid)
         model.fit(common.images, common.coverage, common.prior, common.grid.spacing,
-                  init_params=model.params_ if registered is not None else None)
+                  init_params=model.params_ if registered is not None and registered.history else None)
         fitted = time.perf_counter()
         posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,

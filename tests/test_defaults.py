@@ -13,14 +13,16 @@ from mvmm.data.phantom import make_phantom
 from mvmm.data.subject import Subject
 from mvmm.experiments.mscmr import ExperimentSettings
 from mvmm.joint import RegistrationSettings, default_registration
+from mvmm.multi_atlas import MultiAtlasSettings
 from mvmm.register import PairwiseSettings
 from mvmm.segment import segment_subject
 
 # command → (Python owners of its defaults, option names that differ from the Python parameter's)
 COMMANDS = {
-    ("segment",): ((segment_subject, RegistrationSettings),
+    ("segment",): ((segment_subject, RegistrationSettings, MultiAtlasSettings),
                    {"register_atlas": "atlas", "register_images": "images", "images": None,
-                    "atlas": None}),
+                    "atlas": None, "atlas_set_size": "size", "atlas_set_transform": "transform",
+                    "atlas_set_workers": "workers"}),
     ("register",): ((PairwiseSettings,), {"transform_kind": "transform"}),
     ("atlas", "build"): ((GroupwiseSettings,), {"register_kind": "register", "sigma": "sigma_mm"}),
     ("experiment", "mscmr"): ((ExperimentSettings,), {"roi_margin": "roi_margin_mm"}),

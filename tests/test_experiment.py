@@ -158,3 +158,24 @@ MSCMR = SHARED_DATA / "mscmr"
 def test_check_manifest_finds_the_shared_mscmr_copy():
     found = scan(Manifest.load("mscmr19"), MSCMR, parse_patients("1-25"), ["LGE", "C0"], ["LGE", "C0"])
     assert not found.problems and len(found.patients) == 25
+
+
+@pytest.mark.parametrize("prior", ["template", "multi-atlas"])
+def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tmp_path, prior):
+    data = write_patients(tmp_path / "data", [1, 2, 3])
+    out = tmp_path / prior
+    settings = ExperimentSettings(prior=prior, methods=["em-all"], atlas_register="rigid", device="cpu")
+    assert settings.methods == ["atlas", "em-all"]  # the prior alone always runs with em-all
+    summary = run_mscmr(data, out, settings, patients=[2], progress=False)
+    assert set(summary["methods"]) == {"atlas", "em-all"}
+    record = json.loads((out / "patients" / "patient2.json").read_text())
+    assert record["atlas_patients"] == [1, 3]
+    assert min(record["metrics"]["atlas"][s]["dice"] for s in ("Myo", "LV", "RV")) > 0.5, record["metrics"]
+    if prior == "template":  # the cached atlases carry the atlas patients' LGE and C0 templates
+        sidecars = [json.loads(p.read_text()) for p in (out / "atlases").glob("*.json")]
+        assert sidecars and all(set(meta["templates"]) == {"LGE", "C0"} for meta in sidecars)
+    assert set(summary["em_all_vs_atlas"]) == {"Myo", "LV", "RV"}
+    assert (out / "figures" / "em_vs_prior.png").stat().st_size > 0
+    assert "em-all against its own prior alone" in (out / "summary.md").read_text()
+    with pytest.raises(InputError, match="^ExperimentSettings.prior: expected one of"):
+        ExperimentSettings(prior="majority")

@@ -155,6 +155,7 @@ ATLAS_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS
 IMAGE_MODELS = ("none",) + LINEAR_KINDS
 ATLAS_INITS = ("header", "geometry")
 IMAGE_INITS = ("mi", "header")
+TEMPLATE_METRICS = ("none", "ncc", "mi")  # atlas placement by its intensity template (mvmm.joint)
 TRANSFORM_KINDS = LINEAR_KINDS + NONLINEAR_KINDS  # pairwise
 BUILD_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS  # group-wise
 
@@ -172,6 +173,18 @@ class RegistrationSettings:
     images : {"none", "rigid", "affine"}
         Transform of each non-reference image (the reference is fixed). ``"none"`` by default: on
         MS-CMRSeg no rigid motion of C0 tried beats the headers (docs).
+    template_metric : {"ncc", "mi", "none"}
+        When the atlas carries an intensity template of one of the case's sequences
+        (:func:`mvmm.atlas_build.build_atlas` with ``images``), the atlas is first placed by registering
+        that template to the case's image with this similarity (:mod:`mvmm.register`), then the
+        likelihood levels of ``atlas`` refine it; ``"none"`` ignores templates. Atlases without a
+        template are placed as before (``atlas_init``, ``atlas_search_mm``).
+    template_transform : {"rigid", "affine", "ffd", "svf"}
+        Final transform of the template registration (rigid → affine → non-linear levels of
+        ``control_spacing``, checked for folding).
+    template_sequence : str, optional
+        The sequence whose template drives the placement; default: the reference image's, else the
+        first image (in order) the atlas has a template for.
     atlas_init : {"header", "geometry"}
         Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
     atlas_search_mm : float
@@ -211,6 +224,9 @@ class RegistrationSettings:
 
     atlas: str = "affine"
     images: str = "none"
+    template_metric: str = "ncc"
+    template_transform: str = "affine"
+    template_sequence: Optional[str] = None
     atlas_init: str = "header"
     atlas_search_mm: float = 0.0
     search_em_steps: int = 10
@@ -234,6 +250,11 @@ class RegistrationSettings:
         require_field_choice(self, "images", IMAGE_MODELS)
         require_field_choice(self, "images_init", IMAGE_INITS)
         require_field_choice(self, "atlas_init", ATLAS_INITS)
+        require_field_choice(self, "template_metric", TEMPLATE_METRICS)
+        require_field_choice(self, "template_transform", TRANSFORM_KINDS)
+        if {self.atlas, self.template_transform} <= set(NONLINEAR_KINDS) and self.atlas != self.template_transform:
+            raise InputError(f"RegistrationSettings.template_transform: a {self.template_transform} from the template "
+                             f"cannot be continued by `RegistrationSettings.atlas`={self.atlas}; use one non-linear kind")
         require_positive(self, ("control_spacing", "grid_spacing", "step_mm", "min_step_mm"))
         require_positive(self, ("bending_weight", "affine_weight", "atlas_search_mm"), strict=False)
 
@@ -391,6 +412,71 @@ class GroupwiseSettings:
                                 steps=self.steps, max_outer=self.max_outer)
 
 
+EXPERIMENT_METHODS = ("atlas", "em-lge", "em-all", "gmm")
+PRIORS = ("groupwise", "template", "multi-atlas")  # the experiment's spatial priors (mvmm.experiments.mscmr)
+FUSIONS = ("local-ncc", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas)
+
+
+@dataclass
+class MultiAtlasSettings:
+    """How a multi-atlas prior is made (:mod:`mvmm.multi_atlas`, ``mvmm segment --atlas-set``).
+
+    Attributes
+    ----------
+    transform : {"rigid", "affine", "ffd", "svf"}
+        Final transform of each atlas image registered to the case (rigid → affine → non-linear).
+    metric : {"ncc", "mi", "ssd"}
+        Similarity of the registrations: local NCC for atlases of the case's sequence, MI for others.
+    size : int, optional
+        Keep the ``size`` atlases most similar to the case after the affine step (global NCC on the
+        overlap, the selection of Aljabar et al. 2009) for the non-linear step and the fusion; None
+        keeps all.
+    fusion : {"local-ncc", "vote"}
+        ``"local-ncc"``: each atlas votes at x with weight ``exp(LNCC_i(x) / temperature)``, LNCC
+        the Gaussian-windowed correlation of the case and the registered atlas image around x
+        (locally weighted voting, Artaechevarria et al. 2009); ``"vote"``: equal weights.
+    window_mm : float
+        Standard deviation (mm) of the Gaussian window of the local NCC.
+    temperature : float
+        How sharply better-matching atlases win (LNCC is in [−1, 1]).
+    sigma_mm : float
+        Gaussian smoothing (mm) of the fused probabilities, so that the prior is soft like an atlas.
+    control_spacing, ffd_levels, bending_weight, grid_spacing : float or int
+        As :class:`PairwiseSettings`.
+    workers : int
+        Worker processes for the independent registrations (0: one per available core; 1: in this
+        process, as on CUDA).
+    """
+
+    transform: str = "affine"
+    metric: str = "ncc"
+    size: Optional[int] = None
+    fusion: str = "local-ncc"
+    window_mm: float = 5.0
+    temperature: float = 0.1
+    sigma_mm: float = 1.0
+    control_spacing: float = 40.0
+    ffd_levels: int = 2
+    bending_weight: float = 1000.0
+    grid_spacing: float = 3.0
+    workers: int = 0
+
+    def __post_init__(self):
+        require_field_choice(self, "transform", TRANSFORM_KINDS)
+        require_field_choice(self, "metric", ("ncc", "mi", "ssd"))
+        require_field_choice(self, "fusion", FUSIONS)
+        require_positive(self, ("window_mm", "temperature", "control_spacing", "grid_spacing", "ffd_levels"))
+        require_positive(self, ("sigma_mm", "bending_weight", "workers"), strict=False)
+        if self.size is not None and self.size < 1:
+            raise InputError(f"MultiAtlasSettings.size: expected at least 1 (or None for all), got {self.size}")
+
+    def pairwise(self, transform: str) -> PairwiseSettings:
+        """Pairwise settings of one atlas registration up to ``transform``."""
+        return PairwiseSettings(transform=transform, metric=self.metric, init="header",
+                                control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
+                                bending_weight=self.bending_weight, grid_spacing=self.grid_spacing)
+
+
 @dataclass
 class ExperimentSettings:
     """What the experiment does; a rerun resumes only with the same settings.
@@ -399,6 +485,21 @@ class ExperimentSettings:
     ----------
     sequences : list of str
         Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
+    methods : list of str
+        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm`` to run and report (``atlas`` and
+        ``em-all`` always run: one is the other's registered prior).
+    prior : {"groupwise", "template", "multi-atlas"}
+        The spatial prior of each target, made only from the atlas patients: ``"groupwise"``, their
+        group-wise atlas placed by the target's axes (then the start search); ``"template"``, the
+        same atlas placed by registering its LGE intensity template to the target's LGE
+        (``RegistrationSettings.template_*``); ``"multi-atlas"``, their LGE images registered to the
+        target's LGE and their labels fused (:mod:`mvmm.multi_atlas`).
+    template_sequence : str
+        ``"template"``: the sequence whose template (and image of the target) places the atlas.
+    template_transform : {"rigid", "affine", "ffd", "svf"}
+        ``"template"``: the final transform of that registration (:class:`RegistrationSettings`).
+    atlas_set_size : int, optional
+        ``"multi-atlas"``: keep this many most similar atlases (None: all).
     atlas_register : {"none", "rigid", "affine", "ffd", "svf"}
         Group-wise registration when building each atlas.
     register_atlas : {"none", "rigid", "affine", "ffd", "svf"}
@@ -430,6 +531,11 @@ class ExperimentSettings:
     """
 
     sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
+    methods: List[str] = field(default_factory=lambda: list(EXPERIMENT_METHODS))
+    prior: str = "groupwise"
+    template_sequence: str = "LGE"
+    template_transform: str = "affine"
+    atlas_set_size: Optional[int] = None
     atlas_register: str = "affine"
     register_atlas: str = "affine"
     register_images: str = "none"
@@ -445,5 +551,13 @@ class ExperimentSettings:
 
     def __post_init__(self):
         require_field_choice(self, "proportions", ("atlas", "learned"))
+        require_field_choice(self, "prior", PRIORS)
+        require_field_choice(self, "template_transform", TRANSFORM_KINDS)
+        unknown = [m for m in self.methods if m not in EXPERIMENT_METHODS]
+        if unknown:
+            raise InputError(f"ExperimentSettings.methods: unknown {unknown}; choose from {', '.join(EXPERIMENT_METHODS)}")
+        self.methods = [m for m in EXPERIMENT_METHODS if m in set(self.methods) | {"atlas", "em-all"}]
+        if self.atlas_set_size is not None and self.atlas_set_size < 1:
+            raise InputError(f"ExperimentSettings.atlas_set_size: expected at least 1, got {self.atlas_set_size}")
         require_field_choice(self, "postprocess", POSTPROCESSING)
         require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)

@@ -89,3 +89,19 @@ def in_plane_radius(grid: Grid) -> float:
     if grid.ndim == 3:
         extent = np.delete(extent, stack_axis(grid))
     return float(np.linalg.norm(extent)) / 2
+
+
+def frame_placement(source: Grid, target: Grid) -> np.ndarray:
+    """The rigid map ``[ndim + 1, ndim + 1]`` (homogeneous, mm) that takes ``source``'s heart frame and
+    field-of-view centre onto ``target``'s: how an image of another subject is first laid on a case.
+
+    Headers of different patients place their images anywhere in different scanners; their short-axis
+    frames (:func:`short_axis_frame`) are the anatomically shared axes, and a field of view is
+    usually centred near the heart, so this is the start that later registrations refine (the same
+    placement :meth:`mvmm.data.atlas.Atlas.placed_on` gives an atlas built in image axes).
+    """
+    rotation = short_axis_frame(target) @ short_axis_frame(source).T
+    matrix = np.eye(source.ndim + 1)
+    matrix[:-1, :-1] = rotation
+    matrix[:-1, -1] = target.center_world() - rotation @ source.center_world()
+    return matrix

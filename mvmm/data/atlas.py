@@ -8,9 +8,9 @@ or more integer label maps (one-hot, Gaussian smoothing in mm, averaged over map
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ class Atlas:
         lives in a subject-independent frame (identity direction, origin at the centre of its
         anatomy), as group-wise building in image axes makes it; :meth:`placed_on` puts it on a
         target's axes and field-of-view centre.
+    templates : dict of str to torch.Tensor, each of shape [*grid.shape]
+        Mean intensity template per sequence (e.g. ``"LGE"``, ``"C0"``), robustly normalised, on the
+        atlas grid (:func:`mvmm.atlas_build.mean_templates`); empty for a label-only atlas.
     """
 
     probabilities: torch.Tensor
@@ -54,10 +57,15 @@ class Atlas:
     labels: LabelSet
     source: str = "<memory>"
     frame: str = "world"
+    templates: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.frame not in FRAMES:
             raise InputError(f"atlas {self.source}: frame must be one of {FRAMES}, got {self.frame!r}")
+        for sequence, template in self.templates.items():
+            if tuple(template.shape) != self.grid.shape:
+                raise InputError(f"atlas {self.source}: the {sequence} template has shape {list(template.shape)}, "
+                                 f"not the atlas grid's {list(self.grid.shape)}")
         if self.probabilities.shape[0] != len(self.labels):
             raise InputError(f"atlas {self.source}: {self.probabilities.shape[0]} probability maps "
                              f"for {len(self.labels)} labels {self.labels.as_dict()}")
@@ -127,11 +135,13 @@ class Atlas:
     def _from_probability_array(cls, array: np.ndarray, grid: Grid, path: Path,
                                 labels: Optional[LabelSet], argname: str) -> "Atlas":
         sidecar = _sidecar_path(path)
-        frame = "world"
+        frame, templates = "world", {}
         if sidecar.exists():
             meta = json.loads(sidecar.read_text())
             stored = LabelSet.from_dict(meta["labels"])
             frame = meta.get("frame", "world")
+            templates = {sequence: _read_template(path.with_name(name), grid, argname)
+                         for sequence, name in meta.get("templates", {}).items()}
             if labels is not None and labels != stored:
                 raise InputError(f"labels: {labels.as_dict()} differ from the labels of atlas {path} "
                                  f"({stored.as_dict()}, from {sidecar.name})")
@@ -148,7 +158,7 @@ class Atlas:
         total = array.sum(axis=0, keepdims=True)
         if np.any(total <= 0):
             raise InputError(f"{argname}: {path} has voxels where all {array.shape[0]} probabilities are 0")
-        return cls(torch.from_numpy(array / total), grid, labels, str(path), frame)
+        return cls(torch.from_numpy(array / total), grid, labels, str(path), frame, templates)
 
     @classmethod
     def builtin_cardiac(cls, reference: Grid, labels: LabelSet = CARDIAC_LABELS,
@@ -187,7 +197,17 @@ class Atlas:
             raise InputError(f"atlas {self.source} is {self.grid.ndim}D but the images are {reference.ndim}D")
         placement = np.eye(reference.ndim + 1)
         placement[:-1, :-1], placement[:-1, -1] = short_axis_frame(reference), reference.center_world()
-        return Atlas(self.probabilities, self.grid.moved(placement), self.labels, self.source, "world")
+        return Atlas(self.probabilities, self.grid.moved(placement), self.labels, self.source, "world",
+                     self.templates)
+
+    def template_for(self, names: Sequence[str], preferred: Optional[str] = None) -> Optional[str]:
+        """The first of ``preferred`` then ``names`` (image names, matched case-insensitively) that this
+        atlas has a template for, as the atlas spells it; None if none."""
+        for name in ([preferred] if preferred else []) + list(names):
+            for sequence in self.templates:
+                if sequence.lower() == name.lower():
+                    return sequence
+        return None
 
     def sample(self, points: torch.Tensor, transform: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prior probabilities at world points ``[*S, ndim]``.
@@ -207,8 +227,13 @@ class Atlas:
         """
         path = Path(path)
         io.write_array(path, self.probabilities.cpu().numpy(), self.grid)
+        names = {}
+        for sequence, template in self.templates.items():
+            names[sequence] = _template_path(path, sequence).name
+            io.write_array(path.with_name(names[sequence]), template.cpu().numpy().astype(np.float32), self.grid)
         write_json(_sidecar_path(path), {"labels": self.labels.as_dict(), "source": self.source, "frame": self.frame,
-                                         "ndim": self.grid.ndim, **(extra or {})})
+                                         "ndim": self.grid.ndim, **({"templates": names} if names else {}),
+                                         **(extra or {})})
 
 
 def _as_saved(path: Path, array: np.ndarray, grid: Grid, ndim: int) -> Tuple[np.ndarray, Grid, int]:
@@ -219,6 +244,22 @@ def _as_saved(path: Path, array: np.ndarray, grid: Grid, ndim: int) -> Tuple[np.
         grid = Grid(grid.size[:2], grid.spacing[:2], grid.origin[:2], tuple(direction))
         return array, grid, 2
     return array, grid, ndim
+
+
+def _template_path(path: Path, sequence: str) -> Path:
+    """``atlas.nii.gz`` → ``atlas_template_LGE.nii.gz``."""
+    sidecar = _sidecar_path(path)
+    return path.with_name(sidecar.name[: -len(".json")] + f"_template_{sequence}" + path.name[len(sidecar.stem):])
+
+
+def _read_template(path: Path, grid: Grid, argname: str) -> torch.Tensor:
+    """A template the sidecar lists, checked to lie on the atlas grid."""
+    if not path.is_file():
+        raise InputError(f"{argname}: the atlas's sidecar lists the template {path}, which is missing")
+    array, template_grid, _ = io.read_array(path, argname)
+    if array.ndim != grid.ndim or not template_grid.same_geometry(grid):
+        raise InputError(f"{argname}: template {path} is not on the grid of its atlas")
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
 
 
 def _sidecar_path(path: Path) -> Path:

@@ -2,7 +2,10 @@
 
 For each target patient a probabilistic atlas is built group-wise (:mod:`mvmm.atlas_build`, image-axes
 frame) from the manual labels of the *atlas patients* — the other patients of ``--data``, or those of
-``--atlas-data`` — and placed on the target's LGE by its image axes and field-of-view centre. Then:
+``--atlas-data`` — with mean intensity templates of their images, and placed on the target's LGE by its
+image axes and field-of-view centre; the ``template`` prior then registers its LGE template to the
+target's LGE, while the ``multi-atlas`` prior instead fuses the atlas patients' labelled LGE images
+registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``). Then:
 
 - ``em-all``: the joint model on all given sequences, the atlas registered inside it;
 - ``atlas``: the atlas alone (argmax), as ``em-all`` registered it;
@@ -24,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,15 +37,18 @@ from tqdm.auto import tqdm
 
 from mvmm.atlas_build import GroupwiseSettings, build_atlas
 from mvmm.data.atlas import Atlas
+from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
+from mvmm.core.settings import EXPERIMENT_METHODS as METHODS  # noqa: F401 (re-exported)
 from mvmm.core.settings import ExperimentSettings  # noqa: F401 (defined there, re-exported here)
 from mvmm.core.errors import InputError
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels
+from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.core.outputs import write_json
 from mvmm.report import comparison_figure
@@ -50,19 +56,25 @@ from mvmm.segment import segment_subject
 
 log = logging.getLogger(__name__)
 
-METHODS = ("atlas", "em-lge", "em-all", "gmm")
 EXPERIMENT_FORMAT = "mvmm-experiment/1"
 
 
-def _atlas_for(pool: Dict[int, Path], out: Path, device, progress: bool, register: str) -> tuple:
-    """The group-wise atlas of the label maps in ``pool`` (cached in ``out/atlases``) and its build seconds."""
-    key = hashlib.sha1(json.dumps([register] + sorted(str(p) for p in pool.values())).encode()).hexdigest()[:12]
+def _atlas_for(pool: Dict[int, Path], images: Dict[str, Dict[int, Path]], out: Path, device, progress: bool,
+               register: str) -> tuple:
+    """The group-wise atlas of the label maps in ``pool``, with an intensity template of each sequence
+    of ``images`` (``{sequence: {patient: path}}``), cached in ``out/atlases``; and its build seconds."""
+    patients = sorted(pool)
+    paths = {sequence: [by_patient.get(p) for p in patients] for sequence, by_patient in images.items()}
+    # resolved paths: the same files named from another folder (or by a relative path) are the same atlas
+    key = hashlib.sha1(json.dumps([register, "templates"] + [str(Path(pool[p]).resolve()) for p in patients]
+                                  + sorted(f"{q}: {Path(v).resolve() if v else None}" for q, ps in paths.items()
+                                           for v in ps)).encode()).hexdigest()[:12]
     path = out / "atlases" / f"atlas_{key}.nii.gz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        atlas, report = build_atlas([pool[p] for p in sorted(pool)], GroupwiseSettings(register=register, frame="axes"),
-                                    device=device, progress=progress)
+        atlas, report = build_atlas([pool[p] for p in patients], GroupwiseSettings(register=register, frame="axes"),
+                                    device=device, progress=progress, images=paths)
         atlas.save(path, extra={"build": {**report, "seconds": time.perf_counter() - start, "patients": sorted(pool)}})
     # Always the saved copy: NIfTI rounds the atlas's origin (~1e-6 mm) and probabilities (~1e-7), and
     # some patients' registrations are that sensitive, so a rerun from the cache must see what this run saw.
@@ -94,43 +106,68 @@ def _for_images(subtypes: List[str], names: List[str]) -> List[str]:
     return [item for item in items if item.split(":", 1)[0].strip() in names + ["*"]]
 
 
-def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings) -> dict:
-    """Every method on one target; returns metrics, seconds and label maps (LGE grid)."""
+def _multi_atlas(target_lge: Image, entries: List[AtlasEntry], settings: ExperimentSettings, progress: bool):
+    """The fused prior of the atlas patients' LGE images on the target's LGE, and its seconds."""
+    multi = MultiAtlasSettings(size=settings.atlas_set_size, workers=0)
+    atlas, report = multi_atlas_prior(target_lge, entries, multi, labels=Manifest.load("mscmr19").labels,
+                                      device=settings.device if settings.device != "auto" else None,
+                                      progress=progress)
+    return atlas, report["seconds"]
+
+
+def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
+                atlas_set: Optional[List[AtlasEntry]] = None, progress: bool = False) -> dict:
+    """Every method on one target; returns metrics, seconds and label maps (LGE grid).
+
+    ``atlas`` is the atlas patients' group-wise atlas (with templates); for the ``multi-atlas`` prior,
+    ``atlas_set`` holds their labelled LGE images instead.
+    """
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="data")
     registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
                                         images_init="header", atlas_search_mm=settings.atlas_search_mm,
-                                        affine_weight=settings.affine_weight)
-    placed = atlas.placed_on(images[0].grid)
+                                        affine_weight=settings.affine_weight,
+                                        template_metric="none" if settings.prior == "groupwise" else "ncc",
+                                        template_sequence=settings.template_sequence,
+                                        template_transform=settings.template_transform)
     maps, seconds = {}, {}
+    prior_seconds = 0.0
+    if settings.prior == "multi-atlas":
+        # the prior is already the target's own: no start search (its placement is the registrations')
+        placed, prior_seconds = _multi_atlas(images[0], atlas_set, settings, progress)
+        registration = replace(registration, atlas_search_mm=0.0)
+    else:
+        placed = atlas.placed_on(images[0].grid)
     start = time.perf_counter()
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
     em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=settings.subtypes,
                              learn_proportions=learn, mrf_beta=settings.mrf_beta, registration=registration,
                              postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
     maps["em-all"] = em_all.label_map()
-    seconds["em-all"] = time.perf_counter() - start
-    values = list(atlas.labels.values)
+    seconds["em-all"] = time.perf_counter() - start + prior_seconds
+    values = list(placed.labels.values)
     maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
-    seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"]
-    start = time.perf_counter()
-    lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
-                               subtypes=_for_images(settings.subtypes, ["LGE"]), learn_proportions=learn,
-                               mrf_beta=settings.mrf_beta, registration=registration,
-                               postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
-    maps["em-lge"] = lge_only.label_map()
-    seconds["em-lge"] = time.perf_counter() - start
-    start = time.perf_counter()
-    plain = segment_subject(Subject(images, labels=atlas.labels), background_subtypes=1, device=settings.device,
-                            seed=settings.seed)
-    clusters = plain.posterior.argmax(0).cpu().numpy()
-    maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
-    seconds["gmm"] = time.perf_counter() - start
+    seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"] + prior_seconds
+    if "em-lge" in settings.methods:
+        start = time.perf_counter()
+        lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
+                                   subtypes=_for_images(settings.subtypes, ["LGE"]), learn_proportions=learn,
+                                   mrf_beta=settings.mrf_beta, registration=registration,
+                                   postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
+        maps["em-lge"] = lge_only.label_map()
+        seconds["em-lge"] = time.perf_counter() - start + prior_seconds
+    if "gmm" in settings.methods:
+        start = time.perf_counter()
+        plain = segment_subject(Subject(images, labels=placed.labels), background_subtypes=1,
+                                device=settings.device, seed=settings.seed)
+        clusters = plain.posterior.argmax(0).cpu().numpy()
+        maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
+        seconds["gmm"] = time.perf_counter() - start
     truth_map = truth.data[0].numpy().astype(np.int64)
     if truth_map.shape != maps["em-all"].shape:
         raise InputError(f"data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
     spacing = tuple(reversed(images[0].grid.spacing))
-    metrics = {m: evaluate_labels(maps[m], truth_map, spacing, atlas.labels) for m in METHODS}
+    metrics = {m: evaluate_labels(maps[m], truth_map, spacing, placed.labels) for m in settings.methods}
     return {"patient": target, "metrics": metrics, "seconds": seconds, "maps": maps,
             "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
 
@@ -169,6 +206,11 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     if atlas_scan.problems:
         raise InputError("atlas_data: " + "; ".join(atlas_scan.problems[:5]))
     pool = {n: f.labels["LGE"] for n, f in atlas_scan.patients.items() if "LGE" in f.labels}
+    # templates of the target's sequences, from the atlas patients' images of them
+    pool_images = {s: {n: f.images[s] for n, f in atlas_scan.patients.items() if n in pool and s in f.images}
+                   for s in sequences}
+    entries = [AtlasEntry(f"patient{n}", "LGE", f.images["LGE"], f.labels["LGE"])
+               for n, f in sorted(atlas_scan.patients.items()) if n in pool and "LGE" in f.images]
     out = Path(out)
     record = {"data": str(Path(data).resolve()), "atlas_data": str(Path(atlas_data).resolve()) if atlas_data else None,
               "settings": asdict(settings)}
@@ -182,13 +224,17 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
         if len(own) < 2:
             raise InputError(f"atlas_data: patient {target} needs at least two atlas patients with LGE labels, "
                              f"found {sorted(own)}")
-        atlas, build_seconds = _atlas_for(own, out, device, progress, settings.atlas_register)
-        result = run_patient(target, targets.patients[target], atlas, settings)
+        atlas, build_seconds = None, 0.0
+        if settings.prior != "multi-atlas":
+            own_images = {s: {n: p for n, p in by_patient.items() if n in own} for s, by_patient in pool_images.items()}
+            atlas, build_seconds = _atlas_for(own, own_images, out, device, progress, settings.atlas_register)
+        own_entries = [e for e in entries if atlas_data is not None or e.subject != f"patient{target}"]
+        result = run_patient(target, targets.patients[target], atlas, settings, own_entries, progress)
         comparison_figure(out / "figures" / f"patient{target}.png", result["image"],
-                          {"manual": result["truth"], **{m: result["maps"][m] for m in METHODS}}, atlas.labels,
+                          {"manual": result["truth"], **{m: result["maps"][m] for m in settings.methods}}, manifest.labels,
                           title=f"MS-CMRSeg patient {target}, LGE")
         write_json(done, {"patient": target, "atlas_patients": sorted(own), "atlas_build_seconds": build_seconds,
                           "metrics": result["metrics"], "seconds": result["seconds"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
-    return write_summary(out, patients, METHODS, manifest.labels)
+    return write_summary(out, patients, settings.methods, manifest.labels)

@@ -12,7 +12,7 @@ import numpy as np
 
 from mvmm.data.labels import LabelSet
 from mvmm.core.outputs import atomic_path, write_json
-from mvmm.report import box_plot
+from mvmm.report import box_plot, paired_figure
 
 COLUMNS = ("patient", "method", "structure", "dice", "hd95_mm", "msd_mm", "seconds")
 
@@ -52,6 +52,16 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
                 "hd95_mean": _mean([row["hd95_mm"] for row in rows if row["method"] == m and row["structure"] == s]),
                 "msd_mean": _mean([row["msd_mm"] for row in rows if row["method"] == m and row["structure"] == s])}
         summary["seconds_per_patient"][m] = _mean([r["seconds"][m] for r in records])
+    if "atlas" in methods and "em-all" in methods:
+        # what the mixture adds to its own prior, patient by patient
+        by = {m: {s: [r["metrics"][m][s]["dice"] for r in records] for s in structures} for m in ("atlas", "em-all")}
+        summary["em_all_vs_atlas"] = {
+            s: {"gained": int(np.sum(np.asarray(by["em-all"][s]) > np.asarray(by["atlas"][s]))),
+                "lost": int(np.sum(np.asarray(by["em-all"][s]) < np.asarray(by["atlas"][s]))),
+                "mean_gain": _mean(np.asarray(by["em-all"][s]) - np.asarray(by["atlas"][s]))} for s in structures}
+        paired_figure(out / "figures" / "em_vs_prior.png", by["atlas"], by["em-all"], [r["patient"] for r in records],
+                      "Dice of the prior alone (atlas)", "Dice of em-all",
+                      title="What the mixture adds to its prior, per patient")
     write_json(out / "summary.json", summary)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(_markdown(summary, structures, methods))
@@ -73,6 +83,10 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
                                               for s in structures)
                      + " | " + " | ".join(f"{stats[s]['hd95_mean']:.1f}" for s in structures)
                      + f" | {summary['seconds_per_patient'][m]:.1f} |")
+    if "em_all_vs_atlas" in summary:
+        lines += ["", "em-all against its own prior alone (atlas), per patient: " + "; ".join(
+            f"{s} higher in {v['gained']}, lower in {v['lost']}, mean {v['mean_gain']:+.3f}"
+            for s, v in summary["em_all_vs_atlas"].items()) + " (figures/em_vs_prior.png)."]
     lines += ["", f"Atlas building (group-wise, per atlas): {summary['atlas_build_seconds_mean']:.0f} s on average; "
               "not counted in s / patient."]
     if summary["settings"]:

@@ -171,6 +171,10 @@ class MovingTransform:
         """Start a level that optimises ``kind`` (None: nothing); returns the learnable parameters."""
         if kind is None:
             return []
+        if kind == "rigid" and not isinstance(self.linear, RigidTransform):
+            # an affine start (e.g. an atlas placed by its template) cannot be learnt rigidly without
+            # losing its scaling and shear: it is held here, and the affine level moves it
+            return []
         if kind in LINEAR_KINDS:
             self._scaled = ScaledLinear(kind, self.linear, self.radius)
             self.linear = self._scaled.module

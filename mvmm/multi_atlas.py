@@ -1,0 +1,275 @@
+"""Multi-atlas priors: labelled images of other subjects registered to the case, their labels fused.
+
+The field's strongest label-free-at-test-time methods propagate several labelled atlases and fuse them
+(Heckemann et al. 2006; Artaechevarria et al. 2009; ANTs joint label fusion). Here that fused map is
+not the answer but the *prior* of the mixture model: a subject-specific probabilistic atlas, already
+on the case's grid, which the model then refines with the case's own intensities.
+
+For a case image I (the reference, e.g. the LGE) and atlas images A_i of the same sequence with label
+maps L_i (an atlas set, :mod:`mvmm.data.atlas_set`):
+
+1. each A_i is laid on I by their heart frames and field-of-view centres
+   (:func:`mvmm.data.anatomy.frame_placement`), then registered to I rigidly and affinely
+   (:class:`mvmm.register.PairwiseRegistration`, local NCC by default);
+2. the ``size`` atlases with the best similarity after the affine step are kept (all by default);
+3. each kept one goes on to the non-linear levels (FFD or SVF), and its image and one-hot labels are
+   resampled onto I's grid (linear interpolation: partial volumes stay soft);
+4. at every voxel x the labels are fused by a locally weighted vote,
+
+       p_k(x) = Σ_i w_i(x) L_ik(x) / Σ_i w_i(x),   w_i(x) = exp(LNCC_i(x) / T) · [A_i covers x],
+
+   LNCC_i(x) the normalised cross-correlation of I and the registered A_i in a Gaussian window of
+   ``window_mm`` around x (so an atlas that matches the case *there* counts more), T the
+   ``temperature``; voxels no atlas covers are background;
+5. the fused map is smoothed by ``sigma_mm`` and renormalised: the prior ``π_kx`` of docs/model.md.
+
+The registrations are independent: they run in worker processes (one torch thread each; by default
+one per available core). A script that calls this with more than one worker needs the usual
+``if __name__ == "__main__":`` guard around its entry point, as any user of spawned processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from mvmm.core.devices import available_cores
+from mvmm.core.errors import InputError
+from mvmm.core.settings import LINEAR_KINDS, MultiAtlasSettings  # noqa: F401 (re-exported)
+from mvmm.data import io
+from mvmm.data.anatomy import frame_placement
+from mvmm.data.atlas import Atlas
+from mvmm.data.atlas_set import AtlasEntry
+from mvmm.data.image import Image
+from mvmm.data.labels import LabelSet, label_values
+from mvmm.register import PairwiseRegistration
+from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
+from mvmm.spatial.transforms import map_grid
+from mvmm.spatial.warp import sample_image
+
+log = logging.getLogger(__name__)
+
+ARGNAME = "atlas_set"
+
+
+def read_atlas(entry: AtlasEntry, case_grid, labels: LabelSet) -> Tuple[Image, Image]:
+    """An atlas image and its one-hot labels ``[K, *S]``, laid on ``case_grid`` by
+    :func:`mvmm.data.anatomy.frame_placement` (one grid, moved; the voxels unchanged)."""
+    image = Image.read(entry.image, entry.name, ARGNAME)
+    image.check_intensities(ARGNAME)
+    array, grid, _ = io.read_array(entry.labels, ARGNAME)
+    if not grid.same_geometry(image.grid) or array.shape != tuple(image.grid.shape):
+        raise InputError(f"{ARGNAME}: label map {entry.labels} is not on the grid of its image {entry.image}")
+    if image.grid.ndim != case_grid.ndim:
+        raise InputError(f"{ARGNAME}: {entry.image} is {image.grid.ndim}D but the case is {case_grid.ndim}D")
+    labels.check_values(sorted(label_values(array, entry.labels, ARGNAME)), entry.labels, ARGNAME)
+    onehot = torch.from_numpy(np.stack([(array == v) for v in labels.values]).astype(np.float32))
+    moved = image.grid.moved(frame_placement(image.grid, case_grid))
+    return Image(image.data, moved, entry.name, image.source), Image(onehot, moved, f"{entry.name} labels",
+                                                                      str(entry.labels))
+
+
+def _linear_kind(settings: MultiAtlasSettings) -> str:
+    return settings.transform if settings.transform in LINEAR_KINDS else "affine"
+
+
+def register_linear(case: Image, entry: AtlasEntry, settings: MultiAtlasSettings, labels: LabelSet,
+                    device: str = "cpu") -> dict:
+    """Step 1 for one atlas: its rigid → affine registration to ``case``.
+
+    Returns ``{"linear": LinearTransform, "similarity": float}`` (similarity: minus the registration
+    loss on its grid at the end, higher is better).
+    """
+    image, _ = read_atlas(entry, case.grid, labels)
+    registration = PairwiseRegistration(case, image, settings.pairwise(_linear_kind(settings)), device=device)
+    result = registration.run()
+    return {"linear": registration.linear.cpu(), "similarity": -float(result.loss_after)}
+
+
+def register_and_warp(case: Image, entry: AtlasEntry, settings: MultiAtlasSettings, labels: LabelSet,
+                      linear, device: str = "cpu") -> dict:
+    """Step 3 for one atlas: the non-linear levels from ``linear`` (none for a linear ``transform``),
+    then the atlas image and labels on the case grid.
+
+    Returns numpy arrays ``image [*S]``, ``labels [K, *S]``, ``inside [*S]`` (bool) and the
+    deformation's Jacobian statistics (None for a linear transform).
+    """
+    device = torch.device(device)
+    image, onehot = read_atlas(entry, case.grid, labels)
+    registration = PairwiseRegistration(case, image, settings.pairwise(settings.transform), device=device,
+                                        linear=linear.to(device))
+    for level in settings.pairwise(settings.transform).levels():
+        if level.control_spacing is not None:  # the linear levels were step 1
+            registration.run_level(level)
+    jacobian = None
+    if registration.deformation is not None:
+        jacobian = jacobian_statistics(registration.deformation, case.grid, device=device)
+    with torch.no_grad():
+        points = map_grid(registration.transform, case.grid, device)
+        warped_image, inside = sample_image(image.data.to(device), image.grid, points)
+        warped_labels, _ = sample_image(onehot.data.to(device), onehot.grid, points)
+    return {"image": warped_image[0].cpu().numpy(), "labels": warped_labels.cpu().numpy(),
+            "inside": inside.cpu().numpy(), "jacobian": jacobian}
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    logging.getLogger("mvmm").setLevel(logging.WARNING)
+
+
+def worker_pool(workers: int, jobs: int) -> Optional[ProcessPoolExecutor]:
+    """Spawned worker processes (one torch thread each) for ``jobs`` jobs, or None to run in this process."""
+    if workers <= 1 or jobs <= 1:
+        return None
+    # spawn, not fork: a forked torch process can deadlock on the parent's thread pools
+    return ProcessPoolExecutor(max_workers=min(workers, jobs), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread)
+
+
+def run_jobs(function, jobs: List[tuple], pool: Optional[ProcessPoolExecutor], desc: str, progress: bool) -> List:
+    """``[function(*job) for job in jobs]``, in ``pool``'s processes when there is one."""
+    bar = tqdm(total=len(jobs), desc=desc, unit="atlas", disable=not progress, leave=False)
+    try:
+        if pool is None:
+            results = []
+            for job in jobs:
+                results.append(function(*job))
+                bar.update(1)
+            return results
+        futures = [pool.submit(function, *job) for job in jobs]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update(1))
+        return [future.result() for future in futures]
+    except BrokenProcessPool:
+        raise InputError("MultiAtlasSettings.workers: the worker processes stopped before finishing (out of "
+                         "memory, or a script without an `if __name__ == \"__main__\":` guard, which worker "
+                         "processes need to start); set `MultiAtlasSettings.workers`=1 to register in this "
+                         "process") from None
+    finally:
+        bar.close()
+
+
+def local_ncc(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, sigma_voxels: Sequence[float]) -> np.ndarray:
+    """Normalised cross-correlation of ``fixed`` and ``moving`` in a Gaussian window around every voxel,
+    counting only voxels of ``mask``; shape ``[*S]``, in [−1, 1], −1 outside ``mask``.
+
+    Parameters
+    ----------
+    fixed, moving : np.ndarray, shape [*S]
+    mask : np.ndarray, bool, shape [*S]
+    sigma_voxels : sequence of float
+        The window's standard deviation per array axis, in voxels.
+    """
+    weight = mask.astype(np.float64)
+
+    def local_mean(x):
+        return ndimage.gaussian_filter(x * weight, sigma_voxels, mode="constant")
+
+    norm = np.maximum(local_mean(np.ones_like(weight)), 1e-12)
+    f, m = fixed.astype(np.float64), moving.astype(np.float64)
+    mean_f, mean_m = local_mean(f) / norm, local_mean(m) / norm
+    covariance = local_mean(f * m) / norm - mean_f * mean_m
+    var_f = np.maximum(local_mean(f * f) / norm - mean_f ** 2, 0)
+    var_m = np.maximum(local_mean(m * m) / norm - mean_m ** 2, 0)
+    eps = 1e-6 * float(f[mask].var() * m[mask].var()) + 1e-30 if mask.any() else 1.0
+    ncc = covariance / np.sqrt(var_f * var_m + eps)
+    return np.where(mask, np.clip(ncc, -1.0, 1.0), -1.0)
+
+
+def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet, settings: MultiAtlasSettings) -> np.ndarray:
+    """The fused probabilities ``[K, *S]`` on the case grid (module notes, steps 4 and 5)."""
+    spacing = np.asarray(case.grid.spacing[::-1])  # per array axis
+    fixed = case.data[0].cpu().numpy()
+    votes = np.zeros((len(labels),) + fixed.shape)
+    total = np.zeros(fixed.shape)
+    scores = []
+    for atlas in warped:
+        if settings.fusion == "local-ncc":
+            scores.append(local_ncc(fixed, atlas["image"], atlas["inside"], settings.window_mm / spacing))
+        else:
+            scores.append(np.zeros(fixed.shape))
+    best = np.max(np.stack(scores), axis=0) if scores else np.zeros(fixed.shape)
+    for atlas, score in zip(warped, scores):
+        # subtracting the best score first keeps exp() finite; it cancels in the normalisation
+        weight = np.exp((score - best) / settings.temperature) * atlas["inside"]
+        votes += weight * atlas["labels"]
+        total += weight
+    fused = np.where(total > 0, votes / np.maximum(total, 1e-300), 0.0)
+    fused[labels.background_index][total <= 0] = 1.0
+    if settings.sigma_mm > 0:
+        sigma = settings.sigma_mm / spacing
+        fused = np.stack([ndimage.gaussian_filter(channel, sigma, mode="nearest") for channel in fused])
+    fused /= np.maximum(fused.sum(0, keepdims=True), 1e-12)
+    return fused.astype(np.float32)
+
+
+def multi_atlas_prior(case: Image, entries: Sequence[AtlasEntry], settings: MultiAtlasSettings,
+                      labels: Optional[LabelSet] = None, device=None, progress: bool = False) -> Tuple[Atlas, dict]:
+    """A subject-specific probabilistic atlas on ``case``'s grid from the labelled images ``entries``.
+
+    Parameters
+    ----------
+    case : Image
+        The case's image the atlases are registered to (channel 0), e.g. its LGE.
+    entries : sequence of AtlasEntry
+        Labelled images, of ``case``'s sequence for the default NCC (any grids, other subjects).
+    settings : MultiAtlasSettings
+    labels : LabelSet, optional
+        Classes of the label maps (default: the values of the first map).
+    device : torch.device or str, optional
+        Where each registration runs (CPU workers when ``settings.workers`` > 1).
+
+    Returns
+    -------
+    atlas : Atlas
+        ``[K, *case.grid.shape]`` probabilities on ``case.grid`` (frame ``"world"``): the prior.
+    report : dict
+        Settings, every atlas's similarity after the affine step, the ones kept, their
+        deformations' Jacobian statistics, and seconds.
+    """
+    if not entries:
+        raise InputError(f"{ARGNAME}: no atlas to register")
+    start = time.perf_counter()
+    device = str(device) if device is not None else "cpu"
+    if labels is None:
+        array, _, _ = io.read_array(entries[0].labels, ARGNAME)
+        labels = LabelSet.from_values(label_values(array, entries[0].labels, ARGNAME))
+    workers = settings.workers or available_cores()
+    if device.startswith("cuda"):
+        workers = 1  # one process drives the GPU; worker processes are for CPU cores
+    case = Image(case.data[:1].detach().cpu(), case.grid, case.name, case.source)
+    pool = worker_pool(workers, len(entries))
+    job_device = device if pool is None else "cpu"
+    try:
+        linear = run_jobs(register_linear, [(case, e, settings, labels, job_device) for e in entries], pool,
+                          "atlases: affine", progress)
+        ranked = sorted(range(len(entries)), key=lambda i: -linear[i]["similarity"])
+        kept = sorted(ranked[: settings.size] if settings.size else ranked)
+        warped = run_jobs(register_and_warp, [(case, entries[i], settings, labels, linear[i]["linear"], job_device)
+                                              for i in kept], pool, f"atlases: {settings.transform}", progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for i, atlas in zip(kept, warped):
+        if atlas["jacobian"] is not None:
+            warn_if_folded(atlas["jacobian"], f"the {settings.transform.upper()} of atlas {entries[i].name}")
+    probabilities = fuse_labels(case, warped, labels, settings)
+    sequence = entries[0].sequence or "image"
+    source = f"multi-atlas ({len(kept)} of {len(entries)} {sequence} atlases, {settings.fusion} fusion)"
+    report = {"settings": asdict(settings), "atlases": [e.name for e in entries],
+              "similarity_after_affine": [linear[i]["similarity"] for i in range(len(entries))],
+              "kept": [entries[i].name for i in kept],
+              "jacobians": {entries[i].name: w["jacobian"] for i, w in zip(kept, warped) if w["jacobian"]},
+              "seconds": time.perf_counter() - start}
+    log.info("%s built in %.1f s", source, report["seconds"])
+    return Atlas(torch.from_numpy(probabilities), case.grid, labels, source, "world"), report

@@ -1,0 +1,163 @@
+"""Atlas sets, multi-atlas priors (registration + locally weighted fusion), and `mvmm segment --atlas-set`."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mvmm.cli import main
+from mvmm.core.errors import InputError
+from mvmm.core.grid import Grid
+from mvmm.core.settings import MultiAtlasSettings
+from mvmm.data import io
+from mvmm.data.atlas_set import entries_of, read_atlas_set
+from mvmm.data.image import Image
+from mvmm.data.labels import LabelSet
+from mvmm.metrics import structure_metrics
+from mvmm.multi_atlas import local_ncc, multi_atlas_prior, read_atlas
+
+NAMED = LabelSet(("outside", "wall", "pool", "right"), (0, 200, 500, 600))
+INTENSITY = {0: 0.35, 200: 0.12, 500: 0.8, 600: 0.7}
+
+
+def heart(grid: Grid, centre, lv=14.0, wall=8.0, rv=(14.0, 26.0)) -> np.ndarray:
+    """A 2D heart (values 0/200/500/600) with an LV of radius ``lv``, a ``wall`` mm myocardium and an RV
+    ellipse of half-axes ``rv``, about ``centre`` (mm)."""
+    points = grid.world_points(dtype=torch.float64).numpy() - np.asarray(centre)
+    x, y = points[..., 0], points[..., 1]
+    r = np.hypot(x, y)
+    out = np.zeros(grid.shape, dtype=np.int16)
+    out[((x + lv + wall + rv[0] - 6) / rv[0]) ** 2 + (y / rv[1]) ** 2 < 1] = 600
+    out[r < lv + wall] = 200
+    out[r < lv] = 500
+    return out
+
+
+def scan(labels: np.ndarray, rng, noise=0.03) -> np.ndarray:
+    """An image of a label map: a tissue contrast, a body ellipse around the heart, noise."""
+    image = np.vectorize(INTENSITY.get)(labels).astype(np.float32)
+    return image + rng.normal(0, noise, labels.shape).astype(np.float32)
+
+
+def write_case(folder, name, grid, labels, rng):
+    io.write_array(folder / f"{name}_LGE.nii.gz", scan(labels, rng), grid)
+    io.write_array(folder / f"{name}_LGE_manual.nii.gz", labels, grid)
+
+
+# each atlas errs in its own way (LV too small or large, wall too thin or thick, RV shorter or longer):
+# no affine map makes one of them the target, and their errors cancel in a vote
+SHAPES = [dict(lv=11.0, wall=10.0, rv=(12.0, 30.0)), dict(lv=17.0, wall=6.0, rv=(16.0, 22.0)),
+          dict(lv=12.0, wall=7.0, rv=(17.0, 28.0)), dict(lv=16.0, wall=9.5, rv=(11.0, 24.0)),
+          dict(lv=14.5, wall=6.5, rv=(15.0, 31.0))]
+
+
+@pytest.fixture(scope="module")
+def atlas_set(tmp_path_factory):
+    """Five labelled subjects on their own grids (headers anywhere, heart off-centre), and a target."""
+    folder = tmp_path_factory.mktemp("set")
+    rng = np.random.default_rng(3)
+    for i, shape in enumerate(SHAPES):
+        spacing = tuple(rng.uniform(1.1, 1.5, 2))
+        grid = Grid((int(120 / spacing[0]), int(110 / spacing[1])), spacing, (200.0 * i, -50.0 * i), (1, 0, 0, 1))
+        write_case(folder, f"subject{i + 1}", grid, heart(grid, grid.center_world() + rng.uniform(-6, 6, 2), **shape),
+                   rng)
+    target_grid = Grid((96, 88), (1.25, 1.25), (-40.0, 10.0), (1, 0, 0, 1))
+    truth = heart(target_grid, target_grid.center_world() + np.array([4.0, -3.0]))
+    target = Image.from_array(scan(truth, rng), target_grid, "LGE", "target")
+    return folder, target, truth
+
+
+def mean_dice(labels: np.ndarray, truth: np.ndarray, grid: Grid) -> float:
+    return float(np.mean([structure_metrics(labels == v, truth == v, grid.spacing)["dice"] for v in (200, 500, 600)]))
+
+
+def test_fused_prior_beats_every_single_atlas_and_is_a_probability_map(atlas_set):
+    folder, target, truth = atlas_set
+    entries = entries_of(read_atlas_set(folder), "LGE")
+    assert [e.subject for e in entries] == [f"subject{i}" for i in range(1, 6)]
+    settings = MultiAtlasSettings(transform="affine", workers=1)
+    singles = []
+    for entry in entries:
+        atlas, _ = multi_atlas_prior(target, [entry], settings, NAMED)
+        singles.append(mean_dice(np.asarray(NAMED.values)[atlas.probabilities.argmax(0).numpy()], truth, target.grid))
+    fused, report = multi_atlas_prior(target, entries, settings, NAMED)
+    fused_dice = mean_dice(np.asarray(NAMED.values)[fused.probabilities.argmax(0).numpy()], truth, target.grid)
+    assert min(singles) > 0.6, singles  # every registration found the heart
+    assert fused_dice > max(singles) + 0.01, (fused_dice, singles)
+    # a prior: on the case's grid, non-negative, one at every voxel, the user's label names and values
+    assert fused.grid.same_geometry(target.grid) and fused.labels == NAMED and fused.frame == "world"
+    p = fused.probabilities
+    assert float(p.min()) >= 0 and torch.allclose(p.sum(0), torch.ones(()), atol=1e-5)
+    assert len(report["similarity_after_affine"]) == 5 and report["kept"] == [e.name for e in entries]
+
+
+def test_the_most_similar_atlases_are_kept_and_worker_processes_agree(atlas_set):
+    folder, target, truth = atlas_set
+    entries = entries_of(read_atlas_set(folder), "LGE")
+    one, report = multi_atlas_prior(target, entries, MultiAtlasSettings(size=2, workers=1), NAMED)
+    ranked = np.argsort(report["similarity_after_affine"])[::-1][:2]
+    assert sorted(report["kept"]) == sorted(entries[i].name for i in ranked)
+    two, _ = multi_atlas_prior(target, entries, MultiAtlasSettings(size=2, workers=2), NAMED)
+    agree = (one.probabilities.argmax(0) == two.probabilities.argmax(0)).float().mean()
+    assert float(agree) > 0.99
+
+
+def test_local_ncc_weights_the_atlas_that_matches_there():
+    rng = np.random.default_rng(0)
+    fixed = rng.normal(size=(30, 40))
+    good = fixed + 0.1 * rng.normal(size=fixed.shape)
+    bad = rng.normal(size=fixed.shape)
+    mask = np.ones(fixed.shape, dtype=bool)
+    mask[:, :5] = False
+    assert local_ncc(fixed, good, mask, (2.0, 2.0))[mask].mean() > 0.9
+    assert abs(local_ncc(fixed, bad, mask, (2.0, 2.0))[mask].mean()) < 0.3
+    assert np.all(local_ncc(fixed, good, mask, (2.0, 2.0))[~mask] == -1.0)
+
+
+def test_atlas_sets_from_a_csv_and_clear_errors(tmp_path, atlas_set):
+    folder, _, _ = atlas_set
+    csv = tmp_path / "set.csv"
+    csv.write_text("subject,sequence,image,labels\n"
+                   f"a,LGE,{folder / 'subject1_LGE.nii.gz'},{folder / 'subject1_LGE_manual.nii.gz'}\n")
+    (entry,) = read_atlas_set(csv)
+    assert (entry.subject, entry.sequence) == ("a", "LGE")
+    with pytest.raises(InputError, match="atlas_set: no labelled 'C0' image .*LGE"):
+        entries_of([entry], "C0")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("subject,image\na,x.nii.gz\n")
+    with pytest.raises(InputError, match="atlas_set: .*missing: sequence, labels"):
+        read_atlas_set(bad)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("subject,sequence,image,labels\na,LGE,nowhere.nii.gz,nowhere_manual.nii.gz\n")
+    with pytest.raises(InputError, match="line 2: image 'nowhere.nii.gz' is not a file"):
+        read_atlas_set(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="holds no labelled image"):
+        read_atlas_set(empty)
+    with pytest.raises(InputError, match="neither a folder nor a CSV"):
+        read_atlas_set(tmp_path / "nothing")
+    # a label map off its image's grid is named
+    grid = Grid((10, 10), (1.0, 1.0), (0.0, 0.0), (1, 0, 0, 1))
+    io.write_array(tmp_path / "odd_LGE.nii.gz", np.random.default_rng(0).normal(size=(10, 10)), grid)
+    io.write_array(tmp_path / "odd_LGE_manual.nii.gz", np.zeros((9, 10), dtype=np.int16), Grid((10, 9), (1.0, 1.0),
+                                                                                                 (0.0, 0.0), (1, 0, 0, 1)))
+    (odd,) = [e for e in read_atlas_set(tmp_path) if e.subject == "odd"]
+    with pytest.raises(InputError, match="odd_LGE_manual.nii.gz is not on the grid of its image"):
+        read_atlas(odd, grid, NAMED)
+
+
+def test_segment_with_an_atlas_set_from_the_command_line(tmp_path, atlas_set):
+    folder, target, truth = atlas_set
+    target.write(tmp_path / "LGE.nii.gz")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["segment", "--images", str(tmp_path / "LGE.nii.gz"), "--atlas-set", str(folder),
+                                       "--atlas-set-size", "3", "--atlas-set-workers", "1", "--register-atlas", "none",
+                                       "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    labels = io.read_array(out / "labels.nii.gz", "labels")[0]
+    assert mean_dice(labels, truth, target.grid) > 0.8
+    # both priors at once is refused, in flags
+    result = CliRunner().invoke(main, ["segment", "--images", str(tmp_path / "LGE.nii.gz"), "--atlas-set", str(folder),
+                                       "--atlas", "builtin:cardiac", "--out", str(tmp_path / "o2"), "-q"])
+    assert result.exit_code == 1 and "--atlas-set: give --atlas or --atlas-set, not both" in result.output
