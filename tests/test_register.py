@@ -189,3 +189,13 @@ def test_registration_refuses_images_that_do_not_overlap():
         PairwiseRegistration(lge, far, PairwiseSettings(transform="rigid", init="header")).run()
     assert math.isfinite(PairwiseRegistration(lge, far, PairwiseSettings(transform="rigid", init="geometry"))
                          .similarity().item())
+
+
+def test_local_ncc_on_an_axis_shorter_than_its_window():
+    # a C0 stack of 8 slices on the registration grid: the window is clipped to an odd length that fits
+    from mvmm.spatial.similarity import local_ncc
+    fixed = torch.randn(1, 8, 20, 20)
+    moving = fixed + 0.1 * torch.randn_like(fixed)
+    mask = torch.ones(8, 20, 20, dtype=torch.bool)
+    assert float(local_ncc(fixed, moving, mask, window=9)) < -0.8
+    assert float(local_ncc(fixed[:, :1], moving[:, :1], mask[:1], window=9)) < -0.8

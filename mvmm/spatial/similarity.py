@@ -54,7 +54,9 @@ def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, win
     between sequences; ``window`` is clipped to each axis's size.
     """
     ndim = fixed.dim() - 1
-    kernel = [min(window, n) | 1 for n in fixed.shape[1:]]  # odd, so the window is centred
+    # odd, so the window is centred, and no longer than the axis (pooling refuses a longer window: a
+    # stack of 8 slices gets 7, not 9)
+    kernel = [max(min(window, n) - (1 - min(window, n) % 2), 1) for n in fixed.shape[1:]]
     pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
     pad = [k // 2 for k in kernel]
 
