@@ -325,7 +325,8 @@ def main():
 def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
             mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init,
-            template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing, bending_weight, affine_weight, out, force, device, seed, quiet):
+            template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing,
+            bending_weight, affine_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -367,14 +368,19 @@ def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
 
 
-def _parse_masks(items):
-    masks = {}
+def _name_path_pairs(items, flag: str, name: str = "NAME"):
+    """``["A=x", "B=y"]`` → ``[("A", "x"), ("B", "y")]``; anything else is an error naming ``flag``."""
+    pairs = []
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"--mask: expected NAME=PATH, got {item!r}")
-        masks[name] = path
-    return masks
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise InputError(f"{flag}: expected {name}=PATH, got {item!r}")
+        pairs.append((key, path))
+    return pairs
+
+
+def _parse_masks(items):
+    return dict(_name_path_pairs(items, "--mask"))
 
 
 @main.command()
@@ -536,8 +542,8 @@ def atlas():
               help="Where tensors live: auto picks CUDA when available.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
 @threads_option
-def atlas_build(label_maps, old_label_maps, template_images, out, register_kind, frame, sigma, spacing, rounds, label_names, force,
-                device, quiet):
+def atlas_build(label_maps, old_label_maps, template_images, out, register_kind, frame, sigma, spacing, rounds,
+                label_names, force, device, quiet):
     """Average one-hot label maps into a probability atlas (+ a JSON sidecar of labels and how it was built)."""
     from mvmm.atlas_build import build_atlas
     from mvmm.data.atlas import Atlas
@@ -576,10 +582,7 @@ def atlas_build(label_maps, old_label_maps, template_images, out, register_kind,
 def _parse_template_images(items) -> dict:
     """``["LGE=a", "LGE=b", "C0=c", "C0=d"]`` → ``{"LGE": ["a", "b"], "C0": ["c", "d"]}``."""
     images = {}
-    for item in items:
-        sequence, sep, path = item.partition("=")
-        if not sep or not sequence or not path:
-            raise InputError(f"--images: expected SEQ=PATH, got {item!r}")
+    for sequence, path in _name_path_pairs(items, "--images", "SEQ"):
         images.setdefault(sequence, []).append(path)
     return images
 
