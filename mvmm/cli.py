@@ -21,7 +21,8 @@ from mvmm.core.outputs import OutputError
 from mvmm.core.settings import (ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
                                 POSTPROCESSING, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
-                                ExperimentSettings, GroupwiseSettings, MultiAtlasSettings, PairwiseSettings,
+                                REGNET_METRICS, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
+                                MultiAtlasSettings, PairwiseSettings, RegNetSettings, TrainingSettings,
                                 RegistrationSettings,
                                 SegmentationDefaults)
 
@@ -129,6 +130,10 @@ PARAMETER_FLAGS = {
     "GroupwiseSettings.sigma_mm": "--sigma", "ExperimentSettings.roi_margin_mm": "--roi-margin",
     "MultiAtlasSettings.size": "--atlas-set-size", "MultiAtlasSettings.transform": "--atlas-set-transform",
     "MultiAtlasSettings.workers": "--atlas-set-workers", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
+    "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
+    "RegistrationSettings.images_model": "--images-model",
+    "BayesNetSettings.grid_size": "--grid-size", "BayesNetSettings.subtypes": "--subtypes",
+    "TrainingSettings.batch_size": "--batch-size", "TrainingSettings.lr": "--lr",
 }
 _PARAMETER = re.compile(r"^([A-Za-z_][\w.]*):|`([A-Za-z_][\w.]*)`")
 
@@ -291,6 +296,10 @@ def main():
               show_default=True,
               help="With --register-images: start each moving image from a rigid mutual-information registration "
                    "to the reference (mi), or from its header.")
+@click.option("--images-model", type=click.Path(path_type=Path), metavar="MODEL_DIR",
+              default=default(RegistrationSettings, "images_model"),
+              help="A registration network (mvmm train regnet, fixed = the reference's sequence): the image it "
+                   "was trained to move starts from its predicted deformation instead of --images-init.")
 @click.option("--template-metric", type=click.Choice(TEMPLATE_METRICS),
               default=default(RegistrationSettings, "template_metric"), show_default=True,
               help="An atlas with intensity templates (atlas build --images) is first placed by registering the "
@@ -319,12 +328,20 @@ def main():
 @click.option("--affine-weight", type=NON_NEGATIVE, default=default(RegistrationSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
                    "singular values) against the mean log-likelihood per voxel; 0: none.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), metavar="MODEL_DIR",
+              help="A trained network (mvmm train bayes): its atlas warp and parameters in one forward pass, "
+                   "instead of the fit; the model carries its atlas and subtypes.")
+@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --model: EM iterations from the network's prediction, its warp fixed (0: the network "
+                   "alone). With --model, --register-atlas instead runs the joint registration and EM from the "
+                   "network's warp.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
+@click.pass_context
 @common_options
-def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
+def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
-            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init,
+            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing,
             bending_weight, affine_weight, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
@@ -339,6 +356,11 @@ def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
+    if model_dir is not None:
+        return _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postprocess, register_atlas,
+                                   affine_weight, roi_margin, out, device, quiet)
+    if refine:
+        raise InputError("refine: --refine refines a network's prediction; give --model")
     multi_atlas = None
     if atlas_set is not None:
         multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform, workers=atlas_set_workers)
@@ -349,6 +371,7 @@ def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform
                            progress=_show_progress(quiet))
     registration = default_registration(subject, atlas=register_atlas, images=register_images,
                                         images_init=images_init, atlas_init=atlas_init,
+                                        images_model=str(images_model) if images_model else None,
                                         template_metric=template_metric, template_transform=template_transform,
                                         template_sequence=template_sequence,
                                         atlas_search_mm=atlas_search_mm, control_spacing=control_spacing,
@@ -363,6 +386,46 @@ def segment(images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform
     if not quiet:
         click.echo(f"EM: {result.model.n_iter_} iterations, converged: {result.model.converged_}, "
                    f"device: {result.device}")
+        for name, ml in result.volumes_ml().items():
+            click.echo(f"  {name:<8} {ml:10.2f} ml")
+        click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
+
+
+def _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postprocess, register_atlas, affine_weight,
+                        roi_margin, out, device, quiet):
+    """``segment --model``: options of the classical fit that the model fixes are refused, not ignored;
+    ``--register-atlas`` continues from the network's warp with the joint solver."""
+    from click.core import ParameterSource
+
+    from mvmm.segment import read_images, segment_with_model
+
+    def given(names):
+        return [param.opts[0] for param in ctx.command.params if param.name in names
+                and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT)]
+
+    fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
+                   "template_metric", "template_transform", "atlas_search_mm", "proportions", "masks", "reference",
+                   "images_model"})
+    if fixed:
+        raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
+                         f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
+    registration = None
+    if given({"register_atlas"}):
+        if refine:
+            raise InputError("refine: --refine (EM with the network's warp fixed) and --register-atlas (registration "
+                             "and EM from it) are two refinements; give one")
+        registration = RegistrationSettings(atlas=register_atlas, images_init="header", template_metric="none",
+                                            affine_weight=affine_weight)
+    result = segment_with_model(read_images(list(images), list(names) or None), model_dir, refine=refine,
+                                mrf_beta=mrf_beta, postprocess=postprocess, device=device,
+                                progress=_show_progress(quiet), registration=registration,
+                                roi_margin_mm=roi_margin if given({"roi_margin"}) else None)
+    files = result.write(out, force=True)
+    if not quiet:
+        t = result.timings
+        how = (f"{refine} EM iterations, {t['refine_s']:.2f} s" if registration is None else
+               f"{register_atlas} registration and EM, {t['registration_s'] + t['fit_s']:.2f} s")
+        click.echo(f"network {t['network_s']:.2f} s; refinement: {how}; device: {result.device}")
         for name, ml in result.volumes_ml().items():
             click.echo(f"  {name:<8} {ml:10.2f} ml")
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
@@ -486,6 +549,9 @@ def warp(image, transforms_path, name, reference, is_labels, old_is_labels, out,
 @click.option("--grid-spacing", type=POSITIVE, default=default(PairwiseSettings, "grid_spacing"), show_default=True,
               help="The loss is computed on the fixed grid coarsened to at least this spacing (mm).")
 @click.option("--full-resolution", is_flag=True, help="Repeat the last level on the full fixed grid.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), metavar="MODEL_DIR",
+              help="A registration network (mvmm train regnet): its SVF in one forward pass instead of the "
+                   "optimisation (--transform, --metric and the other optimisation options then do not apply).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True,
@@ -493,11 +559,19 @@ def warp(image, transforms_path, name, reference, is_labels, old_is_labels, out,
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars.")
 @threads_option
 def register(fixed, moving, transform_kind, metric, init, fixed_mask, moving_mask, control_spacing, bending_weight,
-             grid_spacing, full_resolution, out, force, device, quiet):
+             grid_spacing, full_resolution, model_dir, out, force, device, quiet):
     """Register MOVING to FIXED (pairwise); writes transforms/, moved.nii.gz and report.json into --out."""
-    from mvmm.register import register_files
+    from mvmm.register import register_files, register_with_model
 
     _setup_logging(quiet)
+    if model_dir is not None:
+        if fixed_mask or moving_mask:
+            raise InputError("model: the network reads the images' own coverage; --fixed-mask and --moving-mask "
+                             "do not apply")
+        report = register_with_model(fixed, moving, model_dir, out, device, force)
+        click.echo(f"network SVF ({report['metric']}) on {report['device']} in {report['seconds']:.2f} s: "
+                   f"loss {report['loss_before']:.4f} -> {report['loss_after']:.4f}; outputs in {out}")
+        return
     settings = PairwiseSettings(transform=transform_kind, metric=metric, init=init, control_spacing=control_spacing,
                                 bending_weight=bending_weight, grid_spacing=grid_spacing,
                                 full_resolution=full_resolution)
@@ -613,6 +687,108 @@ def check_manifest(manifest, data, patients, sequences):
         raise click.exceptions.Exit(1)
 
 
+def training_data_options(func):
+    """--data, --manifest, --patients of the train commands."""
+    func = click.option("--patients", help="Training patients of a --data folder, e.g. 1-20 (default: all found).")(func)
+    func = click.option("--manifest", default="mscmr19", show_default=True,
+                        help="The data set a --data folder holds.")(func)
+    return click.option("--data", required=True, type=click.Path(path_type=Path),
+                        help="A folder of a described data set (see --manifest) or a CSV with a 'subject' column "
+                             "and one column of image paths per sequence.")(func)
+
+
+def training_options(func):
+    """The TrainingSettings options and --out/--resume/--force of the train commands."""
+    options = [
+        click.option("--epochs", type=COUNT, default=default(TrainingSettings, "epochs"), show_default=True,
+                     help="Epochs (with --resume: the total to reach)."),
+        click.option("--batch-size", type=COUNT, default=default(TrainingSettings, "batch_size"), show_default=True),
+        click.option("--lr", type=POSITIVE, default=default(TrainingSettings, "lr"), show_default=True,
+                     help="Adam's learning rate."),
+        click.option("--smoothness", type=NON_NEGATIVE, default=default(TrainingSettings, "smoothness"),
+                     show_default=True, help="Weight of the velocity field's mean squared gradient."),
+        click.option("--augment/--no-augment", default=default(TrainingSettings, "augment"), show_default=True,
+                     help="Random intensity change and small in-plane motion of the (moving) images."),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help="The model directory."),
+        click.option("--resume", is_flag=True, help="Continue the training run in --out from its last epoch."),
+        click.option("--force", is_flag=True, help="Replace a non-empty --out (without --resume)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.group(cls=MvmmGroup)
+def train():
+    """Train networks that predict the model's parameters (amortized inference)."""
+
+
+@train.command("bayes", cls=MultiValueCommand)
+@training_data_options
+@click.option("--sequences", multiple=True, required=True,
+              help="Image names in the network's input order (the first places the network grid), e.g. LGE C0.")
+@click.option("--atlas", multiple=True, required=True, type=click.Path(path_type=Path), metavar="PATH...",
+              help="The atlas (mvmm atlas build output, or label maps): saved into the model.")
+@click.option("--subtypes", multiple=True, default=default_list(BayesNetSettings, "subtypes"), metavar="IMAGE:TISSUE=N",
+              help="Gaussian subtypes the network predicts, as for segment (e.g. LGE:Myo=2).")
+@click.option("--background-subtypes", type=COUNT, default=default(BayesNetSettings, "background_subtypes"),
+              show_default=True, help="Subtypes of the background in every image.")
+@training_options
+@common_options
+def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, background_subtypes, epochs, batch_size,
+                        lr, smoothness, augment, out, resume, force, device, seed, quiet):
+    """The Bayesian segmentation CNN (Dalca et al. 2019) on unlabelled images: atlas warp and mixture
+    parameters in one forward pass, trained on the model's own likelihood."""
+    from mvmm.training import train_bayes
+
+    _setup_logging(quiet)
+    rows = _training_rows(data, manifest, patients, list(sequences), resume, force)
+    network = BayesNetSettings(subtypes=list(subtypes), background_subtypes=background_subtypes)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, smoothness=smoothness, augment=augment,
+                                seed=seed)
+    result = train_bayes(rows, list(sequences), list(atlas), out, network, training, device, resume=resume,
+                         force=force, progress=_show_progress(quiet))
+    click.echo(f"trained on {len(result['subjects'])} subjects for {result['epochs']} epochs in "
+               f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
+
+
+@train.command("regnet", cls=MultiValueCommand)
+@training_data_options
+@click.option("--fixed", "fixed_sequence", required=True, help="The fixed image's sequence, e.g. LGE.")
+@click.option("--moving", "moving_sequence", required=True, help="The moving image's sequence, e.g. C0.")
+@click.option("--metric", type=click.Choice(REGNET_METRICS), default=default(RegNetSettings, "metric"),
+              show_default=True, help="Similarity: mutual information across sequences, local NCC within one.")
+@training_options
+@common_options
+def train_regnet_command(data, manifest, patients, fixed_sequence, moving_sequence, metric, epochs, batch_size, lr,
+                         smoothness, augment, out, resume, force, device, seed, quiet):
+    """A VoxelMorph-style registration network: fixed + moving image → diffeomorphic SVF, trained
+    unsupervised on image similarity; used by mvmm register --model."""
+    from mvmm.training import train_regnet
+
+    _setup_logging(quiet)
+    rows = _training_rows(data, manifest, patients, [fixed_sequence, moving_sequence], resume, force)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, smoothness=smoothness, augment=augment,
+                                seed=seed)
+    result = train_regnet(rows, fixed_sequence, moving_sequence, out, RegNetSettings(metric=metric), training, device,
+                          resume=resume, force=force, progress=_show_progress(quiet))
+    click.echo(f"trained on {len(result['subjects'])} pairs for {result['epochs']} epochs in "
+               f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
+
+
+def _training_rows(data, manifest, patients, sequences, resume, force):
+    from mvmm.data.manifest import parse_patients
+    from mvmm.nets.data import subjects_from_csv, subjects_from_manifest
+
+    if resume and force:
+        raise InputError("resume: --resume continues --out; --force would replace it: give one")
+    if data.is_file():
+        if patients:
+            raise InputError("patients: --patients selects patients of a --data folder; a CSV lists its subjects")
+        return subjects_from_csv(data, sequences)
+    return subjects_from_manifest(manifest, data, parse_patients(patients) if patients else None, sequences)
+
+
 @main.group(cls=MvmmGroup)
 def experiment():
     """Reproduce published experiments."""
@@ -629,7 +805,15 @@ def experiment():
               help="Sequences of each target for em-all and gmm (LGE is always used).")
 @click.option("--methods", multiple=True, type=click.Choice(EXPERIMENT_METHODS),
               default=default_list(ExperimentSettings, "methods"), show_default=True,
-              help="Methods to run and report (atlas and em-all always run).")
+              help="Methods to run and report (atlas and em-all always run; bayes and bayes-refine need --folds "
+                   "or --model).")
+@click.option("--folds", type=click.IntRange(min=2), default=default(ExperimentSettings, "folds"),
+              help="Cross-validation over the patients: per fold, the atlas from the other folds' labels and (for "
+                   "bayes, bayes-refine) a network trained on their images; default: leave-one-out atlases.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              help="A trained model directory for bayes and bayes-refine (instead of --folds).")
+@click.option("--epochs", type=COUNT, default=default(ExperimentSettings, "epochs"), show_default=True,
+              help="--folds: training epochs of each fold's network.")
 @click.option("--prior", type=click.Choice(PRIORS), default=default(ExperimentSettings, "prior"), show_default=True,
               help="Spatial prior of each target, from the atlas patients only: their group-wise atlas placed by "
                    "the target's axes (groupwise), placed by registering its LGE intensity template (template), "
@@ -675,7 +859,8 @@ def experiment():
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
-def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, prior, template_sequence, template_transform,
+def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, folds, model_dir, epochs, prior,
+                     template_sequence, template_transform,
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
                      atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, postprocess, force,
@@ -685,7 +870,8 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, prior,
     from mvmm.experiments.mscmr import run_mscmr
 
     _setup_logging(quiet)
-    settings = ExperimentSettings(sequences=list(sequences), methods=list(methods), prior=prior,
+    settings = ExperimentSettings(sequences=list(sequences), methods=list(methods), folds=folds,
+                                  model=str(model_dir) if model_dir else None, epochs=epochs, prior=prior,
                                   template_sequence=template_sequence, template_transform=template_transform,
                                   atlas_set_size=atlas_set_size,
                                   atlas_register=atlas_register,
@@ -698,7 +884,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, prior,
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")
     for method in settings.methods:
         stats = summary["methods"][method]
-        click.echo(f"  {method:<7} " + " / ".join(f"{stats[s]['dice_mean']:.3f}" for s in ("Myo", "LV", "RV"))
+        click.echo(f"  {method:<12} " + " / ".join(f"{stats[s]['dice_mean']:.3f}" for s in ("Myo", "LV", "RV"))
                    + f"   {summary['seconds_per_patient'][method]:.1f} s")
     click.echo(f"tables and figures in {out}")
 

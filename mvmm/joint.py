@@ -108,8 +108,13 @@ class JointSolver:
         self.device = torch.device(device)
         self.progress = progress
 
-    def run(self, subject: Subject) -> RegistrationResult:
-        """Register and fit; ``self.model`` ends fitted on the registration grid (refit it on the full one)."""
+    def run(self, subject: Subject, atlas_start: Optional[tuple] = None) -> RegistrationResult:
+        """Register and fit; ``self.model`` ends fitted on the registration grid (refit it on the full one).
+
+        ``atlas_start``: ``(linear, deformation)`` where the atlas starts (e.g. a network's placement and
+        velocity field; the deformation is held and the levels refine the linear map after it)
+        instead of its template, search or header placement.
+        """
         s = self.settings
         s.check_subject(subject)
         work = copy.copy(subject)
@@ -119,8 +124,18 @@ class JointSolver:
         radius = in_plane_radius(reference)
         moving_images = [n for n in subject.names if n != subject.reference]
         start = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
+        image_deformations = self._network_image_starts(subject, moving_images) if s.images_model else {}
+        for name in image_deformations:  # the network placed it: a linear start at the headers, held or refined
+            start[name] = RigidTransform(reference.ndim, center=reference.center_world())
+            if s.images == "none":
+                start[name].requires_grad_(False)
         deformation_start, template = None, None
-        if subject.atlas is not None:
+        if subject.atlas is not None and atlas_start is not None:
+            linear, deformation_start = atlas_start
+            start["atlas"] = linear.with_params(nn.Parameter(linear.params.detach().clone()))
+            if s.atlas == "none":
+                start["atlas"].requires_grad_(False)
+        elif subject.atlas is not None:
             start["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
             sequence = template_sequence(subject, s)
             if sequence is not None:
@@ -131,7 +146,8 @@ class JointSolver:
                 start["atlas"] = self._searched_atlas_start(work, start["atlas"], coarse)
             if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
                 start["atlas"].requires_grad_(False)
-        moving = {name: MovingTransform(linear, reference, radius, deformation_start if name == "atlas" else None)
+        deformations = {"atlas": deformation_start, **image_deformations}
+        moving = {name: MovingTransform(linear, reference, radius, deformations.get(name))
                   for name, linear in start.items()}
         history: List[dict] = []
         levels = s.levels()
@@ -211,6 +227,31 @@ class JointSolver:
         log.info("atlas placed by its %s template on %s (%s %s: loss %.4f -> %.4f)", sequence, name,
                  s.template_transform, s.template_metric, result.loss_before, result.loss_after)
         return registration.linear, registration.deformation, record
+
+    def _network_image_starts(self, subject: Subject, names: List[str]) -> dict:
+        """The deformations a registration network (``images_model``) predicts for the moving images
+        whose sequence it was trained on (fixed: the reference's); none other is touched."""
+        from mvmm.nets.model_dir import load_model
+        from mvmm.register import predict_registration
+
+        model = load_model(self.settings.images_model, self.device)
+        model.config.require("regnet", self.settings.images_model)
+        fixed, moving = (n.lower() for n in model.config.images)
+        if subject.reference.lower() != fixed:
+            raise InputError(f"RegistrationSettings.images_model: the network registers onto {model.config.images[0]}, "
+                             f"but the reference is {subject.reference!r}")
+        starts = {}
+        for name in names:
+            if name.lower() == moving:
+                svf, before, after = predict_registration(subject.reference_image, subject.image(name), model,
+                                                          self.device)
+                log.info("%s placed by the registration network %s (loss %.4f -> %.4f)", name,
+                         self.settings.images_model, before, after)
+                starts[name] = svf
+        if not starts:
+            raise InputError(f"RegistrationSettings.images_model: the network moves {model.config.images[1]}, which "
+                             f"is not among the images ({', '.join(subject.names)})")
+        return starts
 
     def _initial_image_transform(self, subject: Subject, name: str) -> RigidTransform:
         """Identity (headers), or a rigid MI registration of image ``name`` to the reference."""

@@ -222,6 +222,20 @@ def register_files(fixed_path, moving_path, out_dir, settings: PairwiseSettings,
     (the moving image resampled onto the fixed grid) and ``report.json``. Returns the report.
     """
     check_output_dir(out_dir, force)  # fail before any work; the outputs are staged at the end
+    fixed, moving = _read_pair(fixed_path, moving_path)
+    torch_device = resolve_device(device)
+    start = time.perf_counter()
+    registration = PairwiseRegistration(fixed, moving, settings, _read_mask(fixed_mask, fixed, "fixed_mask"),
+                                        _read_mask(moving_mask, moving, "moving_mask"), torch_device)
+    result = registration.run(progress)
+    seconds = time.perf_counter() - start
+    report = {"fixed": str(fixed_path), "moving": str(moving_path), "settings": asdict(settings),
+              "device": str(torch_device), "seconds": seconds, "loss_before": result.loss_before,
+              "loss_after": result.loss_after, "history": result.history, "jacobian": result.jacobian}
+    return _write_registration(out_dir, force, fixed, moving, result.transform, report, torch_device)
+
+
+def _read_pair(fixed_path, moving_path):
     fixed = Image.read(fixed_path, "fixed", "fixed_path")
     moving = Image.read(moving_path, "moving", "moving_path")
     for image, arg in ((fixed, "fixed_path"), (moving, "moving_path")):
@@ -229,21 +243,57 @@ def register_files(fixed_path, moving_path, out_dir, settings: PairwiseSettings,
     if fixed.grid.ndim != moving.grid.ndim:
         raise InputError(f"moving_path: {moving_path} is {moving.grid.ndim}D but `fixed_path` {fixed_path} is "
                          f"{fixed.grid.ndim}D")
-    torch_device = resolve_device(device)
-    start = time.perf_counter()
-    registration = PairwiseRegistration(fixed, moving, settings, _read_mask(fixed_mask, fixed, "fixed_mask"),
-                                        _read_mask(moving_mask, moving, "moving_mask"), torch_device)
-    result = registration.run(progress)
-    seconds = time.perf_counter() - start
+    return fixed, moving
+
+
+def _write_registration(out_dir, force: bool, fixed: Image, moving: Image, transform: nn.Module, report: dict,
+                        device) -> dict:
+    """``transforms/`` (the transform named ``moving``), ``moved.nii.gz`` and ``report.json``, staged."""
     with torch.no_grad():
-        moved, _ = sample_image(moving.data.to(torch_device), moving.grid,
-                                map_grid(result.transform, fixed.grid, torch_device))
-    report = {"fixed": str(fixed_path), "moving": str(moving_path), "settings": asdict(settings),
-              "device": str(torch_device), "seconds": seconds, "loss_before": result.loss_before,
-              "loss_after": result.loss_after, "history": result.history, "jacobian": result.jacobian,
-              "outputs": {"transforms": "transforms/transforms.json", "moved": "moved.nii.gz"}}
+        moved, _ = sample_image(moving.data.to(device), moving.grid, map_grid(transform, fixed.grid, device))
+    report = {**report, "outputs": {"transforms": "transforms/transforms.json", "moved": "moved.nii.gz"}}
     with staged_output_dir(out_dir, force, verify=io.verify_written) as out:
-        save_transforms(out / "transforms", {"moving": result.transform}, fixed.grid)
+        save_transforms(out / "transforms", {"moving": transform}, fixed.grid)
         io.write_array(out / "moved.nii.gz", moved[0].cpu().numpy(), fixed.grid)
         write_json(out / "report.json", report)
     return report
+
+
+def predict_registration(fixed: Image, moving: Image, model, device) -> tuple:
+    """The transform a registration network (``mvmm train regnet``) predicts for a pair, fixed world →
+    moving world, and its loss on the network grid before and after (headers vs prediction)."""
+    from mvmm.nets.data import prepare_pair, stack_cases
+    from mvmm.nets.regnet import RegPrediction
+
+    model.config.require("regnet", model.path)
+    net = model.net.to(device)
+    case = prepare_pair(fixed, moving, model.config.network, device)
+    with torch.no_grad():
+        batch = {k: v.to(device) for k, v in stack_cases([case]).items()}
+        prediction = net(batch)
+        after = float(net.loss(batch, prediction, 0.0)["data"])
+        zero = torch.zeros_like(prediction.velocity)
+        unmoved = RegPrediction(zero, net.svf(zero), batch["images"][:, 1:], batch["coverage"][:, 1:].float())
+        before = float(net.loss(batch, unmoved, 0.0)["data"])
+    return net.world_svf(prediction.velocity[0], case.grid), before, after
+
+
+def register_with_model(fixed_path, moving_path, model, out_dir, device: str = "auto", force: bool = False) -> dict:
+    """``mvmm register --model``: the registration network's transform in one forward pass; the same
+    outputs as :func:`register_files`."""
+    from mvmm.nets.model_dir import LoadedModel, load_model
+
+    check_output_dir(out_dir, force)
+    fixed, moving = _read_pair(fixed_path, moving_path)
+    torch_device = resolve_device(device)
+    start = time.perf_counter()
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, torch_device)
+    transform, before, after = predict_registration(fixed, moving, model, torch_device)
+    seconds = time.perf_counter() - start
+    jacobian = jacobian_statistics(transform, fixed.grid, device=torch_device)
+    warn_if_folded(jacobian, "the network's SVF")
+    report = {"fixed": str(fixed_path), "moving": str(moving_path), "model": str(model.path),
+              "metric": model.config.network.metric, "device": str(torch_device), "seconds": seconds,
+              "loss_before": before, "loss_after": after, "jacobian": jacobian}
+    return _write_registration(out_dir, force, fixed, moving, transform, report, torch_device)

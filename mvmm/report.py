@@ -244,6 +244,26 @@ def convergence_figure(path, lower_bounds: Sequence[float], registration_history
     _save(fig, path, rect=(0, 0, 1, 0.93))
 
 
+def loss_figure(path, history: Sequence[dict], title: str = "training",
+                data_label: str = "negative log-likelihood / voxel") -> None:
+    """A network's training curve: mean loss per epoch, and its two terms (the data term — negative
+    log-likelihood per voxel, or dissimilarity — and the velocity smoothness) as ``mvmm.nets.train``
+    logs them."""
+    fig, axes = _subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    axes[0, 0].plot(epochs, [h["loss"] for h in history], color=COLOURS[0], label="loss")
+    axes[0, 0].plot(epochs, [h["data"] for h in history], color=COLOURS[1], linestyle="--", label=data_label)
+    axes[0, 0].set_ylabel("training loss (mean over batches)")
+    axes[0, 0].legend(fontsize=7, loc="best")
+    axes[0, 1].plot(epochs, [h["smoothness"] for h in history], color=COLOURS[2])
+    axes[0, 1].set_ylabel("mean ‖∇v‖² (velocity)")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        _readable_axes(ax)
+    fig.suptitle(title)
+    _save(fig, path, rect=(0, 0, 1, 0.93))
+
+
 def _readable_axes(ax) -> None:
     """Whole-number iteration ticks and plain tick labels (no offset notation), a light grid."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

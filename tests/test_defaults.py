@@ -7,6 +7,7 @@ import click
 import pytest
 
 from mvmm.atlas_build import GroupwiseSettings
+from mvmm.core.settings import BayesNetSettings, RegNetSettings, TrainingSettings
 from mvmm.cli import main
 from mvmm.data.atlas import Atlas
 from mvmm.data.phantom import make_phantom
@@ -26,6 +27,8 @@ COMMANDS = {
     ("register",): ((PairwiseSettings,), {"transform_kind": "transform"}),
     ("atlas", "build"): ((GroupwiseSettings,), {"register_kind": "register", "sigma": "sigma_mm"}),
     ("experiment", "mscmr"): ((ExperimentSettings,), {"roi_margin": "roi_margin_mm"}),
+    ("train", "bayes"): ((BayesNetSettings, TrainingSettings), {}),
+    ("train", "regnet"): ((RegNetSettings, TrainingSettings), {}),
 }
 
 

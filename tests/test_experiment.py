@@ -8,7 +8,7 @@ from mvmm.cli import main
 from mvmm.data.manifest import Manifest, parse_patients, scan
 from mvmm.data.phantom import make_phantom
 from mvmm.core.errors import InputError
-from mvmm.experiments.mscmr import METHODS, ExperimentSettings, _cluster_names, _for_images, run_mscmr
+from mvmm.experiments.mscmr import CLASSICAL_METHODS as METHODS, ExperimentSettings, _cluster_names, _for_images, run_mscmr
 from conftest import SHARED_DATA
 
 
@@ -179,3 +179,28 @@ def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tm
     assert "em-all against its own prior alone" in (out / "summary.md").read_text()
     with pytest.raises(InputError, match="^ExperimentSettings.prior: expected one of"):
         ExperimentSettings(prior="majority")
+
+
+def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
+    """--folds: per fold, the atlas and the network come from the other folds' patients only (the
+    network from their images), and every method of a target uses its fold's atlas."""
+    data = write_patients(tmp_path / "data", [1, 2, 3, 4])
+    out = tmp_path / "cv"
+    settings = ExperimentSettings(atlas_register="none", methods=["em-all", "bayes", "bayes-refine"], folds=2,
+                                  epochs=2, device="cpu")
+    summary = run_mscmr(data, out, settings, progress=False)
+    assert set(summary["methods"]) == {"atlas", "em-all", "bayes", "bayes-refine"}
+    for n in (1, 2, 3, 4):
+        record = json.loads((out / "patients" / f"patient{n}.json").read_text())
+        fold = (n - 1) % 2
+        assert record["fold"] == fold and record["atlas_patients"] == [p for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
+        assert 0 <= record["metrics"]["bayes"]["LV"]["dice"] <= 1 and record["seconds"]["bayes"] > 0
+    for fold in (0, 1):
+        config = json.loads((out / "models" / f"fold{fold}" / "config.json").read_text())
+        assert config["subjects"] == [f"patient{p}" for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
+        assert summary["training"][f"fold{fold}"]["epochs"] == 2
+    with pytest.raises(InputError, match="ExperimentSettings.methods: bayes, bayes-refine need `folds`"):
+        ExperimentSettings(methods=["bayes"])
+    result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--out", str(tmp_path / "x"),
+                                       "--methods", "bayes", "-q"])
+    assert result.exit_code != 0 and "--folds" in result.output and "--model" in result.output

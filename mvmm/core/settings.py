@@ -195,6 +195,10 @@ class RegistrationSettings:
     images_init : {"mi", "header"}
         Initial placement of moving images: a rigid registration to the reference by mutual
         information (:mod:`mvmm.register`), or the headers.
+    images_model : str, optional
+        A registration network's model directory (``mvmm train regnet``, fixed = the reference's
+        sequence, moving = an image's): that image starts from the network's deformation (held;
+        ``images`` levels then refine a linear map after it) instead of ``images_init``.
     control_spacing : float
         Control-point spacing (mm) of the first FFD/SVF level; each further level halves it.
     ffd_levels : int
@@ -231,6 +235,7 @@ class RegistrationSettings:
     atlas_search_mm: float = 0.0
     search_em_steps: int = 10
     images_init: str = "mi"
+    images_model: Optional[str] = None
     control_spacing: float = 40.0
     ffd_levels: int = 2
     bending_weight: float = 1000.0
@@ -260,7 +265,7 @@ class RegistrationSettings:
 
     @property
     def active(self) -> bool:
-        return self.atlas != "none" or self.images != "none"
+        return self.atlas != "none" or self.images != "none" or self.images_model is not None
 
     def check_subject(self, subject) -> None:
         """Raise ``InputError`` if what these settings move is not there: no atlas, or no second image."""
@@ -412,7 +417,9 @@ class GroupwiseSettings:
                                 steps=self.steps, max_outer=self.max_outer)
 
 
-EXPERIMENT_METHODS = ("atlas", "em-lge", "em-all", "gmm")
+CLASSICAL_METHODS = ("atlas", "em-lge", "em-all", "gmm")
+NETWORK_METHODS = ("bayes", "bayes-refine")  # the Bayesian CNN alone, and refined by EM (mvmm.nets)
+EXPERIMENT_METHODS = CLASSICAL_METHODS + NETWORK_METHODS
 PRIORS = ("groupwise", "template", "multi-atlas")  # the experiment's spatial priors (mvmm.experiments.mscmr)
 FUSIONS = ("local-ncc", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas)
 
@@ -486,8 +493,18 @@ class ExperimentSettings:
     sequences : list of str
         Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
     methods : list of str
-        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm`` to run and report (``atlas`` and
-        ``em-all`` always run: one is the other's registered prior).
+        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine`` to run and
+        report (``atlas`` and ``em-all`` always run: one is the other's registered prior). The
+        network methods need ``folds`` or ``model``.
+    folds : int, optional
+        Cross-validation over the given patients (patient i of the sorted list is in fold i mod
+        ``folds``): for each fold the atlas is built from the other folds' labels and a network is
+        trained on their images (no label), and every method of a target of the fold uses that atlas.
+        None: leave-one-out atlases (as before).
+    model : str, optional
+        A trained model directory for the network methods (trained on other patients).
+    epochs : int
+        Training epochs of each fold's network (the rest of :class:`TrainingSettings` as default).
     prior : {"groupwise", "template", "multi-atlas"}
         The spatial prior of each target, made only from the atlas patients: ``"groupwise"``, their
         group-wise atlas placed by the target's axes (then the start search); ``"template"``, the
@@ -531,7 +548,10 @@ class ExperimentSettings:
     """
 
     sequences: List[str] = field(default_factory=lambda: ["LGE", "C0"])
-    methods: List[str] = field(default_factory=lambda: list(EXPERIMENT_METHODS))
+    methods: List[str] = field(default_factory=lambda: list(CLASSICAL_METHODS))
+    folds: Optional[int] = None
+    model: Optional[str] = None
+    epochs: int = 100
     prior: str = "groupwise"
     template_sequence: str = "LGE"
     template_transform: str = "affine"
@@ -557,7 +577,165 @@ class ExperimentSettings:
         if unknown:
             raise InputError(f"ExperimentSettings.methods: unknown {unknown}; choose from {', '.join(EXPERIMENT_METHODS)}")
         self.methods = [m for m in EXPERIMENT_METHODS if m in set(self.methods) | {"atlas", "em-all"}]
+        if self.folds is not None and self.folds < 2:
+            raise InputError(f"ExperimentSettings.folds: expected at least 2, got {self.folds}")
+        if self.folds is not None and self.model is not None:
+            raise InputError("ExperimentSettings.folds: give `folds` (train a network per fold) or `model`, not both")
+        if set(NETWORK_METHODS) & set(self.methods) and self.folds is None and self.model is None:
+            raise InputError(f"ExperimentSettings.methods: {', '.join(NETWORK_METHODS)} need `folds` (networks "
+                             f"trained per fold) or `model` (a trained model directory)")
+        require_positive(self, ("epochs",))
         if self.atlas_set_size is not None and self.atlas_set_size < 1:
             raise InputError(f"ExperimentSettings.atlas_set_size: expected at least 1, got {self.atlas_set_size}")
         require_field_choice(self, "postprocess", POSTPROCESSING)
         require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
+
+
+# ---------------------------------------------------------------- networks (mvmm.nets)
+NETWORK_GRID_3D = ((72, 72, 16), (2.0, 2.0, 5.0))  # ITK order (in-plane, in-plane, stack): 144 x 144 x 80 mm
+NETWORK_GRID_2D = ((72, 72), (2.0, 2.0))
+
+
+@dataclass
+class NetworkSettings:
+    """The network grid and the U-Net + velocity field every mvmm network shares (:mod:`mvmm.nets.velocity`).
+
+    Attributes
+    ----------
+    grid_size, grid_spacing : sequence, optional
+        The network grid, ITK order, in the heart's frame of each case's reference (or fixed) image
+        (:func:`mvmm.data.anatomy.short_axis_frame`), centred on its field of view; None: 72 x 72 x
+        16 voxels of 2 x 2 x 5 mm (3D) or 72 x 72 of 2 x 2 mm (2D). Every size must be divisible by
+        ``2 ** (len(channels) - 1)``.
+    channels : sequence of int
+        Features per level of the MONAI U-Net backbone (``monai.networks.nets.UNet``).
+    features : int
+        Channels of the backbone's output, which the heads read.
+    control_spacing : float
+        Control-point spacing (mm) of the stationary velocity field (a cubic B-spline, as the
+        classical SVF; :class:`mvmm.spatial.nonlinear.StationaryVelocityField`).
+    squarings : int
+        Scaling-and-squaring steps of ``exp(v)``.
+    """
+
+    grid_size: Optional[Sequence[int]] = None
+    grid_spacing: Optional[Sequence[float]] = None
+    channels: Sequence[int] = (16, 32, 64, 64)
+    features: int = 16
+    control_spacing: float = 10.0
+    squarings: int = 6
+
+    def __post_init__(self):
+        require_positive(self, ("features", "control_spacing", "squarings"))
+        if len(self.channels) < 2 or any(int(c) < 1 for c in self.channels):
+            raise InputError(f"{type(self).__name__}.channels: expected at least two positive counts, "
+                             f"got {list(self.channels)}")
+        self.channels = [int(c) for c in self.channels]
+
+    def resolved(self, ndim: int):
+        """These settings with the network grid filled in for ``ndim``-dimensional images, checked."""
+        size, spacing = NETWORK_GRID_3D if ndim == 3 else NETWORK_GRID_2D
+        size = [int(s) for s in (self.grid_size or size)]
+        spacing = [float(s) for s in (self.grid_spacing or spacing)]
+        name = f"{type(self).__name__}.grid_size"
+        if len(size) != ndim or len(spacing) != ndim:
+            raise InputError(f"{name}: {ndim}D images need {ndim} sizes and spacings, got {size} and {spacing}")
+        factor = 2 ** (len(self.channels) - 1)
+        if any(s % factor for s in size) or any(not s > 0 for s in spacing):
+            raise InputError(f"{name}: every size must be a multiple of {factor} (the U-Net halves it "
+                             f"{len(self.channels) - 1} times) and every spacing > 0, got {size}, {spacing}")
+        return replace(self, grid_size=size, grid_spacing=spacing)
+
+
+@dataclass
+class BayesNetSettings(NetworkSettings):
+    """The Bayesian segmentation CNN (:mod:`mvmm.nets.bayes`) and its data conventions; a model
+    directory's ``config.json`` holds them, so a trained model is fully described by it. The grid
+    and backbone fields are :class:`NetworkSettings`'.
+
+    Attributes
+    ----------
+    roi_margin_mm : float
+        The likelihood counts within this many mm of the atlas foreground (of the placed atlas in
+        training, of the warped one when segmenting), as ``mvmm segment --roi-margin``.
+    subtypes : list of str
+        ``IMAGE:TISSUE=N`` subtype counts the appearance head predicts, as ``mvmm segment --subtypes``.
+    background_subtypes : int
+    proportions : {"atlas", "learned"}
+        ``"atlas"``: the tissue proportions π are held equal, so that the prior is the warped atlas
+        itself (as the experiment's ``--proportions atlas``); ``"learned"``: the head predicts them.
+        Learned, on MS-CMRSeg the likelihood drove the background's share to 0.01 and the myocardium
+        and RV grew into it (docs/mscmr.md, "Networks").
+    """
+
+    roi_margin_mm: float = 10.0
+    subtypes: List[str] = field(default_factory=list)
+    background_subtypes: int = BACKGROUND_SUBTYPES
+    proportions: str = "atlas"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_field_choice(self, "proportions", ("atlas", "learned"))
+        require_positive(self, ("background_subtypes",))
+        require_positive(self, ("roi_margin_mm",), strict=False)
+        self.subtypes = list(self.subtypes)
+
+
+REGNET_METRICS = ("ncc", "mi")
+
+
+@dataclass
+class RegNetSettings(NetworkSettings):
+    """The VoxelMorph-style registration network (:mod:`mvmm.nets.regnet`): fixed + moving → SVF.
+    The grid (in the fixed image's heart frame) and backbone fields are :class:`NetworkSettings`'.
+
+    Attributes
+    ----------
+    metric : {"ncc", "mi"}
+        Similarity of the fixed image and the warped moving one (:mod:`mvmm.spatial.similarity`):
+        local NCC for similar contrasts, mutual information across sequences.
+    """
+
+    metric: str = "mi"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_field_choice(self, "metric", REGNET_METRICS)
+
+
+@dataclass
+class TrainingSettings:
+    """How a network is trained (:mod:`mvmm.nets.train`, ``mvmm train``).
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the training subjects (a resumed run continues up to this count).
+    batch_size : int
+    lr : float
+        Adam's learning rate.
+    smoothness : float
+        λ of the velocity regulariser ``λ · mean ‖∇v‖²`` (v in mm, so ∇v has no unit), beside
+        the mean negative log-likelihood per voxel.
+    augment : bool
+        Random intensity scaling and shift per image, and a small random rigid-plus-scale motion of
+        the images (not of the atlas) in the stack's plane: what a registration network must undo.
+    rotation_deg, shift_mm, scale : float
+        Ranges of that motion: ±rotation about the stack axis, ±shift per axis, ±relative scaling.
+    seed : int
+        Seeds the weights, the batch order and the augmentation (same seed, same weights on CPU).
+    """
+
+    epochs: int = 100
+    batch_size: int = 2
+    lr: float = 1e-3
+    smoothness: float = 1.0
+    augment: bool = True
+    rotation_deg: float = 10.0
+    shift_mm: float = 8.0
+    scale: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        require_positive(self, ("epochs", "batch_size", "lr"))
+        require_positive(self, ("smoothness", "rotation_deg", "shift_mm", "scale", "seed"), strict=False)

@@ -11,7 +11,11 @@ registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``)
 - ``atlas``: the atlas alone (argmax), as ``em-all`` registered it;
 - ``em-lge``: the joint model on the LGE alone, the atlas registered inside it;
 - ``gmm``: the plain mixture (no atlas) on all sequences, one Gaussian per class; clusters are named
-  one-to-one by the best Dice with the registered atlas (so no label of the target names them).
+  one-to-one by the best Dice with the registered atlas (so no label of the target names them);
+- ``bayes``, ``bayes-refine``: the Bayesian segmentation CNN (:mod:`mvmm.nets.bayes`) alone, and
+  followed by ``em-all``'s registration levels and EM from the network's warp; from a given model,
+  or with ``folds`` a network trained per fold on the other folds' images (and every method of the
+  fold then uses the other folds' atlas).
 
 The label maps of ``em-all`` and ``em-lge`` are cleaned up as ``settings.postprocess`` says (by
 default :mod:`mvmm.postprocess`'s ``cardiac``: papillary muscles counted as LV, islands removed);
@@ -42,8 +46,8 @@ from mvmm.data.image import Image
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
-from mvmm.core.settings import EXPERIMENT_METHODS as METHODS  # noqa: F401 (re-exported)
-from mvmm.core.settings import ExperimentSettings  # noqa: F401 (defined there, re-exported here)
+from mvmm.core.settings import CLASSICAL_METHODS, EXPERIMENT_METHODS as METHODS  # noqa: F401 (re-exported)
+from mvmm.core.settings import NETWORK_METHODS, ExperimentSettings  # noqa: F401 (ExperimentSettings: re-exported)
 from mvmm.core.errors import InputError
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
@@ -52,7 +56,7 @@ from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
 from mvmm.mixture.subtypes import parse_subtypes
 from mvmm.core.outputs import write_json
 from mvmm.report import comparison_figure
-from mvmm.segment import segment_subject
+from mvmm.segment import segment_subject, segment_with_model
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +120,12 @@ def _multi_atlas(target_lge: Image, entries: List[AtlasEntry], settings: Experim
 
 
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
-                atlas_set: Optional[List[AtlasEntry]] = None, progress: bool = False) -> dict:
+                atlas_set: Optional[List[AtlasEntry]] = None, progress: bool = False, model=None) -> dict:
     """Every method on one target; returns metrics, seconds and label maps (LGE grid).
 
     ``atlas`` is the atlas patients' group-wise atlas (with templates); for the ``multi-atlas`` prior,
-    ``atlas_set`` holds their labelled LGE images instead.
+    ``atlas_set`` holds their labelled LGE images instead. ``model``: the trained network
+    (:class:`mvmm.nets.model_dir.LoadedModel`) of the network methods.
     """
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="data")
@@ -163,6 +168,19 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         clusters = plain.posterior.argmax(0).cpu().numpy()
         maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
         seconds["gmm"] = time.perf_counter() - start
+    # bayes-refine: the network's warp, then em-all's registration levels (no start search: the network
+    # placed the atlas) and EM — chosen over EM alone with the warp fixed on a development fold
+    network_runs = {"bayes": None, "bayes-refine": replace(registration, atlas_search_mm=0.0, template_metric="none")}
+    for method, refinement in network_runs.items():
+        if method in settings.methods:
+            # files to labels: the images are read again, as `mvmm segment --model` would
+            start = time.perf_counter()
+            case = [Image.read(files.images[s], s) for s in model.config.images]
+            result = segment_with_model(case, model, mrf_beta=settings.mrf_beta, learn_proportions=learn,
+                                        postprocess=settings.postprocess, device=settings.device,
+                                        registration=refinement, roi_margin_mm=roi if refinement else None)
+            maps[method] = result.label_map()
+            seconds[method] = time.perf_counter() - start
     truth_map = truth.data[0].numpy().astype(np.int64)
     if truth_map.shape != maps["em-all"].shape:
         raise InputError(f"data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
@@ -216,11 +234,22 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
               "settings": asdict(settings)}
     _prepare(out, record, force)
     device = resolve_device(settings.device)
+    fold_of = {p: i % settings.folds for i, p in enumerate(patients)} if settings.folds else None
+    if fold_of is not None and atlas_data is not None:
+        raise InputError("atlas_data: with `folds`, each fold's atlas comes from the other folds' patients")
+    model, models, training = None, {}, {}
+    if settings.model is not None:
+        from mvmm.nets.model_dir import load_model
+
+        model = load_model(settings.model, device)
     for target in tqdm(patients, desc="MS-CMRSeg", unit="patient", disable=not progress):
         done = out / "patients" / f"patient{target}.json"
         if done.exists() and not force:
             continue
-        own = {n: p for n, p in pool.items() if atlas_data is not None or n != target}
+        if fold_of is not None:
+            own = {n: p for n, p in pool.items() if n in fold_of and fold_of[n] != fold_of[target]}
+        else:
+            own = {n: p for n, p in pool.items() if atlas_data is not None or n != target}
         if len(own) < 2:
             raise InputError(f"atlas_data: patient {target} needs at least two atlas patients with LGE labels, "
                              f"found {sorted(own)}")
@@ -228,13 +257,48 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
         if settings.prior != "multi-atlas":
             own_images = {s: {n: p for n, p in by_patient.items() if n in own} for s, by_patient in pool_images.items()}
             atlas, build_seconds = _atlas_for(own, own_images, out, device, progress, settings.atlas_register)
+        if fold_of is not None and set(NETWORK_METHODS) & set(settings.methods):
+            fold = fold_of[target]
+            if fold not in models:
+                models[fold] = _fold_model(fold, sorted(own), targets, atlas, settings, out, progress)
+            model = models[fold]
         own_entries = [e for e in entries if atlas_data is not None or e.subject != f"patient{target}"]
-        result = run_patient(target, targets.patients[target], atlas, settings, own_entries, progress)
+        result = run_patient(target, targets.patients[target], atlas, settings, own_entries, progress, model)
         comparison_figure(out / "figures" / f"patient{target}.png", result["image"],
                           {"manual": result["truth"], **{m: result["maps"][m] for m in settings.methods}}, manifest.labels,
                           title=f"MS-CMRSeg patient {target}, LGE")
         write_json(done, {"patient": target, "atlas_patients": sorted(own), "atlas_build_seconds": build_seconds,
+                          "fold": None if fold_of is None else fold_of[target],
                           "metrics": result["metrics"], "seconds": result["seconds"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
-    return write_summary(out, patients, settings.methods, manifest.labels)
+    if fold_of is not None and set(NETWORK_METHODS) & set(settings.methods):
+        training = {f: json.loads(p.read_text()) for f in range(settings.folds)
+                    for p in [out / "models" / f"fold{f}.json"] if p.exists()}
+    extra = {"training": {f"fold{f}": r for f, r in sorted(training.items())}} if training else None
+    return write_summary(out, patients, settings.methods, manifest.labels, extra)
+
+
+def _fold_model(fold: int, train_patients: List[int], targets, atlas: Atlas, settings: ExperimentSettings, out: Path,
+                progress: bool):
+    """The network of ``fold``, trained on ``train_patients``' images (no label) with their ``atlas``;
+    kept in ``out/models/foldF`` (a finished one is loaded, an interrupted one resumed), its report in
+    ``out/models/foldF.json``."""
+    from mvmm.core.settings import BayesNetSettings, TrainingSettings
+    from mvmm.nets.data import SubjectRow
+    from mvmm.nets.model_dir import WEIGHTS, load_model
+    from mvmm.training import train_bayes
+
+    folder, report = out / "models" / f"fold{fold}", out / "models" / f"fold{fold}.json"
+    if not (folder / WEIGHTS).exists():
+        rows = [SubjectRow(f"patient{n}", {s: targets.patients[n].images[s] for s in settings.sequences})
+                for n in train_patients]
+        resume = (folder / "checkpoint.pt").exists()
+        result = train_bayes(rows, settings.sequences, atlas, folder, BayesNetSettings(subtypes=list(settings.subtypes),
+                                                                             proportions=settings.proportions),
+                             TrainingSettings(epochs=settings.epochs, seed=settings.seed), settings.device,
+                             resume=resume, force=True, progress=progress)
+        previous = json.loads(report.read_text())["seconds"] if resume and report.exists() else 0.0
+        write_json(report, {"patients": train_patients, "epochs": result["epochs"], "final_loss": result["final_loss"],
+                            "seconds": previous + result["seconds"]})
+    return load_model(folder, resolve_device(settings.device))

@@ -6,7 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -22,8 +22,10 @@ def _mean(values) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], labels: LabelSet) -> dict:
-    """Collect ``out/patients/patientN.json`` of ``patients`` into the tables and figures; returns the summary."""
+def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], labels: LabelSet,
+                  extra: Optional[dict] = None) -> dict:
+    """Collect ``out/patients/patientN.json`` of ``patients`` into the tables and figures; returns the
+    summary (with ``extra`` entries, e.g. the networks' training, added)."""
     records = [json.loads((out / "patients" / f"patient{p}.json").read_text()) for p in patients]
     structures = [name for name, _ in labels.foreground]
     rows: List[dict] = []
@@ -62,6 +64,7 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
         paired_figure(out / "figures" / "em_vs_prior.png", by["atlas"], by["em-all"], [r["patient"] for r in records],
                       "Dice of the prior alone (atlas)", "Dice of em-all",
                       title="What the mixture adds to its prior, per patient")
+    summary.update(extra or {})
     write_json(out / "summary.json", summary)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(_markdown(summary, structures, methods))

@@ -218,6 +218,28 @@ class MultivariateMixture:
         return self
 
     @torch.no_grad()
+    def adopt(self, params: MixtureParams, images, coverage=None, prior=None,
+              spacing: Optional[Sequence[float]] = None) -> "MultivariateMixture":
+        """Take ``params`` (e.g. a network's prediction) as the fitted parameters without an EM step;
+        ``lower_bounds_`` holds their mean log-likelihood on the data, ``n_iter_`` is 0.
+
+        Parameters
+        ----------
+        params : MixtureParams
+            One subject.
+        images, coverage, prior, spacing
+            As :meth:`fit`.
+        """
+        data = self._voxels(images, coverage, prior, spacing, roi_only=True)
+        params = self._checked_params(params, data, self._n_classes(data), "params")
+        self.n_subtypes_, self._collapsed = params.n_subtypes.copy(), set()
+        self._floors = self._variance_floors(data)
+        self.params_ = params
+        self.lower_bounds_ = [self._e_step(data, params, keep_within=False).log_likelihood]
+        self.n_iter_, self.converged_ = 0, False
+        return self
+
+    @torch.no_grad()
     def predict_proba(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
         """Posterior tissue probabilities ``[K, *S]``; where no image counts, the prior."""
         self._check_fitted()

@@ -55,6 +55,15 @@ def spline_bending_energy(deformation: BSplineTransform, grid: Grid) -> torch.Te
     return _bending_of(field, grid)
 
 
+def diffusion_energy(u: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Mean over ``grid`` of ``Σ_c Σ_a (∂u_c / ∂a)²`` of a field ``[(B,) ndim, *grid.shape]`` (mm):
+    the ``‖∇u‖²`` smoothness of VoxelMorph and of Dalca et al. 2019 (zero for a translation)."""
+    total = u.new_zeros(())
+    for derivative in _axis_derivatives(u, grid):
+        total = total + (derivative ** 2).sum(dim=-grid.ndim - 1).mean()
+    return total
+
+
 def _bending_of(u: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Mean of ``Σ_c Σ_ab (∂²u_c / ∂a ∂b)²`` over a field ``[(B,) ndim, *grid.shape]``."""
     total = u.new_zeros(())

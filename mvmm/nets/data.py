@@ -1,0 +1,270 @@
+"""Subjects as a network sees them: each case resampled once onto its *network grid*.
+
+The network grid of a case has a fixed size and spacing (:class:`~mvmm.core.settings.BayesNetSettings`),
+the axes of the heart's frame of its reference image (:func:`mvmm.data.anatomy.short_axis_frame`:
+the same for any storage order of the file) and its centre at the reference's field-of-view centre.
+Every case's network grid is therefore the same array layout, related to the others by a rigid map,
+and a network can work in the *canonical* copy of that grid (origin at its centre, identity axes):
+a velocity field predicted there, in the grid's axes, is rotated onto a case's world by
+:func:`world_velocity`.
+
+On that grid a case is (all float32 unless said):
+
+- images ``[N, *S]``, each normalised by its own voxels, ``(x − median) / (p95 − p5)`` (0 where the
+  image does not cover);
+- coverage ``[N, *S]`` bool (hetero-coverage: an input of the network and a term of the likelihood);
+- prior ``[K, *S]``: the atlas as the classical path places it before any registration (heart frame
+  and field-of-view centre, :func:`mvmm.spatial.init.initial_linear_transform`);
+- region ``[*S]`` bool: within ``roi_margin_mm`` of that prior's foreground, where the loss counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mvmm.core.errors import InputError
+from mvmm.core.grid import Grid
+from mvmm.core.settings import BayesNetSettings, NetworkSettings, RegistrationSettings
+from mvmm.data.anatomy import short_axis_frame
+from mvmm.data.image import Image
+from mvmm.data.manifest import Manifest, scan
+from mvmm.data.roi import atlas_roi
+from mvmm.data.subject import Subject
+from mvmm.spatial.init import initial_linear_transform
+from mvmm.spatial.transforms import LinearTransform
+
+NORMALISATION = "per image: (x - median) / (p95 - p5) over the image's own voxels"
+_PERCENTILE_SAMPLE = 1 << 20  # voxels read for the percentiles of a large image (a fixed stride: deterministic)
+
+
+def intensity_normalisation(image: Image) -> Tuple[float, float]:
+    """``(offset, scale)`` with which image intensities become ``(x − offset) / scale``: the median and
+    the 5–95th percentile spread of the image's own voxels (robust to its units and to outliers)."""
+    values = image.data[0].reshape(-1)
+    stride = max(1, values.numel() // _PERCENTILE_SAMPLE)
+    values = values[::stride].double().cpu().numpy()
+    p5, p50, p95 = np.percentile(values, [5, 50, 95])
+    scale = float(p95 - p5)
+    if not scale > 0:
+        scale = float(values.std()) or 1.0
+    return float(p50), scale
+
+
+def network_grid(reference: Grid, settings: NetworkSettings) -> Grid:
+    """The network grid of a case whose reference image is on ``reference`` (see the module notes)."""
+    frame = short_axis_frame(reference)
+    axes = Grid(tuple(settings.grid_size), tuple(settings.grid_spacing), (0.0,) * reference.ndim,
+                tuple(frame.ravel()))
+    return axes.with_size(settings.grid_size, settings.grid_spacing, reference.center_world())
+
+
+def canonical_grid(settings: NetworkSettings) -> Grid:
+    """The network grid with its centre at the origin and identity axes (shared by every case)."""
+    ndim = len(settings.grid_size)
+    identity = Grid(tuple(settings.grid_size), tuple(settings.grid_spacing), (0.0,) * ndim,
+                    tuple(np.eye(ndim).ravel()))
+    return identity.with_size(settings.grid_size, settings.grid_spacing, (0.0,) * ndim)
+
+
+def world_velocity(coefficients: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Velocity coefficients ``[(B,) ndim, *control]`` in the canonical grid's axes, as world vectors
+    for a case whose network grid is ``grid`` (its axes are the columns of the direction matrix)."""
+    rotation = torch.as_tensor(grid.direction_matrix, dtype=coefficients.dtype, device=coefficients.device)
+    channels = -len(grid.shape) - 1
+    return torch.movedim(torch.movedim(coefficients, channels, -1) @ rotation.T, -1, channels)
+
+
+@dataclass
+class NetworkCase:
+    """One subject on its network grid (see the module notes for the tensors)."""
+
+    name: str
+    images: torch.Tensor
+    coverage: torch.Tensor
+    prior: torch.Tensor
+    region: torch.Tensor
+    grid: Grid
+    offsets: torch.Tensor  # [N] float64: x = offset + scale · normalised
+    scales: torch.Tensor  # [N] float64
+    placement: LinearTransform  # the atlas's rigid start, common space → atlas
+
+    fields = ("images", "coverage", "prior", "region")  # what a batch stacks
+
+    def inputs(self) -> torch.Tensor:
+        """The network's input ``[2N + K, *S]``: images, coverage, prior."""
+        return torch.cat([self.images, self.coverage.to(self.images.dtype), self.prior])
+
+
+def atlas_placement(subject: Subject) -> LinearTransform:
+    """The atlas's start as the classical path makes it (:class:`~mvmm.core.settings.RegistrationSettings`'
+    ``atlas_init``), fixed: the network learns what follows."""
+    placement = initial_linear_transform("rigid", subject.reference_image.grid, subject.atlas.grid,
+                                         RegistrationSettings().atlas_init)
+    placement.requires_grad_(False)
+    return placement
+
+
+def prepare_case(subject: Subject, settings: BayesNetSettings, device=None) -> NetworkCase:
+    """Resample ``subject`` (with an atlas) onto its network grid, normalised; see the module notes."""
+    if subject.atlas is None:
+        raise InputError("atlas: the Bayesian segmentation network needs an atlas (its prior is warped)")
+    grid = network_grid(subject.reference_image.grid, settings)
+    placement = atlas_placement(subject)
+    placed = replace(subject, transforms={**subject.transforms, "atlas": placement}, roi_margin_mm=None)
+    with torch.no_grad():
+        sample = placed.sample(grid, device, check=True)
+    norms = [intensity_normalisation(image) for image in subject.images]
+    offsets = torch.tensor([n[0] for n in norms], dtype=torch.float64)
+    scales = torch.tensor([n[1] for n in norms], dtype=torch.float64)
+    shape = (-1,) + (1,) * grid.ndim
+    images = (sample.images.double() - offsets.reshape(shape).to(sample.images.device)) / \
+        scales.reshape(shape).to(sample.images.device)
+    images = torch.where(sample.coverage, images, torch.zeros_like(images)).float()
+    region = atlas_roi(sample.prior, subject.atlas.labels.background_index, tuple(reversed(grid.spacing)),
+                       settings.roi_margin_mm) & sample.coverage.any(0)
+    if not bool(region.any()):
+        raise InputError(f"images: no voxel of {subject.reference} covered by the images lies within "
+                         f"{settings.roi_margin_mm:g} mm of the atlas foreground ({subject.atlas.source})")
+    return NetworkCase(subject.reference_image.source, images, sample.coverage, sample.prior.float(), region, grid,
+                       offsets, scales, placement)
+
+
+@dataclass
+class PairCase:
+    """A fixed and a moving image on the fixed image's network grid, placed by their headers.
+
+    ``images [2, *S]`` (fixed, moving; normalised, 0 where uncovered), ``coverage [2, *S]`` bool.
+    """
+
+    name: str
+    images: torch.Tensor
+    coverage: torch.Tensor
+    grid: Grid
+
+    fields = ("images", "coverage")
+
+
+def prepare_pair(fixed: Image, moving: Image, settings: NetworkSettings, device=None) -> PairCase:
+    """Resample a pair onto the fixed image's network grid (headers only), each image normalised."""
+    grid = network_grid(fixed.grid, settings)
+    with torch.no_grad():
+        sample = Subject([fixed, moving]).sample(grid, device, check=True)
+    images = []
+    for image, values, covered in zip((fixed, moving), sample.images, sample.coverage):
+        offset, scale = intensity_normalisation(image)
+        images.append(torch.where(covered, (values - offset) / scale, torch.zeros_like(values)).float())
+    return PairCase(moving.source, torch.stack(images), sample.coverage, grid)
+
+
+def stack_cases(cases: Sequence) -> Dict[str, torch.Tensor]:
+    """A batch of the cases' ``fields``: e.g. ``images``, ``coverage`` ``[B, N, *S]``, ``prior``
+    ``[B, K, *S]``, ``region`` ``[B, *S]`` of :class:`NetworkCase`."""
+    return {name: torch.stack([getattr(c, name) for c in cases]) for name in cases[0].fields}
+
+
+# ---------------------------------------------------------------------------- augmentation
+def augment(batch: Dict[str, torch.Tensor], grid: Grid, rotation_deg: float, shift_mm: float, scale: float,
+            generator: torch.Generator, moving: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """Random intensity change per image and a random motion of the images (not of the prior).
+
+    ``moving``: the image channels that move (default: all; a registration network moves only its
+    moving image, so that the pair is misaligned by a known kind of motion).
+
+    Intensities: ``a x + b`` with ``a ∈ [0.9, 1.1]``, ``b ∈ [−0.05, 0.05]`` (normalised units). Motion:
+    rotation about the last (stack) axis by ±``rotation_deg``, scaling in that plane by ±``scale``,
+    a shift of ±``shift_mm`` along each axis (a third of it through the stack), about the grid's
+    centre; images linearly, coverage by nearest neighbour (so hetero-coverage moves with its image).
+    """
+    images, coverage = batch["images"], batch["coverage"]
+    b, n, ndim = images.shape[0], images.shape[1], grid.ndim
+    dev = images.device
+
+    def uniform(*shape):
+        return torch.rand(shape, generator=generator).to(dev) * 2 - 1
+
+    gain, bias = 1 + 0.1 * uniform(b, n), 0.05 * uniform(b, n)
+    shape = (b, n) + (1,) * ndim
+    images = torch.where(coverage, images * gain.reshape(shape) + bias.reshape(shape), torch.zeros_like(images))
+    angle = uniform(b) * math.radians(rotation_deg)
+    zoom = 1 + scale * uniform(b)
+    matrix = torch.eye(ndim, device=dev).repeat(b, 1, 1)
+    c, s = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = c, -s, s, c
+    shift = uniform(b, ndim) * shift_mm
+    if ndim == 3:
+        shift[:, 2] /= 3
+    half = torch.as_tensor([(sz - 1) * sp / 2 for sz, sp in zip(grid.size, grid.spacing)], device=dev)
+    # a map of mm about the centre, in grid_sample's normalised coordinates: H⁻¹ A H, shift / H
+    theta = torch.cat([matrix * half.reshape(1, 1, ndim) / half.reshape(1, ndim, 1),
+                       (shift / half).unsqueeze(-1)], dim=-1)
+    size = (b, n) + tuple(images.shape[2:])
+    flow = F.affine_grid(theta, size, align_corners=True)
+    moved = F.grid_sample(images, flow, mode="bilinear", padding_mode="zeros", align_corners=True)
+    covered = F.grid_sample(coverage.float(), flow, mode="nearest", padding_mode="zeros", align_corners=True) > 0.5
+    moved = torch.where(covered, moved, torch.zeros_like(moved))
+    if moving is not None:
+        keep = torch.ones(n, dtype=torch.bool, device=dev)
+        keep[list(moving)] = False
+        shape = (1, n) + (1,) * ndim
+        moved = torch.where(keep.reshape(shape), images, moved)
+        covered = torch.where(keep.reshape(shape), coverage, covered)
+    return {**batch, "images": moved, "coverage": covered}
+
+
+# ---------------------------------------------------------------------------- subject tables
+@dataclass
+class SubjectRow:
+    """One training subject: its name and one image path per sequence."""
+
+    name: str
+    images: Dict[str, Path]
+
+
+def subjects_from_csv(path, sequences: Sequence[str]) -> List[SubjectRow]:
+    """Rows of a CSV with a ``subject`` column and one column per sequence (image paths, relative to
+    the CSV's folder or absolute); a subject with an empty cell for one of ``sequences`` is an error."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise InputError(f"data: cannot read {path} as a CSV ({err})") from None
+    if not rows:
+        raise InputError(f"data: {path} has no rows")
+    header = {name.strip().lower(): name for name in rows[0]}
+    missing = [s for s in ["subject"] + list(sequences) if s.lower() not in header]
+    if missing:
+        raise InputError(f"data: {path} has no column {', '.join(missing)} (columns: {', '.join(rows[0])})")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        images = {}
+        for sequence in sequences:
+            cell = (row[header[sequence.lower()]] or "").strip()
+            if not cell:
+                raise InputError(f"data: {path} line {line}: no {sequence} image for subject {row[header['subject']]!r}")
+            image = Path(cell)
+            images[sequence] = image if image.is_absolute() else path.parent / image
+        out.append(SubjectRow(row[header["subject"]].strip(), images))
+    return out
+
+
+def subjects_from_manifest(manifest_name: str, data, patients: Optional[Sequence[int]],
+                           sequences: Sequence[str]) -> List[SubjectRow]:
+    """Subjects of a described data set (e.g. ``mscmr19``) in folder ``data`` that have every sequence."""
+    manifest = Manifest.load(manifest_name)
+    canonical = [manifest.canonical_sequence(s) for s in sequences]
+    found = scan(manifest, data, patients, canonical, [])
+    if found.problems:
+        raise InputError("data: " + "; ".join(found.problems[:5])
+                         + (f" (and {len(found.problems) - 5} more)" if len(found.problems) > 5 else ""))
+    wanted = set(patients) if patients is not None else set(found.patients)
+    return [SubjectRow(f"patient{n}", {s: f.images[c] for s, c in zip(sequences, canonical)})
+            for n, f in sorted(found.patients.items()) if n in wanted]

@@ -1,0 +1,157 @@
+"""A trained model as a folder: what a user copies, shares and points ``mvmm segment --model`` at.
+
+    MODEL_DIR/
+      config.json     format, kind (bayes | regnet), the network and data conventions (BayesNetSettings
+                      or RegNetSettings, resolved), image names in input order, subtype counts and
+                      labels (bayes), intensity normalisation, training settings and subjects,
+                      versions of mvmm / torch / MONAI
+      weights.pt      the network's state_dict (what inference loads)
+      checkpoint.pt   weights + optimiser + RNG state + epoch (what --resume loads)
+      atlas.nii.gz    bayes: the atlas it was trained with (+ atlas.json, + templates): part of the model
+      log.json        loss per epoch; loss.png its curve
+
+Every file is written atomically (a temporary name, then a rename): an interrupted training run
+leaves the previous epoch's files whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from mvmm import __version__
+from mvmm.core.errors import InputError
+from mvmm.core.outputs import atomic_path, write_json
+from mvmm.core.settings import BayesNetSettings, NetworkSettings, RegNetSettings, TrainingSettings
+from mvmm.data.atlas import Atlas
+from mvmm.data.labels import LabelSet
+from mvmm.nets.bayes import BayesSegNet
+from mvmm.nets.data import NORMALISATION
+from mvmm.nets.regnet import RegNet
+
+MODEL_FORMAT = "mvmm-model/1"
+CONFIG, WEIGHTS, CHECKPOINT, ATLAS, LOG, CURVE = ("config.json", "weights.pt", "checkpoint.pt", "atlas.nii.gz",
+                                                  "log.json", "loss.png")
+
+
+KINDS = {"bayes": BayesNetSettings, "regnet": RegNetSettings}
+
+
+@dataclass
+class ModelConfig:
+    """What ``config.json`` holds (see the module notes).
+
+    ``images``: the network's inputs in order (for ``regnet``: fixed, moving sequence);
+    ``n_subtypes`` ``[N, K]`` and ``labels``: the mixture a ``bayes`` model predicts (None for ``regnet``).
+    """
+
+    kind: str
+    network: NetworkSettings
+    images: List[str]
+    n_subtypes: Optional[np.ndarray]
+    labels: Optional[LabelSet]
+    training: TrainingSettings
+    subjects: List[str]
+
+    def to_dict(self) -> dict:
+        import monai
+
+        d = {"format": MODEL_FORMAT, "kind": self.kind, "mvmm_version": __version__,
+             "torch_version": torch.__version__, "monai_version": monai.__version__,
+             "network": asdict(self.network), "images": list(self.images), "normalisation": NORMALISATION,
+             "training": asdict(self.training), "subjects": list(self.subjects)}
+        if self.kind == "bayes":
+            d.update({"n_subtypes": self.n_subtypes.tolist(), "labels": self.labels.as_dict(), "atlas": ATLAS})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path) -> "ModelConfig":
+        if d.get("format") != MODEL_FORMAT:
+            raise InputError(f"model: {path} is not an mvmm model configuration (format {d.get('format')!r}, "
+                             f"expected {MODEL_FORMAT!r})")
+        if d.get("kind") not in KINDS:
+            raise InputError(f"model: {path} is a {d.get('kind')!r} model; this version of mvmm runs "
+                             f"{', '.join(KINDS)}")
+        try:
+            bayes = d["kind"] == "bayes"
+            return cls(d["kind"], KINDS[d["kind"]](**d["network"]), list(d["images"]),
+                       np.asarray(d["n_subtypes"], dtype=np.int64) if bayes else None,
+                       LabelSet.from_dict(d["labels"]) if bayes else None,
+                       TrainingSettings(**d["training"]), list(d.get("subjects", [])))
+        except (KeyError, TypeError) as err:
+            raise InputError(f"model: {path} lacks or garbles an entry ({err})") from None
+
+    def require(self, kind: str, path) -> None:
+        """Raise InputError (naming ``model``) unless this is a ``kind`` model."""
+        if self.kind != kind:
+            raise InputError(f"model: {path} is a {self.kind!r} model; this needs a {kind!r} model "
+                             f"(mvmm train {kind})")
+
+
+def build_network(config: ModelConfig):
+    if config.kind == "regnet":
+        return RegNet(config.network)
+    return BayesSegNet(config.n_subtypes, config.network)
+
+
+def save_torch(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_model_files(out: Path, config: ModelConfig, atlas: Optional[Atlas] = None) -> None:
+    """``config.json`` and the atlas, if the model has one (once, when training starts)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG, config.to_dict())
+    if atlas is not None:
+        atlas.save(out / ATLAS)
+
+
+@dataclass
+class LoadedModel:
+    """A model directory read back: its configuration, network (eval mode, on ``device``) and atlas
+    (None for a registration network)."""
+
+    path: Path
+    config: ModelConfig
+    net: torch.nn.Module
+    atlas: Optional[Atlas]
+
+
+def read_config(model_dir) -> ModelConfig:
+    path = Path(model_dir) / CONFIG
+    if not Path(model_dir).is_dir():
+        raise InputError(f"model: {model_dir} is not a folder (a model directory written by `mvmm train`)")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"model: cannot read {path} ({err})") from None
+    return ModelConfig.from_dict(d, path)
+
+
+def load_model(model_dir, device=None, weights: Optional[str] = None) -> LoadedModel:
+    """Read ``model_dir`` (see the module notes); ``weights``: another file of it (e.g. the checkpoint)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    net = build_network(config)
+    path = model_dir / (weights or WEIGHTS)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise InputError(f"model: cannot read the weights {path} ({err})") from None
+    if "model" in state and isinstance(state["model"], dict):  # a checkpoint
+        state = state["model"]
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"model: {path} does not fit the network its config.json describes "
+                         f"({str(err).splitlines()[0]})") from None
+    atlas = None
+    if config.kind == "bayes":
+        atlas = Atlas.read([model_dir / ATLAS], len(config.network.grid_size), config.labels, argname="model")
+    return LoadedModel(model_dir, config, net.to(device).eval(), atlas)

@@ -1,0 +1,306 @@
+"""The Bayesian segmentation CNN (mvmm.nets): one likelihood with EM, gradients, training, model
+directories, `mvmm train bayes` and `mvmm segment --model`. Tiny networks on 2D phantoms, a few steps."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mvmm.atlas_build import GroupwiseSettings, build_atlas
+from mvmm.cli import main
+from mvmm.core.errors import InputError
+from mvmm.core.settings import BayesNetSettings, TrainingSettings
+from mvmm.data.image import Image
+from mvmm.data.labels import CARDIAC_LABELS
+from mvmm.data.phantom import make_phantom, write_phantom
+from mvmm.metrics import evaluate_labels
+from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
+from mvmm.nets.bayes import BayesSegNet, bayes_loss
+from mvmm.nets.data import SubjectRow, prepare_case, stack_cases, subjects_from_csv
+from mvmm.nets.model_dir import load_model
+from mvmm.nets.train import seeded_network, train_network
+from mvmm.segment import segment_with_model
+from mvmm.training import model_subtypes, placed_subject, train_bayes
+
+TINY = BayesNetSettings(grid_size=(48, 48), grid_spacing=(3.0, 3.0), channels=(4, 8, 16), features=4,
+                        subtypes=["LGE:Myo=2"])
+SEQUENCES = ["LGE", "C0"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Six 2D phantom cases on disk, a label-only atlas (axes frame) of four others, and a CSV of the six."""
+    root = tmp_path_factory.mktemp("cohort")
+    cases = {seed: write_phantom(root / f"s{seed}", seed=seed, ndim=2) for seed in range(10, 16)}
+    truths = [write_phantom(root / f"a{seed}", seed=seed, ndim=2)["LGE_truth"] for seed in range(20, 24)]
+    atlas, _ = build_atlas(truths, GroupwiseSettings(register="none", frame="axes"))
+    atlas.save(root / "atlas.nii.gz")
+    table = root / "subjects.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "LGE", "C0"])
+        for seed, files in cases.items():
+            writer.writerow([f"s{seed}", files["LGE"].relative_to(root), files["C0"].relative_to(root)])
+    return root, cases, table
+
+
+def network_cases(cohort, seeds):
+    root, cases, _ = cohort
+    from mvmm.data.atlas import Atlas
+
+    atlas = Atlas.read([root / "atlas.nii.gz"])
+    settings = TINY.resolved(2)
+    out = []
+    for seed in seeds:
+        images = [Image.read(cases[seed][s], s) for s in SEQUENCES]
+        out.append(prepare_case(placed_subject(images, atlas), settings))
+    return out, atlas, settings
+
+
+def tiny_net(atlas, settings, seed=0):
+    counts = model_subtypes(settings, SEQUENCES, atlas)
+    return seeded_network(lambda: BayesSegNet(counts, settings), seed)
+
+
+def test_training_loss_and_em_score_are_one_likelihood(cohort):
+    cases, atlas, settings = network_cases(cohort, [10])
+    net = tiny_net(atlas, settings)
+    batch = stack_cases(cases)
+    batch["region"] = batch["coverage"].any(1)  # EM scores every covered voxel
+    with torch.no_grad():
+        prediction = net(batch)
+        loss = bayes_loss(net, batch, prediction, smoothness=0.0)
+    params = prediction.params.subject(0)
+    model = MultivariateMixture(n_subtypes=params.n_subtypes)
+    em_score = model.adopt(params, batch["images"][0], batch["coverage"][0], prediction.warped_prior[0]).lower_bounds_[0]
+    differentiable = model.log_likelihood(batch["images"][0], batch["coverage"][0], prediction.warped_prior[0], params)
+    assert float(loss["data"]) == pytest.approx(-em_score, rel=1e-5)
+    assert float(loss["data"]) == pytest.approx(-float(differentiable), rel=1e-5)
+    # and one EM step from the network's θ cannot lower it (the network's θ is a valid EM start)
+    with pytest.warns(ConvergenceWarning):  # three iterations, by design
+        model.fit(batch["images"][0], batch["coverage"][0], prediction.warped_prior[0], init_params=params, max_iter=3)
+    assert np.all(np.diff(model.lower_bounds_) >= -1e-6)
+
+
+def test_gradients_reach_every_head(cohort):
+    cases, atlas, settings = network_cases(cohort, [10, 11])
+    net = tiny_net(atlas, settings)
+    batch = stack_cases(cases)
+    loss = bayes_loss(net, batch, net(batch), smoothness=1.0)["loss"]
+    loss.backward()
+    for name, module in (("backbone", net.backbone), ("velocity", net.velocity_head),
+                         ("appearance", net.appearance_head)):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+
+
+def test_network_warp_is_the_warp_segment_applies(cohort):
+    """The prior the network warps on its canonical grid is the atlas moved by the world transform
+    that segment --model builds (rotated velocity, moved control grid) and samples exactly."""
+    root, cases, _ = cohort
+    net_cases, atlas, settings = network_cases(cohort, [12])
+    net = tiny_net(atlas, settings)
+    with torch.no_grad():  # a visible deformation: a large random velocity head
+        net.velocity_head.weight.normal_(std=2.0)
+        net.velocity_head.bias.copy_(torch.tensor([3.0, -2.0]))
+    images = [Image.read(cases[12][s], s) for s in SEQUENCES]
+    from mvmm.nets.model_dir import LoadedModel, ModelConfig
+
+    config = ModelConfig("bayes", settings, SEQUENCES, model_subtypes(settings, SEQUENCES, atlas), atlas.labels,
+                         TrainingSettings(), [])
+    result = segment_with_model(images, LoadedModel(root, config, net.eval(), atlas), device="cpu")
+    with torch.no_grad():
+        prediction = net(stack_cases(net_cases))
+        exact = result.subject.sample(net_cases[0].grid).prior
+    moved = float((prediction.warped_prior[0] - net_cases[0].prior).abs().mean())
+    error = float((prediction.warped_prior[0] - exact).abs().mean())
+    assert moved > 0.02  # the warp does something...
+    # ...and both paths agree on it, up to the network path's double interpolation of the atlas (the
+    # velocity left in the grid's axes instead of rotated onto the world's would miss by 3x more)
+    assert error < 0.1 * moved
+
+
+def test_tiny_training_lowers_the_loss_and_is_reproducible(cohort, tmp_path):
+    cases, atlas, settings = network_cases(cohort, [10, 11, 12, 13])
+    training = TrainingSettings(epochs=12, batch_size=2, lr=3e-3, seed=3)
+    logs, nets = [], []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        net = tiny_net(atlas, settings, seed=training.seed)
+        logs.append(train_network(net, cases, training, tmp_path / run, "cpu", progress=False))
+        nets.append(net)
+    losses = [h["loss"] for h in logs[0]]
+    assert np.mean(losses[-3:]) < losses[0] - 0.05
+    # same seed, same weights on CPU
+    for (name, a), (_, b) in zip(nets[0].state_dict().items(), nets[1].state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_continues_the_loss_curve(cohort, tmp_path):
+    cases, atlas, settings = network_cases(cohort, [10, 11, 12])
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole.mkdir(), split.mkdir()
+    full = TrainingSettings(epochs=4, batch_size=2, seed=1)
+    train_network(tiny_net(atlas, settings, 1), cases, full, whole, "cpu", progress=False)
+    train_network(tiny_net(atlas, settings, 1), cases, TrainingSettings(epochs=2, batch_size=2, seed=1), split, "cpu",
+                  progress=False)
+    resumed = train_network(tiny_net(atlas, settings, 99), cases, full, split, "cpu", resume=True, progress=False)
+    reference = json.loads((whole / "log.json").read_text())["epochs"]
+    assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h["loss"] for h in resumed], [h["loss"] for h in reference], rtol=1e-5)
+
+
+def test_train_bayes_model_directory_and_segment(cohort, tmp_path):
+    root, cases, table = cohort
+    rows = subjects_from_csv(table, SEQUENCES)[:4]
+    out = tmp_path / "model"
+    result = train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], out, TINY, TrainingSettings(epochs=6, lr=3e-3),
+                         device="cpu", progress=False)
+    assert result["epochs"] == 6
+    for name in ("config.json", "weights.pt", "checkpoint.pt", "atlas.nii.gz", "atlas.json", "log.json", "loss.png"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "mvmm-model/1" and config["images"] == SEQUENCES
+    assert config["labels"] == CARDIAC_LABELS.as_dict() and config["network"]["grid_size"] == [48, 48]
+    assert config["n_subtypes"][0][CARDIAC_LABELS.names.index("Myo")] == 2
+    # a reloaded model predicts bit-identically
+    images = [Image.read(cases[15][s], s) for s in SEQUENCES]
+    first, second = (segment_with_model(images, load_model(out), device="cpu") for _ in range(2))
+    assert torch.equal(first.posterior, second.posterior)
+    # refinement: EM from the network's θ never lowers log L
+    refined = segment_with_model(images, out, refine=5, device="cpu")
+    assert np.all(np.diff(refined.model.lower_bounds_) >= -1e-6)
+    assert refined.model.lower_bounds_[0] == pytest.approx(first.model.lower_bounds_[0], rel=1e-6)
+    # an existing model directory is not replaced without force
+    with pytest.raises(InputError, match="not empty"):
+        train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], out, TINY, TrainingSettings(epochs=1), device="cpu",
+                    progress=False)
+
+
+def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
+    root, cases, table = cohort
+    out = tmp_path / "model"
+    runner = CliRunner()
+    train = ["train", "bayes", "--data", str(table), "--sequences", "LGE", "C0", "--atlas", str(root / "atlas.nii.gz"),
+             "--out", str(out), "--subtypes", "LGE:Myo=2", "--device", "cpu", "-q"]
+    result = runner.invoke(main, train + ["--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 epochs" in result.output
+    # (the network grid is the default here: 72 x 72 x 2 mm)
+    assert json.loads((out / "config.json").read_text())["network"]["grid_size"] == [72, 72]
+    result = runner.invoke(main, train + ["--epochs", "2"])
+    assert result.exit_code != 0 and "--out" in result.output and "not empty" in result.output
+    result = runner.invoke(main, train + ["--epochs", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert [h["epoch"] for h in json.loads((out / "log.json").read_text())["epochs"]] == [1, 2, 3]
+    seg = tmp_path / "seg"
+    result = runner.invoke(main, ["segment", "--images", str(cases[15]["C0"]), str(cases[15]["LGE"]),
+                                  "--model", str(out), "--refine", "3", "--out", str(seg), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((seg / "report.json").read_text())
+    assert {"network_s", "refine_s"} <= set(report["timings_s"]) and report["settings"]["refine"] == 3
+    for name in ("labels.nii.gz", "labels_LGE.nii.gz", "labels_C0.nii.gz", "posteriors.nii.gz", "params.json",
+                 "transforms/transforms.json"):
+        assert (seg / name).exists(), name
+    # the joint registration and EM from the network's warp (the experiment's bayes-refine)
+    icm = tmp_path / "icm"
+    result = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model",
+                                  str(out), "--register-atlas", "affine", "--roi-margin", "5", "--out", str(icm),
+                                  "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((icm / "report.json").read_text())
+    assert report["settings"]["refine"] == "registration" and report["settings"]["roi_margin_mm"] == 5
+    assert {"network_s", "registration_s", "fit_s"} <= set(report["timings_s"])
+    assert report["registration"]["history"]  # the levels ran
+    index = json.loads((icm / "transforms" / "transforms.json").read_text())["transforms"]["atlas"]
+    assert [step["type"] for step in index] == ["displacement", "linear"]  # exp(v), then the refined linear map
+    bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model",
+                               str(out), "--register-atlas", "affine", "--refine", "2", "--out", str(tmp_path / "v"),
+                               "-q"])
+    assert bad.exit_code != 0 and "--refine" in bad.output and "--register-atlas" in bad.output
+    # what the model fixes cannot be changed, and wrong inputs are named
+    bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model", str(out),
+                               "--atlas", "builtin:cardiac", "--out", str(tmp_path / "x"), "-q"])
+    assert bad.exit_code != 0 and "--atlas" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), "--model", str(out),
+                               "--out", str(tmp_path / "y"), "-q"])
+    assert bad.exit_code != 0 and "reads LGE, C0" in bad.output
+    bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), "--model", str(tmp_path / "nothing"),
+                               "--out", str(tmp_path / "z"), "-q"])
+    assert bad.exit_code != 0 and "--model" in bad.output and "not a folder" in bad.output
+    bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), "--refine", "2",
+                               "--out", str(tmp_path / "w"), "-q"])
+    assert bad.exit_code != 0 and "--refine" in bad.output and "--model" in bad.output
+
+
+def test_3d_network_runs_one_step(tmp_path):
+    """The same code in 3D (a short-axis stack): one forward/backward pass on a small grid."""
+    phantom = make_phantom(seed=4)
+    from mvmm.data.atlas import Atlas
+
+    images = [phantom.images[s] for s in SEQUENCES]
+    atlas = Atlas.builtin_cardiac(images[0].grid)
+    settings = BayesNetSettings(grid_size=(32, 32, 8), grid_spacing=(4.5, 4.5, 10.0), channels=(4, 8),
+                                features=4).resolved(3)
+    case = prepare_case(placed_subject(images, atlas), settings)
+    net = tiny_net(atlas, settings)
+    batch = stack_cases([case])
+    terms = bayes_loss(net, batch, net(batch), smoothness=1.0)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"]) and net.velocity_head.weight.grad.abs().sum() > 0
+    assert net(batch).velocity.shape[1] == 3
+
+
+def test_settings_errors_name_the_parameter():
+    with pytest.raises(InputError, match="BayesNetSettings.grid_size: every size must be a multiple of 8"):
+        BayesNetSettings(grid_size=(50, 50)).resolved(2)
+    with pytest.raises(InputError, match="BayesNetSettings.grid_size: 3D images need 3"):
+        BayesNetSettings(grid_size=(48, 48)).resolved(3)
+    with pytest.raises(InputError, match="TrainingSettings.epochs"):
+        TrainingSettings(epochs=0)
+
+
+def test_subject_table_errors_name_file_and_line(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("subject,LGE\na,a.nii.gz\n")
+    with pytest.raises(InputError, match="no column C0"):
+        subjects_from_csv(table, ["LGE", "C0"])
+    table.write_text("subject,LGE,C0\na,a.nii.gz,\n")
+    with pytest.raises(InputError, match="line 2: no C0 image for subject 'a'"):
+        subjects_from_csv(table, ["LGE", "C0"])
+    rows = subjects_from_csv(tmp_path / "t.csv", ["LGE"])
+    assert rows == [SubjectRow("a", {"LGE": tmp_path / "a.nii.gz"})]
+
+
+def test_phantom_segmentation_by_a_briefly_trained_network_finds_the_heart(cohort, tmp_path):
+    """Not an accuracy claim: 20 epochs on four phantoms, tested on a fifth, find every structure."""
+    root, cases, table = cohort
+    rows = subjects_from_csv(table, SEQUENCES)[:4]
+    out = tmp_path / "model"
+    train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], out, TINY, TrainingSettings(epochs=20, lr=3e-3),
+                device="cpu", progress=False)
+    images = [Image.read(cases[15][s], s) for s in SEQUENCES]
+    truth = Image.read(cases[15]["LGE_truth"], "truth").data[0].numpy().astype(int)
+    seg = segment_with_model(images, out, device="cpu")
+    dice = evaluate_labels(seg.label_map(), truth, tuple(reversed(images[0].grid.spacing)), CARDIAC_LABELS)
+    assert min(dice[s]["dice"] for s in ("Myo", "LV", "RV")) > 0.5, dice
+
+
+def test_proportions_are_held_unless_learned(cohort):
+    """Held (the default, as the experiment's --proportions atlas): π is equal and the prior is the
+    warped atlas; learned: the head predicts π and the loss reaches it."""
+    from dataclasses import replace
+
+    cases, atlas, settings = network_cases(cohort, [10])
+    batch = stack_cases(cases)
+    held = tiny_net(atlas, settings)(batch).params.log_proportions
+    assert torch.allclose(held, torch.full_like(held, -np.log(len(atlas.labels))))
+    learned_net = tiny_net(atlas, replace(settings, proportions="learned"))
+    learned = learned_net(batch).params.log_proportions
+    assert not torch.allclose(learned, held)
+    learned.sum().backward()
+    assert learned_net.appearance_head[-1].weight.grad[-1].abs().sum() > 0
