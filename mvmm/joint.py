@@ -123,8 +123,9 @@ class JointSolver:
         coarse = reference.coarsened(s.grid_spacing)
         radius = in_plane_radius(reference)
         moving_images = [n for n in subject.names if n != subject.reference]
-        start = {name: self._initial_image_transform(subject, name) for name in moving_images} if s.images != "none" else {}
         image_deformations = self._network_image_starts(subject, moving_images) if s.images_model else {}
+        start = {name: self._initial_image_transform(subject, name) for name in moving_images
+                 if name not in image_deformations} if s.images != "none" else {}
         for name in image_deformations:  # the network placed it: a linear start at the headers, held or refined
             start[name] = RigidTransform(reference.ndim, center=reference.center_world())
             if s.images == "none":

@@ -58,6 +58,17 @@ def intensity_normalisation(image: Image) -> Tuple[float, float]:
     return float(p50), scale
 
 
+def normalised(images: Sequence[Image], values: torch.Tensor, coverage: torch.Tensor):
+    """``values [N, *S]`` (the N ``images`` sampled on a grid) normalised by each image's own
+    :func:`intensity_normalisation`, 0 where uncovered (float32); and the offsets, scales ``[N]`` (float64)."""
+    norms = [intensity_normalisation(image) for image in images]
+    offsets = torch.tensor([n[0] for n in norms], dtype=torch.float64)
+    scales = torch.tensor([n[1] for n in norms], dtype=torch.float64)
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    scaled = (values.double() - offsets.reshape(shape).to(values.device)) / scales.reshape(shape).to(values.device)
+    return torch.where(coverage, scaled, torch.zeros_like(scaled)).float(), offsets, scales
+
+
 def network_grid(reference: Grid, settings: NetworkSettings) -> Grid:
     """The network grid of a case whose reference image is on ``reference`` (see the module notes)."""
     frame = short_axis_frame(reference)
@@ -98,10 +109,6 @@ class NetworkCase:
 
     fields = ("images", "coverage", "prior", "region")  # what a batch stacks
 
-    def inputs(self) -> torch.Tensor:
-        """The network's input ``[2N + K, *S]``: images, coverage, prior."""
-        return torch.cat([self.images, self.coverage.to(self.images.dtype), self.prior])
-
 
 def atlas_placement(subject: Subject) -> LinearTransform:
     """The atlas's start as the classical path makes it (:class:`~mvmm.core.settings.RegistrationSettings`'
@@ -121,13 +128,7 @@ def prepare_case(subject: Subject, settings: BayesNetSettings, device=None) -> N
     placed = replace(subject, transforms={**subject.transforms, "atlas": placement}, roi_margin_mm=None)
     with torch.no_grad():
         sample = placed.sample(grid, device, check=True)
-    norms = [intensity_normalisation(image) for image in subject.images]
-    offsets = torch.tensor([n[0] for n in norms], dtype=torch.float64)
-    scales = torch.tensor([n[1] for n in norms], dtype=torch.float64)
-    shape = (-1,) + (1,) * grid.ndim
-    images = (sample.images.double() - offsets.reshape(shape).to(sample.images.device)) / \
-        scales.reshape(shape).to(sample.images.device)
-    images = torch.where(sample.coverage, images, torch.zeros_like(images)).float()
+    images, offsets, scales = normalised(subject.images, sample.images, sample.coverage)
     region = atlas_roi(sample.prior, subject.atlas.labels.background_index, tuple(reversed(grid.spacing)),
                        settings.roi_margin_mm) & sample.coverage.any(0)
     if not bool(region.any()):
@@ -157,11 +158,8 @@ def prepare_pair(fixed: Image, moving: Image, settings: NetworkSettings, device=
     grid = network_grid(fixed.grid, settings)
     with torch.no_grad():
         sample = Subject([fixed, moving]).sample(grid, device, check=True)
-    images = []
-    for image, values, covered in zip((fixed, moving), sample.images, sample.coverage):
-        offset, scale = intensity_normalisation(image)
-        images.append(torch.where(covered, (values - offset) / scale, torch.zeros_like(values)).float())
-    return PairCase(moving.source, torch.stack(images), sample.coverage, grid)
+    images, _, _ = normalised([fixed, moving], sample.images, sample.coverage)
+    return PairCase(moving.source, images, sample.coverage, grid)
 
 
 def stack_cases(cases: Sequence) -> Dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ continues the loss curve where it stopped (exactly, on CPU).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -110,8 +109,3 @@ def train_network(net: nn.Module, cases: Sequence, settings: TrainingSettings, o
     net.eval()
     return history
 
-
-def read_log(out: Path) -> List[dict]:
-    """The epochs of ``out/log.json`` (empty if there is none)."""
-    path = Path(out) / LOG
-    return json.loads(path.read_text())["epochs"] if path.exists() else []
