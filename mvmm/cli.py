@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import click
+from click.core import ParameterSource
 
 from mvmm import __version__
 from mvmm.core.errors import InputError
@@ -20,7 +21,7 @@ from mvmm.core.outputs import OutputError
 # imports torch and the rest of mvmm when it runs.
 from mvmm.core.settings import (ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
-                                POSTPROCESSING, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
                                 MultiAtlasSettings, PairwiseSettings, RegNetSettings, TrainingSettings,
                                 RegistrationSettings,
@@ -261,11 +262,21 @@ def main():
 @click.option("--mask", "masks", multiple=True, metavar="NAME=PATH",
               help="Restrict an image to a mask (nonzero = use), e.g. T2=t2_mask.nii.gz.")
 @click.option("--reference", help="Name of the image whose grid is the common space (default: the first).")
-@click.option("--roi-margin", type=MARGIN, metavar="MM",
+@click.option("--preset", type=click.Choice(PRESETS), default="auto", show_default=True,
+              help="Settings that work together: cardiac sets --roi-margin 5 --subtypes LGE:Myo=2 --proportions "
+                   "atlas --postprocess cardiac --atlas-search-mm 10 --affine-weight 0.3 --template-metric none "
+                   "(the MS-CMRSeg experiment's); auto is cardiac when the atlas has Myo, LV and RV, else none. "
+                   "Options given explicitly override it.")
+@click.option("--pathology", is_flag=True,
+              help="Write scar and oedema (probability maps, MyoPS label maps, volumes, a figure) from the "
+                   "myocardium's subtypes: LGE:Myo=normal,scar and T2:Myo=normal,oedema unless --subtypes names "
+                   "them.")
+@click.option("--roi-margin", type=MARGIN, metavar="MM|none",
               help="Fit only within MM of where the (moved) atlas allows a foreground tissue; outside, the "
-                   "label is background (default: everywhere an image covers).")
-@click.option("--subtypes", multiple=True, metavar="IMAGE:TISSUE=N",
-              help="Gaussian subtypes per image and tissue, e.g. LGE:Myo=2 (* for all); default 1, "
+                   "label is background (none, or no preset: everywhere an image covers).")
+@click.option("--subtypes", multiple=True, metavar="IMAGE:TISSUE=N|NAMES",
+              help="Gaussian subtypes per image and tissue, e.g. LGE:Myo=2 (* for all), or named darkest first, "
+                   "e.g. LGE:Myo=normal,scar (named subtypes share their tissue's variance); default 1, "
                    "and --background-subtypes for the background.")
 @click.option("--background-subtypes", type=COUNT,
               default=default(SegmentationDefaults, "background_subtypes"), show_default=True,
@@ -340,7 +351,7 @@ def main():
 @click.pass_context
 @common_options
 def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
-            atlas_sigma, masks, reference, roi_margin, subtypes, background_subtypes,
+            atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing,
             bending_weight, affine_weight, out, force, device, seed, quiet):
@@ -352,7 +363,9 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
     from mvmm.data.labels import resolve_labels
     from mvmm.core.outputs import check_output_dir
     from mvmm.joint import default_registration
-    from mvmm.segment import load_subject, segment_subject
+    from dataclasses import replace
+
+    from mvmm.segment import load_subject, preset_values, segment_subject
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
@@ -369,6 +382,16 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin,
                            atlas_set=atlas_set, multi_atlas=multi_atlas, device=device,
                            progress=_show_progress(quiet))
+    # the preset fills what was not given explicitly
+    chosen = {key: value for key, value in preset_values(preset, subject, pathology).items()
+              if ctx.get_parameter_source("roi_margin" if key == "roi_margin_mm" else key) == ParameterSource.DEFAULT}
+    if "roi_margin_mm" in chosen:
+        subject = replace(subject, roi_margin_mm=chosen["roi_margin_mm"])
+    subtypes = chosen.get("subtypes", subtypes)
+    proportions, postprocess = chosen.get("proportions", proportions), chosen.get("postprocess", postprocess)
+    atlas_search_mm = chosen.get("atlas_search_mm", atlas_search_mm)
+    affine_weight = chosen.get("affine_weight", affine_weight)
+    template_metric = chosen.get("template_metric", template_metric)
     registration = default_registration(subject, atlas=register_atlas, images=register_images,
                                         images_init=images_init, atlas_init=atlas_init,
                                         images_model=str(images_model) if images_model else None,
@@ -379,7 +402,8 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
-                             postprocess=postprocess)
+                             postprocess=postprocess, pathology=pathology)
+    result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if result.registration is None and subject.atlas is not None and len(images) > 1:
         log.info("images and atlas placed by their headers only (see --register-images / --register-atlas)")
@@ -388,6 +412,11 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
                    f"device: {result.device}")
         for name, ml in result.volumes_ml().items():
             click.echo(f"  {name:<8} {ml:10.2f} ml")
+        for name, v in (result.report().get("pathology") or {}).get("common_grid", {}).items():
+            share = "" if v["percent_of_tissue"] is None else f" ({v['percent_of_tissue']:.1f} % of {v['tissue']}"
+            share += "" if not share or v["tissue_fraction_defined"] in (None, 1.0) else \
+                f" on the {100 * v['tissue_fraction_defined']:.0f} % of it that shows {name}"
+            click.echo(f"  {name:<8} {v['ml']:10.2f} ml{share}{')' if share else ''}")
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
 
 
@@ -395,8 +424,6 @@ def _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postpro
                         roi_margin, out, device, quiet):
     """``segment --model``: options of the classical fit that the model fixes are refused, not ignored;
     ``--register-atlas`` continues from the network's warp with the joint solver."""
-    from click.core import ParameterSource
-
     from mvmm.segment import read_images, segment_with_model
 
     def given(names):
@@ -405,7 +432,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postpro
 
     fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
                    "template_metric", "template_transform", "atlas_search_mm", "proportions", "masks", "reference",
-                   "images_model"})
+                   "images_model", "preset", "pathology"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
@@ -852,6 +879,10 @@ def experiment():
               default=default(ExperimentSettings, "proportions"), show_default=True,
               help="Global tissue proportions of em-all and em-lge: held equal (the prior is the atlas) or "
                    "estimated, as for segment.")
+@click.option("--pathology", is_flag=True,
+              help="em-all with the named pathology subtypes (LGE:Myo=normal,scar, T2:Myo=normal,oedema) instead of "
+                   "--subtypes' LGE and T2 myocardium; with T2, its scar and oedema on the T2 grid are evaluated "
+                   "against the MyoPS labels (patientN_T2_pathology).")
 @click.option("--mrf-beta", type=NON_NEGATIVE, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
 @click.option("--postprocess", type=click.Choice(POSTPROCESSING),
@@ -863,8 +894,8 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, folds,
                      template_sequence, template_transform,
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
-                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, mrf_beta, postprocess, force,
-                     device, seed, quiet):
+                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, pathology, mrf_beta, postprocess,
+                     force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import run_mscmr
@@ -878,7 +909,7 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, folds,
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_mm=atlas_search_mm, affine_weight=affine_weight,
                                   roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
-                                  mrf_beta=mrf_beta, postprocess=postprocess, device=device, seed=seed)
+                                  pathology=pathology, mrf_beta=mrf_beta, postprocess=postprocess, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=_show_progress(quiet))
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")
@@ -886,6 +917,14 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, folds,
         stats = summary["methods"][method]
         click.echo(f"  {method:<12} " + " / ".join(f"{stats[s]['dice_mean']:.3f}" for s in ("Myo", "LV", "RV"))
                    + f"   {summary['seconds_per_patient'][method]:.1f} s")
+    for sequence, stats in summary.get("em_all_native", {}).items():
+        click.echo(f"  em-all on the {sequence} grid (its own manual labels) "
+                   + " / ".join(f"{stats[s]['dice_mean']:.3f}" for s in ("Myo", "LV", "RV")))
+    for region, v in summary.get("pathology", {}).items():
+        click.echo(f"  em-all {region} (T2 grid, MyoPS labels): Dice {v['dice_mean']:.3f} over "
+                   f"{v['patients_with_manual']} patients; volume r {v['volume_r']:.2f}, bias {v['bias_ml']:+.2f} ml")
+    for patient, reason in summary.get("skipped", {}).items():
+        click.echo(f"  skipped patient {patient}: {reason}")
     click.echo(f"tables and figures in {out}")
 
 

@@ -59,3 +59,21 @@ def evaluate_labels(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float
         out[name] = {**structure_metrics(p, t, spacing),
                      "volume_pred_ml": float(p.sum()) * voxel_ml, "volume_truth_ml": float(t.sum()) * voxel_ml}
     return out
+
+
+def pathology_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                      values: Dict[str, int]) -> Dict[str, Dict[str, float]]:
+    """The MyoPS metrics: scar, and scar ∪ oedema (MyoPS's "oedema" region includes the scar).
+
+    ``pred`` and ``truth`` hold pathology label values (``values``: ``{"scar": 2221, "oedema": 1220}``
+    as MyoPS) and possibly other labels, which are ignored; shape [*S], spacing in tensor order.
+    Returns ``{"scar": {...}, "scar+oedema": {...}}`` with :func:`structure_metrics` and volumes.
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    regions = {"scar": [values["scar"]], "scar+oedema": [values["scar"], values["oedema"]]}
+    out = {}
+    for name, region in regions.items():
+        p, t = np.isin(pred, region), np.isin(truth, region)
+        out[name] = {**structure_metrics(p, t, spacing),
+                     "volume_pred_ml": float(p.sum()) * voxel_ml, "volume_truth_ml": float(t.sum()) * voxel_ml}
+    return out

@@ -32,6 +32,20 @@ def _display_slices(label_map: np.ndarray, labels: LabelSet, axis: int, count: i
     return sorted(set(picks))
 
 
+def _stack_view(grid: Grid):
+    """``(array axis of the stack, ITK axes of the displayed plane, pick(a, k))`` of a 3D grid, where
+    ``pick`` takes slice k of an array whose last three axes are the grid's; a 2D grid: ``(None, [0, 1],
+    the whole array)``."""
+    if grid.ndim != 3:
+        return None, [0, 1], lambda a, k: a
+    itk_axis = stack_axis(grid)
+    axis = 2 - itk_axis
+
+    def pick(a, k):
+        return np.take(a, k, axis=a.ndim - 3 + axis)
+    return axis, [a for a in range(3) if a != itk_axis], pick
+
+
 def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: np.ndarray,
                     names: Sequence[str], labels: LabelSet, grid: Grid, entropy: Optional[np.ndarray] = None,
                     title: str = "") -> None:
@@ -52,19 +66,9 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
     entropy : np.ndarray, shape [*S], optional
         Posterior entropy (nats).
     """
-    if grid.ndim == 3:
-        itk_axis = stack_axis(grid)
-        axis = 2 - itk_axis  # array axis of the stack
-        slices = _display_slices(label_map, labels, axis)
-        in_plane = [a for a in range(3) if a != itk_axis]  # ITK axes of the displayed plane (x, y)
-
-        def pick(a, k):
-            return np.take(a, k, axis=a.ndim - 3 + axis)
-    else:
-        slices, in_plane = [None], [0, 1]
-
-        def pick(a, k):
-            return a
+    axis, in_plane, pick = _stack_view(grid)
+    slices = _display_slices(label_map, labels, axis) if axis is not None else [None]
+    itk_axis = grid.ndim - 1 - axis if axis is not None else None
     column_mm, row_mm = grid.spacing[in_plane[0]], grid.spacing[in_plane[1]]
     columns = list(names) + ["labels"] + (["entropy"] if entropy is not None else [])
     fig, axes = _subplots(len(slices), len(columns), figsize=(3.2 * len(columns), 3.3 * len(slices) + 0.6),
@@ -283,3 +287,95 @@ def _save(fig, path, rect=(0, 0, 1, 1)) -> None:
     fig.tight_layout(rect=rect)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
+
+
+PATHOLOGY_COLOURS = {"scar": "#D55E00", "oedema": "#F0E442"}  # vermillion, yellow (Okabe & Ito)
+
+
+def pathology_figure(path, images: np.ndarray, coverage: np.ndarray, names: Sequence[str], tissue_mask: np.ndarray,
+                     masks: Mapping[str, np.ndarray], grid: Grid, per_slice: Sequence[dict] = (),
+                     title: str = "") -> None:
+    """Slices through the myocardium: each image with the myocardium's contour and the pathology filled.
+
+    Parameters
+    ----------
+    images, coverage : np.ndarray, shape [N, *S]
+        The case on ``grid`` (coverage bool).
+    tissue_mask : np.ndarray, bool, shape [*S]
+        The myocardium of the label map.
+    masks : mapping of pathology name to np.ndarray, bool, shape [*S]
+    per_slice : sequence of dict
+        :meth:`mvmm.pathology.PathologyMaps.per_slice` rows, for each row's caption.
+    """
+    axis, in_plane, pick = _stack_view(grid)
+    slices = [None]
+    if axis is not None:  # up to four slices spread through the myocardium
+        occupied = np.flatnonzero(np.moveaxis(tissue_mask, axis, 0).reshape(tissue_mask.shape[axis], -1).any(1))
+        slices = [int(k) for k in occupied[np.unique(np.linspace(0, occupied.size - 1, min(4, occupied.size))
+                                                     .round().astype(int))]] if occupied.size else [0]
+    aspect = grid.spacing[in_plane[1]] / grid.spacing[in_plane[0]]
+    rows_by_slice = {row["slice"] - 1: row for row in per_slice}
+    fig, axes = _subplots(len(slices), len(names), figsize=(3.4 * len(names), 3.4 * len(slices) + 0.6), squeeze=False)
+    for r, k in enumerate(slices):
+        caption = "" if k is None else f"slice {k + 1}"
+        row = rows_by_slice.get(k, {})
+        shares = [f"{p} {row[p + '_percent']:.0f}%" for p in masks if row.get(p + "_percent") is not None]
+        caption += (": " + ", ".join(shares)) if shares else ""
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            cover = pick(coverage[c], k)
+            ax.imshow(np.where(cover, pick(images[c], k), np.nan), cmap="gray", interpolation="nearest", aspect=aspect)
+            if not cover.all():
+                ax.contourf(~cover, levels=[0.5, 1.5], colors="none", hatches=["////"])
+            for pathology, mask in masks.items():
+                shown = pick(mask, k)
+                if shown.any():
+                    ax.imshow(np.where(shown, 1.0, np.nan), cmap=ListedColormap([PATHOLOGY_COLOURS.get(pathology, "red")]),
+                              alpha=0.55, interpolation="nearest", aspect=aspect)
+            tissue = pick(tissue_mask, k).astype(float)
+            if tissue.any():
+                ax.contour(tissue, levels=[0.5], colors=["#56B4E9"], linewidths=0.8)
+            ax.set_title(f"{name}\n{caption}" if r == 0 else caption, fontsize=8)
+            ax.axis("off")
+    handles = [Rectangle((0, 0), 1, 1, facecolor=PATHOLOGY_COLOURS.get(p, "red"), alpha=0.6, label=p) for p in masks]
+    handles += [Line2D([], [], color="#56B4E9", label="myocardium"),
+                Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="////", label="not covered")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, rect=(0, 0.05, 1, 0.96))
+
+
+def agreement_figure(path, pairs: Mapping[str, tuple], unit: str = "ml", title: str = "") -> None:
+    """Per quantity, measured against reference: a scatter with the identity line (and Pearson's r), and
+    the Bland–Altman plot (difference against mean, with the mean difference and ±1.96 sd).
+
+    Parameters
+    ----------
+    pairs : mapping of name to (measured, reference), each a sequence of float
+    """
+    fig, axes = _subplots(len(pairs), 2, figsize=(9.0, 3.8 * len(pairs) + 0.4), squeeze=False)
+    for row, (name, (measured, reference)) in enumerate(pairs.items()):
+        m, r = np.asarray(measured, dtype=float), np.asarray(reference, dtype=float)
+        ax = axes[row, 0]
+        ax.scatter(r, m, s=14, color=COLOURS[1])
+        top = float(max(m.max(initial=0.0), r.max(initial=0.0))) * 1.05 or 1.0
+        ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+        corr = float(np.corrcoef(m, r)[0, 1]) if len(m) > 2 and m.std() > 0 and r.std() > 0 else float("nan")
+        ax.set_xlabel(f"manual {name} ({unit})")
+        ax.set_ylabel(f"mvmm {name} ({unit})")
+        ax.set_title(f"{name}: r = {corr:.2f}, n = {len(m)}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax = axes[row, 1]
+        mean, diff = (m + r) / 2.0, m - r
+        bias, sd = float(diff.mean()) if len(diff) else 0.0, float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+        ax.scatter(mean, diff, s=14, color=COLOURS[1])
+        for level, style in ((bias, "-"), (bias + 1.96 * sd, "--"), (bias - 1.96 * sd, "--")):
+            ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
+        ax.set_xlabel(f"mean of mvmm and manual ({unit})")
+        ax.set_ylabel(f"mvmm − manual ({unit})")
+        ax.set_title(f"{name}: bias {bias:+.2f}, limits {bias - 1.96 * sd:+.2f} / {bias + 1.96 * sd:+.2f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, rect=(0, 0, 1, 0.96))

@@ -22,23 +22,23 @@ import torch
 
 from mvmm import __version__
 from mvmm.core.grid import Grid
-from mvmm.core.settings import NO_ATLAS, SEGMENTATION
+from mvmm.core.settings import CARDIAC_PRESET, CARDIAC_TISSUES, NO_ATLAS, PRESETS, SEGMENTATION
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
 from mvmm.data.atlas_set import entries_of, read_atlas_set
 from mvmm.data.image import Image
-from mvmm.data.labels import CARDIAC_LABELS, LabelSet
+from mvmm.data.labels import CARDIAC_LABELS, PATHOLOGY_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
 from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration, template_sequence
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
-from mvmm.mixture.subtypes import parse_subtypes
+from mvmm.mixture.subtypes import parse_subtype_names, parse_subtypes
 from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
 from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
-from mvmm.report import convergence_figure, overview_figure
+from mvmm.report import convergence_figure, overview_figure, pathology_figure
 from mvmm.data.transform_files import save_transforms
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,36 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
     return Subject(loaded, atlas_obj, mask_images, reference, labels=labels, roi_margin_mm=roi_margin_mm)
 
 
+def preset_values(preset: str, subject: Subject, pathology: bool = False) -> dict:
+    """The settings ``preset`` gives this case, by ``mvmm segment``'s option names (Python names:
+    ``roi_margin_mm``, ``subtypes``, ``proportions``, ``postprocess``, ``atlas_search_mm``,
+    ``affine_weight``, ``template_metric``); explicit choices override them.
+
+    ``"cardiac"``: :data:`mvmm.core.settings.CARDIAC_PRESET`, its subtype items kept for the images
+    so named (with ``pathology``, the named pathology subtypes instead: ``LGE:Myo=normal,scar``,
+    ``T2:Myo=normal,oedema``); ``"none"``: nothing; ``"auto"``: cardiac when the atlas's tissues include
+    :data:`~mvmm.core.settings.CARDIAC_TISSUES` (the built-in atlas, MS-CMRSeg label maps), else none.
+    """
+    if preset not in PRESETS:
+        raise InputError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    if preset == "auto":
+        cardiac = subject.atlas is not None and set(CARDIAC_TISSUES) <= set(subject.class_labels.names)
+        preset = "cardiac" if cardiac else "none"
+    if preset == "none":
+        return {}
+    if subject.atlas is None:
+        raise InputError("preset: cardiac holds the tissue proportions at the atlas's and fits near it; it needs an "
+                         "atlas (`atlas` none was given; use preset none)")
+    if pathology:
+        from mvmm.pathology import cardiac_pathology_subtypes
+
+        return {**CARDIAC_PRESET, "subtypes": cardiac_pathology_subtypes(subject.names)}
+    names = [n.lower() for n in subject.names]
+    subtypes = [subject.names[names.index(image.lower())] + ":" + rest
+                for image, rest in (item.split(":", 1) for item in CARDIAC_PRESET["subtypes"]) if image.lower() in names]
+    return {**CARDIAC_PRESET, "subtypes": subtypes}
+
+
 @dataclass
 class Segmentation:
     """A fitted case: the model, its posteriors on the common grid, and how it was obtained."""
@@ -148,6 +178,8 @@ class Segmentation:
     timings: Dict[str, float] = field(default_factory=dict)
     registration: Optional[RegistrationResult] = None
     postprocess: str = "none"  # applied to every label map, see mvmm.postprocess
+    pathology: bool = False  # write scar and oedema from the named subtypes (mvmm.pathology)
+    _pathology_report: Optional[dict] = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -171,17 +203,25 @@ class Segmentation:
         p = self.posterior.clamp_min(1e-12)
         return -(self.posterior * p.log()).sum(dim=0)
 
-    def native_posterior(self, name: str) -> torch.Tensor:
-        """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
+    def sample_on(self, name: Optional[str] = None) -> CaseSample:
+        """The case (images, coverage, moved prior) on image ``name``'s own grid (None: the common grid)."""
+        if name is None:
+            return self.common
         grid = self.subject.image(name).grid
         moved = name in self.subject.transforms
         if grid.same_geometry(self.common.grid) and not moved:
-            return self.posterior
+            return self.common
         points = None
         if moved:  # image voxels y sit at T_i⁻¹(y) in the common space
             with torch.no_grad():
                 points = self.subject.transforms[name].inverse()(grid.world_points(device=self.device))
-        sample = self.subject.sample(grid, device=self.device, points=points)
+        return self.subject.sample(grid, device=self.device, points=points)
+
+    def native_posterior(self, name: str) -> torch.Tensor:
+        """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
+        sample = self.sample_on(name)
+        if sample is self.common:
+            return self.posterior
         return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
 
     def volumes_ml(self) -> Dict[str, float]:
@@ -234,9 +274,42 @@ class Segmentation:
         convergence_figure(files["convergence"], self.model.lower_bounds_,
                            self.registration.history if self.registration is not None else None,
                            title=f"mvmm: registration and EM ({', '.join(self.common.names)})")
+        if self.pathology:
+            files.update(self._write_pathology(out / "pathology"))
         self.timings["write_s"] = time.perf_counter() - start
         files["report"] = out / "report.json"
         write_json(files["report"], self.report())
+        return files
+
+    def _write_pathology(self, folder: Path) -> Dict[str, Path]:
+        """Scar and oedema (:mod:`mvmm.pathology`) on the common grid and each image's grid, a figure,
+        and their volumes for the report."""
+        from mvmm.pathology import pathology_maps
+
+        folder.mkdir()
+        files: Dict[str, Path] = {}
+        common = pathology_maps(self)
+        files["pathology"] = folder / "pathology.nii.gz"
+        io.write_array(files["pathology"], common.label_map(), common.grid)
+        for p in common.names:
+            files[f"{p}_probability"] = folder / f"{p}_probability.nii.gz"
+            io.write_array(files[f"{p}_probability"], common.probability[p], common.grid)
+        per_image = {}
+        for name in self.common.names:
+            native = common if self.sample_on(name) is self.common else pathology_maps(self, name)
+            files[f"pathology_{name}"] = folder / f"pathology_{name}.nii.gz"
+            io.write_array(files[f"pathology_{name}"], native.label_map(), native.grid)
+            for p in native.names:
+                files[f"{p}_probability_{name}"] = folder / f"{p}_probability_{name}.nii.gz"
+                io.write_array(files[f"{p}_probability_{name}"], native.probability[p], native.grid)
+            per_image[name] = native.volumes()
+        per_slice = common.per_slice()
+        files["pathology_figure"] = folder / "pathology.png"
+        pathology_figure(files["pathology_figure"], self.common.images.cpu().numpy(), self.common.coverage.cpu().numpy(),
+                         self.common.names, common.tissue_mask[common.names[0]], common.mask, common.grid, per_slice,
+                         title=f"mvmm: {', '.join(common.names)} on the grid of {self.subject.reference}")
+        self._pathology_report = {"labels": {p: PATHOLOGY_LABELS[p] for p in common.names},
+                                  "common_grid": common.volumes(), "per_slice": per_slice, "images": per_image}
         return files
 
     def report(self) -> dict:
@@ -261,6 +334,7 @@ class Segmentation:
                 "transforms": sorted(self.registration.transforms)},
             "timings_s": self.timings,
             "volumes_ml": self.volumes_ml(),
+            **({"pathology": self._pathology_report} if self._pathology_report is not None else {}),
         }
 
 
@@ -270,7 +344,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     max_iter: int = SEGMENTATION.max_iter, tol: float = SEGMENTATION.tol, var_floor: float = 1e-3,
                     device: str = "auto", seed: Optional[int] = 0, progress: bool = False,
                     registration: Union[RegistrationSettings, str, None] = "default",
-                    postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None) -> Segmentation:
+                    postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None,
+                    pathology: bool = False) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -300,6 +375,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         short-axis slices and tissues named LV and Myo); posteriors are left as fitted.
     atlas_start : (LinearTransform, deformation), optional
         Where the atlas starts the registration (:meth:`mvmm.joint.JointSolver.run`), e.g. a network's warp.
+    pathology : bool
+        Read scar and oedema from the subtypes named so (:mod:`mvmm.pathology`) and write them with
+        the result; when ``subtypes`` names none, the cardiac ones are added first
+        (``LGE:Myo=normal,scar``, ``T2:Myo=normal,oedema``, for the images so named).
     """
     start = time.perf_counter()
     torch_device = resolve_device(device)
@@ -313,9 +392,16 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     base = np.ones((len(subject.names), len(labels)), dtype=np.int64)
     base[:, labels.background_index] = background_subtypes
     counts = parse_subtypes(subtypes, subject.names, labels.names, default=base)
+    if pathology:
+        subtypes = _pathology_subtypes(list(subtypes), subject.names, labels)
+        counts = parse_subtypes(subtypes, subject.names, labels.names, default=base)
+    # named subtypes are levels of one tissue (normal / scar): they share its variance (mvmm.pathology)
+    named = parse_subtype_names(subtypes, subject.names, labels.names)
+    tied = np.array([[n in named and t in named[n] for t in labels.names] for n in subject.names])
     model = MultivariateMixture(n_subtypes=counts, n_classes=len(labels), max_iter=max_iter, tol=tol,
                                 var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed,
-                                learn_proportions=learn_proportions, progress=progress)
+                                learn_proportions=learn_proportions, progress=progress,
+                                tied_variances=tied if tied.any() else None)
     if isinstance(registration, str):
         if registration != "default":
             raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
@@ -342,7 +428,24 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                 "registration": asdict(registration) if registration is not None else None}
     timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,
                "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
-    return Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess)
+    return Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
+                        pathology)
+
+
+def _pathology_subtypes(subtypes: list, names: Sequence[str], labels: LabelSet) -> list:
+    """``subtypes`` with the cardiac pathology subtypes put first when they name no pathology; checked."""
+    from mvmm.pathology import PATHOLOGIES, cardiac_pathology_subtypes, named_pathologies
+
+    if not named_pathologies(subtypes, names, labels.names):
+        if "Myo" not in labels.names:
+            raise InputError(f"pathology: the cardiac pathology subtypes are of the myocardium (Myo), which the labels "
+                             f"{labels.as_dict()} lack; name the subtypes with `subtypes`")
+        subtypes = cardiac_pathology_subtypes(names) + subtypes
+    if not named_pathologies(subtypes, names, labels.names):
+        raise InputError(f"pathology: no image shows {' or '.join(PATHOLOGIES)} (images {', '.join(names)}; LGE shows "
+                         f"scar, T2 oedema): name the images so, or name subtypes with `subtypes`, e.g. "
+                         f"LGE:Myo=normal,scar")
+    return subtypes
 
 
 def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = SEGMENTATION.mrf_beta,

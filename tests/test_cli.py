@@ -35,7 +35,7 @@ def test_help_on_every_command():
 def test_segment_end_to_end_on_the_phantom(phantom_files, tmp_path):
     out = tmp_path / "seg"
     result = run("segment", *images_of(phantom_files), "--names", "LGE", "C0", "T2", "--out", out,
-                 "--subtypes", "LGE:Myo=2", "--quiet", "--device", "cpu")
+                 "--subtypes", "LGE:Myo=2", "--preset", "none", "--quiet", "--device", "cpu")
     assert result.exit_code == 0, result.output
     expected = {"labels.nii.gz", "labels_LGE.nii.gz", "labels_C0.nii.gz", "labels_T2.nii.gz", "posteriors.nii.gz",
                 "entropy.nii.gz", "params.json", "report.json", "overview.png", "convergence.png", "transforms",

@@ -13,7 +13,8 @@ from conftest import SHARED_DATA
 
 
 def write_patients(folder, numbers, lge_name="LGE", sequences=("LGE", "C0")):
-    """2D phantoms laid out as MS-CMRSeg patients (patientN_<SEQ>[_manual].nii.gz)."""
+    """2D phantoms laid out as MS-CMRSeg patients (patientN_<SEQ>[_manual].nii.gz); with T2, its MyoPS
+    pathology labels too (the phantom's oedema, 1220)."""
     folder.mkdir(parents=True, exist_ok=True)
     for n in numbers:
         phantom = make_phantom(seed=n, ndim=2)
@@ -23,6 +24,10 @@ def write_patients(folder, numbers, lge_name="LGE", sequences=("LGE", "C0")):
             truth = phantom.truth[seq]
             truth.data = truth.data.round().short()
             truth.write(folder / f"patient{n}_{name}_manual.nii.gz")
+        if "T2" in sequences:
+            oedema = phantom.oedema
+            oedema.data = (oedema.data > 0.5).short() * 1220
+            oedema.write(folder / f"patient{n}_T2_pathology.nii.gz")
     return folder
 
 
@@ -129,7 +134,7 @@ def test_mscmr_experiment_writes_tables_and_resumes(tmp_path):
 def test_mscmr_experiment_names_missing_files_and_uses_separate_atlas_data(tmp_path):
     data = write_patients(tmp_path / "targets", [5])
     atlases = write_patients(tmp_path / "atlases", [1, 2])
-    with pytest.raises(InputError, match="patient 5: no T2 image"):
+    with pytest.raises(InputError, match="no patient in .* has every sequence of `sequences` \\(LGE, C0, T2\\)"):
         run_mscmr(data, tmp_path / "o1", ExperimentSettings(sequences=["LGE", "C0", "T2"]), progress=False)
     with pytest.raises(InputError, match="unknown tissue 'Scar'"):
         run_mscmr(data, tmp_path / "o1", ExperimentSettings(subtypes=["LGE:Scar=2"]), progress=False)
@@ -210,3 +215,21 @@ def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
     result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--out", str(tmp_path / "x"),
                                        "--methods", "bayes", "-q"])
     assert result.exit_code != 0 and "--folds" in result.output and "--model" in result.output
+
+
+def test_three_sequences_skip_the_patients_without_t2_and_evaluate_pathology(tmp_path):
+    data = write_patients(tmp_path / "data", [1, 2, 3], sequences=("LGE", "C0", "T2"))
+    write_patients(data, [4])  # no T2, as MS-CMRSeg's patients 21 and 25
+    settings = ExperimentSettings(sequences=["LGE", "C0", "T2"], methods=["em-all"], atlas_register="none",
+                                  pathology=True, device="cpu")
+    summary = run_mscmr(data, tmp_path / "out", settings, patients=[3, 4], progress=False)
+    assert summary["patients"] == [3]
+    assert summary["skipped"] == {"4": "no T2 image (expected patient4_T2.nii.gz)"}
+    record = json.loads((tmp_path / "out" / "patients" / "patient3.json").read_text())
+    assert set(record["native_metrics"]) == {"C0", "T2"}  # em-all on each sequence's own grid and labels
+    assert record["native_metrics"]["T2"]["LV"]["dice"] > 0.7
+    assert set(record["pathology"]) == {"scar", "scar+oedema", "volumes"}
+    assert record["pathology"]["scar+oedema"]["volume_truth_ml"] > 0
+    assert summary["pathology"]["scar+oedema"]["patients_with_manual"] == 1
+    assert (tmp_path / "out" / "figures" / "pathology_volumes.png").exists()
+    assert "Skipped: patient 4" in (tmp_path / "out" / "summary.md").read_text()

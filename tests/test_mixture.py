@@ -7,6 +7,7 @@ import torch
 from conftest import random_mixture
 from mvmm.core.errors import InputError
 from mvmm.mixture import ConvergenceWarning, MultivariateMixture, parse_subtypes
+from mvmm.mixture.subtypes import parse_subtype_names
 from mvmm.mixture.model import _Voxels
 from mvmm.mixture.params import MixtureParams
 
@@ -160,6 +161,23 @@ def test_parse_subtypes():
         parse_subtypes(["LGE:scar=2"], ["LGE"], ["bg", "Myo"])
     with pytest.raises(InputError, match="IMAGE:TISSUE=N"):
         parse_subtypes(["LGE=2"], ["LGE"], ["bg", "Myo"])
+
+
+def test_subtypes_can_be_named_darkest_first():
+    specs = ["*:bg=2,LGE:Myo=normal,scar", "T2:Myo=normal,oedema"]
+    counts = parse_subtypes(specs, ["LGE", "C0", "T2"], ["bg", "Myo", "LV"])
+    np.testing.assert_array_equal(counts, [[2, 2, 1], [2, 1, 1], [2, 2, 1]])
+    assert parse_subtype_names(specs, ["LGE", "C0", "T2"], ["bg", "Myo", "LV"]) == {
+        "LGE": {"Myo": ["normal", "scar"]}, "T2": {"Myo": ["normal", "oedema"]}}
+    # a later count replaces the names
+    assert parse_subtype_names(specs + ["T2:Myo=3"], ["LGE", "C0", "T2"], ["bg", "Myo", "LV"]) == {
+        "LGE": {"Myo": ["normal", "scar"]}}
+    with pytest.raises(InputError, match="subtype names repeat"):
+        parse_subtypes(["LGE:Myo=scar,scar"], ["LGE"], ["bg", "Myo"])
+    with pytest.raises(InputError, match="must be an integer, or subtype names"):
+        parse_subtypes(["LGE:Myo=2x"], ["LGE"], ["bg", "Myo"])
+    with pytest.raises(InputError, match="must be at least 1"):
+        parse_subtypes(["LGE:Myo=0"], ["LGE"], ["bg", "Myo"])
 
 
 def test_model_input_errors_name_the_argument():

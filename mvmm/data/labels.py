@@ -90,6 +90,8 @@ class LabelSet:
 
 
 CARDIAC_LABELS = LabelSet(("bg", "Myo", "LV", "RV"), (0, 200, 500, 600))
+# Myocardial pathology as MyoPS 2020 labels it (scar over oedema where both apply); inside the myocardium.
+PATHOLOGY_LABELS = {"oedema": 1220, "scar": 2221}
 
 
 def label_values(array: np.ndarray, source, argname: str) -> set:

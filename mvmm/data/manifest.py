@@ -84,6 +84,7 @@ class PatientFiles:
     layout: str
     images: Dict[str, Path] = field(default_factory=dict)
     labels: Dict[str, Path] = field(default_factory=dict)
+    pathology: Dict[str, Path] = field(default_factory=dict)  # scar / oedema label maps (MyoPS), by sequence
 
 
 @dataclass
@@ -144,14 +145,17 @@ def scan(manifest: Manifest, data, patients: Optional[Sequence[int]] = None,
     matches: Dict[int, Dict[str, int]] = {}
     for layout_name, layout in manifest.layouts.items():
         for seq, file_seq in layout["file_sequence"].items():
-            for kind in ("image", "labels"):
+            for kind in ("image", "labels", "pathology"):
+                if kind not in layout:
+                    continue
                 pattern = _pattern(layout[kind], file_seq)
                 for name in sorted(names):
                     match = pattern.match(name)
                     if match:
                         number = int(match.group("patient"))
                         entry = found.setdefault(number, PatientFiles(number, layout_name))
-                        (entry.images if kind == "image" else entry.labels)[seq] = data / name
+                        {"image": entry.images, "labels": entry.labels, "pathology": entry.pathology}[kind][seq] = \
+                            data / name
                         counts = matches.setdefault(number, {})
                         counts[layout_name] = counts.get(layout_name, 0) + 1
     for number, counts in matches.items():  # the layout that names most of the patient's files
@@ -167,11 +171,11 @@ def scan(manifest: Manifest, data, patients: Optional[Sequence[int]] = None,
             continue
         for seq in sequences:
             if seq not in entry.images:
-                problems.append(f"patient {number}: no {seq} image ({_expected(manifest, seq, number, 'image')})")
+                problems.append(f"patient {number}: no {seq} image ({expected_names(manifest, seq, number, 'image')})")
         for seq in label_sequences:
             if seq not in entry.labels:
                 problems.append(f"patient {number}: no {seq} manual labels "
-                                f"({_expected(manifest, seq, number, 'labels')})")
+                                f"({expected_names(manifest, seq, number, 'labels')})")
             elif check_labels:
                 problem = _label_problem(entry.labels[seq], manifest.labels)
                 if problem:
@@ -179,7 +183,7 @@ def scan(manifest: Manifest, data, patients: Optional[Sequence[int]] = None,
     return Scan(data, found, problems)
 
 
-def _expected(manifest: Manifest, seq: str, number: int, kind: str) -> str:
+def expected_names(manifest: Manifest, seq: str, number: int, kind: str) -> str:
     names = [layout[kind].format(patient=number, file_sequence=layout["file_sequence"][seq])
              for layout in manifest.layouts.values() if seq in layout["file_sequence"]]
     return "expected " + " or ".join(sorted(set(names)))

@@ -206,7 +206,9 @@ class Subject:
             if share == 0.0:
                 raise InputError(f"atlas: the atlas ({self.atlas.source}) does not overlap the common grid "
                                  f"of {self.reference!r} at all")
-            if share < 0.5:
+            # on the common grid only, and not when the fit is meant to stay near the atlas (a scanner's
+            # field of view is several times the heart's)
+            if share < 0.5 and self.roi_margin_mm is None and grid.same_geometry(self.reference_image.grid):
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
                             "background", self.atlas.source, 100 * share)
             if roi and self.roi_margin_mm is not None:

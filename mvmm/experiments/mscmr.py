@@ -43,7 +43,7 @@ from mvmm.atlas_build import GroupwiseSettings, build_atlas
 from mvmm.data.atlas import Atlas
 from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
-from mvmm.data.manifest import Manifest, scan
+from mvmm.data.manifest import Manifest, expected_names, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.settings import CLASSICAL_METHODS, EXPERIMENT_METHODS as METHODS  # noqa: F401 (re-exported)
@@ -51,10 +51,12 @@ from mvmm.core.settings import NETWORK_METHODS, ExperimentSettings  # noqa: F401
 from mvmm.core.errors import InputError
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
-from mvmm.metrics import evaluate_labels
+from mvmm.metrics import evaluate_labels, pathology_metrics
 from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
-from mvmm.mixture.subtypes import parse_subtypes
+from mvmm.mixture.subtypes import parse_subtypes, subtype_items
 from mvmm.core.outputs import write_json
+from mvmm.data.labels import PATHOLOGY_LABELS
+from mvmm.pathology import cardiac_pathology_subtypes, pathology_maps
 from mvmm.report import comparison_figure
 from mvmm.segment import segment_subject, segment_with_model
 
@@ -106,8 +108,7 @@ def _cluster_names(clusters: np.ndarray, atlas_labels: np.ndarray, values: List[
 
 def _for_images(subtypes: List[str], names: List[str]) -> List[str]:
     """The ``IMAGE:TISSUE=N`` items that concern one of ``names`` (or every image, ``*``)."""
-    items = (item.strip() for spec in subtypes for item in spec.split(","))
-    return [item for item in items if item.split(":", 1)[0].strip() in names + ["*"]]
+    return [item for item in subtype_items(subtypes) if item.split(":", 1)[0].strip() in names + ["*"]]
 
 
 def _multi_atlas(target_lge: Image, entries: List[AtlasEntry], settings: ExperimentSettings, progress: bool):
@@ -145,18 +146,24 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         placed = atlas.placed_on(images[0].grid)
     start = time.perf_counter()
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
-    em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=settings.subtypes,
+    subtypes = list(settings.subtypes)
+    if settings.pathology:  # the named pathology subtypes replace the LGE and T2 myocardium's counts
+        subtypes = [item for item in subtype_items(subtypes) if not item.startswith(("LGE:Myo=", "T2:Myo="))] \
+            + cardiac_pathology_subtypes(settings.sequences)
+    em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=subtypes,
                              learn_proportions=learn, mrf_beta=settings.mrf_beta, registration=registration,
                              postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
     maps["em-all"] = em_all.label_map()
     seconds["em-all"] = time.perf_counter() - start + prior_seconds
+    native = _native_metrics(em_all, images[1:], files, placed.labels)
+    pathology = _pathology_metrics(em_all, files) if settings.pathology else {}
     values = list(placed.labels.values)
     maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
     seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"] + prior_seconds
     if "em-lge" in settings.methods:
         start = time.perf_counter()
         lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
-                                   subtypes=_for_images(settings.subtypes, ["LGE"]), learn_proportions=learn,
+                                   subtypes=_for_images(subtypes, ["LGE"]), learn_proportions=learn,
                                    mrf_beta=settings.mrf_beta, registration=registration,
                                    postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
         maps["em-lge"] = lge_only.label_map()
@@ -186,8 +193,42 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         raise InputError(f"data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
     spacing = tuple(reversed(images[0].grid.spacing))
     metrics = {m: evaluate_labels(maps[m], truth_map, spacing, placed.labels) for m in settings.methods}
-    return {"patient": target, "metrics": metrics, "seconds": seconds, "maps": maps,
+    return {"patient": target, "metrics": metrics, "native_metrics": native, "pathology": pathology,
+            "seconds": seconds, "maps": maps,
             "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
+
+
+def _pathology_metrics(result, files) -> dict:
+    """em-all's scar and oedema on the T2 grid against the patient's MyoPS labels there (empty without them)."""
+    if "T2" not in files.pathology or "T2" not in result.common.names:
+        return {}
+    maps = pathology_maps(result, "T2")
+    truth = Image.read(files.pathology["T2"], "T2 pathology", argname="data")
+    if truth.grid.shape != maps.grid.shape:
+        raise InputError(f"data: {files.pathology['T2']} is not on the grid of {files.images['T2']}")
+    truth_map = truth.data[0].numpy().astype(np.int64)
+    unknown = set(np.unique(truth_map).tolist()) - {0, *PATHOLOGY_LABELS.values()}
+    if unknown:
+        raise InputError(f"data: {files.pathology['T2']} has values {sorted(unknown)}; expected 0 and the MyoPS "
+                         f"values {PATHOLOGY_LABELS}")
+    metrics = pathology_metrics(maps.label_map(), truth_map, tuple(reversed(maps.grid.spacing)), PATHOLOGY_LABELS)
+    metrics["volumes"] = maps.volumes()  # ml and % of myocardium on the T2 grid
+    return metrics
+
+
+def _native_metrics(result, images: List[Image], files, labels) -> Dict[str, dict]:
+    """em-all's labels on each other image's own grid against that sequence's manual labels (where given)."""
+    metrics = {}
+    for image in images:
+        if image.name not in files.labels:
+            continue
+        truth = Image.read(files.labels[image.name], f"{image.name} manual", argname="data")
+        if truth.grid.shape != image.grid.shape:
+            raise InputError(f"data: {files.labels[image.name]} is not on the grid of {files.images[image.name]}")
+        label_map = result.label_map(result.native_posterior(image.name), image.grid)
+        metrics[image.name] = evaluate_labels(label_map, truth.data[0].numpy().astype(np.int64),
+                                              tuple(reversed(image.grid.spacing)), labels)
+    return metrics
 
 
 def _prepare(out: Path, record: dict, force: bool) -> None:
@@ -215,18 +256,30 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     sequences = ["LGE"] + [s for s in sequences if s != "LGE"]
     settings = ExperimentSettings(**{**asdict(settings), "sequences": sequences})
     parse_subtypes(settings.subtypes, sequences, manifest.labels.names)  # a typo fails now, not after a patient
-    targets = scan(manifest, data, patients, sequences, ["LGE"])
+    if settings.pathology and not cardiac_pathology_subtypes(sequences):
+        raise InputError(f"pathology: none of the sequences {', '.join(sequences)} shows scar (LGE) or oedema (T2)")
+    targets = scan(manifest, data, patients, ["LGE"], ["LGE"])
     if targets.problems:
         raise InputError("data: " + "; ".join(targets.problems[:5])
                          + (f" (and {len(targets.problems) - 5} more)" if len(targets.problems) > 5 else ""))
-    patients = sorted(patients or targets.patients)
+    # a patient without one of the sequences (MS-CMRSeg's patients 21 and 25 have no T2) is skipped, and said so
+    skipped = {n: "no " + ", ".join(f"{s} image ({expected_names(manifest, s, n, 'image')})" for s in missing)
+               for n in sorted(patients or targets.patients)
+               for missing in [[s for s in sequences if s not in targets.patients[n].images]] if missing}
+    for n, reason in skipped.items():
+        log.warning("patient %d skipped: %s", n, reason)
+    patients = [n for n in sorted(patients or targets.patients) if n not in skipped]
+    if not patients:
+        raise InputError(f"data: no patient in {data} has every sequence of `sequences` ({', '.join(sequences)})")
     atlas_scan = scan(manifest, atlas_data, None, [], ["LGE"]) if atlas_data is not None else targets
     if atlas_scan.problems:
         raise InputError("atlas_data: " + "; ".join(atlas_scan.problems[:5]))
     pool = {n: f.labels["LGE"] for n, f in atlas_scan.patients.items() if "LGE" in f.labels}
-    # templates of the target's sequences, from the atlas patients' images of them
-    pool_images = {s: {n: f.images[s] for n, f in atlas_scan.patients.items() if n in pool and s in f.images}
-                   for s in sequences}
+    # templates of every sequence the atlas patients have (not only the targets'): runs on other sequences
+    # of the same patients then share one atlas per target
+    pool_images = {s: by_patient for s in manifest.sequences
+                   for by_patient in [{n: f.images[s] for n, f in atlas_scan.patients.items()
+                                       if n in pool and s in f.images}] if by_patient}
     entries = [AtlasEntry(f"patient{n}", "LGE", f.images["LGE"], f.labels["LGE"])
                for n, f in sorted(atlas_scan.patients.items()) if n in pool and "LGE" in f.images]
     out = Path(out)
@@ -269,13 +322,17 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           title=f"MS-CMRSeg patient {target}, LGE")
         write_json(done, {"patient": target, "atlas_patients": sorted(own), "atlas_build_seconds": build_seconds,
                           "fold": None if fold_of is None else fold_of[target],
-                          "metrics": result["metrics"], "seconds": result["seconds"]})
+                          "metrics": result["metrics"], "native_metrics": result["native_metrics"],
+                          "pathology": result["pathology"],
+                          "seconds": result["seconds"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
     if fold_of is not None and set(NETWORK_METHODS) & set(settings.methods):
         training = {f: json.loads(p.read_text()) for f in range(settings.folds)
                     for p in [out / "models" / f"fold{f}.json"] if p.exists()}
-    extra = {"training": {f"fold{f}": r for f, r in sorted(training.items())}} if training else None
+    extra = {"training": {f"fold{f}": r for f, r in sorted(training.items())}} if training else {}
+    if skipped:
+        extra["skipped"] = {str(n): reason for n, reason in skipped.items()}
     return write_summary(out, patients, settings.methods, manifest.labels, extra)
 
 

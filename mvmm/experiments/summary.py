@@ -12,7 +12,7 @@ import numpy as np
 
 from mvmm.data.labels import LabelSet
 from mvmm.core.outputs import atomic_path, write_json
-from mvmm.report import box_plot, paired_figure
+from mvmm.report import agreement_figure, box_plot, paired_figure
 
 COLUMNS = ("patient", "method", "structure", "dice", "hd95_mm", "msd_mm", "seconds")
 
@@ -64,6 +64,20 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
         paired_figure(out / "figures" / "em_vs_prior.png", by["atlas"], by["em-all"], [r["patient"] for r in records],
                       "Dice of the prior alone (atlas)", "Dice of em-all",
                       title="What the mixture adds to its prior, per patient")
+    native = {}  # em-all's labels on each other sequence's own grid, against its manual labels
+    for r in records:
+        for sequence, metrics in r.get("native_metrics", {}).items():
+            for s in structures:
+                native.setdefault(sequence, {}).setdefault(s, []).append(metrics[s]["dice"])
+    if native:
+        summary["em_all_native"] = {q: {s: {"dice_mean": _mean(d), "patients": len(d)} for s, d in by.items()}
+                                    for q, by in native.items()}
+    with_pathology = [r for r in records if r.get("pathology")]
+    if with_pathology:
+        summary["pathology"] = _pathology_summary(with_pathology)
+        agreement_figure(out / "figures" / "pathology_volumes.png",
+                         {region: (v["volume_pred_ml"], v["volume_truth_ml"]) for region, v in summary["pathology"].items()},
+                         title="em-all's pathology volumes on the T2 grid against the MyoPS labels")
     summary.update(extra or {})
     write_json(out / "summary.json", summary)
     with atomic_path(out / "summary.md") as tmp:
@@ -73,6 +87,27 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
                   for s in structures} for m in methods},
              title=f"LGE Dice over {len(records)} patients")
     return summary
+
+
+def _pathology_summary(records: List[dict]) -> dict:
+    """Per region (scar, scar+oedema): Dice over the patients whose manual labels have it, the volumes,
+    their correlation and Bland–Altman bias and limits."""
+    out = {}
+    for region in ("scar", "scar+oedema"):
+        metrics = [r["pathology"][region] for r in records]
+        pred = [m["volume_pred_ml"] for m in metrics]
+        truth = [m["volume_truth_ml"] for m in metrics]
+        dice = [m["dice"] for m in metrics if m["volume_truth_ml"] > 0]
+        diff = np.asarray(pred) - np.asarray(truth)
+        corr = float(np.corrcoef(pred, truth)[0, 1]) if len(pred) > 2 and np.std(pred) > 0 and np.std(truth) > 0 \
+            else math.nan
+        out[region] = {"dice_mean": _mean(dice), "dice_median": float(np.median(dice)) if dice else math.nan,
+                       "patients_with_manual": len(dice), "patients": [r["patient"] for r in records],
+                       "volume_pred_ml": pred, "volume_truth_ml": truth, "volume_r": corr,
+                       "bias_ml": float(diff.mean()), "limits_ml": [float(diff.mean() - 1.96 * diff.std(ddof=1)),
+                                                                    float(diff.mean() + 1.96 * diff.std(ddof=1))]
+                       if len(diff) > 1 else [math.nan, math.nan]}
+    return out
 
 
 def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) -> str:
@@ -90,6 +125,17 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
         lines += ["", "em-all against its own prior alone (atlas), per patient: " + "; ".join(
             f"{s} higher in {v['gained']}, lower in {v['lost']}, mean {v['mean_gain']:+.3f}"
             for s, v in summary["em_all_vs_atlas"].items()) + " (figures/em_vs_prior.png)."]
+    for sequence, stats in summary.get("em_all_native", {}).items():
+        lines += ["", f"em-all on the {sequence} grid against the {sequence} manual labels "
+                  f"({stats[structures[0]]['patients']} patients): mean Dice "
+                  + " / ".join(f"{s} {stats[s]['dice_mean']:.3f}" for s in structures) + "."]
+    for region, v in summary.get("pathology", {}).items():
+        lines += ["", f"em-all {region} on the T2 grid against the MyoPS labels: mean Dice {v['dice_mean']:.3f} "
+                  f"(median {v['dice_median']:.3f}) over the {v['patients_with_manual']} patients whose labels have "
+                  f"it; volumes r = {v['volume_r']:.2f}, bias {v['bias_ml']:+.2f} ml, limits of agreement "
+                  f"{v['limits_ml'][0]:+.2f} / {v['limits_ml'][1]:+.2f} ml (figures/pathology_volumes.png)."]
+    if summary.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"patient {n}: {why}" for n, why in summary["skipped"].items()) + "."]
     lines += ["", f"Atlas building (group-wise, per atlas): {summary['atlas_build_seconds_mean']:.0f} s on average; "
               "not counted in s / patient."]
     if summary["settings"]:

@@ -217,7 +217,7 @@ class MStep(NamedTuple):
 
 def m_step(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tensor, within: List[torch.Tensor],
            params: MixtureParams, var_floor: torch.Tensor, log_atlas: Optional[torch.Tensor] = None,
-           learn_proportions: bool = True) -> MStep:
+           learn_proportions: bool = True, tied_variances: Optional[torch.Tensor] = None) -> MStep:
     """Closed-form updates of τ, μ, σ² (per image, coverage-weighted) and π (docs/model.md, "EM").
 
     The weight of subtype c of tissue k in image i at x is ``P_ikcx = M_i(x) P_kx P(c | k, x)``.
@@ -238,6 +238,11 @@ def m_step(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tenso
         For the proportions' fixed point with an atlas.
     learn_proportions : bool
         False keeps π (with an atlas: the prior is the atlas itself).
+    tied_variances : torch.Tensor, bool, shape [N, K], optional
+        Where true, the subtypes of tissue k in image i share one variance (their pooled
+        within-subtype variance), so that they differ by their means only: levels of one tissue
+        such as normal and enhanced myocardium. Untied, EM tends to fit a tissue's partial-volume
+        tails with a narrow and a wide Gaussian at one mean instead (docs/model.md, "Pathology").
 
     Returns
     -------
@@ -254,6 +259,14 @@ def m_step(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tenso
         tissue = (posteriors * coverage[:, i].unsqueeze(1)).unsqueeze(2)  # [B, K, 1, *S]
         stats = sufficient_statistics(images[:, i], within[i] * tissue)
         mu, var = moments(stats, var_floor[:, i].reshape(-1, 1, 1))
+        if tied_variances is not None and bool(tied_variances[i].any()):
+            # Σ_c Σ_x w (x − μ_c)² / Σ_c Σ_x w over the tissue's subtypes
+            residual = torch.where(mask[i], stats[2] - stats[1] ** 2 / stats[0].clamp_min(1e-300),
+                                   torch.zeros_like(stats[2]))
+            mass = torch.where(mask[i], stats[0], torch.zeros_like(stats[0])).sum(-1, keepdim=True)
+            pooled = torch.clamp(residual.sum(-1, keepdim=True) / mass.clamp_min(1e-300),
+                                 min=var_floor[:, i].reshape(-1, 1, 1))
+            var = torch.where(tied_variances[i].to(var.device).unsqueeze(-1), pooled.expand_as(var), var)
         alive = (stats[0] >= MIN_SUBTYPE_MASS) & mask[i]
         means.append(torch.where(alive, mu, params.means[:, i]))
         variances.append(torch.where(alive, var, params.variances[:, i]))

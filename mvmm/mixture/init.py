@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
@@ -10,6 +12,9 @@ from mvmm.mixture.functional import moments, sufficient_statistics
 from mvmm.mixture.params import MixtureParams
 
 SUBTYPE_SPREAD = 0.5  # subtypes start at μ ± SUBTYPE_SPREAD σ (evenly spaced in between)
+# Levels of one tissue (tied variances, e.g. normal / scar myocardium) start at μ, μ + LEVEL_STEP σ, …:
+# a pathology is a bright minority of its tissue, which a symmetric start inside the bulk does not find.
+LEVEL_STEP = 2.0
 
 
 def tissue_weights_from_kmeans(x: torch.Tensor, m: torch.Tensor, n_classes: int, seed) -> torch.Tensor:
@@ -37,7 +42,8 @@ def tissue_weights_from_kmeans(x: torch.Tensor, m: torch.Tensor, n_classes: int,
 
 
 def params_from_tissue_weights(x: torch.Tensor, m: torch.Tensor, tissue_weights: torch.Tensor,
-                               n_subtypes: np.ndarray, var_floor: torch.Tensor) -> MixtureParams:
+                               n_subtypes: np.ndarray, var_floor: torch.Tensor,
+                               levels: Optional[np.ndarray] = None) -> MixtureParams:
     """Moments of each image under soft tissue weights, subtypes spread around them (one subject).
 
     Parameters
@@ -48,6 +54,9 @@ def params_from_tissue_weights(x: torch.Tensor, m: torch.Tensor, tissue_weights:
         E.g. the atlas prior, or hard k-means assignments.
     n_subtypes : np.ndarray of int, shape [N, K]
     var_floor : torch.Tensor, float64, shape [N]
+    levels : np.ndarray of bool, shape [N, K], optional
+        Tissues whose subtypes are levels with one variance (see ``LEVEL_STEP``); the others start
+        spread around the tissue's mean.
 
     Returns
     -------
@@ -66,8 +75,12 @@ def params_from_tissue_weights(x: torch.Tensor, m: torch.Tensor, tissue_weights:
             mean[missing], var[missing] = xi.mean(), torch.clamp(xi.var(), min=float(var_floor[i]))
         for k in range(n_classes):
             c = int(n_subtypes[i, k])
-            offsets = torch.linspace(-SUBTYPE_SPREAD, SUBTYPE_SPREAD, c, dtype=torch.float64, device=x.device) if c > 1 \
-                else torch.zeros(1, dtype=torch.float64, device=x.device)
+            if levels is not None and levels[i, k]:
+                offsets = LEVEL_STEP * torch.arange(c, dtype=torch.float64, device=x.device)
+            elif c > 1:
+                offsets = torch.linspace(-SUBTYPE_SPREAD, SUBTYPE_SPREAD, c, dtype=torch.float64, device=x.device)
+            else:
+                offsets = torch.zeros(1, dtype=torch.float64, device=x.device)
             params.means[0, i, k, :c] = mean[k] + offsets * var[k].sqrt()
             params.variances[0, i, k, :c] = var[k]
     return params

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 PRIOR_FLOOR = 1e-12  # atlas probabilities are clamped here before the log
 # the constructor settings a params.json keeps (subtype counts are saved as fitted; progress and
 # warm_start are not settings of the fit)
-SAVED_SETTINGS = ("max_iter", "tol", "var_floor", "mrf_beta", "mrf_iter", "random_state", "learn_proportions")
+SAVED_SETTINGS = ("max_iter", "tol", "var_floor", "mrf_beta", "mrf_iter", "random_state", "learn_proportions",
+                  "tied_variances")
 
 
 def log_of_prior(prior: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,10 @@ class MultivariateMixture:
         boundary of a blurred atlas towards the tissue whose Gaussian explains the most voxels
         (on MS-CMRSeg, the right ventricle spreading into the surrounding background). A plain
         mixture always learns them.
+    tied_variances : array-like of bool, shape [N, K], optional
+        Where true, the subtypes of tissue k in image i share one variance and differ by their
+        means (:func:`mvmm.mixture.functional.m_step`): levels of one tissue, such as normal and
+        scarred myocardium.
     progress : bool
         Show a tqdm progress bar over EM iterations.
     warm_start : bool
@@ -122,7 +127,7 @@ class MultivariateMixture:
     def __init__(self, n_subtypes=1, n_classes: Optional[int] = None, max_iter: int = 200, tol: float = 1e-5,
                  var_floor: float = 1e-3, mrf_beta: float = 0.0, mrf_iter: int = 5,
                  random_state: Optional[int] = None, learn_proportions: bool = True, progress: bool = False,
-                 warm_start: bool = False):
+                 warm_start: bool = False, tied_variances=None):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter: expected >= 1, got {max_iter}")
         if not tol > 0:
@@ -142,6 +147,7 @@ class MultivariateMixture:
         self.learn_proportions = bool(learn_proportions)
         self.progress = progress
         self.warm_start = warm_start
+        self.tied_variances = None if tied_variances is None else np.asarray(tied_variances, dtype=bool)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
@@ -249,6 +255,26 @@ class MultivariateMixture:
         out[:, data.roi] = log_post.exp()
         return out
 
+    @torch.no_grad()
+    def predict_subtype_proba(self, images, coverage=None, prior=None, spacing=None) -> List[torch.Tensor]:
+        """Which subtype explains each image, given the tissue: ``P(c | k, x)`` per image, ``[K, Cmax, *S]``.
+
+        Subtypes are independent across images given the tissue (docs/model.md), so these are per
+        image. Where image i does not count, its entries are the weights τ_ikc (no data: the prior);
+        past ``n_subtypes_[i, k]`` they are 0. ``P(k, c | x)`` is this times :meth:`predict_proba`.
+        """
+        self._check_fitted()
+        data = self._voxels(images, coverage, prior, spacing, roi_only=False)
+        params = self.params_.to(data.x.device)
+        _, within = F.tissue_log_likelihood(data.x, data.m, params, keep_within=True)
+        shape = tuple(data.roi.shape)
+        out = []
+        for i, w in enumerate(within):
+            tau = params.log_weights[0, i].exp().to(w.dtype).unsqueeze(-1)  # [K, Cmax, 1]
+            w = torch.where(data.m[0, i], w[0], tau).nan_to_num(0.0)
+            out.append(w.reshape(w.shape[:2] + shape))
+        return out
+
     def predict(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
         """Most probable tissue index ``[*S]`` (int64, 0..K-1)."""
         return self.predict_proba(images, coverage, prior, spacing).argmax(dim=0)
@@ -317,14 +343,15 @@ class MultivariateMixture:
         return {"n_subtypes": self.n_subtypes, "n_classes": self.n_classes, "max_iter": self.max_iter,
                 "tol": self.tol, "var_floor": self.var_floor, "mrf_beta": self.mrf_beta, "mrf_iter": self.mrf_iter,
                 "random_state": self.random_state, "learn_proportions": self.learn_proportions,
-                "progress": self.progress, "warm_start": self.warm_start}
+                "progress": self.progress, "warm_start": self.warm_start, "tied_variances": self.tied_variances}
 
     # ------------------------------------------------------------------ save / load
     def to_dict(self) -> dict:
         """Settings, fitted parameters and history as plain JSON-able values."""
         self._check_fitted()
         return {
-            "settings": {k: v for k, v in self.get_params().items() if k in SAVED_SETTINGS},
+            "settings": {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in self.get_params().items()
+                         if k in SAVED_SETTINGS},
             "n_subtypes": self.n_subtypes_.tolist(),
             "params": self.params_.to_dict(),
             "converged": self.converged_, "n_iter": self.n_iter_, "lower_bounds": self.lower_bounds_,
@@ -355,8 +382,12 @@ class MultivariateMixture:
 
     def _m_step(self, data: _Voxels, resp: _Responsibilities, params: MixtureParams) -> MixtureParams:
         """Closed-form updates of τ, μ, σ² and π (:func:`mvmm.mixture.functional.m_step`)."""
+        tied = None if self.tied_variances is None else torch.as_tensor(self.tied_variances, device=data.x.device)
+        if tied is not None and tuple(tied.shape) != tuple(params.means.shape[1:3]):
+            raise ValueError(f"tied_variances: expected shape {list(params.means.shape[1:3])} (images × tissues), "
+                             f"got {list(tied.shape)}")
         step = F.m_step(data.x, data.m, resp.log_post.exp(), resp.within, params, self._floors.unsqueeze(0),
-                        data.log_atlas, learn_proportions=self.learn_proportions)
+                        data.log_atlas, learn_proportions=self.learn_proportions, tied_variances=tied)
         collapsed = (step.subtype_mass[0] < MIN_SUBTYPE_MASS) & params.subtype_mask
         keys = map(tuple, collapsed.nonzero().tolist()) if bool(collapsed.any()) else ()
         for key in keys:  # warn once per subtype and fit
@@ -376,7 +407,7 @@ class MultivariateMixture:
             weights = data.log_atlas[0].exp()
         else:
             weights = tissue_weights_from_kmeans(x, m, n_classes, self.random_state)
-        return params_from_tissue_weights(x, m, weights, self.n_subtypes_, self._floors)
+        return params_from_tissue_weights(x, m, weights, self.n_subtypes_, self._floors, self.tied_variances)
 
     def _variance_floors(self, data: _Voxels) -> torch.Tensor:
         x, m = data.x[0], data.m[0]

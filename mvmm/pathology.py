@@ -1,0 +1,200 @@
+"""Myocardial pathology (scar, oedema) from the mixture's named subtypes: the model's own way.
+
+MvMM gives a tissue, in each image, a mixture of Gaussian subtypes, independent across images given
+the tissue (docs/model.md). Named subtypes (``LGE:Myo=normal,scar``, ``T2:Myo=normal,oedema``; names
+in order of increasing mean intensity, :mod:`mvmm.mixture.subtypes`) are read as pathology::
+
+    s(x) = P(c_LGE = scar   | Myo, x)        o(x) = P(c_T2 = oedema | Myo, x)
+    P(scar   | x) = P(Myo | x) · s(x)
+    P(oedema | x) = P(Myo | x) · o(x) · (1 − s(x))
+
+Scar is bright in LGE (and also in T2); oedema is bright in T2 but not in LGE. So a myocardial voxel
+enhanced in LGE is scar whatever its T2, and one bright in T2 alone is oedema — scar takes
+precedence, as MyoPS labels it (:data:`PATHOLOGIES` gives the order). A pathology is defined only
+where the image that shows it counts (a T2 stack of a few thick slices covers part of the heart):
+elsewhere its probability is 0, its mask empty, and its share of the myocardium is reported over the
+covered part only. Within a voxel labelled myocardium, the mask holds the most probable of normal,
+scar and oedema.
+
+Label maps of pathology use the MyoPS values (:data:`mvmm.data.labels.PATHOLOGY_LABELS`: 2221 scar,
+1220 oedema, 0 elsewhere), so that ``mvmm evaluate`` compares them with MyoPS labels directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mvmm.core.errors import InputError
+from mvmm.core.grid import Grid
+from mvmm.data.anatomy import stack_axis
+from mvmm.data.labels import PATHOLOGY_LABELS
+from mvmm.mixture.subtypes import parse_subtype_names
+
+PATHOLOGIES = ("scar", "oedema")  # in order of precedence: a voxel that is scar is not oedema
+ALIASES = {"edema": "oedema", "infarct": "scar"}
+# The cardiac defaults (``--pathology`` without names): which image shows which pathology, and how.
+CARDIAC_PATHOLOGY_SUBTYPES = {"LGE": "Myo=normal,scar", "DE": "Myo=normal,scar", "T2": "Myo=normal,oedema"}
+
+
+def cardiac_pathology_subtypes(image_names: Sequence[str]) -> List[str]:
+    """``IMAGE:Myo=normal,scar`` for an image named LGE (or DE), ``IMAGE:Myo=normal,oedema`` for T2
+    (names matched case-insensitively)."""
+    return [f"{name}:{CARDIAC_PATHOLOGY_SUBTYPES[name.upper()]}" for name in image_names
+            if name.upper() in CARDIAC_PATHOLOGY_SUBTYPES]
+
+
+def named_pathologies(subtypes: Sequence[str], image_names: Sequence[str],
+                      tissue_names: Sequence[str]) -> Dict[str, Tuple[str, str, int]]:
+    """``{pathology: (image, tissue, position among the tissue's subtypes, darkest first)}``.
+
+    Raises
+    ------
+    InputError
+        When one pathology is named in two places.
+    """
+    found: Dict[str, Tuple[str, str, int]] = {}
+    for image, by_tissue in parse_subtype_names(subtypes, image_names, tissue_names).items():
+        for tissue, names in by_tissue.items():
+            for position, name in enumerate(names):
+                pathology = ALIASES.get(name.lower(), name.lower())
+                if pathology not in PATHOLOGIES:
+                    continue
+                if pathology in found:
+                    raise InputError(f"subtypes: {pathology} is named twice ({found[pathology][0]}:"
+                                     f"{found[pathology][1]} and {image}:{tissue}); one image shows it")
+                found[pathology] = (image, tissue, position)
+    return found
+
+
+@dataclass
+class PathologyMaps:
+    """Pathology on one grid.
+
+    Attributes
+    ----------
+    grid : Grid
+    names : list of str
+        The pathologies found, in order of precedence.
+    tissue : dict of str to str
+        The tissue each pathology is a subtype of (Myo).
+    probability : dict of str to np.ndarray, float32, shape [*S]
+        ``P(tissue and pathology | x)``; 0 where the pathology is not defined.
+    mask : dict of str to np.ndarray, bool, shape [*S]
+    defined : dict of str to np.ndarray, bool, shape [*S]
+        Where the image that shows the pathology counts.
+    tissue_mask : dict of str to np.ndarray, bool, shape [*S]
+        Where the label map has each pathology's tissue.
+    """
+
+    grid: Grid
+    names: List[str]
+    tissue: Dict[str, str]
+    probability: Dict[str, np.ndarray]
+    mask: Dict[str, np.ndarray]
+    defined: Dict[str, np.ndarray]
+    tissue_mask: Dict[str, np.ndarray]
+
+    def label_map(self) -> np.ndarray:
+        """MyoPS values: 2221 scar, 1220 oedema, 0 elsewhere, shape [*S] (int16)."""
+        out = np.zeros(self.grid.shape, dtype=np.int16)
+        for name in reversed(self.names):  # the first in precedence is written last
+            out[self.mask[name]] = PATHOLOGY_LABELS[name]
+        return out
+
+    def volumes(self) -> dict:
+        """Per pathology: ml, % of its tissue where it is defined, and how much of the tissue that is."""
+        voxel = self.grid.voxel_volume_ml
+        out = {}
+        for name in self.names:
+            tissue, defined = self.tissue_mask[name], self.defined[name]
+            covered = int((tissue & defined).sum())
+            out[name] = {"tissue": self.tissue[name], "ml": float(self.mask[name].sum()) * voxel,
+                         "percent_of_tissue": 100.0 * float(self.mask[name].sum()) / covered if covered else None,
+                         "tissue_ml_where_defined": covered * voxel,
+                         "tissue_fraction_defined": covered / int(tissue.sum()) if tissue.any() else None}
+        return out
+
+    def per_slice(self) -> List[dict]:
+        """Per slice of the stack (3D) holding the tissue: its ml and each pathology's ml and % (None
+        where the pathology is not defined on the slice)."""
+        if self.grid.ndim != 3 or not self.names:
+            return []
+        axis = 2 - stack_axis(self.grid)  # array axis of the stack
+        voxel = self.grid.voxel_volume_ml
+        spacing = self.grid.spacing[stack_axis(self.grid)]
+        tissue = self.tissue_mask[self.names[0]]
+        rows = []
+        for k in range(self.grid.shape[axis]):
+            in_tissue = np.take(tissue, k, axis=axis)
+            if not in_tissue.any():
+                continue
+            row = {"slice": k + 1, "position_mm": k * spacing, "tissue_ml": float(in_tissue.sum()) * voxel}
+            for name in self.names:
+                defined = np.take(self.defined[name], k, axis=axis) & in_tissue
+                count = float(np.take(self.mask[name], k, axis=axis).sum())
+                row[f"{name}_ml"] = count * voxel if defined.any() else None
+                row[f"{name}_percent"] = 100.0 * count / float(defined.sum()) if defined.any() else None
+            rows.append(row)
+        return rows
+
+
+@torch.no_grad()
+def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
+    """Scar and oedema of a fitted case on the common grid (``name`` None) or on image ``name``'s grid.
+
+    Parameters
+    ----------
+    result : mvmm.segment.Segmentation
+        Fitted with named subtypes (``subtypes``, e.g. :func:`cardiac_pathology_subtypes`).
+    name : str, optional
+
+    Raises
+    ------
+    InputError
+        When no subtype is named as a pathology.
+    """
+    labels = result.labels
+    located = named_pathologies(result.settings.get("subtypes", []), result.common.names, labels.names)
+    if not located:
+        raise InputError("subtypes: no subtype is named " + " or ".join(PATHOLOGIES) + "; name them, e.g. "
+                         "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
+    sample = result.sample_on(name)
+    if sample is result.common:
+        posterior = result.posterior
+    else:
+        posterior = result.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+    within = result.model.predict_subtype_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+    label_map = result.label_map(posterior, sample.grid)
+    means = result.model.params_.means[0]  # [N, K, Cmax]
+    names = [p for p in PATHOLOGIES if p in located]
+    conditional, defined, tissue_of = {}, {}, {}
+    for pathology in names:
+        image, tissue, position = located[pathology]
+        i, k = sample.names.index(image), labels.names.index(tissue)
+        # names are darkest first: the subtype at `position` in order of the fitted means
+        order = torch.argsort(means[i, k, : int(result.model.n_subtypes_[i, k])])
+        covered = sample.coverage[i]
+        p = torch.where(covered, within[i][k, int(order[position])], torch.zeros((), dtype=within[i].dtype,
+                                                                                device=covered.device))
+        for earlier in conditional:  # precedence: scar before oedema
+            if tissue_of[earlier] == tissue:
+                p = p * (1.0 - conditional[earlier])
+        conditional[pathology], defined[pathology], tissue_of[pathology] = p, covered, tissue
+    probability, mask, tissue_mask = {}, {}, {}
+    for pathology in names:
+        tissue = tissue_of[pathology]
+        k = labels.names.index(tissue)
+        same = [conditional[q] for q in names if tissue_of[q] == tissue]
+        normal = 1.0 - sum(same)
+        best = torch.stack(same + [normal]).amax(0)
+        in_tissue = label_map == labels.values[k]
+        chosen = (conditional[pathology] >= best) & defined[pathology]
+        mask[pathology] = in_tissue & chosen.cpu().numpy()
+        probability[pathology] = (posterior[k] * conditional[pathology]).float().cpu().numpy()
+        tissue_mask[pathology] = in_tissue
+    return PathologyMaps(sample.grid, names, tissue_of, probability, mask,
+                         {p: d.cpu().numpy() for p, d in defined.items()}, tissue_mask)
