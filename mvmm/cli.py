@@ -412,7 +412,8 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
                    f"device: {result.device}")
         for name, ml in result.volumes_ml().items():
             click.echo(f"  {name:<8} {ml:10.2f} ml")
-        for name, v in (result.report().get("pathology") or {}).get("common_grid", {}).items():
+        written = json.loads(files["report"].read_text()).get("pathology") or {}
+        for name, v in written.get("common_grid", {}).items():
             share = "" if v["percent_of_tissue"] is None else f" ({v['percent_of_tissue']:.1f} % of {v['tissue']}"
             share += "" if not share or v["tissue_fraction_defined"] in (None, 1.0) else \
                 f" on the {100 * v['tissue_fraction_defined']:.0f} % of it that shows {name}"

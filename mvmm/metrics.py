@@ -77,3 +77,15 @@ def pathology_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
         out[name] = {**structure_metrics(p, t, spacing),
                      "volume_pred_ml": float(p.sum()) * voxel_ml, "volume_truth_ml": float(t.sum()) * voxel_ml}
     return out
+
+
+def agreement(measured: Sequence[float], reference: Sequence[float]) -> Dict[str, float]:
+    """Agreement of paired measurements: Pearson's ``r`` (NaN for fewer than three pairs or a constant
+    side), the Bland–Altman ``bias`` (mean of measured − reference) and the 95 % limits of agreement
+    ``low``, ``high`` (bias ∓ 1.96 sd of the differences; NaN for fewer than two pairs)."""
+    m, r = np.asarray(measured, dtype=float), np.asarray(reference, dtype=float)
+    diff = m - r
+    corr = float(np.corrcoef(m, r)[0, 1]) if len(m) > 2 and m.std() > 0 and r.std() > 0 else math.nan
+    bias = float(diff.mean()) if len(diff) else math.nan
+    sd = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+    return {"r": corr, "bias": bias, "low": bias - 1.96 * sd, "high": bias + 1.96 * sd}

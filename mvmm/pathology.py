@@ -163,10 +163,7 @@ def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
         raise InputError("subtypes: no subtype is named " + " or ".join(PATHOLOGIES) + "; name them, e.g. "
                          "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
     sample = result.sample_on(name)
-    if sample is result.common:
-        posterior = result.posterior
-    else:
-        posterior = result.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+    posterior = result.posterior_on(sample)
     within = result.model.predict_subtype_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
     label_map = result.label_map(posterior, sample.grid)
     means = result.model.params_.means[0]  # [N, K, Cmax]

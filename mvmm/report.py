@@ -15,6 +15,7 @@ from mvmm.core.grid import Grid
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.labels import LabelSet
 from mvmm.core.outputs import atomic_path
+from mvmm.metrics import agreement
 
 # Okabe & Ito's palette: distinguishable with the common colour-vision deficiencies (no red/green pair).
 COLOURS = ("#E69F00", "#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
@@ -357,24 +358,23 @@ def agreement_figure(path, pairs: Mapping[str, tuple], unit: str = "ml", title: 
     fig, axes = _subplots(len(pairs), 2, figsize=(9.0, 3.8 * len(pairs) + 0.4), squeeze=False)
     for row, (name, (measured, reference)) in enumerate(pairs.items()):
         m, r = np.asarray(measured, dtype=float), np.asarray(reference, dtype=float)
+        stats = agreement(m, r)
         ax = axes[row, 0]
         ax.scatter(r, m, s=14, color=COLOURS[1])
         top = float(max(m.max(initial=0.0), r.max(initial=0.0))) * 1.05 or 1.0
         ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
-        corr = float(np.corrcoef(m, r)[0, 1]) if len(m) > 2 and m.std() > 0 and r.std() > 0 else float("nan")
         ax.set_xlabel(f"manual {name} ({unit})")
         ax.set_ylabel(f"mvmm {name} ({unit})")
-        ax.set_title(f"{name}: r = {corr:.2f}, n = {len(m)}", fontsize=9)
+        ax.set_title(f"{name}: r = {stats['r']:.2f}, n = {len(m)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax = axes[row, 1]
-        mean, diff = (m + r) / 2.0, m - r
-        bias, sd = float(diff.mean()) if len(diff) else 0.0, float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
-        ax.scatter(mean, diff, s=14, color=COLOURS[1])
-        for level, style in ((bias, "-"), (bias + 1.96 * sd, "--"), (bias - 1.96 * sd, "--")):
-            ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
+        ax.scatter((m + r) / 2.0, m - r, s=14, color=COLOURS[1])
+        for key, style in (("bias", "-"), ("low", "--"), ("high", "--")):
+            if np.isfinite(stats[key]):
+                ax.axhline(stats[key], color="grey", linestyle=style, linewidth=0.8)
         ax.set_xlabel(f"mean of mvmm and manual ({unit})")
         ax.set_ylabel(f"mvmm − manual ({unit})")
-        ax.set_title(f"{name}: bias {bias:+.2f}, limits {bias - 1.96 * sd:+.2f} / {bias + 1.96 * sd:+.2f}", fontsize=9)
+        ax.set_title(f"{name}: bias {stats['bias']:+.2f}, limits {stats['low']:+.2f} / {stats['high']:+.2f}", fontsize=9)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

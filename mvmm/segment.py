@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -179,7 +179,6 @@ class Segmentation:
     registration: Optional[RegistrationResult] = None
     postprocess: str = "none"  # applied to every label map, see mvmm.postprocess
     pathology: bool = False  # write scar and oedema from the named subtypes (mvmm.pathology)
-    _pathology_report: Optional[dict] = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -205,24 +204,29 @@ class Segmentation:
 
     def sample_on(self, name: Optional[str] = None) -> CaseSample:
         """The case (images, coverage, moved prior) on image ``name``'s own grid (None: the common grid)."""
-        if name is None:
+        if self.is_common(name):
             return self.common
         grid = self.subject.image(name).grid
-        moved = name in self.subject.transforms
-        if grid.same_geometry(self.common.grid) and not moved:
-            return self.common
         points = None
-        if moved:  # image voxels y sit at T_i⁻¹(y) in the common space
+        if name in self.subject.transforms:  # image voxels y sit at T_i⁻¹(y) in the common space
             with torch.no_grad():
                 points = self.subject.transforms[name].inverse()(grid.world_points(device=self.device))
         return self.subject.sample(grid, device=self.device, points=points)
 
-    def native_posterior(self, name: str) -> torch.Tensor:
-        """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
-        sample = self.sample_on(name)
+    def is_common(self, name: Optional[str]) -> bool:
+        """Whether image ``name``'s own grid is the common grid (None: the common grid itself)."""
+        return name is None or (self.subject.image(name).grid.same_geometry(self.common.grid)
+                                and name not in self.subject.transforms)
+
+    def posterior_on(self, sample: CaseSample) -> torch.Tensor:
+        """Posterior ``[K, *S]`` of a :meth:`sample_on` sample: the fitted model evaluated there."""
         if sample is self.common:
             return self.posterior
         return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+
+    def native_posterior(self, name: str) -> torch.Tensor:
+        """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
+        return self.posterior_on(self.sample_on(name))
 
     def volumes_ml(self) -> Dict[str, float]:
         label_map = self.label_map()
@@ -274,16 +278,18 @@ class Segmentation:
         convergence_figure(files["convergence"], self.model.lower_bounds_,
                            self.registration.history if self.registration is not None else None,
                            title=f"mvmm: registration and EM ({', '.join(self.common.names)})")
+        pathology = None
         if self.pathology:
-            files.update(self._write_pathology(out / "pathology"))
+            pathology_files, pathology = self._write_pathology(out / "pathology")
+            files.update(pathology_files)
         self.timings["write_s"] = time.perf_counter() - start
         files["report"] = out / "report.json"
-        write_json(files["report"], self.report())
+        write_json(files["report"], self.report(pathology))
         return files
 
-    def _write_pathology(self, folder: Path) -> Dict[str, Path]:
-        """Scar and oedema (:mod:`mvmm.pathology`) on the common grid and each image's grid, a figure,
-        and their volumes for the report."""
+    def _write_pathology(self, folder: Path) -> Tuple[Dict[str, Path], dict]:
+        """Scar and oedema (:mod:`mvmm.pathology`) on the common grid and each image's grid and a figure;
+        returns the files and their volumes for the report."""
         from mvmm.pathology import pathology_maps
 
         folder.mkdir()
@@ -296,7 +302,7 @@ class Segmentation:
             io.write_array(files[f"{p}_probability"], common.probability[p], common.grid)
         per_image = {}
         for name in self.common.names:
-            native = common if self.sample_on(name) is self.common else pathology_maps(self, name)
+            native = common if self.is_common(name) else pathology_maps(self, name)
             files[f"pathology_{name}"] = folder / f"pathology_{name}.nii.gz"
             io.write_array(files[f"pathology_{name}"], native.label_map(), native.grid)
             for p in native.names:
@@ -308,11 +314,12 @@ class Segmentation:
         pathology_figure(files["pathology_figure"], self.common.images.cpu().numpy(), self.common.coverage.cpu().numpy(),
                          self.common.names, common.tissue_mask[common.names[0]], common.mask, common.grid, per_slice,
                          title=f"mvmm: {', '.join(common.names)} on the grid of {self.subject.reference}")
-        self._pathology_report = {"labels": {p: PATHOLOGY_LABELS[p] for p in common.names},
-                                  "common_grid": common.volumes(), "per_slice": per_slice, "images": per_image}
-        return files
+        volumes = {"labels": {p: PATHOLOGY_LABELS[p] for p in common.names},
+                   "common_grid": common.volumes(), "per_slice": per_slice, "images": per_image}
+        return files, volumes
 
-    def report(self) -> dict:
+    def report(self, pathology: Optional[dict] = None) -> dict:
+        """What ``report.json`` holds; ``pathology``: the volumes :meth:`write` found (with ``pathology``)."""
         coverage = self.common.coverage.float().mean(dim=tuple(range(1, self.common.coverage.dim())))
         return {
             "mvmm_version": __version__,
@@ -334,7 +341,7 @@ class Segmentation:
                 "transforms": sorted(self.registration.transforms)},
             "timings_s": self.timings,
             "volumes_ml": self.volumes_ml(),
-            **({"pathology": self._pathology_report} if self._pathology_report is not None else {}),
+            **({"pathology": pathology} if pathology is not None else {}),
         }
 
 

@@ -45,3 +45,14 @@ def test_evaluate_labels_reports_each_foreground_structure_with_volumes():
     assert set(out) == {"Myo", "LV", "RV"}
     assert out["Myo"]["dice"] == 1.0 and out["Myo"]["volume_truth_ml"] == pytest.approx(27 * 5 / 1000)
     assert math.isnan(out["RV"]["dice"])
+
+
+def test_agreement_gives_correlation_bias_and_limits():
+    from mvmm.metrics import agreement
+
+    stats = agreement([2.0, 4.0, 6.0, 9.0], [1.0, 3.0, 5.0, 7.0])
+    diff = np.array([1.0, 1.0, 1.0, 2.0])
+    assert stats["bias"] == pytest.approx(1.25)
+    assert stats["high"] - stats["low"] == pytest.approx(2 * 1.96 * diff.std(ddof=1))
+    assert stats["r"] == pytest.approx(np.corrcoef([2, 4, 6, 9], [1, 3, 5, 7])[0, 1])
+    assert np.isnan(agreement([1.0, 2.0], [1.0, 3.0])["r"]) and np.isnan(agreement([1.0], [2.0])["low"])

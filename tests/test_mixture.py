@@ -50,6 +50,7 @@ def test_m_step_matches_numpy_reference():
     data = _Voxels(torch.as_tensor(x)[None], torch.as_tensor(m)[None], torch.as_tensor(np.log(atlas))[None],
                    torch.ones(v, dtype=torch.bool), (1.0,))
     model._floors = torch.full((n,), 1e-12, dtype=torch.float64)
+    model._tied = None  # as fit sets it up: untied
     model._collapsed = set()
     resp = model._e_step(data, params)
     resp.log_post = torch.as_tensor(np.log(post))[None]  # an arbitrary tissue posterior

@@ -146,10 +146,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         placed = atlas.placed_on(images[0].grid)
     start = time.perf_counter()
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
-    subtypes = list(settings.subtypes)
-    if settings.pathology:  # the named pathology subtypes replace the LGE and T2 myocardium's counts
-        subtypes = [item for item in subtype_items(subtypes) if not item.startswith(("LGE:Myo=", "T2:Myo="))] \
-            + cardiac_pathology_subtypes(settings.sequences)
+    # with pathology, the named subtypes come last: they replace the LGE and T2 myocardium's counts
+    subtypes = list(settings.subtypes) + (cardiac_pathology_subtypes(settings.sequences) if settings.pathology else [])
     em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=subtypes,
                              learn_proportions=learn, mrf_beta=settings.mrf_beta, registration=registration,
                              postprocess=settings.postprocess, device=settings.device, seed=settings.seed)

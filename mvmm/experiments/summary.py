@@ -12,6 +12,7 @@ import numpy as np
 
 from mvmm.data.labels import LabelSet
 from mvmm.core.outputs import atomic_path, write_json
+from mvmm.metrics import agreement
 from mvmm.report import agreement_figure, box_plot, paired_figure
 
 COLUMNS = ("patient", "method", "structure", "dice", "hd95_mm", "msd_mm", "seconds")
@@ -98,15 +99,11 @@ def _pathology_summary(records: List[dict]) -> dict:
         pred = [m["volume_pred_ml"] for m in metrics]
         truth = [m["volume_truth_ml"] for m in metrics]
         dice = [m["dice"] for m in metrics if m["volume_truth_ml"] > 0]
-        diff = np.asarray(pred) - np.asarray(truth)
-        corr = float(np.corrcoef(pred, truth)[0, 1]) if len(pred) > 2 and np.std(pred) > 0 and np.std(truth) > 0 \
-            else math.nan
+        volumes = agreement(pred, truth)
         out[region] = {"dice_mean": _mean(dice), "dice_median": float(np.median(dice)) if dice else math.nan,
                        "patients_with_manual": len(dice), "patients": [r["patient"] for r in records],
-                       "volume_pred_ml": pred, "volume_truth_ml": truth, "volume_r": corr,
-                       "bias_ml": float(diff.mean()), "limits_ml": [float(diff.mean() - 1.96 * diff.std(ddof=1)),
-                                                                    float(diff.mean() + 1.96 * diff.std(ddof=1))]
-                       if len(diff) > 1 else [math.nan, math.nan]}
+                       "volume_pred_ml": pred, "volume_truth_ml": truth, "volume_r": volumes["r"],
+                       "bias_ml": volumes["bias"], "limits_ml": [volumes["low"], volumes["high"]]}
     return out
 
 

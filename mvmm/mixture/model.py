@@ -196,6 +196,7 @@ class MultivariateMixture:
             self.n_subtypes_ = self._resolve_subtypes(data.x.shape[1], n_classes)
             self._collapsed = set()
         self._floors = self._variance_floors(data)
+        self._tied = self._tied_on(data, n_classes)  # once per fit, not per M-step
         if init_params is None:
             params = self._initial_params(data, n_classes)
         resp = self._e_step(data, params)
@@ -382,12 +383,8 @@ class MultivariateMixture:
 
     def _m_step(self, data: _Voxels, resp: _Responsibilities, params: MixtureParams) -> MixtureParams:
         """Closed-form updates of τ, μ, σ² and π (:func:`mvmm.mixture.functional.m_step`)."""
-        tied = None if self.tied_variances is None else torch.as_tensor(self.tied_variances, device=data.x.device)
-        if tied is not None and tuple(tied.shape) != tuple(params.means.shape[1:3]):
-            raise ValueError(f"tied_variances: expected shape {list(params.means.shape[1:3])} (images × tissues), "
-                             f"got {list(tied.shape)}")
         step = F.m_step(data.x, data.m, resp.log_post.exp(), resp.within, params, self._floors.unsqueeze(0),
-                        data.log_atlas, learn_proportions=self.learn_proportions, tied_variances=tied)
+                        data.log_atlas, learn_proportions=self.learn_proportions, tied_variances=self._tied)
         collapsed = (step.subtype_mass[0] < MIN_SUBTYPE_MASS) & params.subtype_mask
         keys = map(tuple, collapsed.nonzero().tolist()) if bool(collapsed.any()) else ()
         for key in keys:  # warn once per subtype and fit
@@ -408,6 +405,16 @@ class MultivariateMixture:
         else:
             weights = tissue_weights_from_kmeans(x, m, n_classes, self.random_state)
         return params_from_tissue_weights(x, m, weights, self.n_subtypes_, self._floors, self.tied_variances)
+
+    def _tied_on(self, data: _Voxels, n_classes: int) -> Optional[torch.Tensor]:
+        """``tied_variances`` as a bool tensor ``[N, K]`` on the data's device, checked (None: untied)."""
+        if self.tied_variances is None:
+            return None
+        tied = torch.as_tensor(self.tied_variances, device=data.x.device)
+        if tuple(tied.shape) != (data.x.shape[1], n_classes):
+            raise ValueError(f"tied_variances: expected shape {[data.x.shape[1], n_classes]} (images × tissues), "
+                             f"got {list(tied.shape)}")
+        return tied
 
     def _variance_floors(self, data: _Voxels) -> torch.Tensor:
         x, m = data.x[0], data.m[0]
