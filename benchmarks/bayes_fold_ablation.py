@@ -55,7 +55,7 @@ def main():
     from mvmm.metrics import evaluate_labels
     from mvmm.nets.data import subjects_from_manifest
     from mvmm.nets.model_dir import WEIGHTS, load_model
-    from mvmm.segment import segment_with_model
+    from mvmm.amortized import segment_with_model
     from mvmm.training import train_bayes
 
     warnings.simplefilter("ignore")

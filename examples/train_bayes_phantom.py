@@ -14,7 +14,7 @@ from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.phantom import write_phantom
 from mvmm.metrics import evaluate_labels
 from mvmm.nets.data import SubjectRow
-from mvmm.segment import segment_with_model
+from mvmm.amortized import segment_with_model
 from mvmm.training import train_bayes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,11 +19,12 @@ from mvmm.core.errors import InputError
 from mvmm.core.outputs import OutputError
 # Only plain-Python modules at import: `mvmm --help` and option parsing start at once; each command
 # imports torch and the rest of mvmm when it runs.
-from mvmm.core.settings import (ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
+from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
                                 POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
-                                REGNET_METRICS, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
-                                MultiAtlasSettings, PairwiseSettings, RegNetSettings, TrainingSettings,
+                                REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
+                                MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
+                                TrainingSettings, VaeSegSettings,
                                 RegistrationSettings,
                                 SegmentationDefaults)
 
@@ -135,6 +136,7 @@ PARAMETER_FLAGS = {
     "RegistrationSettings.images_model": "--images-model",
     "BayesNetSettings.grid_size": "--grid-size", "BayesNetSettings.subtypes": "--subtypes",
     "TrainingSettings.batch_size": "--batch-size", "TrainingSettings.lr": "--lr",
+    "labelled": "--labelled-patients", "maps": "--labels", "prior": "--prior",
 }
 _PARAMETER = re.compile(r"^([A-Za-z_][\w.]*):|`([A-Za-z_][\w.]*)`")
 
@@ -340,17 +342,21 @@ def main():
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
                    "singular values) against the mean log-likelihood per voxel; 0: none.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), metavar="MODEL_DIR",
-              help="A trained network (mvmm train bayes): its atlas warp and parameters in one forward pass, "
-                   "instead of the fit; the model carries its atlas and subtypes.")
+              help="A trained network, instead of the fit: mvmm train bayes (atlas warp and parameters in one "
+                   "forward pass; the model carries its atlas and subtypes) or acwe (the segmentation itself).")
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --model: EM iterations from the network's prediction, its warp fixed (0: the network "
-                   "alone). With --model, --register-atlas instead runs the joint registration and EM from the "
-                   "network's warp.")
+              help="With --model: EM iterations from the network's prediction, its warp fixed (acwe: its map as the "
+                   "prior; 0: the network alone). With a bayes model, --register-atlas instead runs the joint "
+                   "registration and EM from the network's warp.")
+@click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With a vae-seg --model: latent codes drawn from the encoder's distribution; writes the "
+                   "per-voxel variance of the posterior over them and the entropy of their mean "
+                   "(uncertainty_variance, uncertainty_entropy).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @click.pass_context
 @common_options
-def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
+def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing,
@@ -370,10 +376,11 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
     if model_dir is not None:
-        return _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postprocess, register_atlas,
-                                   affine_weight, roi_margin, out, device, quiet)
-    if refine:
-        raise InputError("refine: --refine refines a network's prediction; give --model")
+        return _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess,
+                                   register_atlas, affine_weight, roi_margin, out, device, quiet)
+    if refine or samples:
+        raise InputError(f"{'refine' if refine else 'samples'}: `{'refine' if refine else 'samples'}` works on a "
+                         f"network's prediction; give `model`")
     multi_atlas = None
     if atlas_set is not None:
         multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform, workers=atlas_set_workers)
@@ -421,11 +428,12 @@ def segment(ctx, model_dir, refine, images, names, atlas, atlas_set, atlas_set_s
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
 
 
-def _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postprocess, register_atlas, affine_weight,
-                        roi_margin, out, device, quiet):
+def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess, register_atlas,
+                        affine_weight, roi_margin, out, device, quiet):
     """``segment --model``: options of the classical fit that the model fixes are refused, not ignored;
     ``--register-atlas`` continues from the network's warp with the joint solver."""
-    from mvmm.segment import read_images, segment_with_model
+    from mvmm.amortized import segment_with_model
+    from mvmm.segment import read_images
 
     def given(names):
         return [param.opts[0] for param in ctx.command.params if param.name in names
@@ -447,7 +455,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, mrf_beta, postpro
     result = segment_with_model(read_images(list(images), list(names) or None), model_dir, refine=refine,
                                 mrf_beta=mrf_beta, postprocess=postprocess, device=device,
                                 progress=_show_progress(quiet), registration=registration,
-                                roi_margin_mm=roi_margin if given({"roi_margin"}) else None)
+                                roi_margin_mm=roi_margin if given({"roi_margin"}) else None, samples=samples)
     files = result.write(out, force=True)
     if not quiet:
         t = result.timings
@@ -725,16 +733,21 @@ def training_data_options(func):
                              "and one column of image paths per sequence.")(func)
 
 
-def training_options(func):
-    """The TrainingSettings options and --out/--resume/--force of the train commands."""
+def training_options(func=None, *, smoothness: bool = True):
+    """The TrainingSettings options and --out/--resume/--force of the train commands (``smoothness``:
+    whether the network has a velocity field for --smoothness to weigh)."""
+    if func is None:
+        return lambda f: training_options(f, smoothness=smoothness)
     options = [
         click.option("--epochs", type=COUNT, default=default(TrainingSettings, "epochs"), show_default=True,
                      help="Epochs (with --resume: the total to reach)."),
         click.option("--batch-size", type=COUNT, default=default(TrainingSettings, "batch_size"), show_default=True),
         click.option("--lr", type=POSITIVE, default=default(TrainingSettings, "lr"), show_default=True,
                      help="Adam's learning rate."),
+    ] + ([
         click.option("--smoothness", type=NON_NEGATIVE, default=default(TrainingSettings, "smoothness"),
                      show_default=True, help="Weight of the velocity field's mean squared gradient."),
+    ] if smoothness else []) + [
         click.option("--augment/--no-augment", default=default(TrainingSettings, "augment"), show_default=True,
                      help="Random intensity change and small in-plane motion of the (moving) images."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="The model directory."),
@@ -804,7 +817,119 @@ def train_regnet_command(data, manifest, patients, fixed_sequence, moving_sequen
                f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
 
 
-def _training_rows(data, manifest, patients, sequences, resume, force):
+@train.command("acwe", cls=MultiValueCommand)
+@training_data_options
+@click.option("--sequences", multiple=True, required=True,
+              help="Image names in the network's input order (the first places the network grid), e.g. C0, or LGE C0.")
+@click.option("--classes", type=click.IntRange(min=2), default=default(AcweNetSettings, "classes"),
+              help="Phases K of the Chan–Vese model (default: the atlas's or the labels' classes with --atlas or "
+                   "--labelled-patients, else 2: dark and bright).")
+@click.option("--length-weight", type=NON_NEGATIVE, default=default(AcweNetSettings, "length_weight"), show_default=True,
+              help="Weight ν (mm) of the boundary length per voxel against the region energy per voxel.")
+@click.option("--variances", type=click.Choice(ACWE_VARIANCES), default=default(AcweNetSettings, "variances"),
+              show_default=True, help="equal: Chan–Vese's region term Σ P (I − c)²; fitted: each class's own "
+                                      "variance (the Gaussian-mixture energy).")
+@click.option("--atlas", multiple=True, type=click.Path(path_type=Path), metavar="PATH...",
+              help="An atlas (mvmm atlas build output, or label maps): an input, the region and a prior term of the "
+                   "energy; it names the classes. Saved into the model.")
+@click.option("--labelled-patients", help="Patients of a --data folder whose manual labels (of the first sequence) "
+                                          "add a cross-entropy term, e.g. 1-5 (semi-supervised). With a CSV: the "
+                                          "rows with a 'labels' cell.")
+@click.option("--labels", "labels_text", metavar="NAME=VALUE,...",
+              help="The classes of those label maps without --atlas (default: the data set's, e.g. bg=0,Myo=200,"
+                   "LV=500,RV=600).")
+@click.option("--label-weight", type=NON_NEGATIVE, default=default(AcweNetSettings, "label_weight"), show_default=True,
+              help="Weight of the labelled cases' cross-entropy.")
+@training_options(smoothness=False)
+@common_options
+def train_acwe_command(data, manifest, patients, sequences, classes, length_weight, variances, atlas,
+                       labelled_patients, labels_text, label_weight, epochs, batch_size, lr, augment, out, resume,
+                       force, device, seed, quiet):
+    """The Chan–Vese CNN (Chen & Frey 2020): images → soft segmentation in one forward pass, trained by the
+    active-contour-without-edges energy (vector-valued, multiphase, optionally with the atlas and a few
+    labelled cases); used by mvmm segment --model."""
+    from mvmm.data.labels import resolve_labels
+    from mvmm.data.manifest import Manifest, parse_patients
+    from mvmm.training import train_acwe
+
+    _setup_logging(quiet)
+    labelled = parse_patients(labelled_patients) if labelled_patients else []
+    if labelled and data.is_file():
+        raise InputError("labelled_patients: --labelled-patients selects patients of a --data folder; in a CSV, "
+                         "fill the 'labels' cell of the labelled rows")
+    rows = _training_rows(data, manifest, patients, list(sequences), resume, force, labelled)
+    names = [r.name for r in rows if r.labels is not None]
+    labels = resolve_labels(labels_text)
+    if names and labels is None and not atlas:
+        labels = Manifest.load(manifest).labels
+    network = AcweNetSettings(classes=classes, length_weight=length_weight, variances=variances,
+                              label_weight=label_weight)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    result = train_acwe(rows, list(sequences), out, network, training, atlas=list(atlas) or None, labels=labels,
+                        labelled=names, device=device, resume=resume, force=force, progress=_show_progress(quiet))
+    click.echo(f"trained on {len(result['subjects'])} subjects ({len(names)} labelled) for {result['epochs']} epochs "
+               f"in {result['seconds']:.0f} s (final loss {result['final_loss']:.4f}), classes "
+               f"{result['classes']}: {out}")
+
+
+@train.command("prior", cls=MultiValueCommand)
+@click.option("--labels", "maps", multiple=True, required=True, type=click.Path(path_type=Path), metavar="PATH...",
+              help="Label maps (any data set and sequence), e.g. ../shared/data/acdc/*_gt.nii.gz.")
+@click.option("--label-names", required=True, metavar="NAME=VALUE,...",
+              help="The maps' values named by tissue, e.g. RV=1,Myo=2,LV=3 for ACDC; a name may take several "
+                   "values (RV=1,Myo=2,LV=3,Myo=200,LV=500,RV=600: two data sets together). Maps the model yields "
+                   "hold each name's first value.")
+@click.option("--latent", type=COUNT, default=default(PriorVaeSettings, "latent"), show_default=True,
+              help="Dimensions of the latent code.")
+@training_options(smoothness=False)
+@common_options
+def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, augment, out, resume, force, device, seed,
+                        quiet):
+    """The anatomical prior (Dalca et al. 2018): a VAE on label maps alone, whose decoder later replaces the
+    atlas (mvmm train vae-seg --prior)."""
+    from mvmm.training import train_prior
+
+    _setup_logging(quiet)
+    if resume and force:
+        raise InputError("resume: --resume continues --out; --force would replace it: give one")
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    result = train_prior(list(maps), label_names, out, PriorVaeSettings(latent=latent), training, device,
+                         resume=resume, force=force, progress=_show_progress(quiet))
+    click.echo(f"trained on {len(result['subjects'])} label maps for {result['epochs']} epochs in "
+               f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}), classes {result['classes']}: {out}")
+
+
+@train.command("vae-seg", cls=MultiValueCommand)
+@training_data_options
+@click.option("--prior", "prior_dir", required=True, type=click.Path(path_type=Path), metavar="PRIOR_DIR",
+              help="A prior model (mvmm train prior): its decoder, frozen, is the spatial prior; copied into --out.")
+@click.option("--sequences", multiple=True, required=True,
+              help="Image names in the network's input order (the first places the network grid), e.g. LGE C0.")
+@click.option("--subtypes", multiple=True, default=default_list(VaeSegSettings, "subtypes"), metavar="IMAGE:TISSUE=N",
+              help="Gaussian subtypes, as for segment (e.g. LGE:Myo=2).")
+@click.option("--background-subtypes", type=COUNT, default=default(VaeSegSettings, "background_subtypes"),
+              show_default=True, help="Subtypes of the background in every image.")
+@click.option("--kl-weight", type=NON_NEGATIVE, default=default(VaeSegSettings, "kl_weight"), show_default=True,
+              help="Weight of the latent code's KL term per voxel (1: the ELBO).")
+@training_options(smoothness=False)
+@common_options
+def train_vae_seg_command(data, manifest, patients, prior_dir, sequences, subtypes, background_subtypes, kl_weight,
+                          epochs, batch_size, lr, augment, out, resume, force, device, seed, quiet):
+    """Segmentation on a learned anatomical prior (Dalca et al. 2018): an image encoder predicts the prior's
+    latent code from unlabelled images, trained by the mixture's likelihood; used by mvmm segment --model."""
+    from mvmm.training import train_vae_seg
+
+    _setup_logging(quiet)
+    rows = _training_rows(data, manifest, patients, list(sequences), resume, force)
+    network = VaeSegSettings(subtypes=list(subtypes), background_subtypes=background_subtypes, kl_weight=kl_weight)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    result = train_vae_seg(rows, list(sequences), prior_dir, out, network, training, device, resume=resume,
+                           force=force, progress=_show_progress(quiet))
+    click.echo(f"trained on {len(result['subjects'])} subjects for {result['epochs']} epochs in "
+               f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
+
+
+def _training_rows(data, manifest, patients, sequences, resume, force, labelled=()):
     from mvmm.data.manifest import parse_patients
     from mvmm.nets.data import subjects_from_csv, subjects_from_manifest
 
@@ -814,7 +939,7 @@ def _training_rows(data, manifest, patients, sequences, resume, force):
         if patients:
             raise InputError("patients: --patients selects patients of a --data folder; a CSV lists its subjects")
         return subjects_from_csv(data, sequences)
-    return subjects_from_manifest(manifest, data, parse_patients(patients) if patients else None, sequences)
+    return subjects_from_manifest(manifest, data, parse_patients(patients) if patients else None, sequences, labelled)
 
 
 @main.group(cls=MvmmGroup)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -250,18 +250,19 @@ def convergence_figure(path, lower_bounds: Sequence[float], registration_history
 
 
 def loss_figure(path, history: Sequence[dict], title: str = "training",
-                data_label: str = "negative log-likelihood / voxel") -> None:
-    """A network's training curve: mean loss per epoch, and its two terms (the data term — negative
-    log-likelihood per voxel, or dissimilarity — and the velocity smoothness) as ``mvmm.nets.train``
-    logs them."""
+                data_label: str = "negative log-likelihood / voxel",
+                second: Tuple[str, str] = ("smoothness", "mean ‖∇v‖² (velocity)")) -> None:
+    """A network's training curve: mean loss per epoch, and its terms as ``mvmm.nets.train`` logs
+    them: the data term (negative log-likelihood per voxel, dissimilarity or region energy) beside
+    the loss, and the regulariser ``second`` (its log key and axis label) on the right."""
     fig, axes = _subplots(1, 2, figsize=(10, 3.6), squeeze=False)
     epochs = [h["epoch"] for h in history]
     axes[0, 0].plot(epochs, [h["loss"] for h in history], color=COLOURS[0], label="loss")
     axes[0, 0].plot(epochs, [h["data"] for h in history], color=COLOURS[1], linestyle="--", label=data_label)
     axes[0, 0].set_ylabel("training loss (mean over batches)")
     axes[0, 0].legend(fontsize=7, loc="best")
-    axes[0, 1].plot(epochs, [h["smoothness"] for h in history], color=COLOURS[2])
-    axes[0, 1].set_ylabel("mean ‖∇v‖² (velocity)")
+    axes[0, 1].plot(epochs, [h[second[0]] for h in history], color=COLOURS[2])
+    axes[0, 1].set_ylabel(second[1])
     for ax in axes[0]:
         ax.set_xlabel("epoch")
         _readable_axes(ax)

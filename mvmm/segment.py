@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -33,7 +32,7 @@ from mvmm.data.subject import CaseSample, Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
 from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration, template_sequence
-from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
+from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtype_names, parse_subtypes
 from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
 from mvmm.core.outputs import staged_output_dir, write_json
@@ -179,6 +178,11 @@ class Segmentation:
     registration: Optional[RegistrationResult] = None
     postprocess: str = "none"  # applied to every label map, see mvmm.postprocess
     pathology: bool = False  # write scar and oedema from the named subtypes (mvmm.pathology)
+    # the spatial prior is the answer (a network that predicts the posterior, e.g. the Chan–Vese CNN):
+    # every grid's posterior is the prior sampled there, not the model's posterior
+    prior_is_posterior: bool = False
+    # further per-voxel maps on the common grid, written as NAME.nii.gz (e.g. a network's sample uncertainty)
+    extra_maps: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -222,6 +226,8 @@ class Segmentation:
         """Posterior ``[K, *S]`` of a :meth:`sample_on` sample: the fitted model evaluated there."""
         if sample is self.common:
             return self.posterior
+        if self.prior_is_posterior:
+            return sample.prior
         return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
 
     def native_posterior(self, name: str) -> torch.Tensor:
@@ -266,6 +272,9 @@ class Segmentation:
         io.write_array(files["posteriors"], self.posterior.cpu().numpy().astype(np.float32), grid)
         files["entropy"] = out / "entropy.nii.gz"
         io.write_array(files["entropy"], self.entropy().cpu().numpy().astype(np.float32), grid)
+        for name, values in self.extra_maps.items():
+            files[name] = out / f"{name}.nii.gz"
+            io.write_array(files[name], values.cpu().numpy().astype(np.float32), grid)
         files["params"] = out / "params.json"
         write_json(files["params"], self.params_dict())
         files["overview"] = out / "overview.png"
@@ -340,6 +349,7 @@ class Segmentation:
                 "template": self.registration.template,
                 "transforms": sorted(self.registration.transforms)},
             "timings_s": self.timings,
+            **({"extra_maps": sorted(f"{name}.nii.gz" for name in self.extra_maps)} if self.extra_maps else {}),
             "volumes_ml": self.volumes_ml(),
             **({"pathology": pathology} if pathology is not None else {}),
         }
@@ -453,112 +463,6 @@ def _pathology_subtypes(subtypes: list, names: Sequence[str], labels: LabelSet) 
                          f"scar, T2 oedema): name the images so, or name subtypes with `subtypes`, e.g. "
                          f"LGE:Myo=normal,scar")
     return subtypes
-
-
-def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = SEGMENTATION.mrf_beta,
-                       learn_proportions: Optional[bool] = None, postprocess: str = SEGMENTATION.postprocess,
-                       device: str = "auto", progress: bool = False,
-                       registration: Optional[RegistrationSettings] = None,
-                       roi_margin_mm: Optional[float] = None) -> Segmentation:
-    """Segment a case by a trained network (``mvmm segment --model``), optionally refined by EM.
-
-    The network predicts the atlas's velocity field and θ in one forward pass on the case's network
-    grid (:mod:`mvmm.nets`); the atlas, moved by its placement then ``exp(v)`` (a transform of the
-    common space like the classical path's), gives the prior on the reference grid, and θ — turned
-    back into each image's units — the posteriors there. ``refine`` > 0 runs that many EM iterations
-    from θ with the warp fixed (and the MRF, if ``mrf_beta`` > 0); 0 is the network alone.
-
-    Parameters
-    ----------
-    images : sequence of Image
-        The case, named as the model's images (any order; matched case-insensitively).
-    model : LoadedModel or path
-        A model directory (:func:`mvmm.nets.model_dir.load_model`).
-    refine, mrf_beta : int, float
-        EM iterations after the prediction, and their Potts weight.
-    learn_proportions : bool, optional
-        Whether those iterations update π (False keeps the network's); default: as the model was
-        trained (``BayesNetSettings.proportions``).
-    postprocess : {"none", "cardiac"}
-    registration : RegistrationSettings, optional
-        Instead of EM with the warp fixed, the joint solver (EM ⇄ registration, :mod:`mvmm.joint`)
-        from the network's warp: the velocity field is held and the levels of ``registration.atlas``
-        refine the linear map after it; then EM to convergence (``refine`` is not used). θ starts
-        from the warped atlas, as in ``segment``.
-    roi_margin_mm : float, optional
-        The region of interest (default: the model's ``roi_margin_mm``).
-    """
-    from mvmm.nets.data import prepare_case, stack_cases
-    from mvmm.nets.model_dir import LoadedModel, load_model
-    from mvmm.spatial.transforms import SequentialTransform
-
-    start = time.perf_counter()
-    torch_device = resolve_device(device)
-    if not isinstance(model, LoadedModel):
-        model = load_model(model, torch_device)
-    config, net = model.config, model.net.to(torch_device)
-    config.require("bayes", model.path)
-    by_name = {im.name.lower(): im for im in images}
-    missing = [n for n in config.images if n.lower() not in by_name]
-    if missing or len(images) != len(config.images):
-        raise InputError(f"images: the model {model.path} reads {', '.join(config.images)}; got "
-                         f"{', '.join(im.name for im in images)} (name the images with `names`)")
-    ordered = [replace(by_name[n.lower()], name=n) for n in config.images]
-    atlas = model.atlas.placed_on(ordered[0].grid) if model.atlas.frame == "axes" else model.atlas
-    margin = config.network.roi_margin_mm if roi_margin_mm is None else roi_margin_mm
-    subject = Subject(ordered, atlas=atlas, roi_margin_mm=margin)
-    check_postprocess(postprocess, subject.class_labels)
-    case = prepare_case(subject, config.network, torch_device)
-    loaded = time.perf_counter()
-    with torch.no_grad():
-        batch = {k: v.to(torch_device) for k, v in stack_cases([case]).items()}
-        prediction = net(batch)
-        svf = net.world_svf(prediction.velocity[0], case.grid)
-        warp = SequentialTransform(svf, case.placement)
-        params = _in_image_units(prediction.params, case.offsets.to(torch_device), case.scales.to(torch_device))
-    if learn_proportions is None:
-        learn_proportions = config.network.proportions == "learned"
-    predicted = time.perf_counter()
-    if registration is not None:
-        result = segment_subject(subject, subtypes=config.network.subtypes,
-                                 background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
-                                 learn_proportions=learn_proportions, device=str(torch_device), progress=progress,
-                                 registration=registration, postprocess=postprocess,
-                                 atlas_start=(case.placement, svf))
-        result.settings = {**result.settings, "model": str(model.path), "refine": "registration"}
-        result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings}
-        return result
-    subject = replace(subject, transforms={**subject.transforms, "atlas": warp})
-    model_em = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(subject.class_labels),
-                                   max_iter=max(refine, 1), mrf_beta=mrf_beta if refine else 0.0,
-                                   learn_proportions=learn_proportions)
-    with torch.no_grad():
-        common = subject.sample(device=torch_device)
-        sampled = time.perf_counter()
-        if refine:
-            with warnings.catch_warnings():  # a few iterations from a good start: not converging is expected
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model_em.fit(common.images, common.coverage, common.prior, common.grid.spacing, init_params=params,
-                             max_iter=refine, progress=progress)
-        else:
-            model_em.adopt(params, common.images, common.coverage, common.prior, common.grid.spacing)
-        refined = time.perf_counter()
-        posterior = model_em.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
-    settings = {"model": str(model.path), "refine": int(refine), "mrf_beta": mrf_beta if refine else 0.0,
-                "learn_proportions": learn_proportions,
-                "postprocess": postprocess, "device": str(torch_device), "roi_margin_mm": subject.roi_margin_mm}
-    timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
-               "refine_s": refined - sampled, "predict_s": time.perf_counter() - refined}
-    return Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
-                        RegistrationResult({"atlas": warp}), postprocess)
-
-
-def _in_image_units(params, offsets: torch.Tensor, scales: torch.Tensor):
-    """θ of normalised images ``(x − offset) / scale`` as θ of the images: μ = offset + scale μ', σ² = scale² σ'²."""
-    shape = (1, -1, 1, 1)
-    return type(params)(offsets.reshape(shape) + scales.reshape(shape) * params.means.double(),
-                        scales.reshape(shape) ** 2 * params.variances.double(), params.log_weights.double(),
-                        params.log_proportions.double(), params.n_subtypes)
 
 
 def load_params(path) -> dict:

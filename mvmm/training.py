@@ -1,4 +1,4 @@
-"""From image files to a model directory: the Python API behind ``mvmm train bayes`` and ``mvmm train regnet``.
+"""From image files to a model directory: the Python API behind ``mvmm train bayes``, ``regnet`` and ``acwe``.
 
     rows = subjects_from_manifest("mscmr19", "data/mscmr", range(1, 21), ["LGE", "C0"])
     train_bayes(rows, ["LGE", "C0"], ["atlas.nii.gz"], "models/bayes", BayesNetSettings(), TrainingSettings())
@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
 from mvmm.core.outputs import check_output_dir
-from mvmm.core.settings import BayesNetSettings, RegNetSettings, TrainingSettings
+from mvmm.core.settings import (AcweNetSettings, BayesNetSettings, PriorVaeSettings, RegNetSettings, TrainingSettings,
+                                VaeSegSettings)
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
+from mvmm.data.labels import LabelSet, parse_label_names
 from mvmm.data.subject import Subject
 from mvmm.mixture.subtypes import parse_subtypes
-from mvmm.nets.data import SubjectRow, prepare_case, prepare_pair
+from mvmm.nets.data import SubjectRow, case_labels, prepare_case, prepare_label_case, prepare_pair
 from mvmm.nets.model_dir import CHECKPOINT, CURVE, ModelConfig, build_network, read_config, write_model_files
 from mvmm.nets.train import seeded_network, train_network
 from mvmm.report import loss_figure
@@ -82,12 +85,7 @@ def train_bayes(rows: Sequence[SubjectRow], sequences: Sequence[str], atlas: Uni
     sequences = list(sequences)
     if not rows:
         raise InputError("data: no training subjects")
-    if resume:
-        config = _resumed_config(out, "bayes", sequences)
-        config.training.epochs = training.epochs
-        network, training = config.network, config.training
-    else:
-        check_output_dir(out, force)
+    network, training = _run_settings(out, "bayes", sequences, network, training, resume, force)
     torch_device = resolve_device(device)
     if not isinstance(atlas, Atlas):
         atlas = Atlas.read(list(atlas))
@@ -95,32 +93,55 @@ def train_bayes(rows: Sequence[SubjectRow], sequences: Sequence[str], atlas: Uni
     counts = model_subtypes(network, sequences, atlas)
     cases = []
     for row in tqdm(rows, desc="reading subjects", unit="subject", disable=not progress, leave=False):
-        missing = [s for s in sequences if s not in row.images]
-        if missing:
-            raise InputError(f"data: subject {row.name} has no {', '.join(missing)} image")
-        images = [Image.read(row.images[s], s, argname="data") for s in sequences]
+        images = _row_images(row, sequences)
         case = prepare_case(placed_subject(images, atlas), network)
         case.name = row.name
         cases.append(case)
     config = ModelConfig("bayes", network, sequences, counts, atlas.labels, training, [r.name for r in rows])
+    return _train(config, cases, out, torch_device, resume, progress, rows,
+                  f"mvmm train bayes: {', '.join(sequences)}, {len(rows)} subjects", atlas)
+
+
+def _train(config: ModelConfig, cases, out: Path, device, resume: bool, progress: bool, rows, title: str,
+           atlas: Optional[Atlas] = None, build=None, **curve) -> dict:
+    """Write the model files (a new run), build the seeded network (``build``, default from ``config``),
+    train it on ``cases`` with its loss curve (``title``; ``curve``: :func:`mvmm.report.loss_figure`'s
+    labels) redrawn every few epochs; returns the run's report."""
+    training, network = config.training, config.network
     if not resume:
         write_model_files(out, config, atlas)
-    net = seeded_network(lambda: build_network(config), training.seed)
+    net = seeded_network(build or (lambda: build_network(config)), training.seed)
 
     def draw(history):
         if len(history) % CURVE_EVERY == 0 or len(history) == training.epochs:
-            loss_figure(out / CURVE, history, title=f"mvmm train bayes: {', '.join(sequences)}, {len(rows)} subjects")
+            loss_figure(out / CURVE, history, title=title, **curve)
 
-    return _train(net, cases, training, out, torch_device, resume, progress, draw, rows, network)
-
-
-def _train(net, cases, training, out, device, resume, progress, draw, rows, network) -> dict:
     started = time.perf_counter()
     history = train_network(net, cases, training, out, device, resume=resume, progress=progress, on_epoch=draw)
     seconds = time.perf_counter() - started
     log.info("trained %s for %d epochs in %.0f s (loss %.4f)", out, len(history), seconds, history[-1]["loss"])
     return {"epochs": len(history), "final_loss": history[-1]["loss"], "seconds": seconds,
             "subjects": [r.name for r in rows], "out": str(out), "network": asdict(network)}
+
+
+def _run_settings(out: Path, kind: str, images: List[str], network, training: TrainingSettings, resume: bool,
+                  force: bool):
+    """``(network, training)`` of a run into ``out``: a resumed run's own (its epochs raised to
+    ``training.epochs``), else those given, ``out`` checked to be free (or ``force``)."""
+    if resume:
+        config = _resumed_config(out, kind, images)
+        config.training.epochs = training.epochs
+        return config.network, config.training
+    check_output_dir(out, force)
+    return network, training
+
+
+def _row_images(row: SubjectRow, sequences: Sequence[str]) -> List[Image]:
+    """The images of one training subject, one per sequence (a missing one named)."""
+    missing = [s for s in sequences if s not in row.images]
+    if missing:
+        raise InputError(f"data: subject {row.name} has no {', '.join(missing)} image")
+    return [Image.read(row.images[s], s, argname="data") for s in sequences]
 
 
 def _resumed_config(out: Path, kind: str, images: List[str]):
@@ -146,31 +167,204 @@ def train_regnet(rows: Sequence[SubjectRow], fixed: str, moving: str, out, netwo
     out = Path(out)
     if not rows:
         raise InputError("data: no training subjects")
-    if resume:
-        config = _resumed_config(out, "regnet", [fixed, moving])
-        config.training.epochs = training.epochs
-        network, training = config.network, config.training
-    else:
-        check_output_dir(out, force)
+    network, training = _run_settings(out, "regnet", [fixed, moving], network, training, resume, force)
     torch_device = resolve_device(device)
     cases = []
     for row in tqdm(rows, desc="reading pairs", unit="pair", disable=not progress, leave=False):
-        missing = [s for s in (fixed, moving) if s not in row.images]
-        if missing:
-            raise InputError(f"data: subject {row.name} has no {', '.join(missing)} image")
-        pair = [Image.read(row.images[s], s, argname="data") for s in (fixed, moving)]
+        pair = _row_images(row, (fixed, moving))
         network = network.resolved(pair[0].grid.ndim)
         case = prepare_pair(*pair, network)
         case.name = row.name
         cases.append(case)
     config = ModelConfig("regnet", network, [fixed, moving], None, None, training, [r.name for r in rows])
-    if not resume:
-        write_model_files(out, config)
-    net = seeded_network(lambda: build_network(config), training.seed)
+    return _train(config, cases, out, torch_device, resume, progress, rows,
+                  f"mvmm train regnet: {moving} → {fixed}, {len(rows)} pairs",
+                  data_label=f"dissimilarity (−{network.metric.upper()})")
 
-    def draw(history):
-        if len(history) % CURVE_EVERY == 0 or len(history) == training.epochs:
-            loss_figure(out / CURVE, history, title=f"mvmm train regnet: {moving} → {fixed}, {len(rows)} pairs",
-                        data_label=f"dissimilarity (−{network.metric.upper()})")
 
-    return _train(net, cases, training, out, torch_device, resume, progress, draw, rows, network)
+def unnamed_classes(n_classes: int) -> LabelSet:
+    """The classes of a Chan–Vese model without atlas or labels: phases by increasing mean intensity of
+    the first image, ``dark``/``bright`` for two, else ``phase1`` … ``phaseK`` (label values 0 … K − 1)."""
+    names = ("dark", "bright") if n_classes == 2 else tuple(f"phase{k + 1}" for k in range(n_classes))
+    return LabelSet(names, tuple(range(n_classes)))
+
+
+def train_acwe(rows: Sequence[SubjectRow], sequences: Sequence[str], out, network: AcweNetSettings,
+               training: TrainingSettings, atlas: Union[Atlas, Sequence, None] = None,
+               labels: Optional[LabelSet] = None, labelled: Sequence[str] = (), device: str = "auto",
+               resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Train the Chan–Vese CNN (:mod:`mvmm.nets.acwe`) on ``rows`` into model directory ``out``.
+
+    Unsupervised: the energy reads the images only. Semi-supervised: the subjects named in
+    ``labelled`` also contribute a cross-entropy on their label maps (``SubjectRow.labels``).
+
+    Parameters
+    ----------
+    rows, sequences, out, training, device, resume, force, progress
+        As :func:`train_bayes`.
+    network : AcweNetSettings
+        ``classes`` (K), ``length_weight``, ``variances``, ``label_weight``.
+    atlas : Atlas or sequence of path, optional
+        The atlas, placed as ``mvmm segment`` places it: the region of interest and an input; with
+        ``network.classes`` None or its class count, also a prior term of the energy, and it names
+        the classes; with another K, it only bounds the region of unnamed phases.
+    labels : LabelSet, optional
+        The classes of the label maps (values → names) when there is no atlas; with one, its labels.
+    labelled : sequence of str
+        Names of the rows whose label maps are read.
+
+    Returns
+    -------
+    dict
+        As :func:`train_bayes`, plus ``classes`` (name → value) and ``labelled``.
+    """
+    out = Path(out)
+    sequences = list(sequences)
+    if not rows:
+        raise InputError("data: no training subjects")
+    network, training = _run_settings(out, "acwe", sequences, network, training, resume, force)
+    torch_device = resolve_device(device)
+    if atlas is not None and not isinstance(atlas, Atlas):
+        atlas = Atlas.read(list(atlas))
+    labelled = list(labelled)
+    names = {r.name for r in rows}
+    unknown = [n for n in labelled if n not in names]
+    if unknown:
+        raise InputError(f"labelled: {unknown} are not training subjects")
+    # the atlas names the classes unless K differs from its count (then it only bounds the region)
+    atlas_names = atlas is not None and network.classes in (None, len(atlas.labels))
+    if atlas_names:
+        labels = atlas.labels
+    elif labelled and atlas is not None:
+        raise InputError(f"classes: labelled subjects are scored against the atlas's classes {atlas.labels.as_dict()}; "
+                         f"K = {network.classes} differs")
+    elif labelled and labels is None:
+        raise InputError("labels: labelled subjects need the label set of their maps (or an atlas)")
+    named = atlas_names or bool(labelled)
+    if named:
+        if network.classes is not None and network.classes != len(labels):
+            raise InputError(f"classes: the labels {labels.as_dict()} have {len(labels)} classes, not {network.classes}")
+    else:
+        labels = unnamed_classes(network.classes or 2)
+    ndim = Image.read(rows[0].images[sequences[0]], sequences[0], argname="data").grid.ndim
+    network = replace(network, classes=len(labels)).resolved(ndim)
+    cases = []
+    for row in tqdm(rows, desc="reading subjects", unit="subject", disable=not progress, leave=False):
+        images = _row_images(row, sequences)
+        subject = placed_subject(images, atlas) if atlas is not None else Subject(images)
+        case = prepare_case(subject, network, require_atlas=False)
+        case.name = row.name
+        if labelled:
+            if row.name in labelled:
+                if row.labels is None:
+                    raise InputError(f"labelled: subject {row.name} has no label map")
+                case.labels = case_labels(Image.read(row.labels, f"{row.name} labels", argname="labelled"),
+                                          case.grid, labels, argname="labelled")
+            else:
+                case.labels = torch.full(case.region.shape, -1, dtype=torch.long)
+        cases.append(case)
+    config = ModelConfig("acwe", network, sequences, None, labels, training, [r.name for r in rows],
+                         with_atlas=atlas is not None, class_order="named" if named else "intensity")
+    title = f"mvmm train acwe: {', '.join(sequences)}, {len(rows)} subjects" + (
+        f" ({len(labelled)} labelled)" if labelled else "")
+    result = _train(config, cases, out, torch_device, resume, progress, rows, title, atlas,
+                    data_label="region energy / voxel", second=("length", "mean ½ Σ|∇P| (mm⁻¹)"))
+    return {**result, "classes": labels.as_dict(), "labelled": labelled}
+
+
+def train_prior(maps: Sequence, label_names: str, out, network: PriorVaeSettings, training: TrainingSettings,
+                device: str = "auto", resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Train the anatomical-prior VAE (:mod:`mvmm.nets.prior`) on label maps alone into ``out``.
+
+    Parameters
+    ----------
+    maps : sequence of path
+        Label maps (any data set, sequence and geometry the headers describe).
+    label_names : str
+        ``NAME=VALUE,...`` naming the maps' values (:func:`mvmm.data.labels.parse_label_names`), e.g.
+        ``"RV=1,Myo=2,LV=3"`` for ACDC; the model's classes are ``bg`` and these names, and label
+        maps it yields hold each name's first value.
+    network : PriorVaeSettings
+    training, device, resume, force, progress
+        As :func:`train_bayes` (``training.smoothness`` does not apply).
+
+    Returns
+    -------
+    dict
+        ``epochs``, ``final_loss``, ``seconds``, ``subjects`` (the maps), ``out``, ``network``, ``classes``.
+    """
+    out = Path(out)
+    maps = [Path(m) for m in maps]
+    if not maps:
+        raise InputError("maps: no label maps")
+    labels, index_of = parse_label_names(label_names)
+    network, training = _run_settings(out, "prior", [], network, training, resume, force)
+    torch_device = resolve_device(device)
+    cases = []
+    for path in tqdm(maps, desc="reading label maps", unit="map", disable=not progress, leave=False):
+        image = Image.read(path, path.name, argname="maps")
+        network = network.resolved(image.grid.ndim)
+        cases.append(prepare_label_case(image, network, index_of))
+    named = {name: sorted(v for v, k in index_of.items() if k == i) for i, name in enumerate(labels.names)}
+    config = ModelConfig("prior", network, [], None, labels, training, [str(m) for m in maps], label_names=named)
+    result = _train(config, cases, out, torch_device, resume, progress, [SubjectRow(str(m), {}) for m in maps],
+                    f"mvmm train prior: {len(maps)} label maps", data_label="cross-entropy / voxel",
+                    second=("kl", "KL(q(z|s) ‖ N(0, I)) / voxel"))
+    return {**result, "classes": labels.as_dict()}
+
+
+def train_vae_seg(rows: Sequence[SubjectRow], sequences: Sequence[str], prior, out, network: VaeSegSettings,
+                  training: TrainingSettings, device: str = "auto", resume: bool = False, force: bool = False,
+                  progress: bool = True) -> dict:
+    """Train the segmentation network on a frozen anatomical prior (:mod:`mvmm.nets.vae_seg`) on
+    ``rows`` (unlabelled images) into ``out``.
+
+    Parameters
+    ----------
+    rows, sequences, out, training, device, resume, force, progress
+        As :func:`train_bayes`.
+    prior : path or LoadedModel
+        A ``prior`` model directory (:func:`train_prior`); its weights are copied into the new model,
+        which is self-contained.
+    network : VaeSegSettings
+        Its grid is the prior's.
+    """
+    from mvmm.nets.model_dir import LoadedModel, load_model
+
+    out = Path(out)
+    sequences = list(sequences)
+    if not rows:
+        raise InputError("data: no training subjects")
+    torch_device = resolve_device(device)
+    if not isinstance(prior, LoadedModel):
+        prior = load_model(prior, argname="prior")
+    prior.config.require("prior", prior.path, argname="prior")
+    network, training = _run_settings(out, "vae-seg", sequences, network, training, resume, force)
+    prior_settings = prior.config.network
+    labels = prior.config.labels
+    network = replace(network, grid_size=prior_settings.grid_size, grid_spacing=prior_settings.grid_spacing)
+    network = network.resolved(len(prior_settings.grid_size))
+    factor = 2 ** len(network.channels)
+    if any(s % factor for s in network.grid_size):
+        raise InputError(f"VaeSegSettings.channels: the prior's grid {network.grid_size} is not a multiple of "
+                         f"{factor} (the encoder halves it {len(network.channels)} times)")
+    base = np.ones((len(sequences), len(labels)), dtype=np.int64)
+    base[:, labels.background_index] = network.background_subtypes
+    counts = parse_subtypes(network.subtypes, sequences, labels.names, default=base)
+    cases = []
+    for row in tqdm(rows, desc="reading subjects", unit="subject", disable=not progress, leave=False):
+        images = _row_images(row, sequences)
+        case = prepare_case(Subject(images), network, require_atlas=False)
+        case.name = row.name
+        cases.append(case)
+    config = ModelConfig("vae-seg", network, sequences, counts, labels, training, [r.name for r in rows],
+                         prior=prior_settings)
+    def build():
+        net = build_network(config)
+        net.prior.load_state_dict(prior.net.state_dict())
+        return net
+
+    result = _train(config, cases, out, torch_device, resume, progress, rows,
+                    f"mvmm train vae-seg: {', '.join(sequences)}, {len(rows)} subjects", build=build,
+                    second=("kl", "KL(q(z|I) ‖ N(0, I)) / voxel"))
+    return {**result, "prior": str(prior.path)}

@@ -87,7 +87,7 @@ def test_bayes_network_trains_and_segments_on_cuda(tmp_path):
     from mvmm.data.phantom import write_phantom
     from mvmm.nets.data import SubjectRow
     from mvmm.nets.model_dir import load_model
-    from mvmm.segment import segment_with_model
+    from mvmm.amortized import segment_with_model
     from mvmm.training import train_bayes
 
     cases = {s: write_phantom(tmp_path / f"s{s}", seed=s, ndim=2) for s in range(40, 44)}

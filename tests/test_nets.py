@@ -22,7 +22,7 @@ from mvmm.nets.bayes import BayesSegNet, bayes_loss
 from mvmm.nets.data import SubjectRow, prepare_case, stack_cases, subjects_from_csv
 from mvmm.nets.model_dir import load_model
 from mvmm.nets.train import seeded_network, train_network
-from mvmm.segment import segment_with_model
+from mvmm.amortized import segment_with_model
 from mvmm.training import model_subtypes, placed_subject, train_bayes
 
 TINY = BayesNetSettings(grid_size=(48, 48), grid_spacing=(3.0, 3.0), channels=(4, 8, 16), features=4,

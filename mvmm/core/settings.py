@@ -705,6 +705,125 @@ class BayesNetSettings(NetworkSettings):
         self.subtypes = list(self.subtypes)
 
 
+ACWE_VARIANCES = ("equal", "fitted")
+ACWE_GRID_3D = ((72, 72, 24), (2.0, 2.0, 5.0))  # 144 x 144 x 120 mm
+
+
+@dataclass
+class AcweNetSettings(NetworkSettings):
+    """The Chan–Vese CNN (:mod:`mvmm.nets.acwe`): images (and the placed atlas) → soft segmentation,
+    trained by the active-contour-without-edges energy. Grid and backbone fields are
+    :class:`NetworkSettings`' (``features``, ``control_spacing`` and ``squarings`` are not used).
+
+    The default 3D grid is 72 x 72 x 24 voxels of 2 x 2 x 5 mm (144 x 144 x 120 mm): the whole stack.
+
+    Attributes
+    ----------
+    classes : int, optional
+        K, the phases of the (multiphase) Chan–Vese model; None: the atlas's (or the labels') classes,
+        else 2.
+    length_weight : float
+        ν, mm: weight of the mean boundary length per voxel (the total variation of the soft
+        segmentation, in mm⁻¹) against the mean region energy per voxel. 0.01 was chosen on the
+        development fold of MS-CMRSeg (docs/nets.md): at 0.1 training fell into the uniform map within
+        an atlas's region and lost the thin myocardium with four classes.
+    variances : {"equal", "fitted"}
+        ``"equal"``: every class of an image has σ² = ½ in normalised units, so the region term is
+        Chan–Vese's ``Σ_k Σ_x P_kx Σ_i (I_i(x) − c_ik)²``; ``"fitted"``: each class's soft variance
+        (the Gaussian-mixture generalisation, region competition).
+    label_weight : float
+        Weight of the cross-entropy on the voxels of labelled training cases (semi-supervised).
+    roi_margin_mm : float
+        With an atlas: the energy counts within this many mm of the placed atlas's foreground
+        (without one, wherever an image covers the network grid).
+    """
+
+    classes: Optional[int] = None
+    length_weight: float = 0.01
+    variances: str = "equal"
+    label_weight: float = 1.0
+    roi_margin_mm: float = 10.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_field_choice(self, "variances", ACWE_VARIANCES)
+        require_positive(self, ("length_weight", "label_weight", "roi_margin_mm"), strict=False)
+        if self.classes is not None and int(self.classes) < 2:
+            raise InputError(f"AcweNetSettings.classes: expected at least 2, got {self.classes}")
+
+    def resolved(self, ndim: int):
+        """As :meth:`NetworkSettings.resolved`; in 3D the default grid has 24 slices (120 mm), not 16: the
+        network's map is the segmentation, so the grid must hold a whole stack (a cine's 8–13 mm slices)."""
+        if ndim == 3 and self.grid_size is None:
+            return replace(self, grid_size=ACWE_GRID_3D[0], grid_spacing=self.grid_spacing or ACWE_GRID_3D[1]).resolved(3)
+        return super().resolved(ndim)
+
+
+@dataclass
+class PriorVaeSettings(NetworkSettings):
+    """The anatomical-prior VAE (:mod:`mvmm.nets.prior`) trained on label maps. Grid fields are
+    :class:`NetworkSettings`' (the grid is centred on each map's foreground; ``features``,
+    ``control_spacing`` and ``squarings`` are not used); ``channels`` are the VAE's levels, each a
+    stride-2 convolution, so every grid size must be a multiple of ``2 ** len(channels)``.
+
+    Attributes
+    ----------
+    latent : int
+        Dimensions of the latent code z.
+    """
+
+    channels: Sequence[int] = (16, 32, 64)
+    latent: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive(self, ("latent",))
+
+    def resolved(self, ndim: int):
+        resolved = super().resolved(ndim)
+        factor = 2 ** len(self.channels)
+        if any(s % factor for s in resolved.grid_size):
+            raise InputError(f"{type(self).__name__}.grid_size: every size must be a multiple of {factor} (the VAE "
+                             f"halves it {len(self.channels)} times), got {resolved.grid_size}")
+        return resolved
+
+
+@dataclass
+class VaeSegSettings(NetworkSettings):
+    """The segmentation network on the anatomical prior (:mod:`mvmm.nets.vae_seg`): an image encoder
+    predicts the prior's latent code; the frozen decoder gives π_kx; θ follows by EM steps under it.
+    The grid is the prior's (filled in from the prior model); ``channels`` are the encoder's levels.
+
+    Attributes
+    ----------
+    subtypes : list of str
+        ``IMAGE:TISSUE=N`` subtype counts, as ``mvmm segment --subtypes``.
+    background_subtypes : int
+    em_steps : int
+        EM iterations of the appearance under the decoded prior, from its prior-weighted moments
+        (differentiable: the functional core's E- and M-step).
+    kl_weight : float
+        Weight of ``KL(q(z | I) ‖ N(0, I))`` per voxel of the region beside the mean negative
+        log-likelihood per voxel (1: the ELBO).
+    roi_margin_mm : float
+        The likelihood counts within this many mm of the foreground of the prior's mean shape
+        (decoded at z = 0): a fixed region, so that z cannot redraw where it is scored.
+    """
+
+    channels: Sequence[int] = (16, 32, 64)
+    subtypes: List[str] = field(default_factory=list)
+    background_subtypes: int = BACKGROUND_SUBTYPES
+    em_steps: int = 3
+    kl_weight: float = 1.0
+    roi_margin_mm: float = 20.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive(self, ("background_subtypes", "em_steps"))
+        require_positive(self, ("kl_weight", "roi_margin_mm"), strict=False)
+        self.subtypes = list(self.subtypes)
+
+
 REGNET_METRICS = ("ncc", "mi")
 
 

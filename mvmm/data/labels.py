@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -87,6 +87,38 @@ class LabelSet:
         if own - found_set:
             raise InputError(f"{argname}: label values {sorted(own - found_set)} of the label set "
                              f"{self.as_dict()} do not occur in {source}")
+
+
+def parse_label_names(text: str, argname: str = "label_names") -> Tuple[LabelSet, Dict[int, int]]:
+    """``"RV=1,Myo=2,LV=3"`` (a data set's values named by tissue; a name may take several values,
+    e.g. ``"RV=1,Myo=2,LV=3,Myo=200,LV=500,RV=600"`` for two data sets whose values do not collide).
+
+    Returns the classes — ``bg`` (value 0) then the names in order of first mention, each with its
+    first value (what label maps written with these classes hold) — and the map of every named value
+    (0 included) to its class index.
+    """
+    names, first, index_of = ["bg"], [0], {0: 0}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if not sep or not name or number is None:
+            raise InputError(f"{argname}: expected NAME=VALUE items (integer values) separated by commas, got {item!r}")
+        if number == 0 and names[0] == "bg" and name not in names:  # the background renamed
+            names[0] = name
+            continue
+        if number in index_of and names[index_of[number]] != name:
+            raise InputError(f"{argname}: value {number} is named both {names[index_of[number]]!r} and {name!r}")
+        if name not in names:
+            names.append(name)
+            first.append(number)
+        index_of[number] = names.index(name)
+    if len(names) < 2:
+        raise InputError(f"{argname}: name at least one tissue, e.g. RV=1,Myo=2,LV=3")
+    return LabelSet(tuple(names), tuple(first)), index_of
 
 
 CARDIAC_LABELS = LabelSet(("bg", "Myo", "LV", "RV"), (0, 200, 500, 600))

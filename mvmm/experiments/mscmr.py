@@ -58,7 +58,8 @@ from mvmm.core.outputs import write_json
 from mvmm.data.labels import PATHOLOGY_LABELS
 from mvmm.pathology import cardiac_pathology_subtypes, pathology_maps
 from mvmm.report import comparison_figure
-from mvmm.segment import segment_subject, segment_with_model
+from mvmm.amortized import segment_with_model
+from mvmm.segment import segment_subject
 
 log = logging.getLogger(__name__)
 

@@ -203,9 +203,13 @@ def sufficient_statistics(image: torch.Tensor, weights: torch.Tensor) -> torch.T
 
 
 def moments(stats: torch.Tensor, var_floor: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Means and floored variances from :func:`sufficient_statistics`; ``Σ w = 0`` gives NaN."""
-    means = stats[1] / stats[0]
-    return means, torch.clamp(stats[2] / stats[0] - means ** 2, min=var_floor)
+    """Means and floored variances from :func:`sufficient_statistics`; where ``Σ w = 0`` the mean is 0
+    and the variance the floor — meaningless, for the caller to replace (it checks the mass), but
+    finite: a 0/0 there would put NaN into the gradient of a differentiated M-step (padding
+    subtypes have no mass) even through ``torch.where``."""
+    mass = torch.where(stats[0] > 0, stats[0], torch.ones_like(stats[0]))
+    means = stats[1] / mass
+    return means, torch.clamp(stats[2] / mass - means ** 2, min=var_floor)
 
 
 class MStep(NamedTuple):
@@ -273,7 +277,9 @@ def m_step(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tenso
         total = stats[0].sum(dim=-1, keepdim=True)
         tau = torch.where(total > 0, stats[0] / total.clamp_min(1e-300), params.log_weights[:, i].exp())
         tau = torch.where(mask[i], tau.clamp_min(MIN_WEIGHT), torch.zeros_like(tau))
-        log_weights.append(torch.log(tau / tau.sum(dim=-1, keepdim=True)))
+        # padding: −inf written in, not log(0) taken (whose gradient is NaN in a differentiated M-step)
+        share = torch.where(mask[i], tau / tau.sum(dim=-1, keepdim=True), torch.ones_like(tau))
+        log_weights.append(torch.where(mask[i], torch.log(share), torch.full_like(share, -torch.inf)))
         masses.append(stats[0])
     log_proportions = params.log_proportions
     if learn_proportions or log_atlas is None:

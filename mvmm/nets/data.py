@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from mvmm.core.errors import InputError
 from mvmm.core.grid import Grid
-from mvmm.core.settings import BayesNetSettings, NetworkSettings, RegistrationSettings
+from mvmm.core.settings import NetworkSettings, RegistrationSettings
 from mvmm.data.anatomy import short_axis_frame
 from mvmm.data.image import Image
+from mvmm.data.labels import LabelSet
 from mvmm.data.manifest import Manifest, scan
 from mvmm.data.roi import atlas_roi
 from mvmm.data.subject import Subject
@@ -95,19 +96,29 @@ def world_velocity(coefficients: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 @dataclass
 class NetworkCase:
-    """One subject on its network grid (see the module notes for the tensors)."""
+    """One subject on its network grid (see the module notes for the tensors).
+
+    ``prior`` and ``placement`` are None for a case without an atlas (the Chan–Vese network may go
+    without); ``labels`` ``[*S]`` int64 holds the class index of each voxel of a labelled training case
+    (−1: unknown or outside the label map) and −1 everywhere for an unlabelled one (None when the
+    network takes no labels).
+    """
 
     name: str
     images: torch.Tensor
     coverage: torch.Tensor
-    prior: torch.Tensor
+    prior: Optional[torch.Tensor]
     region: torch.Tensor
     grid: Grid
     offsets: torch.Tensor  # [N] float64: x = offset + scale · normalised
     scales: torch.Tensor  # [N] float64
-    placement: LinearTransform  # the atlas's rigid start, common space → atlas
+    placement: Optional[LinearTransform]  # the atlas's rigid start, common space → atlas
+    labels: Optional[torch.Tensor] = None
 
-    fields = ("images", "coverage", "prior", "region")  # what a batch stacks
+    @property
+    def fields(self) -> Tuple[str, ...]:
+        """What a batch stacks (:func:`stack_cases`)."""
+        return tuple(f for f in ("images", "coverage", "prior", "region", "labels") if getattr(self, f) is not None)
 
 
 def atlas_placement(subject: Subject) -> LinearTransform:
@@ -119,23 +130,90 @@ def atlas_placement(subject: Subject) -> LinearTransform:
     return placement
 
 
-def prepare_case(subject: Subject, settings: BayesNetSettings, device=None) -> NetworkCase:
-    """Resample ``subject`` (with an atlas) onto its network grid, normalised; see the module notes."""
-    if subject.atlas is None:
+def prepare_case(subject: Subject, settings: NetworkSettings, device=None, require_atlas: bool = True) -> NetworkCase:
+    """Resample ``subject`` onto its network grid, normalised; see the module notes.
+
+    With an atlas, it is placed as the classical path places it and the region is within
+    ``settings.roi_margin_mm`` of its foreground; without one (``require_atlas=False``), the region
+    is wherever an image covers the grid.
+    """
+    if subject.atlas is None and require_atlas:
         raise InputError("atlas: the Bayesian segmentation network needs an atlas (its prior is warped)")
     grid = network_grid(subject.reference_image.grid, settings)
-    placement = atlas_placement(subject)
-    placed = replace(subject, transforms={**subject.transforms, "atlas": placement}, roi_margin_mm=None)
+    placement = atlas_placement(subject) if subject.atlas is not None else None
+    placed = subject if placement is None else replace(subject, transforms={**subject.transforms, "atlas": placement},
+                                                        roi_margin_mm=None)
     with torch.no_grad():
         sample = placed.sample(grid, device, check=True)
     images, offsets, scales = normalised(subject.images, sample.images, sample.coverage)
-    region = atlas_roi(sample.prior, subject.atlas.labels.background_index, tuple(reversed(grid.spacing)),
-                       settings.roi_margin_mm) & sample.coverage.any(0)
-    if not bool(region.any()):
-        raise InputError(f"images: no voxel of {subject.reference} covered by the images lies within "
-                         f"{settings.roi_margin_mm:g} mm of the atlas foreground ({subject.atlas.source})")
-    return NetworkCase(subject.reference_image.source, images, sample.coverage, sample.prior.float(), region, grid,
+    region = sample.coverage.any(0)
+    if placement is not None:
+        region = atlas_roi(sample.prior, subject.atlas.labels.background_index, tuple(reversed(grid.spacing)),
+                           settings.roi_margin_mm) & region
+        if not bool(region.any()):
+            raise InputError(f"images: no voxel of {subject.reference} covered by the images lies within "
+                             f"{settings.roi_margin_mm:g} mm of the atlas foreground ({subject.atlas.source})")
+    prior = sample.prior.float() if sample.prior is not None else None
+    return NetworkCase(subject.reference_image.source, images, sample.coverage, prior, region, grid,
                        offsets, scales, placement)
+
+
+def case_labels(label_image: Image, grid: Grid, labels: LabelSet, argname: str = "labels") -> torch.Tensor:
+    """A label map sampled (nearest) on a network grid as class indices ``[*S]`` int64 (−1 outside it).
+
+    Raises InputError naming ``argname`` for values ``labels`` does not have.
+    """
+    with torch.no_grad():
+        values, inside = label_image.sample(grid.world_points(), mode="nearest")
+    values = values[0].round().long()
+    unknown = sorted(set(int(v) for v in torch.unique(values[inside])) - set(labels.values))
+    if unknown:
+        raise InputError(f"{argname}: {label_image.source} has label values {unknown} that are not in the "
+                         f"label set {labels.as_dict()}")
+    index = torch.full_like(values, -1)
+    for k, value in enumerate(labels.values):
+        index[(values == value) & inside] = k
+    return index
+
+
+@dataclass
+class LabelCase:
+    """A label map on its prior grid (the network grid centred on the map's foreground): ``labels``
+    ``[*S]`` int64 class indices, −1 outside the map."""
+
+    name: str
+    labels: torch.Tensor
+    grid: Grid
+
+    fields = ("labels",)
+
+
+def label_frame_grid(label_image: Image, settings: NetworkSettings) -> Grid:
+    """The network grid of a label map, centred on its foreground's centroid (not its field of view's)."""
+    axes = network_grid(label_image.grid, settings)
+    values = label_image.data[0]
+    foreground = values.round() != 0
+    if not bool(foreground.any()):
+        raise InputError(f"labels: {label_image.source} has no foreground label")
+    centre = label_image.grid.world_points(dtype=torch.float64)[foreground.to("cpu")].mean(0)
+    return axes.with_size(settings.grid_size, settings.grid_spacing, centre.tolist())
+
+
+def prepare_label_case(label_image: Image, settings: NetworkSettings, index_of: Dict[int, int]) -> LabelCase:
+    """A label map on its prior grid, its values turned into class indices by ``index_of``
+    (value → index; every value of the map must be there, 0 is the background's)."""
+    grid = label_frame_grid(label_image, settings)
+    with torch.no_grad():
+        values, inside = label_image.sample(grid.world_points(), mode="nearest")
+    values = values[0].round().long()
+    unknown = sorted(set(int(v) for v in torch.unique(label_image.data[0].round().long())) - set(index_of))
+    if unknown:
+        raise InputError(f"label_names: {label_image.source} has label values {unknown} that no name maps "
+                         f"(named: {sorted(index_of)})")
+    index = torch.full_like(values, -1)
+    for value, k in index_of.items():
+        index[(values == value) & inside] = k
+    return LabelCase(label_image.source, index, grid)
 
 
 @dataclass
@@ -181,6 +259,9 @@ def augment(batch: Dict[str, torch.Tensor], grid: Grid, rotation_deg: float, shi
     a shift of ±``shift_mm`` along each axis (a third of it through the stack), about the grid's
     centre; images linearly, coverage by nearest neighbour (so hetero-coverage moves with its image).
     """
+    if "images" not in batch:  # label maps alone (the prior VAE): the motion only
+        return {**batch, "labels": moved_labels(batch["labels"], random_flow(batch["labels"].shape[0], grid,
+                                                rotation_deg, shift_mm, scale, generator, batch["labels"].device))}
     images, coverage = batch["images"], batch["coverage"]
     b, n, ndim = images.shape[0], images.shape[1], grid.ndim
     dev = images.device
@@ -191,44 +272,66 @@ def augment(batch: Dict[str, torch.Tensor], grid: Grid, rotation_deg: float, shi
     gain, bias = 1 + 0.1 * uniform(b, n), 0.05 * uniform(b, n)
     shape = (b, n) + (1,) * ndim
     images = torch.where(coverage, images * gain.reshape(shape) + bias.reshape(shape), torch.zeros_like(images))
-    angle = uniform(b) * math.radians(rotation_deg)
-    zoom = 1 + scale * uniform(b)
-    matrix = torch.eye(ndim, device=dev).repeat(b, 1, 1)
-    c, s = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-    matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = c, -s, s, c
-    shift = uniform(b, ndim) * shift_mm
-    if ndim == 3:
-        shift[:, 2] /= 3
-    half = torch.as_tensor([(sz - 1) * sp / 2 for sz, sp in zip(grid.size, grid.spacing)], device=dev)
-    # a map of mm about the centre, in grid_sample's normalised coordinates: H⁻¹ A H, shift / H
-    theta = torch.cat([matrix * half.reshape(1, 1, ndim) / half.reshape(1, ndim, 1),
-                       (shift / half).unsqueeze(-1)], dim=-1)
-    size = (b, n) + tuple(images.shape[2:])
-    flow = F.affine_grid(theta, size, align_corners=True)
+    flow = random_flow(b, grid, rotation_deg, shift_mm, scale, generator, dev)
     moved = F.grid_sample(images, flow, mode="bilinear", padding_mode="zeros", align_corners=True)
     covered = F.grid_sample(coverage.float(), flow, mode="nearest", padding_mode="zeros", align_corners=True) > 0.5
     moved = torch.where(covered, moved, torch.zeros_like(moved))
+    out = {"labels": moved_labels(batch["labels"], flow)} if "labels" in batch else {}  # with their images
     if moving is not None:
         keep = torch.ones(n, dtype=torch.bool, device=dev)
         keep[list(moving)] = False
         shape = (1, n) + (1,) * ndim
         moved = torch.where(keep.reshape(shape), images, moved)
         covered = torch.where(keep.reshape(shape), coverage, covered)
-    return {**batch, "images": moved, "coverage": covered}
+    return {**batch, "images": moved, "coverage": covered, **out}
+
+
+def random_flow(b: int, grid: Grid, rotation_deg: float, shift_mm: float, scale: float,
+                generator: torch.Generator, device) -> torch.Tensor:
+    """A random rigid-plus-scale motion per case (see :func:`augment`) as grid_sample's sampling
+    grid ``[B, *S, ndim]`` on ``grid``'s array layout."""
+    ndim = grid.ndim
+
+    def uniform(*shape):
+        return torch.rand(shape, generator=generator).to(device) * 2 - 1
+
+    angle = uniform(b) * math.radians(rotation_deg)
+    zoom = 1 + scale * uniform(b)
+    matrix = torch.eye(ndim, device=device).repeat(b, 1, 1)
+    c, s = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = c, -s, s, c
+    shift = uniform(b, ndim) * shift_mm
+    if ndim == 3:
+        shift[:, 2] /= 3
+    half = torch.as_tensor([(sz - 1) * sp / 2 for sz, sp in zip(grid.size, grid.spacing)], device=device)
+    # a map of mm about the centre, in grid_sample's normalised coordinates: H⁻¹ A H, shift / H
+    theta = torch.cat([matrix * half.reshape(1, 1, ndim) / half.reshape(1, ndim, 1),
+                       (shift / half).unsqueeze(-1)], dim=-1)
+    return F.affine_grid(theta, (b, 1) + tuple(reversed(grid.size)), align_corners=True)
+
+
+def moved_labels(labels: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Class indices ``[B, *S]`` (−1 unknown) moved by ``flow`` (nearest; outside becomes unknown)."""
+    shifted = (labels + 1).unsqueeze(1).float()
+    return F.grid_sample(shifted, flow, mode="nearest", padding_mode="zeros", align_corners=True)[:, 0].round().long() - 1
 
 
 # ---------------------------------------------------------------------------- subject tables
 @dataclass
 class SubjectRow:
-    """One training subject: its name and one image path per sequence."""
+    """One training subject: its name, one image path per sequence and, optionally, its label map
+    (on the first sequence's grid or anywhere the headers place it)."""
 
     name: str
     images: Dict[str, Path]
+    labels: Optional[Path] = None
 
 
 def subjects_from_csv(path, sequences: Sequence[str]) -> List[SubjectRow]:
     """Rows of a CSV with a ``subject`` column and one column per sequence (image paths, relative to
-    the CSV's folder or absolute); a subject with an empty cell for one of ``sequences`` is an error."""
+    the CSV's folder or absolute); a subject with an empty cell for one of ``sequences`` is an error.
+    An optional ``labels`` column gives label maps (read only for the subjects a training command is
+    told are labelled)."""
     path = Path(path)
     try:
         with path.open(newline="") as f:
@@ -250,19 +353,31 @@ def subjects_from_csv(path, sequences: Sequence[str]) -> List[SubjectRow]:
                 raise InputError(f"data: {path} line {line}: no {sequence} image for subject {row[header['subject']]!r}")
             image = Path(cell)
             images[sequence] = image if image.is_absolute() else path.parent / image
-        out.append(SubjectRow(row[header["subject"]].strip(), images))
+        labels = (row[header["labels"]] or "").strip() if "labels" in header else ""
+        label_path = None if not labels else (Path(labels) if Path(labels).is_absolute() else path.parent / labels)
+        out.append(SubjectRow(row[header["subject"]].strip(), images, label_path))
     return out
 
 
 def subjects_from_manifest(manifest_name: str, data, patients: Optional[Sequence[int]],
-                           sequences: Sequence[str]) -> List[SubjectRow]:
-    """Subjects of a described data set (e.g. ``mscmr19``) in folder ``data`` that have every sequence."""
+                           sequences: Sequence[str], labelled: Sequence[int] = ()) -> List[SubjectRow]:
+    """Subjects of a described data set (e.g. ``mscmr19``) in folder ``data`` that have every sequence;
+    the patients in ``labelled`` also with the manual labels of the first sequence (which must be there)."""
     manifest = Manifest.load(manifest_name)
     canonical = [manifest.canonical_sequence(s) for s in sequences]
     found = scan(manifest, data, patients, canonical, [])
+    if labelled:
+        checked = scan(manifest, data, list(labelled), canonical[:1], canonical[:1])
+        if checked.problems:
+            raise InputError("labelled_patients: " + "; ".join(checked.problems[:5]))
     if found.problems:
         raise InputError("data: " + "; ".join(found.problems[:5])
                          + (f" (and {len(found.problems) - 5} more)" if len(found.problems) > 5 else ""))
     wanted = set(patients) if patients is not None else set(found.patients)
-    return [SubjectRow(f"patient{n}", {s: f.images[c] for s, c in zip(sequences, canonical)})
+    outside = sorted(set(labelled) - wanted)
+    if outside:
+        raise InputError(f"labelled_patients: {outside} are not among the training patients "
+                         f"({sorted(wanted)}): a labelled case is a training case whose labels are also read")
+    return [SubjectRow(f"patient{n}", {s: f.images[c] for s, c in zip(sequences, canonical)},
+                       checked.patients[n].labels[canonical[0]] if n in set(labelled) else None)
             for n, f in sorted(found.patients.items()) if n in wanted]

@@ -43,10 +43,11 @@ def train_network(net: nn.Module, cases: Sequence, settings: TrainingSettings, o
 
     Parameters
     ----------
-    net : BayesSegNet or RegNet
-        Its ``loss(batch, prediction, smoothness)`` is what is minimised; ``augment_channels`` says
-        which images the augmentation moves.
-    cases : sequence of NetworkCase or PairCase
+    net : BayesSegNet, RegNet, AcweNet, PriorVAE or VaeSegNet
+        Its ``loss(batch, prediction, smoothness)`` is what is minimised (a dict of terms, ``loss``
+        the total; each is logged per epoch); ``augment_channels`` says which images the
+        augmentation moves.
+    cases : sequence of NetworkCase, PairCase or LabelCase
         The training subjects (or pairs), on their network grids.
     settings : TrainingSettings
     out : Path
@@ -61,10 +62,11 @@ def train_network(net: nn.Module, cases: Sequence, settings: TrainingSettings, o
         raise InputError("data: no training subjects")
     device = torch.device(device)
     net.to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=settings.lr)  # not a frozen prior
     order = torch.Generator().manual_seed(settings.seed)
     noise = torch.Generator().manual_seed(settings.seed + 1)
     history: List[dict] = []
+    checkpoint = {}
     if resume:
         checkpoint = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
         net.load_state_dict(checkpoint["model"])
@@ -73,13 +75,23 @@ def train_network(net: nn.Module, cases: Sequence, settings: TrainingSettings, o
         noise.set_state(checkpoint["noise_rng"])
         history = list(checkpoint["history"])
         log.info("resuming %s at epoch %d of %d", out, len(history), settings.epochs)
+    # networks that sample (the VAEs' latent codes) draw from torch's generator: forked, seeded and
+    # checkpointed here, so that training neither disturbs the caller's stream nor loses exactness on resume
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed + 2)
+        if resume and "torch_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng"].cpu())
+        return _epochs(net, cases, settings, out, device, optimizer, order, noise, history, progress, on_epoch)
+
+
+def _epochs(net, cases, settings, out, device, optimizer, order, noise, history, progress, on_epoch) -> List[dict]:
     batches_per_epoch = -(-len(cases) // settings.batch_size)
     bar = tqdm(total=settings.epochs, initial=len(history), desc="training", unit="epoch", disable=not progress)
     grid = cases[0].grid  # every network grid has the canonical layout
     for epoch in range(len(history) + 1, settings.epochs + 1):
         started = time.perf_counter()
         permutation = torch.randperm(len(cases), generator=order).tolist()
-        sums: Dict[str, float] = {"loss": 0.0, "data": 0.0, "smoothness": 0.0}
+        sums: Dict[str, float] = {}  # each term the network's loss returns, averaged over the epoch
         for start in range(0, len(cases), settings.batch_size):
             batch = {k: v.to(device) for k, v in
                      stack_cases([cases[i] for i in permutation[start:start + settings.batch_size]]).items()}
@@ -93,12 +105,12 @@ def train_network(net: nn.Module, cases: Sequence, settings: TrainingSettings, o
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
-            for name in sums:
-                sums[name] += float(terms[name].detach()) / batches_per_epoch
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / batches_per_epoch
         history.append({"epoch": epoch, **sums, "seconds": time.perf_counter() - started})
         save_torch({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "order_rng": order.get_state(),
-                    "noise_rng": noise.get_state(), "history": history, "settings": settings.__dict__},
-                   out / CHECKPOINT)
+                    "noise_rng": noise.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                    "settings": settings.__dict__}, out / CHECKPOINT)
         write_json(out / LOG, {"epochs": history})
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}")

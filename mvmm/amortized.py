@@ -1,0 +1,328 @@
+"""Segmenting with a trained network (``mvmm segment --model``): :func:`segment_with_model` reads the
+model directory and runs its kind — the Bayesian CNN (an atlas warp and θ), the Chan–Vese CNN (the
+segmentation itself, :func:`segment_with_acwe`) or the prior-VAE network (a decoded prior and θ,
+:func:`segment_with_vae`) — optionally refined by EM or by the joint solver.
+
+The Chan–Vese and prior-VAE maps live on the case's network grid, which is placed in the world
+(:func:`mvmm.nets.data.network_grid`); it becomes an :class:`~mvmm.data.atlas.Atlas` in world
+coordinates, so that the classical machinery samples it on the reference grid and on every image's
+own grid, and writes the usual outputs. θ is the mixture's M-step under the map (image units). Without
+refinement the map is the posterior itself; ``refine`` > 0 runs that many EM iterations with the map,
+floored (``REFINE_PRIOR_FLOOR``), as the spatial prior — the network's answer as an atlas for EM.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from mvmm.core.devices import resolve_device
+from mvmm.core.errors import InputError
+from mvmm.core.settings import SEGMENTATION, RegistrationSettings
+from mvmm.data.atlas import Atlas
+from mvmm.data.image import Image
+from mvmm.data.subject import Subject
+from mvmm.joint import RegistrationResult
+from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
+from mvmm.postprocess import check_postprocess
+from mvmm.segment import Segmentation, segment_subject
+
+REFINE_PRIOR_FLOOR = 0.05  # (1 − ε) P + ε / K: a network's saturated map would otherwise forbid EM to move
+
+
+def ordered_images(images: Sequence[Image], config, path) -> list:
+    """The case's images in the model's input order (names matched case-insensitively), renamed as the model's."""
+    by_name = {im.name.lower(): im for im in images}
+    missing = [n for n in config.images if n.lower() not in by_name]
+    if missing or len(images) != len(config.images):
+        raise InputError(f"images: the model {path} reads {', '.join(config.images)}; got "
+                         f"{', '.join(im.name for im in images)} (name the images with `names`)")
+    return [replace(by_name[n.lower()], name=n) for n in config.images]
+
+
+def loaded_model(model, device: str, kind: Optional[str] = None):
+    """``(LoadedModel on the device, torch device)`` from a model directory or a loaded model; ``kind``:
+    the kind it must be."""
+    from mvmm.nets.model_dir import LoadedModel, load_model
+
+    torch_device = resolve_device(device)
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, torch_device)
+    model.net.to(torch_device)
+    if kind is not None:
+        model.config.require(kind, model.path)
+    return model, torch_device
+
+
+def fit_or_adopt(mixture: MultivariateMixture, common, params, refine: int, progress: bool = False) -> None:
+    """``refine`` EM iterations from a network's θ on the case's common-grid sample, or (0) θ adopted as it is."""
+    if refine:
+        with warnings.catch_warnings():  # a few iterations from a good start: not converging is expected
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mixture.fit(common.images, common.coverage, common.prior, common.grid.spacing, init_params=params,
+                        max_iter=refine, progress=progress)
+    else:
+        mixture.adopt(params, common.images, common.coverage, common.prior, common.grid.spacing)
+
+
+def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = SEGMENTATION.mrf_beta,
+                       learn_proportions: Optional[bool] = None, postprocess: str = SEGMENTATION.postprocess,
+                       device: str = "auto", progress: bool = False,
+                       registration: Optional[RegistrationSettings] = None,
+                       roi_margin_mm: Optional[float] = None, samples: int = 0) -> Segmentation:
+    """Segment a case by a trained network (``mvmm segment --model``), optionally refined by EM.
+
+    The network predicts the atlas's velocity field and θ in one forward pass on the case's network
+    grid (:mod:`mvmm.nets`); the atlas, moved by its placement then ``exp(v)`` (a transform of the
+    common space like the classical path's), gives the prior on the reference grid, and θ — turned
+    back into each image's units — the posteriors there. ``refine`` > 0 runs that many EM iterations
+    from θ with the warp fixed (and the MRF, if ``mrf_beta`` > 0); 0 is the network alone.
+
+    Parameters
+    ----------
+    images : sequence of Image
+        The case, named as the model's images (any order; matched case-insensitively).
+    model : LoadedModel or path
+        A model directory (:func:`mvmm.nets.model_dir.load_model`).
+    refine, mrf_beta : int, float
+        EM iterations after the prediction, and their Potts weight.
+    learn_proportions : bool, optional
+        Whether those iterations update π (False keeps the network's); default: as the model was
+        trained (``BayesNetSettings.proportions``).
+    postprocess : {"none", "cardiac"}
+    registration : RegistrationSettings, optional
+        Instead of EM with the warp fixed, the joint solver (EM ⇄ registration, :mod:`mvmm.joint`)
+        from the network's warp: the velocity field is held and the levels of ``registration.atlas``
+        refine the linear map after it; then EM to convergence (``refine`` is not used). θ starts
+        from the warped atlas, as in ``segment``.
+    roi_margin_mm : float, optional
+        The region of interest (default: the model's ``roi_margin_mm``).
+    samples : int
+        A ``vae-seg`` model: latent samples for the uncertainty maps (:func:`mvmm.amortized.segment_with_vae`).
+
+    An ``acwe`` model is run by :func:`segment_with_acwe` (its map is the answer), a ``vae-seg`` model by
+    :func:`segment_with_vae` (its decoded prior replaces the atlas).
+    """
+    from mvmm.nets.data import prepare_case, stack_cases
+    from mvmm.spatial.transforms import SequentialTransform
+
+    start = time.perf_counter()
+    model, torch_device = loaded_model(model, device)
+    config, net = model.config, model.net
+    if samples and config.kind != "vae-seg":
+        raise InputError(f"samples: only a vae-seg model draws samples; {model.path} is a {config.kind!r} model")
+    if config.kind == "acwe":  # the network's answer is a map, not a warp (mvmm.amortized)
+        if registration is not None:
+            raise InputError(f"register_atlas: the Chan–Vese model {model.path} predicts the segmentation, not an "
+                             f"atlas warp to refine; use `refine` (EM with its map as the prior)")
+        return segment_with_acwe(images, model, refine=refine, mrf_beta=mrf_beta, postprocess=postprocess,
+                                 device=device, progress=progress)
+    if config.kind == "vae-seg":  # the atlas is replaced by the decoded prior (mvmm.amortized)
+        if registration is not None:
+            raise InputError(f"register_atlas: the model {model.path} decodes its prior on the case; there is no "
+                             f"atlas warp to refine; use `refine` (EM with the decoded prior)")
+        return segment_with_vae(images, model, refine=refine, samples=samples, mrf_beta=mrf_beta,
+                                postprocess=postprocess, device=device, progress=progress)
+
+    config.require("bayes", model.path)
+    ordered = ordered_images(images, config, model.path)
+    atlas = model.atlas.placed_on(ordered[0].grid) if model.atlas.frame == "axes" else model.atlas
+    margin = config.network.roi_margin_mm if roi_margin_mm is None else roi_margin_mm
+    subject = Subject(ordered, atlas=atlas, roi_margin_mm=margin)
+    check_postprocess(postprocess, subject.class_labels)
+    case = prepare_case(subject, config.network, torch_device)
+    loaded = time.perf_counter()
+    with torch.no_grad():
+        batch = {k: v.to(torch_device) for k, v in stack_cases([case]).items()}
+        prediction = net(batch)
+        svf = net.world_svf(prediction.velocity[0], case.grid)
+        warp = SequentialTransform(svf, case.placement)
+        params = _in_image_units(prediction.params, case.offsets.to(torch_device), case.scales.to(torch_device))
+    if learn_proportions is None:
+        learn_proportions = config.network.proportions == "learned"
+    predicted = time.perf_counter()
+    if registration is not None:
+        result = segment_subject(subject, subtypes=config.network.subtypes,
+                                 background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
+                                 learn_proportions=learn_proportions, device=str(torch_device), progress=progress,
+                                 registration=registration, postprocess=postprocess,
+                                 atlas_start=(case.placement, svf))
+        result.settings = {**result.settings, "model": str(model.path), "refine": "registration"}
+        result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings}
+        return result
+    subject = replace(subject, transforms={**subject.transforms, "atlas": warp})
+    model_em = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(subject.class_labels),
+                                   max_iter=max(refine, 1), mrf_beta=mrf_beta if refine else 0.0,
+                                   learn_proportions=learn_proportions)
+    with torch.no_grad():
+        common = subject.sample(device=torch_device)
+        sampled = time.perf_counter()
+        fit_or_adopt(model_em, common, params, refine, progress)
+        refined = time.perf_counter()
+        posterior = model_em.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
+    settings = {"model": str(model.path), "refine": int(refine), "mrf_beta": mrf_beta if refine else 0.0,
+                "learn_proportions": learn_proportions,
+                "postprocess": postprocess, "device": str(torch_device), "roi_margin_mm": subject.roi_margin_mm}
+    timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
+               "refine_s": refined - sampled, "predict_s": time.perf_counter() - refined}
+    return Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
+                        RegistrationResult({"atlas": warp}), postprocess)
+
+
+def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = 0.0,
+                      postprocess: str = "none", device: str = "auto", progress: bool = False) -> Segmentation:
+    """Segment a case by a trained Chan–Vese CNN (:mod:`mvmm.nets.acwe`), optionally refined by EM.
+
+    Parameters
+    ----------
+    images : sequence of Image
+        The case, named as the model's images (any order).
+    model : LoadedModel or path
+        An ``acwe`` model directory.
+    refine, mrf_beta : int, float
+        EM iterations with the network's map as the prior (0: the network's map is the answer), and
+        their Potts weight.
+    postprocess : {"none", "cardiac"}
+    """
+    from mvmm.nets.acwe import region_params
+    from mvmm.nets.data import prepare_case, stack_cases
+
+    start = time.perf_counter()
+    model, torch_device = loaded_model(model, device, "acwe")
+    config, net = model.config, model.net
+    ordered = ordered_images(images, config, model.path)
+    atlas = None
+    if model.atlas is not None:
+        atlas = model.atlas.placed_on(ordered[0].grid) if model.atlas.frame == "axes" else model.atlas
+    check_postprocess(postprocess, config.labels)
+    case = prepare_case(Subject(ordered, atlas=atlas), config.network, torch_device, require_atlas=False)
+    loaded = time.perf_counter()
+    with torch.no_grad():
+        batch = {k: v.to(torch_device) for k, v in stack_cases([case]).items()}
+        posterior = net(batch).posterior[0]  # [K, *S]
+        order = None
+        if config.class_order == "intensity":  # unnamed phases: by the first image's mean under P
+            means = region_params(batch["images"], batch["coverage"], posterior[None], batch["region"]).means
+            order = torch.argsort(means[0, 0, :, 0]).tolist()
+            posterior = posterior[order]
+        if config.with_atlas:  # trained within the atlas's region: beyond it, the background
+            background = torch.zeros_like(posterior)
+            background[config.labels.background_index] = 1
+            posterior = torch.where(batch["region"][0].unsqueeze(0), posterior, background)
+    predicted = time.perf_counter()
+    k = posterior.shape[0]
+    if refine:
+        posterior = (1 - REFINE_PRIOR_FLOOR) * posterior + REFINE_PRIOR_FLOOR / k
+    predicted_map = Atlas(posterior.float().cpu(), case.grid, config.labels, source=f"{model.path} (Chan–Vese CNN)")
+    subject = Subject(ordered, atlas=predicted_map)
+    mixture = MultivariateMixture(n_subtypes=np.ones((len(ordered), k), dtype=np.int64), n_classes=k,
+                                  max_iter=max(refine, 1), mrf_beta=mrf_beta if refine else 0.0,
+                                  learn_proportions=False)
+    with torch.no_grad():
+        common = subject.sample(device=torch_device, check=False)  # a map on the network grid, not an atlas to warn of
+        sampled = time.perf_counter()
+        region = common.coverage.any(0)
+        theta = region_params(common.images[None], common.coverage[None], common.prior[None].to(common.images.dtype),
+                              region[None], variances="fitted")
+        fit_or_adopt(mixture, common, theta, refine, progress)
+        answer = common.prior if not refine else mixture.predict_proba(common.images, common.coverage, common.prior,
+                                                                        common.grid.spacing)
+    refined = time.perf_counter()
+    settings = {"model": str(model.path), "kind": "acwe", "refine": int(refine),
+                "mrf_beta": mrf_beta if refine else 0.0, "postprocess": postprocess, "device": str(torch_device),
+                "class_order": config.class_order, **({"intensity_order": order} if order is not None else {})}
+    timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
+               "refine_s": refined - sampled}
+    return Segmentation(subject, mixture, config.labels, common, answer, settings, timings, None, postprocess,
+                        prior_is_posterior=not refine)
+
+
+def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: int = 0, mrf_beta: float = 0.0,
+                     postprocess: str = "none", device: str = "auto", progress: bool = False,
+                     seed: int = 0) -> Segmentation:
+    """Segment a case by a trained prior-VAE segmentation network (:mod:`mvmm.nets.vae_seg`).
+
+    The encoder's mean code gives the prior (decoded) and θ (EM under it, in the network); the
+    decoded prior becomes the case's atlas on its network grid, θ — in image units — the mixture's
+    parameters, and the posteriors follow on every grid, as for the Bayesian CNN.
+
+    Parameters
+    ----------
+    images, model, refine, mrf_beta, postprocess, device, progress
+        As :func:`segment_with_acwe`; ``refine`` runs EM with the decoded prior as the atlas.
+    samples : int
+        Latent codes drawn from q(z | I) (torch's generator seeded by ``seed``, forked): the posterior
+        under each (its prior decoded, θ by EM) gives, on the common grid, the per-voxel variance of
+        the posterior over the samples (summed over classes) and the entropy of their mean —
+        ``uncertainty_variance`` and ``uncertainty_entropy`` among the outputs.
+    """
+    from mvmm.mixture.functional import log_joint, log_posteriors
+    from mvmm.nets.data import prepare_case, stack_cases
+    from mvmm.nets.prior import sample_latent
+
+    start = time.perf_counter()
+    model, torch_device = loaded_model(model, device, "vae-seg")
+    config, net = model.config, model.net
+    if samples < 0:
+        raise InputError(f"samples: expected a count of at least 0, got {samples}")
+    ordered = ordered_images(images, config, model.path)
+    check_postprocess(postprocess, config.labels)
+    case = prepare_case(Subject(ordered), config.network, torch_device, require_atlas=False)
+    loaded = time.perf_counter()
+    with torch.no_grad():
+        batch = {k: v.to(torch_device) for k, v in stack_cases([case]).items()}
+        mean, log_var = net.encode(batch)
+        prediction = net.predict(batch, mean, mean, log_var)
+        prior = prediction.log_prior[0].exp()
+        params = _in_image_units(prediction.params, case.offsets.to(torch_device), case.scales.to(torch_device))
+        spread = None
+        if samples:
+            posteriors = []
+            with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for _ in range(samples):
+                    drawn = net.predict(batch, sample_latent(mean, log_var))
+                    joint = log_joint(batch["images"], batch["coverage"], drawn.params, drawn.log_prior)
+                    posteriors.append(log_posteriors(joint)[0].exp())
+            stacked = torch.stack(posteriors)  # [samples, K, *S]
+            average = stacked.mean(0)
+            spread = {"uncertainty_variance": stacked.var(0, unbiased=False).sum(0),
+                      "uncertainty_entropy": -(average * average.clamp_min(1e-12).log()).sum(0)}
+    predicted = time.perf_counter()
+    decoded = Atlas(prior.float().cpu(), case.grid, config.labels, source=f"{model.path} (decoded prior)")
+    subject = Subject(ordered, atlas=decoded)
+    mixture = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(config.labels), max_iter=max(refine, 1),
+                                  mrf_beta=mrf_beta if refine else 0.0, learn_proportions=False)
+    with torch.no_grad():
+        common = subject.sample(device=torch_device, check=False)
+        sampled = time.perf_counter()
+        fit_or_adopt(mixture, common, params, refine, progress)
+        posterior = mixture.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
+        extra = {}
+        if spread is not None:  # network grid → common grid, through the world (linear)
+            from mvmm.spatial.warp import sample_image
+
+            points = common.grid.world_points(device=torch_device)
+            for name, values in spread.items():
+                sampled_values, _ = sample_image(values[None].float(), case.grid, points)
+                extra[name] = sampled_values[0]
+    refined = time.perf_counter()
+    settings = {"model": str(model.path), "kind": "vae-seg", "refine": int(refine), "samples": int(samples),
+                "mrf_beta": mrf_beta if refine else 0.0, "postprocess": postprocess, "device": str(torch_device)}
+    timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
+               "refine_s": refined - sampled}
+    return Segmentation(subject, mixture, config.labels, common, posterior, settings, timings, None, postprocess,
+                        extra_maps=extra)
+
+
+def _in_image_units(params, offsets: torch.Tensor, scales: torch.Tensor):
+    """θ of normalised images ``(x − offset) / scale`` as θ of the images: μ = offset + scale μ', σ² = scale² σ'²."""
+    shape = (1, -1, 1, 1)
+    return type(params)(offsets.reshape(shape) + scales.reshape(shape) * params.means.double(),
+                        scales.reshape(shape) ** 2 * params.variances.double(), params.log_weights.double(),
+                        params.log_proportions.double(), params.n_subtypes)
