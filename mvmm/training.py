@@ -4,8 +4,9 @@
     train_bayes(rows, ["LGE", "C0"], ["atlas.nii.gz"], "models/bayes", BayesNetSettings(), TrainingSettings())
 
 Each subject is read, its atlas placed as ``mvmm segment`` places it, and resampled once onto its
-network grid (:mod:`mvmm.nets.data`); the network is trained on the images alone — no label of a
-training subject is read.
+network grid (:mod:`mvmm.nets.data`); the networks are trained on the images alone — no label of a
+training subject is read — except the prior VAE (label maps alone, :func:`train_prior`) and the
+Chan–Vese CNN's labelled subjects when it is told of some (:func:`train_acwe`).
 """
 
 from __future__ import annotations
