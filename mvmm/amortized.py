@@ -131,7 +131,7 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
 
     config.require("bayes", model.path)
     ordered = ordered_images(images, config, model.path)
-    atlas = model.atlas.placed_on(ordered[0].grid) if model.atlas.frame == "axes" else model.atlas
+    atlas = model.atlas.placed_for(ordered[0].grid)
     margin = config.network.roi_margin_mm if roi_margin_mm is None else roi_margin_mm
     subject = Subject(ordered, atlas=atlas, roi_margin_mm=margin)
     check_postprocess(postprocess, subject.class_labels)
@@ -196,9 +196,7 @@ def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta:
     model, torch_device = loaded_model(model, device, "acwe")
     config, net = model.config, model.net
     ordered = ordered_images(images, config, model.path)
-    atlas = None
-    if model.atlas is not None:
-        atlas = model.atlas.placed_on(ordered[0].grid) if model.atlas.frame == "axes" else model.atlas
+    atlas = model.atlas.placed_for(ordered[0].grid) if model.atlas is not None else None
     check_postprocess(postprocess, config.labels)
     case = prepare_case(Subject(ordered, atlas=atlas), config.network, torch_device, require_atlas=False)
     loaded = time.perf_counter()

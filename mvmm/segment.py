@@ -130,7 +130,7 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         if atlas_obj.frame == "axes":
             log.info("atlas %s is in image axes: placed on the axes and field-of-view centre of the reference",
                      atlas_obj.source)
-            atlas_obj = atlas_obj.placed_on(reference_grid)
+        atlas_obj = atlas_obj.placed_for(reference_grid)
     return Subject(loaded, atlas_obj, mask_images, reference, labels=labels, roi_margin_mm=roi_margin_mm)
 
 

@@ -1,4 +1,5 @@
-"""From image files to a model directory: the Python API behind ``mvmm train bayes``, ``regnet`` and ``acwe``.
+"""From image files to a model directory: the Python API behind ``mvmm train bayes``, ``regnet``, ``acwe``,
+``prior`` and ``vae-seg``.
 
     rows = subjects_from_manifest("mscmr19", "data/mscmr", range(1, 21), ["LGE", "C0"])
     train_bayes(rows, ["LGE", "C0"], ["atlas.nii.gz"], "models/bayes", BayesNetSettings(), TrainingSettings())
@@ -42,9 +43,7 @@ CURVE_EVERY = 5  # epochs between redraws of loss.png during training
 
 def placed_subject(images: List[Image], atlas: Atlas) -> Subject:
     """The images with the atlas as ``load_subject`` places it (an ``axes`` atlas on the reference's heart frame)."""
-    if atlas.frame == "axes":
-        atlas = atlas.placed_on(images[0].grid)
-    return Subject(images, atlas=atlas)
+    return Subject(images, atlas=atlas.placed_for(images[0].grid))
 
 
 def model_subtypes(network: BayesNetSettings, sequences: Sequence[str], atlas: Atlas) -> np.ndarray:
@@ -247,11 +246,11 @@ def train_acwe(rows: Sequence[SubjectRow], sequences: Sequence[str], out, networ
             raise InputError(f"classes: the labels {labels.as_dict()} have {len(labels)} classes, not {network.classes}")
     else:
         labels = unnamed_classes(network.classes or 2)
-    ndim = Image.read(rows[0].images[sequences[0]], sequences[0], argname="data").grid.ndim
-    network = replace(network, classes=len(labels)).resolved(ndim)
+    network = replace(network, classes=len(labels))
     cases = []
     for row in tqdm(rows, desc="reading subjects", unit="subject", disable=not progress, leave=False):
         images = _row_images(row, sequences)
+        network = network.resolved(images[0].grid.ndim)  # the same for every subject (checked by the grid)
         subject = placed_subject(images, atlas) if atlas is not None else Subject(images)
         case = prepare_case(subject, network, require_atlas=False)
         case.name = row.name

@@ -200,6 +200,11 @@ class Atlas:
         return Atlas(self.probabilities, self.grid.moved(placement), self.labels, self.source, "world",
                      self.templates)
 
+    def placed_for(self, reference: Grid) -> "Atlas":
+        """The atlas as a case on ``reference`` uses it: an ``"axes"`` atlas :meth:`placed_on` it, a
+        ``"world"`` atlas as it is (its header places it)."""
+        return self.placed_on(reference) if self.frame == "axes" else self
+
     def template_for(self, names: Sequence[str], preferred: Optional[str] = None) -> Optional[str]:
         """The first of ``preferred`` then ``names`` (image names, matched case-insensitively) that this
         atlas has a template for, as the atlas spells it; None if none."""

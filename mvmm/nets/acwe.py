@@ -75,7 +75,7 @@ class AcweNet(nn.Module):
         super().__init__()
         from monai.networks.nets import UNet  # imported when a network is built: `mvmm --help` stays fast
 
-        self.settings, self.n_images, self.n_classes, self.atlas_role = settings, n_images, n_classes, atlas_role
+        self.settings, self.n_classes, self.atlas_role = settings, n_classes, atlas_role
         self.grid: Grid = canonical_grid(settings)
         in_channels = 2 * n_images + {"none": 0, "prior": n_classes, "region": 1}[atlas_role]
         self.backbone = UNet(spatial_dims=self.grid.ndim, in_channels=in_channels, out_channels=n_classes,

@@ -163,15 +163,22 @@ def case_labels(label_image: Image, grid: Grid, labels: LabelSet, argname: str =
 
     Raises InputError naming ``argname`` for values ``labels`` does not have.
     """
+    return class_indices(label_image, grid, {v: k for k, v in enumerate(labels.values)}, argname,
+                         f"are not in the label set {labels.as_dict()}")
+
+
+def class_indices(label_image: Image, grid: Grid, index_of: Dict[int, int], argname: str, unknown_is: str) -> torch.Tensor:
+    """``label_image`` sampled (nearest) on ``grid`` as class indices ``[*S]`` int64 by ``index_of``
+    (value → index), −1 outside the map; a value of the map that ``index_of`` lacks is an InputError
+    naming ``argname`` (``unknown_is``: what such values are, for the message)."""
+    unknown = sorted(set(int(v) for v in torch.unique(label_image.data[0].round().long())) - set(index_of))
+    if unknown:
+        raise InputError(f"{argname}: {label_image.source} has label values {unknown} that {unknown_is}")
     with torch.no_grad():
         values, inside = label_image.sample(grid.world_points(), mode="nearest")
     values = values[0].round().long()
-    unknown = sorted(set(int(v) for v in torch.unique(values[inside])) - set(labels.values))
-    if unknown:
-        raise InputError(f"{argname}: {label_image.source} has label values {unknown} that are not in the "
-                         f"label set {labels.as_dict()}")
     index = torch.full_like(values, -1)
-    for k, value in enumerate(labels.values):
+    for value, k in index_of.items():
         index[(values == value) & inside] = k
     return index
 
@@ -203,16 +210,7 @@ def prepare_label_case(label_image: Image, settings: NetworkSettings, index_of: 
     """A label map on its prior grid, its values turned into class indices by ``index_of``
     (value → index; every value of the map must be there, 0 is the background's)."""
     grid = label_frame_grid(label_image, settings)
-    with torch.no_grad():
-        values, inside = label_image.sample(grid.world_points(), mode="nearest")
-    values = values[0].round().long()
-    unknown = sorted(set(int(v) for v in torch.unique(label_image.data[0].round().long())) - set(index_of))
-    if unknown:
-        raise InputError(f"label_names: {label_image.source} has label values {unknown} that no name maps "
-                         f"(named: {sorted(index_of)})")
-    index = torch.full_like(values, -1)
-    for value, k in index_of.items():
-        index[(values == value) & inside] = k
+    index = class_indices(label_image, grid, index_of, "label_names", f"no name maps (named: {sorted(index_of)})")
     return LabelCase(label_image.source, index, grid)
 
 
