@@ -8,7 +8,7 @@ from conftest import random_mixture
 from mvmm.core.errors import InputError
 from mvmm.mixture import ConvergenceWarning, MultivariateMixture, parse_subtypes
 from mvmm.mixture.subtypes import parse_subtype_names
-from mvmm.mixture.model import _Voxels
+from mvmm.mixture import functional as F
 from mvmm.mixture.params import MixtureParams
 
 
@@ -46,15 +46,11 @@ def test_m_step_matches_numpy_reference():
             weights[0, i, kk, :c] = torch.as_tensor(rng.dirichlet(np.ones(c)))
     params.log_weights = torch.where(params.subtype_mask, weights.log(), params.log_weights)
     params.log_proportions = torch.as_tensor(np.log(rng.dirichlet(np.ones(k))))[None]
-    model = MultivariateMixture(n_subtypes=counts, var_floor=1e-9)
-    data = _Voxels(torch.as_tensor(x)[None], torch.as_tensor(m)[None], torch.as_tensor(np.log(atlas))[None],
-                   torch.ones(v, dtype=torch.bool), (1.0,))
-    model._floors = torch.full((n,), 1e-12, dtype=torch.float64)
-    model._tied = None  # as fit sets it up: untied
-    model._collapsed = set()
-    resp = model._e_step(data, params)
-    resp.log_post = torch.as_tensor(np.log(post))[None]  # an arbitrary tissue posterior
-    new = model._m_step(data, resp, params)
+    xt, mt = torch.as_tensor(x)[None], torch.as_tensor(m)[None]
+    _, within = F.tissue_log_likelihood(xt, mt, params, keep_within=True)
+    post_t = torch.as_tensor(post)[None]  # an arbitrary tissue posterior
+    new = F.m_step(xt, mt, post_t, within, params, torch.full((1, n), 1e-12, dtype=torch.float64),
+                   torch.as_tensor(np.log(atlas))[None]).params
 
     for i in range(n):
         for kk in range(k):

@@ -256,51 +256,110 @@ def m_step(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tenso
     -----
     Every sum runs over all of ``*S``: give the counted voxels only (EM gathers its region of
     interest as ``[1, N, V]``), or zero posteriors where a voxel does not count and no atlas.
+    The EM estimator computes the same statistics in one chunked pass with its E-step
+    (:func:`mvmm.mixture.fused.em_pass`) and updates by :func:`params_from_statistics`.
+    """
+    stats = subtype_statistics(images, coverage, posteriors, within)
+    log_proportions = params.log_proportions
+    if learn_proportions or log_atlas is None:
+        log_proportions = update_log_proportions(*proportion_statistics(posteriors, params.log_proportions, log_atlas))
+    return params_from_statistics(stats, params, var_floor, log_proportions, tied_variances)
+
+
+def subtype_statistics(images: torch.Tensor, coverage: torch.Tensor, posteriors: torch.Tensor,
+                       within: List[torch.Tensor]) -> torch.Tensor:
+    """Each subtype's weighted moments in each image, weights ``P_ikcx = M_i(x) P_kx P(c | k, x)``.
+
+    Parameters
+    ----------
+    images, coverage : torch.Tensor, shape [B, N, *S]
+    posteriors : torch.Tensor, shape [B, K, *S]
+    within : list of N torch.Tensor, shape [B, K, Cmax, *S]
+
+    Returns
+    -------
+    torch.Tensor, float64, shape [3, B, N, K, Cmax]
+        ``Σ w``, ``Σ w x``, ``Σ w x²``.
+    """
+    return torch.stack([sufficient_statistics(images[:, i], within[i] * (posteriors * coverage[:, i].unsqueeze(1))
+                                              .unsqueeze(2)) for i in range(images.shape[1])], dim=2)
+
+
+def params_from_statistics(stats: torch.Tensor, params: MixtureParams, var_floor: torch.Tensor,
+                           log_proportions: torch.Tensor, tied_variances: Optional[torch.Tensor] = None) -> MStep:
+    """τ, μ, σ² from each subtype's weighted moments (the M-step of :func:`m_step`, shared by EM's fused pass).
+
+    Parameters
+    ----------
+    stats : torch.Tensor, float64, shape [3, B, N, K, Cmax]
+        ``Σ w``, ``Σ w x``, ``Σ w x²`` of each subtype in each image (:func:`sufficient_statistics`).
+    params : MixtureParams
+        The current parameters: a collapsed subtype keeps its mean and variance.
+    var_floor : torch.Tensor, shape [B, N]
+    log_proportions : torch.Tensor, shape [B, K]
+        The new log π (:func:`update_log_proportions`, or the current ones when held).
+    tied_variances : torch.Tensor, bool, shape [N, K], optional
+        See :func:`m_step`.
+
+    Returns
+    -------
+    MStep
     """
     mask = params.subtype_mask
-    means, variances, log_weights, masses = [], [], [], []
-    for i in range(images.shape[1]):
-        tissue = (posteriors * coverage[:, i].unsqueeze(1)).unsqueeze(2)  # [B, K, 1, *S]
-        stats = sufficient_statistics(images[:, i], within[i] * tissue)
-        mu, var = moments(stats, var_floor[:, i].reshape(-1, 1, 1))
+    means, variances, log_weights = [], [], []
+    for i in range(stats.shape[2]):
+        s = stats[:, :, i]  # [3, B, K, Cmax]
+        mu, var = moments(s, var_floor[:, i].reshape(-1, 1, 1))
         if tied_variances is not None and bool(tied_variances[i].any()):
             # Σ_c Σ_x w (x − μ_c)² / Σ_c Σ_x w over the tissue's subtypes
-            residual = torch.where(mask[i], stats[2] - stats[1] ** 2 / stats[0].clamp_min(1e-300),
-                                   torch.zeros_like(stats[2]))
-            mass = torch.where(mask[i], stats[0], torch.zeros_like(stats[0])).sum(-1, keepdim=True)
+            residual = torch.where(mask[i], s[2] - s[1] ** 2 / s[0].clamp_min(1e-300), torch.zeros_like(s[2]))
+            mass = torch.where(mask[i], s[0], torch.zeros_like(s[0])).sum(-1, keepdim=True)
             pooled = torch.clamp(residual.sum(-1, keepdim=True) / mass.clamp_min(1e-300),
                                  min=var_floor[:, i].reshape(-1, 1, 1))
             var = torch.where(tied_variances[i].to(var.device).unsqueeze(-1), pooled.expand_as(var), var)
-        alive = (stats[0] >= MIN_SUBTYPE_MASS) & mask[i]
+        alive = (s[0] >= MIN_SUBTYPE_MASS) & mask[i]
         means.append(torch.where(alive, mu, params.means[:, i]))
         variances.append(torch.where(alive, var, params.variances[:, i]))
-        total = stats[0].sum(dim=-1, keepdim=True)
-        tau = torch.where(total > 0, stats[0] / total.clamp_min(1e-300), params.log_weights[:, i].exp())
+        total = s[0].sum(dim=-1, keepdim=True)
+        tau = torch.where(total > 0, s[0] / total.clamp_min(1e-300), params.log_weights[:, i].exp())
         tau = torch.where(mask[i], tau.clamp_min(MIN_WEIGHT), torch.zeros_like(tau))
         # padding: −inf written in, not log(0) taken (whose gradient is NaN in a differentiated M-step)
         share = torch.where(mask[i], tau / tau.sum(dim=-1, keepdim=True), torch.ones_like(tau))
         log_weights.append(torch.where(mask[i], torch.log(share), torch.full_like(share, -torch.inf)))
-        masses.append(stats[0])
-    log_proportions = params.log_proportions
-    if learn_proportions or log_atlas is None:
-        log_proportions = update_log_proportions(posteriors, params.log_proportions, log_atlas)
     new = MixtureParams(torch.stack(means, 1), torch.stack(variances, 1), torch.stack(log_weights, 1),
                         log_proportions, params.n_subtypes)
-    return MStep(new, torch.stack(masses, 1))
+    return MStep(new, stats[0])
 
 
-def update_log_proportions(posteriors: torch.Tensor, log_proportions: torch.Tensor,
-                           log_atlas: Optional[torch.Tensor]) -> torch.Tensor:
-    """π_k ← Σ_x P_kx / Σ_x (A_kx / Σ_j π_j A_jx), normalised (an MM step: log L cannot decrease).
+def proportion_statistics(posteriors: torch.Tensor, log_proportions: torch.Tensor,
+                          log_atlas: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What the proportions' update sums over the voxels, float64 ``[B, K]`` each.
 
-    Without an atlas this is the plain mixture's ``π_k ∝ Σ_x P_kx``. Float64, ``[B, K]``.
+    Returns ``Σ_x P_kx`` and, with an atlas, ``Σ_x A_kx / Σ_j π_j A_jx`` (None without one).
     """
     counts = posteriors.double().flatten(2).sum(-1)
     if log_atlas is None:
-        new = counts
-    else:
-        atlas = log_atlas.flatten(2).exp().double()  # [B, K, V]; exp in the atlas's dtype (cheaper)
-        mix = (log_proportions.double().exp().unsqueeze(-1) * atlas).sum(1, keepdim=True).clamp_min(1e-300)
-        new = counts / (atlas / mix).sum(-1).clamp_min(1e-300)
+        return counts, None
+    atlas = log_atlas.flatten(2).exp().double()  # [B, K, V]; exp in the atlas's dtype (cheaper)
+    mix = (log_proportions.double().exp().unsqueeze(-1) * atlas).sum(1, keepdim=True).clamp_min(1e-300)
+    return counts, (atlas / mix).sum(-1)
+
+
+def update_log_proportions(counts: torch.Tensor, atlas_mass: Optional[torch.Tensor]) -> torch.Tensor:
+    """π_k ← Σ_x P_kx / Σ_x (A_kx / Σ_j π_j A_jx), normalised (an MM step: log L cannot decrease).
+
+    Without an atlas (``atlas_mass`` None) this is the plain mixture's ``π_k ∝ Σ_x P_kx``.
+
+    Parameters
+    ----------
+    counts, atlas_mass : torch.Tensor, float64, shape [B, K]
+        From :func:`proportion_statistics` (or EM's fused pass).
+
+    Returns
+    -------
+    torch.Tensor, float64, shape [B, K]
+        The new log π.
+    """
+    new = counts if atlas_mass is None else counts / atlas_mass.clamp_min(1e-300)
     new = new.clamp_min(1e-300)
     return torch.log(new / new.sum(dim=-1, keepdim=True))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mvmm.mixture import functional as F
 from mvmm.mixture.functional import MIN_SUBTYPE_MASS
+from mvmm.mixture.fused import em_pass
 from mvmm.mixture.init import params_from_tissue_weights, tissue_weights_from_kmeans
 from mvmm.mixture.mrf import mean_field_potts
 from mvmm.mixture.params import MixtureParams
@@ -56,6 +57,15 @@ class _Responsibilities:
     log_post: torch.Tensor  # [1, K, V] log P_kx (tissue posterior)
     within: Optional[List[torch.Tensor]]  # N tensors [1, K, C, V]: P(c | k, x) in image i
     log_likelihood: float  # mean log-likelihood per voxel
+
+
+class _Sums(NamedTuple):
+    """What an E-step gives the M-step: its sums over the voxels (:class:`mvmm.mixture.fused.EmPass`)."""
+
+    log_likelihood: float  # mean log-likelihood per voxel at the parameters of the E-step
+    stats: torch.Tensor  # [3, 1, N, K, Cmax] float64: Σ w, Σ w x, Σ w x² per subtype
+    counts: torch.Tensor  # [1, K] float64: Σ_x P_kx
+    atlas_mass: Optional[torch.Tensor]  # [1, K] float64: Σ_x A_kx / Σ_j π_j A_jx, None without an atlas
 
 
 @dataclass
@@ -199,15 +209,15 @@ class MultivariateMixture:
         self._tied = self._tied_on(data, n_classes)  # once per fit, not per M-step
         if init_params is None:
             params = self._initial_params(data, n_classes)
-        resp = self._e_step(data, params)
-        self.lower_bounds_ = [resp.log_likelihood]
+        sums = self._em_pass(data, params)
+        self.lower_bounds_ = [sums.log_likelihood]
         self.converged_ = False
         show = self.progress if progress is None else progress
         iterations = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=not show, leave=False)
         for self.n_iter_ in iterations:
-            params = self._m_step(data, resp, params)
-            resp = self._e_step(data, params)
-            ll, previous = resp.log_likelihood, self.lower_bounds_[-1]
+            params = self._m_step(sums, params)
+            sums = self._em_pass(data, params)
+            ll, previous = sums.log_likelihood, self.lower_bounds_[-1]
             self.lower_bounds_.append(ll)
             iterations.set_postfix(logL=f"{ll:.5f}")
             if abs(ll - previous) <= self.tol * abs(previous):
@@ -381,10 +391,28 @@ class MultivariateMixture:
         log_post = mean_field_potts(joint[0], data.roi, self.mrf_beta, data.spacing, self.mrf_iter).unsqueeze(0)
         return _Responsibilities(log_post, within, log_likelihood)
 
-    def _m_step(self, data: _Voxels, resp: _Responsibilities, params: MixtureParams) -> MixtureParams:
-        """Closed-form updates of τ, μ, σ² and π (:func:`mvmm.mixture.functional.m_step`)."""
-        step = F.m_step(data.x, data.m, resp.log_post.exp(), resp.within, params, self._floors.unsqueeze(0),
-                        data.log_atlas, learn_proportions=self.learn_proportions, tied_variances=self._tied)
+    def _em_pass(self, data: _Voxels, params: MixtureParams) -> _Sums:
+        """The E-step under ``params`` and the sums of the next M-step.
+
+        Without an MRF, one blocked pass (:func:`mvmm.mixture.fused.em_pass`); with one, the
+        posterior couples neighbours, so the functional core's E-step runs over the whole region
+        first and the sums are taken from its tensors.
+        """
+        if self.mrf_beta <= 0:
+            out = em_pass(data.x, data.m, params, data.log_atlas)
+            return _Sums(float(out.log_likelihood[0]) / data.x.shape[-1], out.stats, out.counts, out.atlas_mass)
+        resp = self._e_step(data, params)
+        posteriors = resp.log_post.exp()
+        counts, atlas_mass = F.proportion_statistics(posteriors, params.log_proportions, data.log_atlas)
+        return _Sums(resp.log_likelihood, F.subtype_statistics(data.x, data.m, posteriors, resp.within), counts,
+                     atlas_mass)
+
+    def _m_step(self, sums: _Sums, params: MixtureParams) -> MixtureParams:
+        """Closed-form updates of τ, μ, σ² and π (:func:`mvmm.mixture.functional.params_from_statistics`)."""
+        log_proportions = params.log_proportions
+        if self.learn_proportions or sums.atlas_mass is None:
+            log_proportions = F.update_log_proportions(sums.counts, sums.atlas_mass)
+        step = F.params_from_statistics(sums.stats, params, self._floors.unsqueeze(0), log_proportions, self._tied)
         collapsed = (step.subtype_mass[0] < MIN_SUBTYPE_MASS) & params.subtype_mask
         keys = map(tuple, collapsed.nonzero().tolist()) if bool(collapsed.any()) else ()
         for key in keys:  # warn once per subtype and fit
