@@ -156,9 +156,11 @@ class JointSolver:
                    leave=False)
         for level in levels:
             grid = reference if level.full_resolution else coarse
-            params = [p for name, state in moving.items()
-                      for p in state.begin(level.kinds["atlas" if name == "atlas" else "images"],
-                                           level.control_spacing, self.device)]
+            learning = {name: list(state.begin(level.kinds["atlas" if name == "atlas" else "images"],
+                                               level.control_spacing, self.device))
+                        for name, state in moving.items()}
+            params = [p for ps in learning.values() for p in ps]
+            images_move = any(ps for name, ps in learning.items() if name != "atlas")
             if not params:  # nothing learns at this level (e.g. a rigid level after an affine template placement)
                 bar.total -= s.max_outer
                 continue
@@ -174,7 +176,8 @@ class JointSolver:
                 after_em = self._em_steps(work, grid, region, continue_fit=bool(history) or outer > 1)
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
-                after_grad, penalty = self._gradient_steps(work, grid, region, params, step_mm, deformation, affine)
+                after_grad, penalty = self._gradient_steps(work, grid, region, params, step_mm, deformation, affine,
+                                                           images_move)
                 return {"log_likelihood": after_em, "log_likelihood_after_registration": after_grad,
                         "penalty": penalty}
 
@@ -305,16 +308,25 @@ class JointSolver:
         return self.model.lower_bounds_[-1]
 
     def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],
-                        lr: float, deformation, affine: List[nn.Module]) -> float:
+                        lr: float, deformation, affine: List[nn.Module], images_move: bool = True) -> float:
         """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
-        fixed; returns the final log L and penalty (the level's objective is their difference)."""
+        fixed; returns the final log L and penalty (the level's objective is their difference).
+
+        When only the atlas moves, the images' ``log p(I(x) | k)`` does not change over the steps:
+        it is computed once, and each step resamples and differentiates the prior alone."""
         s = self.settings
         bending_grid = (work.reference_image.grid.resampled(min(deformation.control_spacing) / 2)
                         if deformation is not None else None)
         # Coverage stays as the EM step saw it: with it free, the objective would change by whole
         # voxels entering or leaving a field of view, which the gradient cannot see.
         with torch.no_grad():
-            coverage = work.sample(grid, self.device, check=False, region=region).coverage
+            fixed = work.sample(grid, self.device, check=False, region=region)
+            coverage = fixed.coverage
+            if not images_move:  # the counted voxels only, [N or K, V]: the rest adds nothing to log L
+                counted = coverage.any(dim=0)
+                images, coverage = fixed.images[:, counted], coverage[:, counted]
+                log_lik = self.model.tissue_log_likelihood(images, coverage)
+                points = grid.world_points(device=self.device)[counted]
 
         def penalty():
             total = torch.zeros((), device=self.device)
@@ -324,14 +336,19 @@ class JointSolver:
                 total = total + s.affine_weight * linear_distortion(transform).to(total)
             return total
 
-        def closure():
+        def log_likelihood():
+            if not images_move:
+                return self.model.log_likelihood(images, coverage, work.sample_atlas(grid, self.device, points),
+                                                 tissue_log_lik=log_lik)
             sample = work.sample(grid, self.device, check=False, roi=False)
-            log_l = self.model.log_likelihood(sample.images, coverage, sample.prior)
+            return self.model.log_likelihood(sample.images, coverage, sample.prior)
+
+        def closure():
+            log_l = log_likelihood()
             loss = penalty().to(log_l) - log_l
             loss.backward()
             return loss.detach()
 
         descend_keeping_best(params, closure, s.grad_steps, lr)
         with torch.no_grad():
-            sample = work.sample(grid, self.device, check=False, roi=False)
-            return float(self.model.log_likelihood(sample.images, coverage, sample.prior)), float(penalty())
+            return float(log_likelihood()), float(penalty())

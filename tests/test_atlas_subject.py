@@ -117,3 +117,23 @@ def test_atlas_that_misses_the_images_is_rejected():
     atlas = Atlas.from_label_maps([label_map()], far)
     with pytest.raises(InputError, match="^atlas: the atlas .* does not overlap"):
         Subject([make_image("A")], atlas=atlas).sample()
+
+
+def test_sample_atlas_at_points_equals_the_full_sample_there_with_its_gradient():
+    from mvmm.spatial.transforms import RigidTransform
+    atlas = Atlas.from_label_maps([label_map()], GRID, sigma_mm=2.0)
+    subject = Subject([make_image("A")], atlas=atlas)
+    params = torch.tensor([0.02, -0.01, 0.03, 1.0, -0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    subject.transforms["atlas"] = RigidTransform(3, params=params, center=GRID.center_world())
+    full = subject.sample().prior  # [K, *S]
+    where = torch.zeros(GRID.shape, dtype=torch.bool)
+    where[1:5, 3:13, 2:18] = True
+    points = GRID.world_points()[where]
+    at_points = subject.sample_atlas(GRID, points=points)
+    assert at_points.shape == (4, int(where.sum()))
+    torch.testing.assert_close(at_points, full[:, where])
+    weights = torch.rand(at_points.shape, generator=torch.Generator().manual_seed(0))
+    (g_points,) = torch.autograd.grad((at_points * weights).sum(), params)
+    (g_full,) = torch.autograd.grad((full[:, where] * weights).sum(), params)
+    torch.testing.assert_close(g_points, g_full, rtol=1e-4, atol=1e-6)  # float32 sums in another order
+    torch.testing.assert_close(subject.sample_atlas(GRID), full.detach())

@@ -163,3 +163,16 @@ def test_log_likelihood_refuses_a_batch_it_would_misread():
         model.fit(images, prior=prior)
     with pytest.raises(ValueError, match="images"):  # [B, N, *S] with B = 3 is not N = 2 images
         model.log_likelihood(images.unsqueeze(0).expand(3, -1, -1, -1), prior=prior)
+
+
+def test_log_likelihood_from_a_cached_tissue_term_equals_the_full_one_and_its_prior_gradient():
+    """The joint solver's atlas steps reuse log p(I|k) while only the prior moves."""
+    images, coverage, prior, model = fitted_case((6, 16, 18), seed=3)
+    prior = prior.clone().requires_grad_(True)
+    full = model.log_likelihood(images, coverage, prior)
+    cached = model.log_likelihood(images, coverage, prior, tissue_log_lik=model.tissue_log_likelihood(images, coverage))
+    torch.testing.assert_close(cached, full)
+    (g_full,) = torch.autograd.grad(full, prior)
+    (g_cached,) = torch.autograd.grad(cached, prior)
+    torch.testing.assert_close(g_cached, g_full)
+    assert float(g_full.abs().sum()) > 0

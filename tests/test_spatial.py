@@ -133,3 +133,32 @@ def test_inverse_is_exact_and_keeps_gradients(kind):
     torch.testing.assert_close(back, points)
     transform.inverse()(points).sum().backward()
     assert params.grad is not None and params.grad.abs().sum() > 0
+
+
+def test_3d_resampling_split_over_threads_gives_the_same_values_and_gradients(monkeypatch):
+    """The CPU 3D sampler is parallel over the batch only: sample_image splits the points into batch
+    entries, which must not change a value or a gradient."""
+    from mvmm.spatial import warp
+    grid = Grid((20, 30, 24), (2.0, 1.5, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    data = torch.rand((3,) + grid.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    points = (torch.rand(1001, 1, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 40
+              - 5).requires_grad_(True)  # some outside the field of view
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for per_thread in (100, 10 ** 9):  # split into two batch entries (1001 points: padded), then not
+            monkeypatch.setattr(warp, "MIN_POINTS_PER_THREAD", per_thread)
+            assert warp._cpu_parts(data, points) == (2 if per_thread == 100 else 1)
+            values, inside = warp.sample_image(data, grid, points)
+            (gradient,) = torch.autograd.grad((values * torch.arange(3.0, dtype=values.dtype).reshape(3, 1, 1, 1)).sum(),
+                                              points)
+            results.append((values, inside, gradient))
+    finally:
+        torch.set_num_threads(threads)
+    (v2, i2, g2), (v1, i1, g1) = results
+    assert v2.shape == v1.shape == (3, 1001, 1, 1)
+    assert not bool(i1.all()) and bool(i1.any())
+    torch.testing.assert_close(v2, v1, rtol=0, atol=0)
+    assert torch.equal(i2, i1)
+    torch.testing.assert_close(g2, g1, rtol=0, atol=0)

@@ -220,6 +220,33 @@ class Subject:
                                      f"the atlas is placed off the images")
         return CaseSample(torch.stack(values), torch.stack(coverage), prior, grid, self.names, self.class_labels)
 
+    def sample_atlas(self, grid: Grid, device=None, points: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The atlas prior alone, through its transform (autograd kept), as :meth:`sample` gives it,
+        for a caller whose images stay where they are.
+
+        Parameters
+        ----------
+        grid : Grid
+            Where to sample (its voxel centres are common-space points).
+        device : torch.device or str, optional
+        points : torch.Tensor, shape [V, ndim], optional
+            Common-space points to sample at instead, e.g. the voxels of a region of interest: the
+            joint solver's gradient steps interpolate, and differentiate, the prior where the
+            likelihood counts and nowhere else.
+
+        Returns
+        -------
+        torch.Tensor, shape [K, *grid.shape], or [K, V] at ``points``
+        """
+        if self.atlas is None:
+            raise InputError("sample_atlas: the subject has no atlas")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if points is None:
+            return self.atlas.sample(map_grid(self.transform("atlas"), grid, device))[0]
+        # as a [V, 1, …, 1] grid of points: grid_sample wants one axis per spatial axis
+        moved = self.transform("atlas")(points).reshape((-1,) + (1,) * (grid.ndim - 1) + (grid.ndim,))
+        return self.atlas.sample(moved)[0].flatten(1)
+
     def region_of_interest(self, grid: Grid, device=None) -> Optional[torch.Tensor]:
         """Voxels of ``grid`` within ``roi_margin_mm`` of the atlas foreground as the atlas is placed
         now, ``[*grid.shape]`` bool; None without an atlas or a margin (every voxel counts)."""

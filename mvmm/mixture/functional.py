@@ -150,9 +150,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.flatten(1).sum(1).clamp_min(1).to(total.dtype)
 
 
-def negative_log_likelihood(images: torch.Tensor, coverage: torch.Tensor, params: MixtureParams,
+def negative_log_likelihood(images: Optional[torch.Tensor], coverage: torch.Tensor, params: MixtureParams,
                             log_atlas: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                            reduction: str = "mean") -> torch.Tensor:
+                            reduction: str = "mean", log_lik: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Negative log-likelihood of each subject: the loss of every solver (EM's objective, with sign).
 
     Parameters
@@ -163,6 +163,10 @@ def negative_log_likelihood(images: torch.Tensor, coverage: torch.Tensor, params
         The voxels that count (default: where at least one image covers them).
     reduction : {"mean", "sum"}
         Per subject, the mean over the masked voxels (the estimator's ``score``, negated) or the sum.
+    log_lik : torch.Tensor, shape [B, K, *S], optional
+        ``log p(I(x) | k)`` from :func:`tissue_log_likelihood`, when the images and ``params`` stay
+        fixed over many calls (the joint solver's gradient steps on the atlas alone): ``images`` is
+        then not read, and only the prior's part is evaluated.
 
     Returns
     -------
@@ -170,7 +174,10 @@ def negative_log_likelihood(images: torch.Tensor, coverage: torch.Tensor, params
     """
     if mask is None:
         mask = coverage.any(dim=1)
-    evidence = log_evidence(log_joint(images, coverage, params, log_atlas))
+    if log_lik is None:
+        log_lik, _ = tissue_log_likelihood(images, coverage, params)
+    n_spatial = coverage.dim() - 2
+    evidence = log_evidence(log_prior(log_atlas, params.log_proportions, n_spatial).to(log_lik.dtype) + log_lik)
     if reduction == "sum":
         return -torch.where(mask, evidence, torch.zeros_like(evidence)).flatten(1).sum(1)
     return -masked_mean(evidence, mask)

@@ -298,7 +298,7 @@ class MultivariateMixture:
         return self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_likelihood
 
     def log_likelihood(self, images, coverage=None, prior=None, params: Optional[MixtureParams] = None,
-                       log_atlas=None) -> torch.Tensor:
+                       log_atlas=None, tissue_log_lik: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean log-likelihood per covered voxel, as a differentiable tensor (the negated
         :func:`~mvmm.mixture.functional.negative_log_likelihood` of one subject).
 
@@ -316,6 +316,9 @@ class MultivariateMixture:
             A batch of one (default: ``params_``).
         log_atlas : torch.Tensor, shape [K, *S], optional
             The log-prior directly (e.g. a network's), instead of ``prior``.
+        tissue_log_lik : torch.Tensor, shape [K, *S], optional
+            The images' ``log p(I(x) | k)`` under ``params`` (:meth:`tissue_log_likelihood`), when
+            only the prior changes between calls: the joint solver's gradient steps on the atlas.
         """
         if params is None:
             self._check_fitted()
@@ -328,10 +331,28 @@ class MultivariateMixture:
         if prior is not None:
             log_atlas = log_of_prior(torch.as_tensor(prior, device=images.device).to(images.dtype))
         self._check_shapes(images, coverage, log_atlas, params)
+        if tissue_log_lik is not None:
+            nll = F.negative_log_likelihood(None, coverage.unsqueeze(0), params.to(images.device),
+                                            None if log_atlas is None else log_atlas.unsqueeze(0),
+                                            log_lik=tissue_log_lik.unsqueeze(0))
+            return -nll[0]
         x = torch.where(coverage, images, torch.zeros_like(images)).unsqueeze(0)
         nll = F.negative_log_likelihood(x, coverage.unsqueeze(0), params.to(images.device),
                                         None if log_atlas is None else log_atlas.unsqueeze(0))
         return -nll[0]
+
+    @torch.no_grad()
+    def tissue_log_likelihood(self, images, coverage=None) -> torch.Tensor:
+        """The images' ``log p(I(x) | k)`` under the fitted parameters, ``[K, *S]`` (0 where no image
+        counts), for :meth:`log_likelihood`'s ``tissue_log_lik``."""
+        self._check_fitted()
+        images = torch.as_tensor(images)
+        if coverage is None:
+            coverage = torch.ones(images.shape, dtype=torch.bool, device=images.device)
+        self._check_shapes(images, coverage, None, self.params_)
+        x = torch.where(coverage, images, torch.zeros_like(images)).unsqueeze(0)
+        log_lik, _ = F.tissue_log_likelihood(x, coverage.unsqueeze(0), self.params_.to(images.device))
+        return log_lik[0]
 
     # fitted attributes as NumPy arrays of one subject (padding as NaN)
     def _padded(self, t: torch.Tensor) -> np.ndarray:

@@ -50,12 +50,33 @@ def sample_image(
     index = grid.world_to_index(moved)
     inside = grid.contains_index(index)
     target_shape = points.shape[:-1]
-    normalized = grid.index_to_normalized(index).to(data.dtype).reshape(1, *target_shape, grid.ndim)
-    values = F.grid_sample(
-        data.unsqueeze(0),
-        normalized,
-        mode="bilinear" if mode == "linear" else "nearest",
-        padding_mode="border",
-        align_corners=False,
-    )[0]
+    normalized = grid.index_to_normalized(index).to(data.dtype)
+    mode = "bilinear" if mode == "linear" else "nearest"
+    parts = _cpu_parts(data, normalized)
+    if parts > 1:
+        # PyTorch's CPU 3D sampler runs one thread per batch entry: the points as `parts` batch
+        # entries of one shared (expanded, not copied) volume use every thread, with the same values
+        flat = normalized.reshape(-1, grid.ndim)
+        n = flat.shape[0]
+        pad = -n % parts
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad, grid.ndim)])
+        batched = flat.reshape(parts, -1, 1, 1, grid.ndim)
+        values = F.grid_sample(data.unsqueeze(0).expand(parts, *data.shape), batched, mode=mode,
+                               padding_mode="border", align_corners=False)  # [parts, C, n / parts, 1, 1]
+        values = values.movedim(1, 0).reshape(data.shape[0], -1)[:, :n].reshape(data.shape[0], *target_shape)
+        return values, inside
+    values = F.grid_sample(data.unsqueeze(0), normalized.reshape(1, *target_shape, grid.ndim), mode=mode,
+                           padding_mode="border", align_corners=False)[0]
     return values, inside
+
+
+MIN_POINTS_PER_THREAD = 1 << 13  # below this a split costs more than it gains
+
+
+def _cpu_parts(data: torch.Tensor, normalized: torch.Tensor) -> int:
+    """How many batch entries a 3D CPU resampling is split into (1: none)."""
+    if data.device.type != "cpu" or normalized.shape[-1] != 3:
+        return 1
+    points = normalized.numel() // 3
+    return max(1, min(torch.get_num_threads(), points // MIN_POINTS_PER_THREAD))
