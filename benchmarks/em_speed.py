@@ -8,11 +8,13 @@ scikit-learn's ``GaussianMixture`` (8 diagonal components on the same 3 features
 coverage) is the reference point for a plain mixture of the same size.
 
     python benchmarks/em_speed.py [--sizes 2d,3d-small,3d-large] [--devices cpu,cuda] [--json out.json]
+    python benchmarks/em_speed.py --profile 3d-large
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import resource
@@ -87,6 +89,26 @@ def time_sklearn(shape, n_iter):
     return (fit(1 + n_iter) - fit(1)) / n_iter, None
 
 
+def profile_iteration(size: str) -> None:
+    """Print the operators one ``fit(max_iter=1)`` from given parameters spends its CPU time in: the data
+    gathered, the E-step at the parameters, one M-step and the E-step after it (two passes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mvmm.mixture import ConvergenceWarning, MultivariateMixture
+    images, prior = make_data(SIZES[size])
+    coverage = torch.ones(images.shape, dtype=torch.bool)
+    model = MultivariateMixture(n_subtypes=N_SUBTYPES, max_iter=1, tol=1e-30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(images, coverage, prior)  # initialised: the profile covers one iteration
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.fit(images, coverage, prior, max_iter=1, init_params=model.params_)
+    print(f"fit(max_iter=1) from given parameters (set-up, two E-steps, one M-step), {size}, "
+          f"{torch.get_num_threads()} threads:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def run_case(args):
     shape = SIZES[args.size]
     if args.backend == "baseline":
@@ -107,8 +129,13 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--no-sklearn", action="store_true")
     parser.add_argument("--json", help="Also write the rows to this JSON file.")
+    parser.add_argument("--profile", metavar="SIZE", choices=list(SIZES),
+                        help="Instead: profile one EM iteration at this size on CPU (torch.profiler, top operators).")
     parser.add_argument("--case", nargs=4, metavar=("BACKEND", "SIZE", "DEVICE", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        profile_iteration(args.profile)
+        return
     if args.case:
         backend, size, device, iters = args.case
         run_case(argparse.Namespace(backend=backend, size=size, device=device, iters=int(iters)))
@@ -147,7 +174,8 @@ def main():
               f"{r['seconds_per_iter']:.4f} | {r['peak_rss_bytes'] / 1e9:.2f} | {gpu} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                       "command": "python benchmarks/em_speed.py " + " ".join(sys.argv[1:]), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

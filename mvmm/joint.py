@@ -81,12 +81,16 @@ class RegistrationResult:
     template : dict, optional
         How the atlas's template placed it: sequence, metric, transform, loss before and after,
         seconds (and the deformation's Jacobian statistics).
+    seconds : dict of str to float
+        Where the time went: ``search`` (the atlas start search), ``template``, and
+        ``level NAME`` for each level of the schedule.
     """
 
     transforms: Dict[str, nn.Module]
     history: List[dict] = field(default_factory=list)
     jacobian: Optional[dict] = None
     template: Optional[dict] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
 
 
 class JointSolver:
@@ -131,6 +135,7 @@ class JointSolver:
             if s.images == "none":
                 start[name].requires_grad_(False)
         deformation_start, template = None, None
+        seconds: Dict[str, float] = {}
         if subject.atlas is not None and atlas_start is not None:
             linear, deformation_start = atlas_start
             start["atlas"] = linear.with_params(nn.Parameter(linear.params.detach().clone()))
@@ -144,7 +149,9 @@ class JointSolver:
                                                                                        start["atlas"])
             elif s.atlas_search_mm > 0 and s.atlas != "none":
                 work.transforms.update(start)
+                began = time.perf_counter()
                 start["atlas"] = self._searched_atlas_start(work, start["atlas"], coarse)
+                seconds["search"] = time.perf_counter() - began
             if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
                 start["atlas"].requires_grad_(False)
         deformations = {"atlas": deformation_start, **image_deformations}
@@ -155,6 +162,7 @@ class JointSolver:
         bar = tqdm(total=len(levels) * s.max_outer, desc="registration", unit="outer", disable=not self.progress,
                    leave=False)
         for level in levels:
+            began = time.perf_counter()
             grid = reference if level.full_resolution else coarse
             learning = {name: list(state.begin(level.kinds["atlas" if name == "atlas" else "images"],
                                                level.control_spacing, self.device))
@@ -186,6 +194,7 @@ class JointSolver:
                 bar.set_postfix(level=level.name, logL=f"{record['log_likelihood']:.4f}")
 
             level_history = run_outer_iterations(outer_iteration, s.loop(), "log_likelihood", level.name, shown)
+            seconds[f"level {level.name}"] = time.perf_counter() - began
             history += level_history
             # a level that converged early takes its unused iterations off the total, so the bar's
             # total is the true count when the solve ends (it does not jump)
@@ -201,7 +210,9 @@ class JointSolver:
         if "atlas" in moving and moving["atlas"].deformation is not None:
             jacobian = jacobian_statistics(moving["atlas"].deformation, reference, device=self.device)
             warn_if_folded(jacobian, f"the atlas's {s.atlas.upper()}")
-        return RegistrationResult(transforms, history, jacobian, template)
+        if template is not None:
+            seconds["template"] = template["seconds"]
+        return RegistrationResult(transforms, history, jacobian, template, seconds)
 
     def _template_placement(self, subject: Subject, sequence: str, start: RigidTransform):
         """Register the atlas's ``sequence`` template to the case's image of that sequence (the fixed
@@ -276,6 +287,8 @@ class JointSolver:
         d, ndim = self.settings.atlas_search_mm, grid.ndim
         axes = work.reference_image.grid.direction_matrix
         scores = []
+        with torch.no_grad():  # the images stay: sampled once, each placement resamples the prior alone
+            fixed = work.sample(grid, self.device, check=False, roi=False)
         for steps in itertools.product((-1, 0, 1), repeat=ndim):
             params = start.params.detach().clone()
             params[-ndim:] += torch.as_tensor(axes @ (d * np.asarray(steps, dtype=np.float64)), dtype=params.dtype,
@@ -285,8 +298,8 @@ class JointSolver:
             model = self.model.unfitted_copy()
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sample = work.sample(grid, self.device, check=False)
-                model.fit(sample.images, sample.coverage, sample.prior, grid.spacing,
+                prior = work.sample_atlas(grid, self.device)
+                model.fit(fixed.images, work.within_roi(fixed.coverage, prior, grid), prior, grid.spacing,
                           max_iter=self.settings.search_em_steps, progress=False)
             scores.append((model.lower_bounds_[-1], steps, candidate))
         best = max(scores, key=lambda item: item[0])

@@ -174,7 +174,9 @@ class Segmentation:
     common: CaseSample
     posterior: torch.Tensor  # [K, *S] on the common grid
     settings: dict
-    timings: Dict[str, float] = field(default_factory=dict)
+    # seconds by step (registration_s, sample_s, fit_s, predict_s, write_s, …); registration_split_s
+    # holds the registration's own split (RegistrationResult.seconds)
+    timings: Dict[str, object] = field(default_factory=dict)
     registration: Optional[RegistrationResult] = None
     postprocess: str = "none"  # applied to every label map, see mvmm.postprocess
     pathology: bool = False  # write scar and oedema from the named subtypes (mvmm.pathology)
@@ -445,6 +447,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                 "registration": asdict(registration) if registration is not None else None}
     timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,
                "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
+    if registered is not None:  # the registration's own split: start search, template, each level
+        timings["registration_split_s"] = dict(registered.seconds)
     return Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
                         pathology)
 

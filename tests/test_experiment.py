@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -117,6 +118,13 @@ def test_mscmr_experiment_writes_tables_and_resumes(tmp_path):
     markdown = (out / "summary.md").read_text()
     assert (out / "figures" / "patient2.png").exists() and "| em-all |" in markdown
     assert "postprocess cardiac" in markdown and summary["settings"]["postprocess"] == "cardiac"
+    # seconds per patient: mean, median and max, and em-all's time by step (the start search among them)
+    seconds = [json.loads((out / "patients" / f"patient{n}.json").read_text())["seconds"]["em-all"] for n in (1, 2, 3)]
+    assert stored["seconds_per_patient_median"]["em-all"] == pytest.approx(float(np.median(seconds)))
+    assert stored["seconds_per_patient_max"]["em-all"] == pytest.approx(max(seconds))
+    split = stored["em_all_time_split_median_s"]
+    assert {"registration_s", "fit_s", "registration: search"} <= set(split)
+    assert 0 < split["fit_s"] < max(seconds) and "em-all's time by step" in markdown
     # a rerun resumes: finished patients are not redone
     stamp = (out / "patients" / "patient1.json").stat().st_mtime_ns
     run_mscmr(data, out, settings, progress=False)

@@ -212,8 +212,7 @@ class Subject:
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
                             "background", self.atlas.source, 100 * share)
             if roi and self.roi_margin_mm is not None:
-                region = self._roi_of(prior, grid) if region is None else region.to(prior.device)
-                coverage = [inside & region for inside in coverage]
+                coverage = list(self.within_roi(torch.stack(coverage), prior, grid, region))
                 if check and not any(bool(inside.any()) for inside in coverage):
                     raise InputError(f"roi_margin_mm: no voxel covered by the images lies within "
                                      f"{self.roi_margin_mm:g} mm of the atlas foreground ({self.atlas.source}); "
@@ -246,6 +245,15 @@ class Subject:
         # as a [V, 1, …, 1] grid of points: grid_sample wants one axis per spatial axis
         moved = self.transform("atlas")(points).reshape((-1,) + (1,) * (grid.ndim - 1) + (grid.ndim,))
         return self.atlas.sample(moved)[0].flatten(1)
+
+    def within_roi(self, coverage: torch.Tensor, prior: torch.Tensor, grid: Grid,
+                   region: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``coverage [N, *S]`` cut to the region of interest (``roi_margin_mm`` around the foreground of
+        ``prior [K, *S]``, or ``region``); unchanged without a margin. What :meth:`sample` applies."""
+        if self.roi_margin_mm is None:
+            return coverage
+        region = self._roi_of(prior, grid) if region is None else region.to(prior.device)
+        return coverage & region
 
     def region_of_interest(self, grid: Grid, device=None) -> Optional[torch.Tensor]:
         """Voxels of ``grid`` within ``roi_margin_mm`` of the atlas foreground as the atlas is placed

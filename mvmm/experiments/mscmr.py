@@ -193,7 +193,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     spacing = tuple(reversed(images[0].grid.spacing))
     metrics = {m: evaluate_labels(maps[m], truth_map, spacing, placed.labels) for m in settings.methods}
     return {"patient": target, "metrics": metrics, "native_metrics": native, "pathology": pathology,
-            "seconds": seconds, "maps": maps,
+            "seconds": seconds, "em_all_timings_s": em_all.timings, "maps": maps,
             "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
 
 
@@ -323,7 +323,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "fold": None if fold_of is None else fold_of[target],
                           "metrics": result["metrics"], "native_metrics": result["native_metrics"],
                           "pathology": result["pathology"],
-                          "seconds": result["seconds"]})
+                          "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
     if fold_of is not None and set(NETWORK_METHODS) & set(settings.methods):

@@ -6,7 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -54,7 +54,13 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
                 "dice_median": float(np.median(finite)) if finite else math.nan,
                 "hd95_mean": _mean([row["hd95_mm"] for row in rows if row["method"] == m and row["structure"] == s]),
                 "msd_mean": _mean([row["msd_mm"] for row in rows if row["method"] == m and row["structure"] == s])}
-        summary["seconds_per_patient"][m] = _mean([r["seconds"][m] for r in records])
+        seconds = [r["seconds"][m] for r in records]
+        summary["seconds_per_patient"][m] = _mean(seconds)
+        summary.setdefault("seconds_per_patient_median", {})[m] = float(np.median(seconds)) if seconds else math.nan
+        summary.setdefault("seconds_per_patient_max", {})[m] = float(np.max(seconds)) if seconds else math.nan
+    split = _time_split([r.get("em_all_timings_s") for r in records])
+    if split:
+        summary["em_all_time_split_median_s"] = split
     if "atlas" in methods and "em-all" in methods:
         # what the mixture adds to its own prior, patient by patient
         by = {m: {s: [r["metrics"][m][s]["dice"] for r in records] for s in structures} for m in ("atlas", "em-all")}
@@ -107,9 +113,21 @@ def _pathology_summary(records: List[dict]) -> dict:
     return out
 
 
+def _time_split(timings: Sequence[Optional[dict]]) -> Dict[str, float]:
+    """Median seconds of each step of em-all over the patients that recorded them (``registration_split_s``
+    flattened into ``registration: NAME``)."""
+    values: Dict[str, List[float]] = {}
+    for t in timings:
+        for key, value in (t or {}).items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                values.setdefault(key if sub is None else f"registration: {sub}", []).append(float(v))
+    return {k: float(np.median(v)) for k, v in values.items() if len(v) == len(timings)}
+
+
 def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) -> str:
     head = "| method | " + " | ".join(f"{s} Dice (sd)" for s in structures) + " | " \
-        + " | ".join(f"{s} HD95 mm" for s in structures) + " | s / patient |"
+        + " | ".join(f"{s} HD95 mm" for s in structures) + " | s / patient: mean (median, max) |"
     lines = [f"MS-CMRSeg, LGE, {len(summary['patients'])} patients: mean Dice (sd) and mean HD95 against the "
              "manual labels.", "", head, "|" + "---|" * (2 * len(structures) + 2)]
     for m in methods:
@@ -117,7 +135,8 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
         lines.append(f"| {m} | " + " | ".join(f"{stats[s]['dice_mean']:.3f} ({stats[s]['dice_sd']:.3f})"
                                               for s in structures)
                      + " | " + " | ".join(f"{stats[s]['hd95_mean']:.1f}" for s in structures)
-                     + f" | {summary['seconds_per_patient'][m]:.1f} |")
+                     + f" | {summary['seconds_per_patient'][m]:.1f} ({summary['seconds_per_patient_median'][m]:.1f}, "
+                       f"{summary['seconds_per_patient_max'][m]:.1f}) |")
     if "em_all_vs_atlas" in summary:
         lines += ["", "em-all against its own prior alone (atlas), per patient: " + "; ".join(
             f"{s} higher in {v['gained']}, lower in {v['lost']}, mean {v['mean_gain']:+.3f}"
@@ -133,6 +152,9 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
                   f"{v['limits_ml'][0]:+.2f} / {v['limits_ml'][1]:+.2f} ml (figures/pathology_volumes.png)."]
     if summary.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"patient {n}: {why}" for n, why in summary["skipped"].items()) + "."]
+    if summary.get("em_all_time_split_median_s"):
+        lines += ["", "em-all's time by step, median over the patients (s): " + "; ".join(
+            f"{k.replace('_s', '')} {v:.2f}" for k, v in summary["em_all_time_split_median_s"].items()) + "."]
     lines += ["", f"Atlas building (group-wise, per atlas): {summary['atlas_build_seconds_mean']:.0f} s on average; "
               "not counted in s / patient."]
     if summary["settings"]:
