@@ -181,10 +181,10 @@ class JointSolver:
 
             def outer_iteration(outer: int, step_mm: float) -> dict:
                 # the run's first EM fits from scratch; later ones continue for a few steps
-                after_em = self._em_steps(work, grid, region, continue_fit=bool(history) or outer > 1)
+                after_em, sample = self._em_steps(work, grid, region, continue_fit=bool(history) or outer > 1)
                 # a fresh Adam each time (its momentum would point along the landscape before
                 # the EM step), with a step that shrinks as the level converges
-                after_grad, penalty = self._gradient_steps(work, grid, region, params, step_mm, deformation, affine,
+                after_grad, penalty = self._gradient_steps(work, grid, sample, params, step_mm, deformation, affine,
                                                            images_move)
                 return {"log_likelihood": after_em, "log_likelihood_after_registration": after_grad,
                         "penalty": penalty}
@@ -307,7 +307,8 @@ class JointSolver:
                  [int(x) * d for x in best[1]], best[0], scores[len(scores) // 2][0])
         return best[2]
 
-    def _em_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], continue_fit: bool) -> float:
+    def _em_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], continue_fit: bool):
+        """EM on the case as the transforms place it now; the mean log L after, and the sample it fitted."""
         with torch.no_grad():
             sample = work.sample(grid, self.device, check=False, region=region)
             with warnings.catch_warnings():
@@ -318,22 +319,23 @@ class JointSolver:
                                    max_iter=self.settings.em_steps, init_params=self.model.params_, progress=False)
                 else:
                     self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing, progress=False)
-        return self.model.lower_bounds_[-1]
+        return self.model.lower_bounds_[-1], sample
 
-    def _gradient_steps(self, work: Subject, grid: Grid, region: Optional[torch.Tensor], params: List[nn.Parameter],
+    def _gradient_steps(self, work: Subject, grid: Grid, fixed, params: List[nn.Parameter],
                         lr: float, deformation, affine: List[nn.Module], images_move: bool = True) -> float:
         """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
         fixed; returns the final log L and penalty (the level's objective is their difference).
 
-        When only the atlas moves, the images' ``log p(I(x) | k)`` does not change over the steps:
-        it is computed once, and each step resamples and differentiates the prior alone."""
+        ``fixed`` is the case as the EM step just sampled it: its coverage (the region of interest
+        included) is held over the steps. When only the atlas moves, the images' ``log p(I(x) | k)``
+        does not change over the steps either: it is computed once, and each step resamples and
+        differentiates the prior alone."""
         s = self.settings
         bending_grid = (work.reference_image.grid.resampled(min(deformation.control_spacing) / 2)
                         if deformation is not None else None)
         # Coverage stays as the EM step saw it: with it free, the objective would change by whole
         # voxels entering or leaving a field of view, which the gradient cannot see.
         with torch.no_grad():
-            fixed = work.sample(grid, self.device, check=False, region=region)
             coverage = fixed.coverage
             if not images_move:  # the counted voxels only, [N or K, V]: the rest adds nothing to log L
                 counted = coverage.any(dim=0)

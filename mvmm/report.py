@@ -115,7 +115,12 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     if title:
         fig.suptitle(title)
-    _save(fig, path, rect=(0, 0.05, 1, 0.96))
+    # a fixed layout (tight_layout measures every text and tick of every panel: ~0.4 s per case);
+    # margins in inches so that the titles, legend and suptitle fit whatever the number of rows
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.1 / width, right=1 - (0.65 if entropy is not None else 0.1) / width, bottom=0.55 / height,
+                        top=1 - (0.75 if title else 0.45) / height, wspace=0.12, hspace=0.22)
+    _save(fig, path, layout=False)
 
 
 def comparison_figure(path, image: np.ndarray, label_maps: Mapping[str, np.ndarray], labels: LabelSet,
@@ -285,10 +290,14 @@ def _subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
-def _save(fig, path, rect=(0, 0, 1, 1)) -> None:
-    fig.tight_layout(rect=rect)
+def _save(fig, path, rect=(0, 0, 1, 1), layout: bool = True) -> None:
+    """Lay out (``tight_layout`` within ``rect``, unless ``layout`` is False: the figure placed its
+    axes itself) and write the PNG atomically; light compression, since zlib's default level costs
+    more time than the bytes it saves are worth here."""
+    if layout:
+        fig.tight_layout(rect=rect)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format="png", pil_kwargs={"compress_level": 1})
 
 
 PATHOLOGY_COLOURS = {"scar": "#D55E00", "oedema": "#F0E442"}  # vermillion, yellow (Okabe & Ito)

@@ -32,6 +32,7 @@ from mvmm.data.subject import CaseSample, Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
 from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, default_registration, template_sequence
+from mvmm.mixture.functional import most_probable_class
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtype_names, parse_subtypes
 from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
@@ -200,7 +201,7 @@ class Segmentation:
         grid = self.common.grid if grid is None else grid
         values = np.asarray(self.labels.values)
         slice_axis = grid.ndim - 1 - stack_axis(grid) if grid.ndim == 3 else 0  # ITK axis → array axis
-        return postprocess_labels(values[posterior.argmax(dim=0).cpu().numpy()], self.labels, self.postprocess,
+        return postprocess_labels(values[most_probable_class(posterior).cpu().numpy()], self.labels, self.postprocess,
                                   slice_axis)
 
     def entropy(self) -> torch.Tensor:

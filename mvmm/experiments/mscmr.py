@@ -53,6 +53,7 @@ from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
 from mvmm.metrics import evaluate_labels, pathology_metrics
 from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
+from mvmm.mixture.functional import most_probable_class
 from mvmm.mixture.subtypes import parse_subtypes, subtype_items
 from mvmm.core.outputs import write_json
 from mvmm.data.labels import PATHOLOGY_LABELS
@@ -157,7 +158,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     native = _native_metrics(em_all, images[1:], files, placed.labels)
     pathology = _pathology_metrics(em_all, files) if settings.pathology else {}
     values = list(placed.labels.values)
-    maps["atlas"] = np.asarray(values)[em_all.common.prior.argmax(0).cpu().numpy()]
+    maps["atlas"] = np.asarray(values)[most_probable_class(em_all.common.prior).cpu().numpy()]
     seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"] + prior_seconds
     if "em-lge" in settings.methods:
         start = time.perf_counter()
@@ -171,7 +172,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         start = time.perf_counter()
         plain = segment_subject(Subject(images, labels=placed.labels), background_subtypes=1,
                                 device=settings.device, seed=settings.seed)
-        clusters = plain.posterior.argmax(0).cpu().numpy()
+        clusters = most_probable_class(plain.posterior).cpu().numpy()
         maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
         seconds["gmm"] = time.perf_counter() - start
     # bayes-refine: the network's warp, then em-all's registration levels (no start search: the network

@@ -144,6 +144,17 @@ def log_posteriors(joint: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(joint, dim=1)
 
 
+def most_probable_class(probabilities: torch.Tensor) -> torch.Tensor:
+    """``argmax`` over the class axis of ``[K, *S]`` → ``[*S]`` (int64; the first of tied classes).
+
+    The classes are moved innermost first: on CPU, ``argmax(dim=0)`` strides across the volume and
+    is about ten times slower on a cardiac volume.
+    """
+    k = probabilities.shape[0]
+    flat = probabilities.reshape(k, -1).t().contiguous()
+    return flat.argmax(dim=1).reshape(probabilities.shape[1:])
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values [B, *S]`` over ``mask [B, *S]`` per subject, ``[B]`` (0 where the mask is empty)."""
     total = torch.where(mask, values, torch.zeros_like(values)).flatten(1).sum(1)

@@ -288,7 +288,7 @@ class MultivariateMixture:
 
     def predict(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
         """Most probable tissue index ``[*S]`` (int64, 0..K-1)."""
-        return self.predict_proba(images, coverage, prior, spacing).argmax(dim=0)
+        return F.most_probable_class(self.predict_proba(images, coverage, prior, spacing))
 
     @torch.no_grad()
     def score(self, images, coverage=None, prior=None, spacing=None) -> float:
