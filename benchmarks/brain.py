@@ -7,11 +7,15 @@ grey- and white-matter probability maps with CSF as what the intracranial volume
 space, *not* moved: a method has to find the motion. The reference segmentation is the argmax of the
 maps moved by the known motion; agreement is Dice per tissue against it.
 
-- ``mvmm``: ``mvmm segment --images T1 T2 --atlas <the maps> --register-atlas ffd`` (affine, then
-  FFD levels; one Gaussian per tissue and image, two for the background).
-- ``atropos``: ANTsPy's ``ants.atropos`` on both channels within ``ants.get_mask`` of the T1, prior-
-  initialised from the same maps (weight 0.25) with its MRF (``[0.1,1x1x1]``); Atropos does no
-  registration, so its priors stay where the atlas is.
+Both mvmm and Atropos get the same brain mask (the moved T1's nonzero voxels, holes filled: the
+template is skull-stripped, and its exact zeros would otherwise be a tissue of their own).
+
+- ``mvmm``: ``mvmm segment --images T1 T2 --atlas <the maps> --mask … --register-atlas ffd
+  --no-full-resolution`` (rigid, affine, then two FFD levels on the 2.5 mm registration grid, EM on
+  the full grid; one Gaussian per tissue and image, two for the background).
+- ``atropos``: ANTsPy's ``ants.atropos`` on both channels within the mask, prior-initialised from the
+  same maps (weight 0.25) with its MRF (``[0.1,1x1x1]``); Atropos does no registration, so its priors
+  stay where the atlas is.
 - ``samseg``: ``run_samseg`` on both channels with its own atlas (shipped in the pip package);
   its labels are grouped into CSF (ventricles, extracerebral CSF), grey matter (cortex, deep grey
   nuclei, cerebellar cortex, hippocampus, amygdala) and white matter (cerebral and cerebellar white
@@ -74,9 +78,8 @@ def setup(envs: Path) -> None:
 # ---------------------------------------------------------------------------- the case
 def nilearn_data(envs: Path) -> Path:
     """The folder of the MNI152 files nilearn ships (read with SimpleITK here, not imported)."""
-    out = subprocess.run([str(env_python(envs, "ants")), "-c",
-                          "import nilearn.datasets, os; print(os.path.join(os.path.dirname(nilearn.datasets.__file__), 'data'))"],
-                         check=True, capture_output=True, text=True)
+    code = "import nilearn.datasets, os; print(os.path.join(os.path.dirname(nilearn.datasets.__file__), 'data'))"
+    out = subprocess.run([str(env_python(envs, "ants")), "-c", code], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip())
 
 
@@ -99,7 +102,7 @@ def prepare(case: Path, envs: Path, seed: int = 0) -> dict:
                                                sitk.sitkFloat32))
     wm = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"),
                                                sitk.sitkFloat32))
-    gm, wm = np.clip(gm, 0, 1), np.clip(wm, 0, 1)
+    gm, wm = np.clip(gm / 255.0, 0, 1), np.clip(wm / 255.0, 0, 1)  # stored as uint8 0–255
     spacing = t1.GetSpacing()[::-1]  # array order
     # intracranial volume: the brain, closed and grown by 3 mm, smoothed; CSF is what GM and WM leave of it
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(gm + wm > 0.5, iterations=4))
@@ -136,6 +139,9 @@ def prepare(case: Path, envs: Path, seed: int = 0) -> dict:
     moved_maps = np.stack([sitk.GetArrayFromImage(moved(image(m.astype(np.float32), t1), default=float(k == 0)))
                            for k, m in enumerate(maps)])
     truth = moved_maps.argmax(0).astype(np.uint8)
+    # the brain mask every tool gets: where the (skull-stripped) T1 has signal, holes filled
+    mask = ndimage.binary_fill_holes(sitk.GetArrayFromImage(moved(t1)) > 1.0).astype(np.uint8)
+    sitk.WriteImage(image(mask, t1), str(case / "mask.nii.gz"))
     sitk.WriteImage(image(truth, t1), str(case / "truth.nii.gz"))
     for k, name in enumerate(("background",) + TISSUES):
         sitk.WriteImage(image(maps[k].astype(np.float32), t1), str(case / f"prior_{name}.nii.gz"))
@@ -144,8 +150,8 @@ def prepare(case: Path, envs: Path, seed: int = 0) -> dict:
     grid = read_grid(case / "prior_CSF.nii.gz", "prior")
     Atlas(torch.as_tensor(maps), grid, labels, "MNI152 2009 (nilearn): GM, WM; CSF from the ICV", "world").save(
         case / "atlas.nii.gz")
-    info = {"shape": list(gm.shape), "spacing_mm": list(spacing), "motion": MOTION,
-            "voxels": int(np.prod(gm.shape)), "tissue_voxels": {t: int((truth == k + 1).sum()) for k, t in enumerate(TISSUES)}}
+    info = {"shape": list(gm.shape), "spacing_mm": list(spacing), "motion": MOTION, "voxels": int(np.prod(gm.shape)),
+            "tissue_voxels": {t: int((truth == k + 1).sum()) for k, t in enumerate(TISSUES)}}
     (case / "case.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -156,7 +162,7 @@ import sys, ants
 case, out, threads = sys.argv[1], sys.argv[2], sys.argv[3]
 import os; os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = threads
 t1 = ants.image_read(f"{case}/T1.nii.gz"); t2 = ants.image_read(f"{case}/T2.nii.gz")
-mask = ants.get_mask(t1)
+mask = ants.image_read(f"{case}/mask.nii.gz")
 priors = [ants.image_read(f"{case}/prior_{t}.nii.gz") for t in ("CSF", "GM", "WM")]
 seg = ants.atropos(a=[t1, t2], x=mask, i=priors, m="[0.1,1x1x1]", c="[5,0]", priorweight=0.25)
 ants.image_write(seg["segmentation"], f"{out}/labels.nii.gz")
@@ -187,8 +193,9 @@ def run_tool(tool: str, case: Path, out: Path, envs: Path, threads: int) -> dict
     if tool == "mvmm":
         result = run_measured([sys.executable, "-m", "mvmm", "segment", "--images", str(case / "T1.nii.gz"),
                                str(case / "T2.nii.gz"), "--names", "T1", "T2", "--atlas", str(case / "atlas.nii.gz"),
-                               "--preset", "none", "--register-atlas", "ffd", "--out", str(out / "mvmm"), "--force",
-                               "--threads", str(threads), "--quiet"], env)
+                               "--mask", f"T1={case / 'mask.nii.gz'}", "--mask", f"T2={case / 'mask.nii.gz'}",
+                               "--preset", "none", "--register-atlas", "ffd", "--no-full-resolution",
+                               "--out", str(out / "mvmm"), "--force", "--threads", str(threads), "--quiet"], env)
         labels = out / "mvmm" / "labels.nii.gz"
     elif tool == "atropos":
         (out / "atropos").mkdir(exist_ok=True)
@@ -260,7 +267,7 @@ def main():
               f"{d['GM']:.3f} | {d['WM']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "date": date, "case": info, "rows": rows,
-                                               "command": " ".join(sys.argv)}, indent=2))
+                                               "command": "python " + " ".join(sys.argv)}, indent=2))
 
 
 if __name__ == "__main__":

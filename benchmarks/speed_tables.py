@@ -5,7 +5,7 @@ replaces the lines between ``<!-- speed-table:begin -->`` and ``<!-- speed-table
 README; each row names the machine, date and command it came from. A file not given leaves its
 rows out.
 
-    python benchmarks/speed_tables.py --em em.json --case case.json --brain brain.json [--readme README.md]
+    python benchmarks/speed_tables.py --em em.json --case case.json --brain brain.json [more.json] [--readme README.md]
 """
 
 from __future__ import annotations
@@ -51,10 +51,16 @@ def brain_rows(d: dict) -> list:
     return rows
 
 
+def short(command: str) -> str:
+    """The command as a reader would type it: absolute paths (this machine's folders) by their last part."""
+    words = [Path(w).name if w.startswith("/") else w for w in command.split()]
+    return " ".join(words if words[0] == "python" else ["python"] + words)
+
+
 def table(rows: list) -> str:
     lines = ["| what | time | beside it | machine, date | command |", "|---|---|---|---|---|"]
     for what, time, beside, d in rows:
-        lines.append(f"| {what} | {time} | {beside} | {d['machine']}, {d['date']} | `{d['command']}` |")
+        lines.append(f"| {what} | {time} | {beside} | {d['machine']}, {d['date']} | `{short(d['command'])}` |")
     return "\n".join(lines)
 
 
@@ -62,11 +68,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--em", type=Path)
     parser.add_argument("--case", type=Path)
-    parser.add_argument("--brain", type=Path)
+    parser.add_argument("--brain", type=Path, nargs="+", default=[], help="brain.py's JSON (one or more runs).")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
     args = parser.parse_args()
     rows = []
-    for path, make in ((args.em, em_rows), (args.case, case_rows), (args.brain, brain_rows)):
+    for path, make in [(args.em, em_rows), (args.case, case_rows)] + [(p, brain_rows) for p in args.brain]:
         if path is not None:
             rows += make(json.loads(path.read_text()))
     text = args.readme.read_text()

@@ -341,6 +341,13 @@ def main():
 @click.option("--affine-weight", type=NON_NEGATIVE, default=default(RegistrationSettings, "affine_weight"), show_default=True,
               help="Weight of the prior on the scaling and shear of affine transforms (sum of squared log "
                    "singular values) against the mean log-likelihood per voxel; 0: none.")
+@click.option("--grid-spacing", "registration_grid", type=POSITIVE, metavar="MM",
+              default=default(RegistrationSettings, "grid_spacing"), show_default=True,
+              help="The registration levels run on the reference grid coarsened to at least this spacing (mm); "
+                   "EM's final fit is on the full grid.")
+@click.option("--full-resolution/--no-full-resolution", "full_resolution",
+              default=default(RegistrationSettings, "refine_full_resolution"), show_default=True,
+              help="Repeat the last registration level on the full reference grid (slower on large volumes).")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), metavar="MODEL_DIR",
               help="A trained network, instead of the fit: mvmm train bayes (atlas warp and parameters in one "
                    "forward pass; the model carries its atlas and subtypes) or acwe (the segmentation itself).")
@@ -360,7 +367,7 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing,
-            bending_weight, affine_weight, out, force, device, seed, quiet):
+            bending_weight, affine_weight, registration_grid, full_resolution, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
     Writes labels (common grid and each image's own grid), posteriors, entropy, the fitted
@@ -405,7 +412,8 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
                                         template_metric=template_metric, template_transform=template_transform,
                                         template_sequence=template_sequence,
                                         atlas_search_mm=atlas_search_mm, control_spacing=control_spacing,
-                                        bending_weight=bending_weight, affine_weight=affine_weight)
+                                        bending_weight=bending_weight, affine_weight=affine_weight,
+                                        grid_spacing=registration_grid, refine_full_resolution=full_resolution)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,

@@ -28,7 +28,7 @@ from mvmm.core.settings import RegistrationSettings  # noqa: F401 (defined there
 from mvmm.data.anatomy import in_plane_radius
 from mvmm.core.errors import InputError
 from mvmm.data.image import Image
-from mvmm.data.subject import Subject
+from mvmm.data.subject import CaseSample, Subject
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.coarse_to_fine import MovingTransform, run_outer_iterations
@@ -321,7 +321,7 @@ class JointSolver:
                     self.model.fit(sample.images, sample.coverage, sample.prior, grid.spacing, progress=False)
         return self.model.lower_bounds_[-1], sample
 
-    def _gradient_steps(self, work: Subject, grid: Grid, fixed, params: List[nn.Parameter],
+    def _gradient_steps(self, work: Subject, grid: Grid, fixed: CaseSample, params: List[nn.Parameter],
                         lr: float, deformation, affine: List[nn.Module], images_move: bool = True) -> float:
         """Descent steps on ``−log L + λ · bending + μ · Σ_affine distortion`` with the appearance
         fixed; returns the final log L and penalty (the level's objective is their difference).

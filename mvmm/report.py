@@ -118,7 +118,8 @@ def overview_figure(path, images: np.ndarray, coverage: np.ndarray, label_map: n
     # a fixed layout (tight_layout measures every text and tick of every panel: ~0.4 s per case);
     # margins in inches so that the titles, legend and suptitle fit whatever the number of rows
     width, height = fig.get_size_inches()
-    fig.subplots_adjust(left=0.1 / width, right=1 - (0.65 if entropy is not None else 0.1) / width, bottom=0.55 / height,
+    right = (0.65 if entropy is not None else 0.1) / width  # room for the entropy's colour bar
+    fig.subplots_adjust(left=0.1 / width, right=1 - right, bottom=0.55 / height,
                         top=1 - (0.75 if title else 0.45) / height, wspace=0.12, hspace=0.22)
     _save(fig, path, layout=False)
 

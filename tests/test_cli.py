@@ -55,6 +55,10 @@ def test_segment_end_to_end_on_the_phantom(phantom_files, tmp_path):
     assert report["em"]["iterations"] == len(report["em"]["log_likelihood"]) - 1
     assert set(report["volumes_ml"]) == {"bg", "Myo", "LV", "RV"}
     assert report["n_subtypes"]["LGE"]["Myo"] == 2 and report["n_subtypes"]["C0"]["Myo"] == 1
+    # where the time went: each registration level, then the final fit and the outputs
+    split = report["timings_s"]["registration_split_s"]
+    assert set(split) == {"level rigid", "level affine", "level affine, full resolution"}
+    assert sum(split.values()) <= report["timings_s"]["registration_s"] and report["timings_s"]["write_s"] > 0
     # the result is good against the truth, and evaluate agrees with it
     ev = run("evaluate", "--pred", out / "labels_LGE.nii.gz", "--truth", phantom_files["LGE_truth"], "--json")
     assert ev.exit_code == 0, ev.output
@@ -67,6 +71,17 @@ def test_segment_end_to_end_on_the_phantom(phantom_files, tmp_path):
     sample = subject.sample()
     again = params["model"].predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
     assert np.allclose(again.numpy(), posteriors, atol=1e-4)
+
+
+def test_segment_registration_grid_and_full_resolution_options(phantom_files, tmp_path):
+    out = tmp_path / "seg"
+    result = run("segment", *images_of(phantom_files), "--out", out, "--preset", "none", "--quiet", "--device", "cpu",
+                 "--grid-spacing", "5", "--no-full-resolution", "--max-iter", "20")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    registration = report["settings"]["registration"]
+    assert registration["grid_spacing"] == 5.0 and registration["refine_full_resolution"] is False
+    assert set(report["timings_s"]["registration_split_s"]) == {"level rigid", "level affine"}
 
 
 def test_demo_writes_report_with_dice(tmp_path):

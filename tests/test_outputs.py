@@ -211,7 +211,7 @@ def test_the_overview_shows_slices_through_the_structure_with_coverage_and_entro
     from mvmm.data.labels import CARDIAC_LABELS
 
     drawn = {}
-    monkeypatch.setattr(report, "_save", lambda fig, path, rect=None: drawn.update(fig=fig))
+    monkeypatch.setattr(report, "_save", lambda fig, path, rect=None, layout=True: drawn.update(fig=fig))
     # the stack is the last ITK axis (thick slices); the heart occupies slices 4–11 of 16
     grid = Grid((40, 36, 16), (1.5, 1.5, 6.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     labels = np.zeros(grid.shape, np.int16)

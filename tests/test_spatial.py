@@ -151,8 +151,8 @@ def test_3d_resampling_split_over_threads_gives_the_same_values_and_gradients(mo
             monkeypatch.setattr(warp, "MIN_POINTS_PER_THREAD", per_thread)
             assert warp._cpu_parts(data, points) == (2 if per_thread == 100 else 1)
             values, inside = warp.sample_image(data, grid, points)
-            (gradient,) = torch.autograd.grad((values * torch.arange(3.0, dtype=values.dtype).reshape(3, 1, 1, 1)).sum(),
-                                              points)
+            weights = torch.arange(3.0, dtype=values.dtype).reshape(3, 1, 1, 1)
+            (gradient,) = torch.autograd.grad((values * weights).sum(), points)
             results.append((values, inside, gradient))
     finally:
         torch.set_num_threads(threads)

@@ -238,7 +238,7 @@ class Subject:
         torch.Tensor, shape [K, *grid.shape], or [K, V] at ``points``
         """
         if self.atlas is None:
-            raise InputError("sample_atlas: the subject has no atlas")
+            raise ValueError("Subject.sample_atlas: the subject has no atlas to sample")  # a caller's bug, not input
         device = torch.device(device) if device is not None else torch.device("cpu")
         if points is None:
             return self.atlas.sample(map_grid(self.transform("atlas"), grid, device))[0]

@@ -119,7 +119,8 @@ def em_pass(images: torch.Tensor, coverage: torch.Tensor, params: MixtureParams,
             within = log_dens.sub_(peak.unsqueeze(3)).exp_()  # ∝ P(c | k, x)
             subtype_total = _fold(within, 3, torch.add)
             per_tissue = torch.log(subtype_total).add_(peak)  # log p(I_i(x) | k), [B, N, K, n]
-        joint = _fold(per_tissue if everywhere else per_tissue.mul_(counted), 1, torch.add)  # Σ_i M_i(x) log p(I_i(x) | k), [B, K, n]
+        # Σ_i M_i(x) log p(I_i(x) | k), [B, K, n]
+        joint = _fold(per_tissue if everywhere else per_tissue.mul_(counted), 1, torch.add)
         if log_atlas is None:
             joint = joint.add_(log_pi)
         else:

@@ -542,5 +542,11 @@ class MultivariateMixture:
             raise ValueError("coverage: no voxel is covered by any image")
         spacing = tuple(spacing) if spacing is not None else (1.0,) * len(shape)
         x = torch.where(coverage, images, torch.zeros_like(images))
-        log_atlas = log_of_prior(prior[:, roi]).unsqueeze(0) if prior is not None else None
-        return _Voxels(x[:, roi].unsqueeze(0), coverage[:, roi].unsqueeze(0), log_atlas, roi, spacing)
+        if bool(roi.all()):  # every voxel counts: a view, not a gather (which costs seconds on a large volume)
+            def gather(t):
+                return t.reshape(t.shape[0], -1)
+        else:
+            def gather(t):
+                return t[:, roi]
+        log_atlas = log_of_prior(gather(prior)).unsqueeze(0) if prior is not None else None
+        return _Voxels(gather(x).unsqueeze(0), gather(coverage).unsqueeze(0), log_atlas, roi, spacing)
