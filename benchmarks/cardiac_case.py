@@ -28,11 +28,11 @@ from pathlib import Path
 
 
 def atlas_for(experiment: Path, patient: int) -> Path:
-    """The atlas of ``experiment`` that was built without ``patient``."""
+    """The atlas of ``experiment`` that was built without ``patient`` (``atlas_KEY.nii.gz`` beside its
+    ``atlas_KEY.json``)."""
     for sidecar in sorted((experiment / "atlases").glob("atlas_*.json")):
         if patient not in json.loads(sidecar.read_text())["build"]["patients"]:
-            return sidecar.with_suffix("").with_suffix(".nii.gz") if sidecar.name.endswith(".nii.json") else \
-                sidecar.with_name(sidecar.name[: -len(".json")] + ".nii.gz")
+            return sidecar.with_name(sidecar.stem + ".nii.gz")
     raise SystemExit(f"--experiment: no atlas in {experiment}/atlases leaves patient {patient} out")
 
 
@@ -80,6 +80,7 @@ def main():
     import torch
 
     from mvmm.data.manifest import parse_patients
+    from mvmm.experiments.summary import median_time_split
 
     patients = parse_patients(args.patients)
     devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
@@ -99,14 +100,7 @@ def main():
     for device in devices:
         mine = [r for r in rows if r["device"] == device]
         seconds = [r["seconds"] for r in mine]
-        split = {}
-        for key in mine[0]["timings_s"]:
-            values = [r["timings_s"][key] for r in mine]
-            if isinstance(values[0], dict):
-                for sub in values[0]:
-                    split[f"registration: {sub}"] = float(np.median([v.get(sub, 0.0) for v in values]))
-            else:
-                split[key] = float(np.median(values))
+        split = median_time_split([r["timings_s"] for r in mine])
         summary[device] = {"median_s": float(np.median(seconds)), "mean_s": float(np.mean(seconds)),
                            "max_s": float(np.max(seconds)), "split_median_s": split,
                            "dice_mean": {s: float(np.mean([r["dice"][s] for r in mine])) for s in mine[0]["dice"]}}

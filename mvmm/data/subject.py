@@ -199,6 +199,7 @@ class Subject:
                                  f"or its mask)")
             values.append(v[0])
             coverage.append(inside)
+        coverage = torch.stack(coverage)
         prior = None
         if self.atlas is not None:
             prior, inside = self.atlas.sample(moved("atlas"))
@@ -212,12 +213,12 @@ class Subject:
                 log.warning("the atlas (%s) covers only %.0f%% of the common grid; outside it the prior is "
                             "background", self.atlas.source, 100 * share)
             if roi and self.roi_margin_mm is not None:
-                coverage = list(self.within_roi(torch.stack(coverage), prior, grid, region))
-                if check and not any(bool(inside.any()) for inside in coverage):
+                coverage = self.within_roi(coverage, prior, grid, region)
+                if check and not bool(coverage.any()):
                     raise InputError(f"roi_margin_mm: no voxel covered by the images lies within "
                                      f"{self.roi_margin_mm:g} mm of the atlas foreground ({self.atlas.source}); "
                                      f"the atlas is placed off the images")
-        return CaseSample(torch.stack(values), torch.stack(coverage), prior, grid, self.names, self.class_labels)
+        return CaseSample(torch.stack(values), coverage, prior, grid, self.names, self.class_labels)
 
     def sample_atlas(self, grid: Grid, device=None, points: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The atlas prior alone, through its transform (autograd kept), as :meth:`sample` gives it,

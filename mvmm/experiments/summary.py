@@ -58,7 +58,7 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
         summary["seconds_per_patient"][m] = _mean(seconds)
         summary.setdefault("seconds_per_patient_median", {})[m] = float(np.median(seconds)) if seconds else math.nan
         summary.setdefault("seconds_per_patient_max", {})[m] = float(np.max(seconds)) if seconds else math.nan
-    split = _time_split([r.get("em_all_timings_s") for r in records])
+    split = median_time_split([r.get("em_all_timings_s") for r in records])
     if split:
         summary["em_all_time_split_median_s"] = split
     if "atlas" in methods and "em-all" in methods:
@@ -113,9 +113,9 @@ def _pathology_summary(records: List[dict]) -> dict:
     return out
 
 
-def _time_split(timings: Sequence[Optional[dict]]) -> Dict[str, float]:
-    """Median seconds of each step of em-all over the patients that recorded them (``registration_split_s``
-    flattened into ``registration: NAME``)."""
+def median_time_split(timings: Sequence[Optional[dict]]) -> Dict[str, float]:
+    """Median seconds of each step over the cases that recorded them (``timings_s`` of a Segmentation;
+    ``registration_split_s`` flattened into ``registration: NAME``); steps some case lacks are left out."""
     values: Dict[str, List[float]] = {}
     for t in timings:
         for key, value in (t or {}).items():
@@ -154,7 +154,7 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
         lines += ["", "Skipped: " + "; ".join(f"patient {n}: {why}" for n, why in summary["skipped"].items()) + "."]
     if summary.get("em_all_time_split_median_s"):
         lines += ["", "em-all's time by step, median over the patients (s): " + "; ".join(
-            f"{k.replace('_s', '')} {v:.2f}" for k, v in summary["em_all_time_split_median_s"].items()) + "."]
+            f"{k.removesuffix('_s')} {v:.2f}" for k, v in summary["em_all_time_split_median_s"].items()) + "."]
     lines += ["", f"Atlas building (group-wise, per atlas): {summary['atlas_build_seconds_mean']:.0f} s on average; "
               "not counted in s / patient."]
     if summary["settings"]:

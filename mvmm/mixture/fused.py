@@ -31,8 +31,8 @@ from mvmm.mixture.functional import LOG_2PI
 from mvmm.mixture.params import MixtureParams
 
 # voxels per block: on CPU a block's [B, N, K, Cmax, n] float32 work tensors (1.5 MB each for
-# 3 images × 4 tissues × 2 subtypes) stay in cache; 16k was the fastest of 8k–256k on 2 cores
-# (benchmarks/em_speed.py, docs/speed.md). On a GPU blocks only bound the memory.
+# 3 images × 4 tissues × 2 subtypes) stay in cache; 16k was the fastest of 8k–256k for one pass over
+# em_speed.py's 6.9 M-voxel case on 2 cores (2026-12-05). On a GPU blocks only bound the memory.
 CPU_BLOCK = 1 << 14
 GPU_BLOCK = 1 << 22
 

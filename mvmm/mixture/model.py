@@ -331,14 +331,12 @@ class MultivariateMixture:
         if prior is not None:
             log_atlas = log_of_prior(torch.as_tensor(prior, device=images.device).to(images.dtype))
         self._check_shapes(images, coverage, log_atlas, params)
-        if tissue_log_lik is not None:
-            nll = F.negative_log_likelihood(None, coverage.unsqueeze(0), params.to(images.device),
-                                            None if log_atlas is None else log_atlas.unsqueeze(0),
-                                            log_lik=tissue_log_lik.unsqueeze(0))
-            return -nll[0]
-        x = torch.where(coverage, images, torch.zeros_like(images)).unsqueeze(0)
+        x = None  # with the tissue term given, the images are not read again
+        if tissue_log_lik is None:
+            x = torch.where(coverage, images, torch.zeros_like(images)).unsqueeze(0)
         nll = F.negative_log_likelihood(x, coverage.unsqueeze(0), params.to(images.device),
-                                        None if log_atlas is None else log_atlas.unsqueeze(0))
+                                        None if log_atlas is None else log_atlas.unsqueeze(0),
+                                        log_lik=None if tissue_log_lik is None else tissue_log_lik.unsqueeze(0))
         return -nll[0]
 
     @torch.no_grad()
