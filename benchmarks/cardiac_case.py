@@ -11,7 +11,10 @@ imports ``torch._dynamo`` (~1.3 s, once per process). The atlases are those of a
 from the other four folds' labels).
 
     python benchmarks/cardiac_case.py --experiment DIR [--data ../shared/data/mscmr] [--patients 1-25] \\
-        [--devices cpu,cuda] [--json case.json]
+        [--lge-data ../shared/data/mscmr_full] [--sequences LGE C0] [--devices cpu,cuda] [--json case.json]
+
+``--lge-data``: the LGE image and its manual labels from that folder (``mscmr_full``: the uncropped LGE
+as the scanner gave it), the other sequences from ``--data``; ``--sequences LGE``: the LGE alone.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def atlas_for(experiment: Path, patient: int) -> Path:
     raise SystemExit(f"--experiment: no atlas in {experiment}/atlases leaves patient {patient} out")
 
 
-def run_case(data: Path, atlas_path: Path, patient: int, device: str, out: Path) -> dict:
+def run_case(data: Path, atlas_path: Path, patient: int, device: str, out: Path, lge_data: Path = None,
+             sequences=("LGE", "C0")) -> dict:
     """``mvmm segment`` on one patient, in this process; its seconds, time split and Dice."""
     import numpy as np
 
@@ -45,15 +49,16 @@ def run_case(data: Path, atlas_path: Path, patient: int, device: str, out: Path)
     from mvmm.data.labels import LabelSet
     from mvmm.metrics import evaluate_labels
 
+    lge_data = lge_data or data
+    images = [str((lge_data if s == "LGE" else data) / f"patient{patient}_{s}.nii.gz") for s in sequences]
     start = time.perf_counter()
-    cli(["segment", "--images", str(data / f"patient{patient}_LGE.nii.gz"), str(data / f"patient{patient}_C0.nii.gz"),
-         "--names", "LGE", "C0", "--atlas", str(atlas_path), "--device", device, "--out", str(out), "--force",
-         "--quiet"], standalone_mode=False)
+    cli(["segment", "--images", *images, "--names", *sequences, "--atlas", str(atlas_path), "--device", device,
+         "--out", str(out), "--force", "--quiet"], standalone_mode=False)
     seconds = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
     labels = LabelSet.from_dict(json.loads((out / "params.json").read_text())["labels"])
     prediction = Image.read(out / "labels.nii.gz", "labels").data[0].numpy().astype(np.int64)
-    truth_image = Image.read(data / f"patient{patient}_LGE_manual.nii.gz", "manual")
+    truth_image = Image.read(lge_data / f"patient{patient}_LGE_manual.nii.gz", "manual")
     truth = truth_image.data[0].numpy().astype(np.int64)
     metrics = evaluate_labels(prediction, truth, tuple(reversed(truth_image.grid.spacing)), labels)
     return {"patient": patient, "device": device, "seconds": seconds, "timings_s": report["timings_s"],
@@ -70,9 +75,12 @@ def startup_seconds() -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", type=Path, required=True, help="A 5-fold mvmm experiment folder (its atlases).")
+    parser.add_argument("--experiment", type=Path, required=True,
+                        help="An mvmm experiment folder (its atlases: each patient's is one built without it).")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mscmr"))
     parser.add_argument("--patients", default="1-25")
+    parser.add_argument("--lge-data", type=Path, help="The LGE images and labels from here (e.g. mscmr_full).")
+    parser.add_argument("--sequences", nargs="+", default=["LGE", "C0"])
     parser.add_argument("--devices", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -90,7 +98,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
             for patient in patients:
-                row = run_case(args.data, atlas_for(args.experiment, patient), patient, device, Path(tmp) / "out")
+                row = run_case(args.data, atlas_for(args.experiment, patient), patient, device, Path(tmp) / "out",
+                               args.lge_data, args.sequences)
                 rows.append(row)
                 print(f"patient {patient} {device}: {row['seconds']:.2f} s, Dice "
                       + " ".join(f"{k} {v:.3f}" for k, v in row["dice"].items()), file=sys.stderr, flush=True)

@@ -266,7 +266,8 @@ def main():
 @click.option("--reference", help="Name of the image whose grid is the common space (default: the first).")
 @click.option("--preset", type=click.Choice(PRESETS), default="auto", show_default=True,
               help="Settings that work together: cardiac sets --roi-margin 5 --subtypes LGE:Myo=2 --proportions "
-                   "atlas --postprocess cardiac --atlas-search-mm 10 --affine-weight 0.3 --template-metric none "
+                   "atlas --postprocess cardiac --atlas-search-fov --atlas-search-mm 10 --affine-weight 0.3 "
+                   "--template-metric none "
                    "(the MS-CMRSeg experiment's); auto is cardiac when the atlas has Myo, LV and RV, else none. "
                    "Options given explicitly override it.")
 @click.option("--pathology", is_flag=True,
@@ -326,6 +327,10 @@ def main():
 @click.option("--atlas-init", type=click.Choice(ATLAS_INITS),
               default=default(RegistrationSettings, "atlas_init"), show_default=True,
               help="Initial atlas placement: its header, or its field-of-view centre on the reference's.")
+@click.option("--atlas-search-fov/--no-atlas-search-fov", default=default(RegistrationSettings, "atlas_search_fov"),
+              show_default=True,
+              help="First find the heart in the whole field of view: the atlas starts where its intensity template "
+                   "(atlas build --images) best correlates with the image of its sequence (uncropped scans).")
 @click.option("--atlas-search-mm", type=NON_NEGATIVE, default=default(RegistrationSettings, "atlas_search_mm"),
               show_default=True,
               help="Before registering the atlas, try it moved by -d, 0, +d mm along each axis and start from the "
@@ -366,7 +371,8 @@ def main():
 def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, images_model,
-            template_metric, template_transform, template_sequence, atlas_init, atlas_search_mm, control_spacing,
+            template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
+            control_spacing,
             bending_weight, affine_weight, registration_grid, full_resolution, out, force, device, seed, quiet):
     """Segment several images of one subject jointly.
 
@@ -404,6 +410,7 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
     subtypes = chosen.get("subtypes", subtypes)
     proportions, postprocess = chosen.get("proportions", proportions), chosen.get("postprocess", postprocess)
     atlas_search_mm = chosen.get("atlas_search_mm", atlas_search_mm)
+    atlas_search_fov = chosen.get("atlas_search_fov", atlas_search_fov)
     affine_weight = chosen.get("affine_weight", affine_weight)
     template_metric = chosen.get("template_metric", template_metric)
     registration = default_registration(subject, atlas=register_atlas, images=register_images,
@@ -411,7 +418,8 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
                                         images_model=str(images_model) if images_model else None,
                                         template_metric=template_metric, template_transform=template_transform,
                                         template_sequence=template_sequence,
-                                        atlas_search_mm=atlas_search_mm, control_spacing=control_spacing,
+                                        atlas_search_fov=atlas_search_fov, atlas_search_mm=atlas_search_mm,
+                                        control_spacing=control_spacing,
                                         bending_weight=bending_weight, affine_weight=affine_weight,
                                         grid_spacing=registration_grid, refine_full_resolution=full_resolution)
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
@@ -448,7 +456,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
                 and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT)]
 
     fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
-                   "template_metric", "template_transform", "atlas_search_mm", "proportions", "masks", "reference",
+                   "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
                    "images_model", "preset", "pathology"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
@@ -961,6 +969,9 @@ def experiment():
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Experiment folder (resumable).")
 @click.option("--atlas-data", type=click.Path(path_type=Path),
               help="Build the atlases from this folder's patients (default: leave-one-out within --data).")
+@click.option("--lge-data", type=click.Path(path_type=Path),
+              help="Take the targets' LGE images and LGE manual labels from this folder instead (e.g. mscmr_full: "
+                   "the uncropped LGE as the scanner gave it); the atlases still come from --data or --atlas-data.")
 @click.option("--patients", help="Target patients, e.g. 1-25 (default: all in --data).")
 @click.option("--sequences", multiple=True, default=default_list(ExperimentSettings, "sequences"), show_default=True,
               help="Sequences of each target for em-all and gmm (LGE is always used).")
@@ -996,6 +1007,10 @@ def experiment():
 @click.option("--register-images", type=click.Choice(IMAGE_MODELS),
               default=default(ExperimentSettings, "register_images"),
               show_default=True, help="Registration of the other sequences to the LGE inside the joint model.")
+@click.option("--atlas-search-fov/--no-atlas-search-fov", default=default(ExperimentSettings, "atlas_search_fov"),
+              show_default=True,
+              help="First find the heart in the target's whole field of view by the atlas's LGE template, as for "
+                   "segment.")
 @click.option("--atlas-search-mm", type=NON_NEGATIVE, default=default(ExperimentSettings, "atlas_search_mm"),
               show_default=True,
               help="Search of the atlas start over -d, 0, +d mm per axis by log-likelihood (0: off).")
@@ -1024,12 +1039,12 @@ def experiment():
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
-def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, folds, model_dir, epochs, prior,
+def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, methods, folds, model_dir, epochs, prior,
                      template_sequence, template_transform,
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
-                     atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, pathology, mrf_beta, postprocess,
-                     force, device, seed, quiet):
+                     atlas_search_fov, atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, pathology,
+                     mrf_beta, postprocess, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import run_mscmr
@@ -1041,11 +1056,11 @@ def experiment_mscmr(data, out, atlas_data, patients, sequences, methods, folds,
                                   atlas_set_size=atlas_set_size,
                                   atlas_register=atlas_register,
                                   register_atlas=register_atlas, register_images=register_images,
-                                  atlas_search_mm=atlas_search_mm, affine_weight=affine_weight,
-                                  roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
+                                  atlas_search_fov=atlas_search_fov, atlas_search_mm=atlas_search_mm,
+                                  affine_weight=affine_weight, roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
                                   pathology=pathology, mrf_beta=mrf_beta, postprocess=postprocess, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
-                        progress=_show_progress(quiet))
+                        progress=_show_progress(quiet), lge_data=lge_data)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")
     for method in settings.methods:
         stats = summary["methods"][method]

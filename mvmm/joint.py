@@ -28,7 +28,9 @@ from mvmm.core.settings import RegistrationSettings  # noqa: F401 (defined there
 from mvmm.data.anatomy import in_plane_radius
 from mvmm.core.errors import InputError
 from mvmm.data.image import Image
+from mvmm.data.roi import region_box
 from mvmm.data.subject import CaseSample, Subject
+from mvmm.data.template_search import match_template
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.coarse_to_fine import MovingTransform, run_outer_iterations
@@ -38,6 +40,10 @@ from mvmm.spatial.regularizers import jacobian_statistics, linear_distortion, sp
 from mvmm.spatial.transforms import RigidTransform
 
 log = logging.getLogger(__name__)
+
+# The levels run on the reference grid cut to the region of interest at the start and this margin
+# (mm) around it: room for the atlas to move, while the time follows the heart, not the field of view
+WORK_GRID_MARGIN_MM = 30.0
 
 
 
@@ -82,8 +88,15 @@ class RegistrationResult:
         How the atlas's template placed it: sequence, metric, transform, loss before and after,
         seconds (and the deformation's Jacobian statistics).
     seconds : dict of str to float
-        Where the time went: ``search`` (the atlas start search), ``template``, and
-        ``level NAME`` for each level of the schedule.
+        Where the time went: ``fov search`` (the heart's search over the field of view),
+        ``search`` (the atlas start search), ``template``, and ``level NAME`` for each level of
+        the schedule.
+    fov_search : dict, optional
+        What the search over the field of view found (``RegistrationSettings.atlas_search_fov``):
+        the template's sequence and image, the shift (mm), the correlation there and at the start.
+    work_grid : dict, optional
+        The part of the reference grid the levels ran on (``size``, and ``of`` the reference's size)
+        when the region of interest let them skip the rest of the field of view.
     """
 
     transforms: Dict[str, nn.Module]
@@ -91,6 +104,8 @@ class RegistrationResult:
     jacobian: Optional[dict] = None
     template: Optional[dict] = None
     seconds: Dict[str, float] = field(default_factory=dict)
+    fov_search: Optional[dict] = None
+    work_grid: Optional[dict] = None
 
 
 class JointSolver:
@@ -124,7 +139,6 @@ class JointSolver:
         work = copy.copy(subject)
         work.transforms = dict(subject.transforms)
         reference = subject.reference_image.grid
-        coarse = reference.coarsened(s.grid_spacing)
         radius = in_plane_radius(reference)
         moving_images = [n for n in subject.names if n != subject.reference]
         image_deformations = self._network_image_starts(subject, moving_images) if s.images_model else {}
@@ -134,26 +148,33 @@ class JointSolver:
             start[name] = RigidTransform(reference.ndim, center=reference.center_world())
             if s.images == "none":
                 start[name].requires_grad_(False)
-        deformation_start, template = None, None
+        deformation_start, template, fov_search = None, None, None
         seconds: Dict[str, float] = {}
         if subject.atlas is not None and atlas_start is not None:
             linear, deformation_start = atlas_start
             start["atlas"] = linear.with_params(nn.Parameter(linear.params.detach().clone()))
-            if s.atlas == "none":
-                start["atlas"].requires_grad_(False)
         elif subject.atlas is not None:
             start["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
+            if s.atlas_search_fov and s.atlas != "none":
+                began = time.perf_counter()
+                start["atlas"], fov_search = self._fov_atlas_start(subject, start["atlas"])
+                seconds["fov search"] = time.perf_counter() - began
+        # the levels run on the part of the reference the region of interest can reach
+        work.transforms.update(start)
+        work_grid = self._work_grid(work, reference)
+        coarse = work_grid.coarsened(s.grid_spacing)
+        if subject.atlas is not None and atlas_start is None:
             sequence = template_sequence(subject, s)
             if sequence is not None:
                 start["atlas"], deformation_start, template = self._template_placement(subject, sequence,
                                                                                        start["atlas"])
             elif s.atlas_search_mm > 0 and s.atlas != "none":
-                work.transforms.update(start)
                 began = time.perf_counter()
                 start["atlas"] = self._searched_atlas_start(work, start["atlas"], coarse)
                 seconds["search"] = time.perf_counter() - began
-            if s.atlas == "none":  # placed, not moved: a learnable start would put every prior in autograd's graph
-                start["atlas"].requires_grad_(False)
+        if "atlas" in start and s.atlas == "none":
+            # placed, not moved: a learnable start would put every prior in autograd's graph
+            start["atlas"].requires_grad_(False)
         deformations = {"atlas": deformation_start, **image_deformations}
         moving = {name: MovingTransform(linear, reference, radius, deformations.get(name))
                   for name, linear in start.items()}
@@ -163,7 +184,7 @@ class JointSolver:
                    leave=False)
         for level in levels:
             began = time.perf_counter()
-            grid = reference if level.full_resolution else coarse
+            grid = work_grid if level.full_resolution else coarse
             learning = {name: list(state.begin(level.kinds["atlas" if name == "atlas" else "images"],
                                                level.control_spacing, self.device))
                         for name, state in moving.items()}
@@ -212,7 +233,75 @@ class JointSolver:
             warn_if_folded(jacobian, f"the atlas's {s.atlas.upper()}")
         if template is not None:
             seconds["template"] = template["seconds"]
-        return RegistrationResult(transforms, history, jacobian, template, seconds)
+        if work_grid is not reference:
+            work.transforms.update(transforms)
+            self._check_work_grid(work, reference, work_grid)
+        work_record = None if work_grid is reference else {"size": list(work_grid.size), "of": list(reference.size)}
+        return RegistrationResult(transforms, history, jacobian, template, seconds, fov_search, work_record)
+
+    def _fov_atlas_start(self, subject: Subject, start: RigidTransform):
+        """``start`` translated to where the atlas's template of one of the case's sequences best matches
+        that image over the field of view (:mod:`mvmm.data.template_search`), and a record (None when
+        the atlas has no template of the case's sequences or nothing could be matched)."""
+        atlas, reference = subject.atlas, subject.reference_image.grid
+        sequence = atlas.template_for(subject.names, self.settings.template_sequence or subject.reference)
+        if sequence is None:
+            # only worth a warning where the heart may well be off-centre: a field of view much wider
+            # than the atlas's (an uncropped scan)
+            wide = np.median(reference.extent_mm()) > 1.5 * np.median(atlas.grid.extent_mm())  # any storage order
+            (log.warning if wide else log.info)(
+                "the atlas %s has no intensity template of %s: the heart is not searched for over the field of "
+                "view (the atlas starts at its centre; build the atlas with `mvmm atlas build --images` to search)",
+                atlas.source, ", ".join(subject.names))
+            return start, None
+        name = next(n for n in subject.names if n.lower() == sequence.lower())
+        match = match_template(subject.image(name), atlas, sequence, start)
+        if match is None:
+            log.info("the atlas's %s template is larger than %s's field of view: no search over it", sequence, name)
+            return start, None
+        ndim = reference.ndim
+        with torch.no_grad():
+            rotation = start.matrix_and_translation()[0]
+            params = start.params.detach().clone()
+            # T(x − s) = A (x − c) + c + t − A s: the atlas's content moves by s
+            params[-ndim:] -= rotation @ torch.as_tensor(match.shift_mm, dtype=params.dtype)
+        log.info("atlas moved %s mm to where its %s template best matches %s (NCC %.3f; %.3f at the start)",
+                 np.round(match.shift_mm, 1).tolist(), sequence, name, match.ncc, match.ncc_start)
+        record = {"sequence": sequence, "image": name, **match.as_dict()}
+        return RigidTransform(ndim, params=nn.Parameter(params), center=start.center), record
+
+    def _work_box(self, work: Subject, reference: Grid, margin_mm: float):
+        """Index box ``(low, high)`` (inclusive, ITK order) of ``reference`` around the region of
+        interest as the atlas is placed now, with ``margin_mm`` around it; None without a region."""
+        if work.atlas is None or work.roi_margin_mm is None or work.transforms.get("atlas") is None:
+            return None
+        coarse = reference.coarsened(max(self.settings.grid_spacing, WORK_GRID_MARGIN_MM / 4))
+        with torch.no_grad():
+            region = work.region_of_interest(coarse, self.device)
+        if region is None or not bool(region.any()):
+            return None
+        return region_box(region, coarse, reference, margin_mm)
+
+    def _work_grid(self, work: Subject, reference: Grid) -> Grid:
+        """The reference grid cut to the region of interest as the atlas starts and
+        :data:`WORK_GRID_MARGIN_MM` around it (the reference itself without a region, or where the
+        box covers it anyway)."""
+        box = self._work_box(work, reference, WORK_GRID_MARGIN_MM)
+        if box is None or (np.all(box[0] == 0) and np.all(box[1] == np.asarray(reference.size) - 1)):
+            return reference
+        return reference.subgrid(*box)
+
+    def _check_work_grid(self, work: Subject, reference: Grid, work_grid: Grid) -> None:
+        """Warn when the registered atlas's region of interest reaches beyond the part of the reference
+        the levels ran on (the atlas moved further than :data:`WORK_GRID_MARGIN_MM`)."""
+        box = self._work_box(work, reference, 0.0)
+        if box is None:
+            return
+        low = np.rint(reference.world_to_index_matrix[:reference.ndim] @ np.r_[work_grid.origin, 1.0]).astype(int)
+        high = low + np.asarray(work_grid.size) - 1
+        if np.any(box[0] < low) or np.any(box[1] > high):
+            log.warning("the atlas moved more than %g mm from where it started: part of its region of interest lay "
+                        "outside the part of the field of view the registration ran on", WORK_GRID_MARGIN_MM)
 
     def _template_placement(self, subject: Subject, sequence: str, start: RigidTransform):
         """Register the atlas's ``sequence`` template to the case's image of that sequence (the fixed

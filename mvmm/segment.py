@@ -349,8 +349,8 @@ class Segmentation:
                    "log_likelihood": self.model.lower_bounds_},
             "registration": None if self.registration is None else {
                 "history": self.registration.history, "atlas_jacobian": self.registration.jacobian,
-                "template": self.registration.template,
-                "transforms": sorted(self.registration.transforms)},
+                "template": self.registration.template, "fov_search": self.registration.fov_search,
+                "work_grid": self.registration.work_grid, "transforms": sorted(self.registration.transforms)},
             "timings_s": self.timings,
             **({"extra_maps": sorted(f"{name}.nii.gz" for name in self.extra_maps)} if self.extra_maps else {}),
             "volumes_ml": self.volumes_ml(),

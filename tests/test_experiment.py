@@ -241,3 +241,41 @@ def test_three_sequences_skip_the_patients_without_t2_and_evaluate_pathology(tmp
     assert summary["pathology"]["scar+oedema"]["patients_with_manual"] == 1
     assert (tmp_path / "out" / "figures" / "pathology_volumes.png").exists()
     assert "Skipped: patient 4" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def _uncropped(folder, data, numbers, pad_mm=60.0):
+    """Each patient's LGE and its labels pasted into a field of view ``pad_mm`` wider on every side, its
+    heart off the new centre, 0 outside the old one (as mscmr_full holds the scanner's LGE)."""
+    import torch
+
+    from mvmm.data.image import Image
+    from mvmm.spatial.warp import sample_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        for suffix, mode in (("", "linear"), ("_manual", "nearest")):
+            image = Image.read(data / f"patient{n}_LGE{suffix}.nii.gz", "LGE")
+            grid = image.grid
+            size = [int(s + 2 * pad_mm / sp) for s, sp in zip(grid.size, grid.spacing)]
+            centre = grid.center_world() + grid.direction_matrix @ np.array([pad_mm / 2, -pad_mm / 3])
+            wide = grid.with_size(size, grid.spacing, centre)
+            values, inside = sample_image(image.data.double(), grid, wide.world_points(dtype=torch.float64), mode=mode)
+            pasted = torch.where(inside, values[0], torch.zeros_like(values[0])).numpy()
+            Image.from_array(pasted.astype(np.int16 if suffix else np.float32), wide, "LGE").write(
+                folder / f"patient{n}_LGE{suffix}.nii.gz")
+    return folder
+
+
+def test_the_targets_lge_can_come_uncropped_from_another_folder(tmp_path):
+    data = write_patients(tmp_path / "data", [1, 2, 3])
+    full = _uncropped(tmp_path / "full", data, [3])
+    settings = ExperimentSettings(sequences=["LGE"], atlas_register="affine", device="cpu")
+    with pytest.raises(InputError, match="^lge_data: patient 2: no files in .*full"):
+        run_mscmr(data, tmp_path / "o1", settings, patients=[2, 3], lge_data=full, progress=False)
+    summary = run_mscmr(data, tmp_path / "o2", settings, patients=[3], lge_data=full, progress=False)
+    assert json.loads((tmp_path / "o2" / "experiment.json").read_text())["lge_data"] == str(full.resolve())
+    # segmented and evaluated on the uncropped LGE: its heart found away from the field-of-view centre
+    assert min(summary["methods"]["em-all"][s]["dice_mean"] for s in ("Myo", "LV", "RV")) > 0.6, summary["methods"]
+    record = json.loads((tmp_path / "o2" / "patients" / "patient3.json").read_text())
+    assert "registration: fov search" in summary["em_all_time_split_median_s"]
+    assert record["atlas_patients"] == [1, 2]

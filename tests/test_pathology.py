@@ -162,7 +162,7 @@ def test_segment_cli_preset_pathology_and_scanner_int16_images(tmp_path):
     assert result.exit_code == 0, result.output
     assert "scar" in result.output and "oedema" in result.output and "label map" not in result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["preset"] == {"name": "auto", "applied": ["affine_weight", "atlas_search_mm",
+    assert report["settings"]["preset"] == {"name": "auto", "applied": ["affine_weight", "atlas_search_fov", "atlas_search_mm",
                                                                         "postprocess", "roi_margin_mm", "subtypes",
                                                                         "template_metric"]}
     assert report["settings"]["learn_proportions"] is True  # given explicitly

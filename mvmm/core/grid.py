@@ -129,6 +129,15 @@ class Grid:
         origin = np.asarray(center_world, dtype=np.float64) - rot_scale @ half
         return Grid(size, tuple(spacing), tuple(origin), self.direction)
 
+    def subgrid(self, low: Sequence[int], high: Sequence[int]) -> "Grid":
+        """The voxels ``low`` … ``high`` (inclusive index ranges, ITK order) of this grid, as a grid."""
+        low, high = np.asarray(low, dtype=int), np.asarray(high, dtype=int)
+        if low.shape != (self.ndim,) or high.shape != (self.ndim,) or np.any(low < 0) or np.any(high < low) \
+                or np.any(high >= np.asarray(self.size)):
+            raise ValueError(f"subgrid: index range {low.tolist()}…{high.tolist()} is not within size {self.size}")
+        origin = self.index_to_world_matrix[: self.ndim] @ np.r_[low.astype(np.float64), 1.0]
+        return Grid(tuple(int(x) for x in high - low + 1), self.spacing, tuple(origin), self.direction)
+
     def moved(self, matrix: np.ndarray) -> "Grid":
         """The same voxels with the header moved by a rigid map: what sat at world x now sits at ``m(x)``.
 

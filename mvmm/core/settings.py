@@ -54,6 +54,7 @@ CARDIAC_PRESET = {
     "subtypes": ("LGE:Myo=2",),  # normal and enhanced (scarred) LGE myocardium
     "proportions": "atlas",  # held equal: the prior is the registered atlas
     "postprocess": "cardiac",  # papillary muscles counted as LV, islands removed
+    "atlas_search_fov": True,  # find the heart in the whole field of view by the atlas's template
     "atlas_search_mm": 10.0,  # start search of the atlas by log-likelihood
     "affine_weight": 0.3,
     "template_metric": "none",  # placed by the search and log L, not by a template (same Dice, docs/mscmr.md)
@@ -205,8 +206,15 @@ class RegistrationSettings:
         first image (in order) the atlas has a template for.
     atlas_init : {"header", "geometry"}
         Initial atlas placement: as its header says, or its field-of-view centre on the reference's.
+    atlas_search_fov : bool
+        Before the levels, move the atlas's start to where its intensity template of one of the
+        case's sequences (the reference's first) best correlates with that image, over every
+        in-plane translation of the field of view (:mod:`mvmm.data.template_search`): the heart
+        found in an uncropped scan. Needs an atlas with templates (``mvmm atlas build --images``);
+        an atlas without is left at its start (a warning when the field of view is much wider
+        than the atlas). With ``template_metric``, the template's registration starts there.
     atlas_search_mm : float
-        Before the levels, try the atlas start moved by −d, 0, +d mm along each axis of the reference
+        Then try the atlas start moved by −d, 0, +d mm along each axis of the reference
         (3^ndim placements) and keep the one whose freshly fitted model explains the images best
         (highest log L after ``search_em_steps`` EM iterations); 0 turns the search off.
     search_em_steps : int
@@ -250,6 +258,7 @@ class RegistrationSettings:
     template_transform: str = "affine"
     template_sequence: Optional[str] = None
     atlas_init: str = "header"
+    atlas_search_fov: bool = False
     atlas_search_mm: float = 0.0
     search_em_steps: int = 10
     images_init: str = "mi"
@@ -541,6 +550,9 @@ class ExperimentSettings:
         Registration of the atlas to the target inside the joint model.
     register_images : {"none", "rigid", "affine"}
         Registration of the other sequences to the LGE inside the joint model.
+    atlas_search_fov : bool
+        Find the heart in the target's whole field of view by the atlas's LGE template first
+        (see :class:`mvmm.joint.RegistrationSettings`).
     atlas_search_mm : float
         Search of the atlas start (see :class:`mvmm.joint.RegistrationSettings`); 0 for none.
     affine_weight : float
@@ -582,6 +594,7 @@ class ExperimentSettings:
     atlas_register: str = "affine"
     register_atlas: str = "affine"
     register_images: str = "none"
+    atlas_search_fov: bool = CARDIAC_PRESET["atlas_search_fov"]
     atlas_search_mm: float = CARDIAC_PRESET["atlas_search_mm"]
     affine_weight: float = CARDIAC_PRESET["affine_weight"]
     roi_margin_mm: Optional[float] = CARDIAC_PRESET["roi_margin_mm"]

@@ -10,10 +10,14 @@ posterior there is the prior: background.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Tuple
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
+
+from mvmm.core.grid import Grid
 
 FOREGROUND_THRESHOLD = 1e-3  # a prior below this is "no foreground" (averaged atlases are never exactly 0)
 
@@ -64,3 +68,33 @@ def atlas_roi(prior: torch.Tensor, background_index: int, spacing_mm: Sequence[f
     """
     foreground = (1.0 - prior[background_index]) > FOREGROUND_THRESHOLD
     return dilate_mm(foreground.detach(), spacing_mm, margin_mm)
+
+
+def region_box(region: torch.Tensor, grid: Grid, target: Grid, margin_mm: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The index box of ``target`` that holds ``region`` (on ``grid``) and ``margin_mm`` around it.
+
+    Parameters
+    ----------
+    region : torch.Tensor, bool, shape [*grid.shape]
+        Not empty.
+    grid, target : Grid
+        Where ``region`` lies; the grid whose box is wanted (any geometry).
+    margin_mm : float
+
+    Returns
+    -------
+    (low, high) : np.ndarray of int, shape (ndim,) each
+        Inclusive voxel index range of ``target`` (ITK order), clipped to it.
+    """
+    index = torch.nonzero(region).cpu().numpy()[:, ::-1].astype(np.float64)  # ITK order
+    low, high = index.min(0), index.max(0)
+    ndim = grid.ndim
+    # every corner of the region's box (half a voxel beyond the outer centres), into target's indices
+    corners = np.array(np.meshgrid(*[[lo - 0.5, hi + 0.5] for lo, hi in zip(low, high)], indexing="ij"))
+    corners = corners.reshape(ndim, -1).T
+    world = (grid.index_to_world_matrix @ np.c_[corners, np.ones(len(corners))].T)[:ndim]
+    inside = (target.world_to_index_matrix @ np.r_[world, np.ones((1, world.shape[1]))])[:ndim].T
+    pad = margin_mm / np.asarray(target.spacing)
+    first = np.clip(np.floor(inside.min(0) - pad), 0, np.asarray(target.size) - 1).astype(int)
+    last = np.clip(np.ceil(inside.max(0) + pad), 0, np.asarray(target.size) - 1).astype(int)
+    return first, last

@@ -133,7 +133,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="data")
     registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
-                                        images_init="header", atlas_search_mm=settings.atlas_search_mm,
+                                        images_init="header", atlas_search_fov=settings.atlas_search_fov,
+                                        atlas_search_mm=settings.atlas_search_mm,
                                         affine_weight=settings.affine_weight,
                                         template_metric="none" if settings.prior == "groupwise" else "ncc",
                                         template_sequence=settings.template_sequence,
@@ -143,7 +144,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     if settings.prior == "multi-atlas":
         # the prior is already the target's own: no start search (its placement is the registrations')
         placed, prior_seconds = _multi_atlas(images[0], atlas_set, settings, progress)
-        registration = replace(registration, atlas_search_mm=0.0)
+        registration = replace(registration, atlas_search_fov=False, atlas_search_mm=0.0)
     else:
         placed = atlas.placed_on(images[0].grid)
     start = time.perf_counter()
@@ -177,7 +178,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         seconds["gmm"] = time.perf_counter() - start
     # bayes-refine: the network's warp, then em-all's registration levels (no start search: the network
     # placed the atlas) and EM — chosen over EM alone with the warp fixed on a development fold
-    network_runs = {"bayes": None, "bayes-refine": replace(registration, atlas_search_mm=0.0, template_metric="none")}
+    network_runs = {"bayes": None, "bayes-refine": replace(registration, atlas_search_fov=False, atlas_search_mm=0.0,
+                                                           template_metric="none")}
     for method, refinement in network_runs.items():
         if method in settings.methods:
             # files to labels: the images are read again, as `mvmm segment --model` would
@@ -249,8 +251,13 @@ def _prepare(out: Path, record: dict, force: bool) -> None:
 
 
 def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[int]] = None, atlas_data=None,
-              force: bool = False, progress: bool = True) -> dict:
-    """Run the experiment (see the module notes); returns the summary written to ``out/summary.json``."""
+              force: bool = False, progress: bool = True, lge_data=None) -> dict:
+    """Run the experiment (see the module notes); returns the summary written to ``out/summary.json``.
+
+    ``lge_data``: a folder whose ``patientN_LGE.nii.gz`` and ``patientN_LGE_manual.nii.gz`` replace the
+    targets' LGE image and labels (e.g. ``mscmr_full``, the uncropped LGE); the atlases are still
+    built from ``data`` (or ``atlas_data``), so they are the same as without it.
+    """
     manifest = Manifest.load("mscmr19")
     sequences = [manifest.canonical_sequence(s) for s in settings.sequences]
     sequences = ["LGE"] + [s for s in sequences if s != "LGE"]
@@ -272,6 +279,15 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     if not patients:
         raise InputError(f"data: no patient in {data} has every sequence of `sequences` ({', '.join(sequences)})")
     atlas_scan = scan(manifest, atlas_data, None, [], ["LGE"]) if atlas_data is not None else targets
+    cases = dict(targets.patients)  # what each target is segmented and evaluated on
+    if lge_data is not None:
+        replaced = scan(manifest, lge_data, patients, ["LGE"], ["LGE"], argname="lge_data")
+        if replaced.problems:
+            raise InputError("lge_data: " + "; ".join(replaced.problems[:5])
+                             + (f" (and {len(replaced.problems) - 5} more)" if len(replaced.problems) > 5 else ""))
+        cases = {n: replace(f, images={**f.images, "LGE": replaced.patients[n].images["LGE"]},
+                            labels={**f.labels, "LGE": replaced.patients[n].labels["LGE"]}) for n, f in cases.items()
+                 if n in patients}
     if atlas_scan.problems:
         raise InputError("atlas_data: " + "; ".join(atlas_scan.problems[:5]))
     pool = {n: f.labels["LGE"] for n, f in atlas_scan.patients.items() if "LGE" in f.labels}
@@ -285,6 +301,8 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     out = Path(out)
     record = {"data": str(Path(data).resolve()), "atlas_data": str(Path(atlas_data).resolve()) if atlas_data else None,
               "settings": asdict(settings)}
+    if lge_data is not None:  # (absent otherwise: earlier runs' folders resume as they were)
+        record["lge_data"] = str(Path(lge_data).resolve())
     _prepare(out, record, force)
     device = resolve_device(settings.device)
     fold_of = {p: i % settings.folds for i, p in enumerate(patients)} if settings.folds else None
@@ -316,7 +334,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                 models[fold] = _fold_model(fold, sorted(own), targets, atlas, settings, out, progress)
             model = models[fold]
         own_entries = [e for e in entries if atlas_data is not None or e.subject != f"patient{target}"]
-        result = run_patient(target, targets.patients[target], atlas, settings, own_entries, progress, model)
+        result = run_patient(target, cases[target], atlas, settings, own_entries, progress, model)
         comparison_figure(out / "figures" / f"patient{target}.png", result["image"],
                           {"manual": result["truth"], **{m: result["maps"][m] for m in settings.methods}}, manifest.labels,
                           title=f"MS-CMRSeg patient {target}, LGE")
