@@ -127,3 +127,22 @@ def test_acwe_and_vae_seg_train_and_segment_on_cuda(tmp_path):
         on = {d: segment_with_model(images, load_model(tmp_path / name, d), device=d, **options) for d in ("cpu", "cuda")}
         assert on["cuda"].posterior.device.type == "cuda"
         assert (on["cuda"].posterior.argmax(0).cpu() == on["cpu"].posterior.argmax(0)).float().mean() > 0.98
+
+
+def test_an_uncropped_case_on_cuda_finds_the_heart_as_on_cpu():
+    from test_template_search import HEART_SHIFT, atlas_with_template, uncropped_case  # noqa: F401 (fixture's body)
+
+    from mvmm.core.settings import RegistrationSettings
+    from mvmm.segment import segment_subject
+
+    atlas = atlas_with_template.__wrapped__()
+    case, _ = uncropped_case(np.random.default_rng(3))
+    settings = RegistrationSettings(atlas="affine", template_metric="none", atlas_search_fov=True,
+                                    atlas_search_mm=5.0, max_outer=4, affine_weight=0.3)
+    found = {}
+    for device in ("cpu", "cuda"):
+        result = segment_subject(Subject([case], atlas=atlas, roi_margin_mm=5.0), registration=settings,
+                                 max_iter=10, learn_proportions=False, device=device)
+        found[device] = (result.registration.fov_search["shift_mm"], result.label_map())
+    assert np.allclose(found["cuda"][0], HEART_SHIFT, atol=4.0) and found["cuda"][0] == found["cpu"][0]
+    assert (found["cuda"][1] == found["cpu"][1]).mean() > 0.99

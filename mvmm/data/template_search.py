@@ -123,14 +123,15 @@ def match_template(image: Image, atlas: Atlas, sequence: str, transform: nn.Modu
         (the image is smaller than the atlas's heart and surroundings).
     """
     began = time.perf_counter()
+    data = image.data[:1].detach().cpu()  # a search of a few hundred thousand voxels: on the CPU, as SimpleITK
     coarse = search_grid(image.grid)
     ndim = coarse.ndim
     points = coarse.world_points(dtype=torch.float64)
     with torch.no_grad():
-        values, inside = sample_image(image.data[:1].double(), image.grid, points)
+        values, inside = sample_image(data.double(), image.grid, points)
         # exactly 0 is padding (a rotated field of view's corners), not anatomy; linear sampling
         # of the indicator keeps a voxel only away from the padding's edge
-        kept, _ = sample_image((image.data[:1] != 0).double(), image.grid, points)
+        kept, _ = sample_image((data != 0).double(), image.grid, points)
     fixed_mask = (inside & (kept[0] > 0.5)).numpy()
     # the template's box in common space: the atlas grid's corners pulled back by the start
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in atlas.grid.size], indexing="ij")).reshape(ndim, -1).T
@@ -144,10 +145,10 @@ def match_template(image: Image, atlas: Atlas, sequence: str, transform: nn.Modu
                tuple(coarse.index_to_world_matrix[:ndim] @ np.r_[low, 1.0]), coarse.direction)
     box_points = box.world_points(dtype=torch.float64)
     with torch.no_grad():
-        template, template_inside = sample_image(atlas.templates[sequence][None].double(), atlas.grid, box_points,
-                                                 transform)
-        foreground, _ = sample_image(1.0 - atlas.probabilities[atlas.labels.background_index][None].double(),
-                                     atlas.grid, box_points, transform)
+        template, template_inside = sample_image(atlas.templates[sequence][None].detach().cpu().double(),
+                                                 atlas.grid, box_points, transform)
+        background = atlas.probabilities[atlas.labels.background_index][None].detach().cpu().double()
+        foreground, _ = sample_image(1.0 - background, atlas.grid, box_points, transform)
     spacing_zyx = tuple(reversed(box.spacing))
     mask = template_inside & dilate_mm(foreground[0] > 0.5, spacing_zyx, TEMPLATE_MARGIN_MM)
     stack = in_plane_only(image.grid)
