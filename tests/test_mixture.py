@@ -205,3 +205,25 @@ def test_proportions_are_learned_or_held_at_the_atlas():
     assert MultivariateMixture.from_dict(fits[False].to_dict()).learn_proportions is False
     plain = MultivariateMixture(n_subtypes=1, n_classes=2, learn_proportions=False, random_state=0).fit(images)
     assert sorted(plain.proportions_) == pytest.approx([0.3, 0.7], abs=0.05)
+
+
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_predict_proba_on_the_counted_voxels_equals_the_whole_grid_e_step(with_prior):
+    # predict_proba runs the E-step where an image counts and writes the prior elsewhere: the same as
+    # the E-step over every voxel (where nothing counts, the densities drop out)
+    rng = np.random.default_rng(4)
+    images = torch.as_tensor(rng.normal(0, 1, (2, 12, 14)) + np.linspace(0, 3, 14), dtype=torch.float32)
+    coverage = torch.zeros(images.shape, dtype=torch.bool)
+    coverage[0, 2:9, 3:12] = True
+    coverage[1, 5:11, 1:8] = True
+    prior = torch.as_tensor(rng.dirichlet(np.ones(3), (12, 14)).transpose(2, 0, 1), dtype=torch.float32)
+    prior[:, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # an exact zero, as atlases hold
+    model = MultivariateMixture(n_subtypes=np.array([[2, 1, 1], [1, 1, 2]]), n_classes=3, random_state=0,
+                                max_iter=20, tol=1e-12)
+    with pytest.warns(ConvergenceWarning):
+        model.fit(images, coverage, prior if with_prior else None)
+    got = model.predict_proba(images, coverage, prior if with_prior else None)
+    data = model._voxels(images, coverage, prior if with_prior else None, None, roi_only=False)
+    expected = model._e_step(data, model.params_, keep_within=False).log_post[0].exp().reshape(got.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not coverage.any(0).all()  # the test has voxels where nothing counts
