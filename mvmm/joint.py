@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 WORK_GRID_MARGIN_MM = 30.0
 
 
-
 def template_sequence(subject: Subject, settings: RegistrationSettings) -> Optional[str]:
     """The atlas template that places the atlas (:class:`RegistrationSettings`' ``template_*``), or None."""
     if subject.atlas is None or settings.template_metric == "none" or not subject.atlas.templates:
@@ -161,7 +160,7 @@ class JointSolver:
                 seconds["fov search"] = time.perf_counter() - began
         # the levels run on the part of the reference the region of interest can reach
         work.transforms.update(start)
-        work_grid = self._work_grid(work, reference)
+        work_grid, work_box = self._work_grid(work, reference)
         coarse = work_grid.coarsened(s.grid_spacing)
         if subject.atlas is not None and atlas_start is None:
             sequence = template_sequence(subject, s)
@@ -233,10 +232,10 @@ class JointSolver:
             warn_if_folded(jacobian, f"the atlas's {s.atlas.upper()}")
         if template is not None:
             seconds["template"] = template["seconds"]
-        if work_grid is not reference:
+        if work_box is not None:
             work.transforms.update(transforms)
-            self._check_work_grid(work, reference, work_grid)
-        work_record = None if work_grid is reference else {"size": list(work_grid.size), "of": list(reference.size)}
+            self._check_work_grid(work, reference, work_box)
+        work_record = None if work_box is None else {"size": list(work_grid.size), "of": list(reference.size)}
         return RegistrationResult(transforms, history, jacobian, template, seconds, fov_search, work_record)
 
     def _fov_atlas_start(self, subject: Subject, start: RigidTransform):
@@ -282,24 +281,22 @@ class JointSolver:
             return None
         return region_box(region, coarse, reference, margin_mm)
 
-    def _work_grid(self, work: Subject, reference: Grid) -> Grid:
+    def _work_grid(self, work: Subject, reference: Grid):
         """The reference grid cut to the region of interest as the atlas starts and
-        :data:`WORK_GRID_MARGIN_MM` around it (the reference itself without a region, or where the
-        box covers it anyway)."""
+        :data:`WORK_GRID_MARGIN_MM` around it, and that index box; the reference itself and None
+        without a region, or where the box covers it anyway."""
         box = self._work_box(work, reference, WORK_GRID_MARGIN_MM)
         if box is None or (np.all(box[0] == 0) and np.all(box[1] == np.asarray(reference.size) - 1)):
-            return reference
-        return reference.subgrid(*box)
+            return reference, None
+        return reference.subgrid(*box), box
 
-    def _check_work_grid(self, work: Subject, reference: Grid, work_grid: Grid) -> None:
+    def _check_work_grid(self, work: Subject, reference: Grid, work_box) -> None:
         """Warn when the registered atlas's region of interest reaches beyond the part of the reference
-        the levels ran on (the atlas moved further than :data:`WORK_GRID_MARGIN_MM`)."""
+        the levels ran on, ``work_box`` (the atlas moved further than :data:`WORK_GRID_MARGIN_MM`)."""
         box = self._work_box(work, reference, 0.0)
         if box is None:
             return
-        low = np.rint(reference.world_to_index_matrix[:reference.ndim] @ np.r_[work_grid.origin, 1.0]).astype(int)
-        high = low + np.asarray(work_grid.size) - 1
-        if np.any(box[0] < low) or np.any(box[1] > high):
+        if np.any(box[0] < work_box[0]) or np.any(box[1] > work_box[1]):
             log.warning("the atlas moved more than %g mm from where it started: part of its region of interest lay "
                         "outside the part of the field of view the registration ran on", WORK_GRID_MARGIN_MM)
 

@@ -20,9 +20,8 @@ through-plane is the likelihood's local search's (``RegistrationSettings.atlas_s
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -32,13 +31,12 @@ from scipy import signal
 from torch import nn
 
 from mvmm.core.grid import Grid
+from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
 from mvmm.data.roi import dilate_mm
 from mvmm.spatial.warp import sample_image
-
-log = logging.getLogger(__name__)
 
 SEARCH_SPACING_MM = 4.0  # in-plane resolution of the search: the heart is ~100 mm across
 # The template counts within this of the atlas foreground: its surroundings (lung, chest wall) tell
@@ -79,17 +77,9 @@ class TemplateMatch:
                 "translations": int(self.translations), "seconds": float(self.seconds)}
 
 
-def _to_sitk(array: np.ndarray, grid: Grid, origin) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(tuple(float(x) for x in origin))
-    image.SetDirection(grid.direction)
-    return image
-
-
-def search_grid(grid: Grid) -> Grid:
-    """``grid`` coarsened to :data:`SEARCH_SPACING_MM` (a slice stack keeps its slices)."""
-    return grid.coarsened(SEARCH_SPACING_MM)
+def _to_sitk(array, grid: Grid, origin) -> sitk.Image:
+    """``array`` on ``grid`` as a float32 SimpleITK image whose origin is ``origin``."""
+    return io._to_sitk(np.asarray(array, dtype=np.float32), replace(grid, origin=tuple(origin)))
 
 
 def in_plane_only(grid: Grid) -> Optional[int]:
@@ -124,15 +114,14 @@ def match_template(image: Image, atlas: Atlas, sequence: str, transform: nn.Modu
     """
     began = time.perf_counter()
     data = image.data[:1].detach().cpu()  # a search of a few hundred thousand voxels: on the CPU, as SimpleITK
-    coarse = search_grid(image.grid)
+    coarse = image.grid.coarsened(SEARCH_SPACING_MM)  # a slice stack keeps its slices
     ndim = coarse.ndim
     points = coarse.world_points(dtype=torch.float64)
     with torch.no_grad():
-        values, inside = sample_image(data.double(), image.grid, points)
-        # exactly 0 is padding (a rotated field of view's corners), not anatomy; linear sampling
-        # of the indicator keeps a voxel only away from the padding's edge
-        kept, _ = sample_image((data != 0).double(), image.grid, points)
-    fixed_mask = (inside & (kept[0] > 0.5)).numpy()
+        # exactly 0 is padding (a rotated field of view's corners), not anatomy; linear sampling of
+        # the indicator (the second channel) keeps a voxel only away from the padding's edge
+        values, inside = sample_image(torch.cat([data, data != 0]).double(), image.grid, points)
+    fixed_mask = (inside & (values[1] > 0.5)).numpy()
     # the template's box in common space: the atlas grid's corners pulled back by the start
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in atlas.grid.size], indexing="ij")).reshape(ndim, -1).T
     world = (atlas.grid.index_to_world_matrix @ np.c_[corners, np.ones(len(corners))].T)[:ndim].T

@@ -260,28 +260,20 @@ class MultivariateMixture:
     def predict_proba(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
         """Posterior tissue probabilities ``[K, *S]``; where no image counts, the prior."""
         self._check_fitted()
-        if self.mrf_beta > 0:  # the MRF couples neighbours: the E-step runs over the whole grid
-            data = self._voxels(images, coverage, prior, spacing, roi_only=False)
-            log_post = self._e_step(data, self.params_.to(data.x.device), keep_within=False).log_post[0]
-            out = torch.empty((log_post.shape[0],) + tuple(data.roi.shape), dtype=log_post.dtype,
-                              device=log_post.device)
-            out[:, data.roi] = log_post.exp()
-            return out
-        # Where no image counts the posterior is the prior π_kx, which needs no densities: the E-step
-        # runs on the counted voxels only (a region of interest in a scanner's field of view is a
-        # small part of it)
-        data = self._voxels(images, coverage, prior, spacing, roi_only=True)
+        # Where no image counts the posterior is the prior π_kx, which needs no densities: without an
+        # MRF the E-step runs on the counted voxels only (a region of interest in a scanner's field of
+        # view is a small part of it); an MRF couples neighbours, so it runs over the whole grid
+        data = self._voxels(images, coverage, prior, spacing, roi_only=self.mrf_beta <= 0)
         params = self.params_.to(data.x.device)
         log_post = self._e_step(data, params, keep_within=False).log_post[0]
-        shape = tuple(data.roi.shape)
-        if prior is None:
-            out = F.log_prior(None, params.log_proportions, 1)[0].exp().to(log_post.dtype)
-            out = out.reshape(-1, *([1] * len(shape))).expand((log_post.shape[0],) + shape).clone()
+        shape = (log_post.shape[0],) + tuple(data.roi.shape)
+        if bool(data.roi.all()):
+            out = torch.empty(shape, dtype=log_post.dtype, device=log_post.device)
         else:
-            prior = torch.as_tensor(prior, device=log_post.device).to(data.x.dtype)
-            log_atlas = log_of_prior(prior.reshape(prior.shape[0], -1)).unsqueeze(0)
-            out = F.log_prior(log_atlas, params.log_proportions, 1)[0].exp().to(log_post.dtype).reshape(
-                (-1,) + shape)
+            flat = None if prior is None else log_of_prior(
+                torch.as_tensor(prior, device=log_post.device).to(data.x.dtype).reshape(shape[0], -1)).unsqueeze(0)
+            out = F.log_prior(flat, params.log_proportions, 1)[0].exp().to(log_post.dtype)
+            out = out.expand(shape[0], data.roi.numel()).reshape(shape).clone()
         out[:, data.roi] = log_post.exp()
         return out
 
