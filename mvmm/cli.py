@@ -790,23 +790,34 @@ def train():
               help="Gaussian subtypes the network predicts, as for segment (e.g. LGE:Myo=2).")
 @click.option("--background-subtypes", type=COUNT, default=default(BayesNetSettings, "background_subtypes"),
               show_default=True, help="Subtypes of the background in every image.")
+@click.option("--labelled-patients", help="Patients of a --data folder whose manual labels (of the first sequence) "
+                                          "add the cross-entropy of the model's posterior, e.g. 1-20 "
+                                          "(semi-supervised; default: none, unsupervised). With a CSV: the rows "
+                                          "with a 'labels' cell.")
+@click.option("--label-weight", type=NON_NEGATIVE, default=default(BayesNetSettings, "label_weight"),
+              show_default=True, help="Weight of the labelled cases' cross-entropy.")
 @training_options
 @common_options
-def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, background_subtypes, epochs, batch_size,
-                        lr, smoothness, augment, out, resume, force, device, seed, quiet):
+def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, background_subtypes, labelled_patients,
+                        label_weight, epochs, batch_size, lr, smoothness, augment, out, resume, force, device, seed,
+                        quiet):
     """The Bayesian segmentation CNN (Dalca et al. 2019) on unlabelled images: atlas warp and mixture
-    parameters in one forward pass, trained on the model's own likelihood."""
+    parameters in one forward pass, trained on the model's own likelihood (and, with
+    --labelled-patients, on a few label maps too)."""
     from mvmm.training import train_bayes
 
     _setup_logging(quiet)
-    rows = _training_rows(data, manifest, patients, list(sequences), resume, force)
-    network = BayesNetSettings(subtypes=list(subtypes), background_subtypes=background_subtypes)
+    rows = _training_rows(data, manifest, patients, list(sequences), resume, force,
+                          _labelled_patients(labelled_patients, data))
+    names = [r.name for r in rows if r.labels is not None]
+    network = BayesNetSettings(subtypes=list(subtypes), background_subtypes=background_subtypes,
+                               label_weight=label_weight)
     training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, smoothness=smoothness, augment=augment,
                                 seed=seed)
     result = train_bayes(rows, list(sequences), list(atlas), out, network, training, device, resume=resume,
-                         force=force, progress=_show_progress(quiet))
-    click.echo(f"trained on {len(result['subjects'])} subjects for {result['epochs']} epochs in "
-               f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
+                         force=force, progress=_show_progress(quiet), labelled=names)
+    click.echo(f"trained on {len(result['subjects'])} subjects ({len(names)} labelled) for {result['epochs']} "
+               f"epochs in {result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
 
 
 @train.command("regnet", cls=MultiValueCommand)
@@ -865,15 +876,12 @@ def train_acwe_command(data, manifest, patients, sequences, classes, length_weig
     active-contour-without-edges energy (vector-valued, multiphase, optionally with the atlas and a few
     labelled cases); used by mvmm segment --model."""
     from mvmm.data.labels import resolve_labels
-    from mvmm.data.manifest import Manifest, parse_patients
+    from mvmm.data.manifest import Manifest
     from mvmm.training import train_acwe
 
     _setup_logging(quiet)
-    labelled = parse_patients(labelled_patients) if labelled_patients else []
-    if labelled and data.is_file():
-        raise InputError("labelled_patients: --labelled-patients selects patients of a --data folder; in a CSV, "
-                         "fill the 'labels' cell of the labelled rows")
-    rows = _training_rows(data, manifest, patients, list(sequences), resume, force, labelled)
+    rows = _training_rows(data, manifest, patients, list(sequences), resume, force,
+                          _labelled_patients(labelled_patients, data))
     names = [r.name for r in rows if r.labels is not None]
     labels = resolve_labels(labels_text)
     if names and labels is None and not atlas:
@@ -945,6 +953,17 @@ def train_vae_seg_command(data, manifest, patients, prior_dir, sequences, subtyp
                f"{result['seconds']:.0f} s (final loss {result['final_loss']:.4f}): {out}")
 
 
+def _labelled_patients(text, data) -> list:
+    """``--labelled-patients`` as patient numbers (patients of a --data folder, not of a CSV)."""
+    from mvmm.data.manifest import parse_patients
+
+    labelled = parse_patients(text) if text else []
+    if labelled and data.is_file():
+        raise InputError("labelled_patients: --labelled-patients selects patients of a --data folder; in a CSV, "
+                         "fill the 'labels' cell of the labelled rows")
+    return labelled
+
+
 def _training_rows(data, manifest, patients, sequences, resume, force, labelled=()):
     from mvmm.data.manifest import parse_patients
     from mvmm.nets.data import subjects_from_csv, subjects_from_manifest
@@ -986,6 +1005,9 @@ def experiment():
               help="A trained model directory for bayes and bayes-refine (instead of --folds).")
 @click.option("--epochs", type=COUNT, default=default(ExperimentSettings, "epochs"), show_default=True,
               help="--folds: training epochs of each fold's network.")
+@click.option("--network-labels/--no-network-labels", default=default(ExperimentSettings, "network_labels"),
+              show_default=True, help="--folds: train each fold's network with its training patients' LGE labels too "
+                                      "(semi-supervised; the labels its atlas is built from).")
 @click.option("--prior", type=click.Choice(PRIORS), default=default(ExperimentSettings, "prior"), show_default=True,
               help="Spatial prior of each target, from the atlas patients only: their group-wise atlas placed by "
                    "the target's axes (groupwise), placed by registering its LGE intensity template (template), "
@@ -1039,7 +1061,8 @@ def experiment():
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
-def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, methods, folds, model_dir, epochs, prior,
+def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, methods, folds, model_dir, epochs,
+                     network_labels, prior,
                      template_sequence, template_transform,
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
@@ -1051,7 +1074,8 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
 
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), methods=list(methods), folds=folds,
-                                  model=str(model_dir) if model_dir else None, epochs=epochs, prior=prior,
+                                  model=str(model_dir) if model_dir else None, epochs=epochs,
+                                  network_labels=network_labels, prior=prior,
                                   template_sequence=template_sequence, template_transform=template_transform,
                                   atlas_set_size=atlas_set_size,
                                   atlas_register=atlas_register,

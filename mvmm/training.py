@@ -7,7 +7,8 @@
 Each subject is read, its atlas placed as ``mvmm segment`` places it, and resampled once onto its
 network grid (:mod:`mvmm.nets.data`); the networks are trained on the images alone — no label of a
 training subject is read — except the prior VAE (label maps alone, :func:`train_prior`) and the
-Chan–Vese CNN's labelled subjects when it is told of some (:func:`train_acwe`).
+labelled subjects of the Bayesian CNN and the Chan–Vese CNN when they are told of some
+(``labelled``: semi-supervised, :func:`train_bayes`, :func:`train_acwe`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ def model_subtypes(network: BayesNetSettings, sequences: Sequence[str], atlas: A
 
 def train_bayes(rows: Sequence[SubjectRow], sequences: Sequence[str], atlas: Union[Atlas, Sequence], out,
                 network: BayesNetSettings, training: TrainingSettings, device: str = "auto", resume: bool = False,
-                force: bool = False, progress: bool = True) -> dict:
+                force: bool = False, progress: bool = True, labelled: Sequence[str] = ()) -> dict:
     """Train the Bayesian segmentation CNN on ``rows`` (unlabelled images) into model directory ``out``.
+
+    Unsupervised (Dalca et al. 2019): the loss reads the images only. Semi-supervised: the subjects
+    named in ``labelled`` also contribute the cross-entropy of the model's posterior on their label
+    maps (``SubjectRow.labels``, values as the atlas's), weighted by ``network.label_weight``.
 
     Parameters
     ----------
@@ -75,16 +80,19 @@ def train_bayes(rows: Sequence[SubjectRow], sequences: Sequence[str], atlas: Uni
         Continue the run in ``out`` (its config wins; ``training.epochs`` may be raised).
     force : bool
         Replace a non-empty ``out`` that is not resumed.
+    labelled : sequence of str
+        Names of the rows whose label maps are read (empty: unsupervised).
 
     Returns
     -------
     dict
-        ``epochs``, ``final_loss``, ``seconds`` (this call's training), ``subjects``, ``out``.
+        ``epochs``, ``final_loss``, ``seconds`` (this call's training), ``subjects``, ``out``, ``labelled``.
     """
     out = Path(out)
     sequences = list(sequences)
     if not rows:
         raise InputError("data: no training subjects")
+    labelled = _checked_labelled(rows, labelled)
     network, training = _run_settings(out, "bayes", sequences, network, training, resume, force)
     torch_device = resolve_device(device)
     if not isinstance(atlas, Atlas):
@@ -96,10 +104,13 @@ def train_bayes(rows: Sequence[SubjectRow], sequences: Sequence[str], atlas: Uni
         images = _row_images(row, sequences)
         case = prepare_case(placed_subject(images, atlas), network)
         case.name = row.name
-        cases.append(case)
-    config = ModelConfig("bayes", network, sequences, counts, atlas.labels, training, [r.name for r in rows])
-    return _train(config, cases, out, torch_device, resume, progress, rows,
-                  f"mvmm train bayes: {', '.join(sequences)}, {len(rows)} subjects", atlas)
+        cases.append(_with_labels(case, row, labelled, atlas.labels))
+    config = ModelConfig("bayes", network, sequences, counts, atlas.labels, training, [r.name for r in rows],
+                         labelled=labelled)
+    title = f"mvmm train bayes: {', '.join(sequences)}, {len(rows)} subjects" + (
+        f" ({len(labelled)} labelled)" if labelled else "")
+    result = _train(config, cases, out, torch_device, resume, progress, rows, title, atlas)
+    return {**result, "labelled": labelled}
 
 
 def _train(config: ModelConfig, cases, out: Path, device, resume: bool, progress: bool, rows, title: str,
@@ -134,6 +145,31 @@ def _run_settings(out: Path, kind: str, images: List[str], network, training: Tr
         return config.network, config.training
     check_output_dir(out, force)
     return network, training
+
+
+def _checked_labelled(rows: Sequence[SubjectRow], labelled: Sequence[str]) -> List[str]:
+    """``labelled`` as a list, each a training subject's name (else InputError)."""
+    labelled = list(labelled)
+    names = {r.name for r in rows}
+    unknown = [n for n in labelled if n not in names]
+    if unknown:
+        raise InputError(f"labelled: {unknown} are not training subjects")
+    return labelled
+
+
+def _with_labels(case, row: SubjectRow, labelled: Sequence[str], labels: LabelSet):
+    """``case`` with its label map as class indices on its network grid when ``row`` is labelled, −1
+    everywhere when other subjects are (a batch mixes both), unchanged when none is."""
+    if not labelled:
+        return case
+    if row.name in labelled:
+        if row.labels is None:
+            raise InputError(f"labelled: subject {row.name} has no label map")
+        case.labels = case_labels(Image.read(row.labels, f"{row.name} labels", argname="labelled"),
+                                  case.grid, labels, argname="labelled")
+    else:
+        case.labels = torch.full(case.region.shape, -1, dtype=torch.long)
+    return case
 
 
 def _row_images(row: SubjectRow, sequences: Sequence[str]) -> List[Image]:
@@ -226,11 +262,7 @@ def train_acwe(rows: Sequence[SubjectRow], sequences: Sequence[str], out, networ
     torch_device = resolve_device(device)
     if atlas is not None and not isinstance(atlas, Atlas):
         atlas = Atlas.read(list(atlas))
-    labelled = list(labelled)
-    names = {r.name for r in rows}
-    unknown = [n for n in labelled if n not in names]
-    if unknown:
-        raise InputError(f"labelled: {unknown} are not training subjects")
+    labelled = _checked_labelled(rows, labelled)
     # the atlas names the classes unless K differs from its count (then it only bounds the region)
     atlas_names = atlas is not None and network.classes in (None, len(atlas.labels))
     if atlas_names:
@@ -254,17 +286,10 @@ def train_acwe(rows: Sequence[SubjectRow], sequences: Sequence[str], out, networ
         subject = placed_subject(images, atlas) if atlas is not None else Subject(images)
         case = prepare_case(subject, network, require_atlas=False)
         case.name = row.name
-        if labelled:
-            if row.name in labelled:
-                if row.labels is None:
-                    raise InputError(f"labelled: subject {row.name} has no label map")
-                case.labels = case_labels(Image.read(row.labels, f"{row.name} labels", argname="labelled"),
-                                          case.grid, labels, argname="labelled")
-            else:
-                case.labels = torch.full(case.region.shape, -1, dtype=torch.long)
-        cases.append(case)
+        cases.append(_with_labels(case, row, labelled, labels))
     config = ModelConfig("acwe", network, sequences, None, labels, training, [r.name for r in rows],
-                         with_atlas=atlas is not None, class_order="named" if named else "intensity")
+                         with_atlas=atlas is not None, class_order="named" if named else "intensity",
+                         labelled=labelled)
     title = f"mvmm train acwe: {', '.join(sequences)}, {len(rows)} subjects" + (
         f" ({len(labelled)} labelled)" if labelled else "")
     result = _train(config, cases, out, torch_device, resume, progress, rows, title, atlas,

@@ -225,6 +225,19 @@ def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
     assert result.exit_code != 0 and "--folds" in result.output and "--model" in result.output
 
 
+def test_network_labels_train_each_fold_with_its_training_patients_labels_only(tmp_path):
+    data = write_patients(tmp_path / "data", [1, 2, 3, 4])
+    out = tmp_path / "cv"
+    settings = ExperimentSettings(atlas_register="none", methods=["bayes"], folds=2, epochs=1, network_labels=True,
+                                  device="cpu")
+    summary = run_mscmr(data, out, settings, progress=False)
+    for fold in (0, 1):
+        training = [f"patient{p}" for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
+        assert json.loads((out / "models" / f"fold{fold}" / "config.json").read_text())["labelled"] == training
+        assert summary["training"][f"fold{fold}"]["labelled"] == training
+        assert "labels" in json.loads((out / "models" / f"fold{fold}" / "log.json").read_text())["epochs"][0]
+
+
 def test_three_sequences_skip_the_patients_without_t2_and_evaluate_pathology(tmp_path):
     data = write_patients(tmp_path / "data", [1, 2, 3], sequences=("LGE", "C0", "T2"))
     write_patients(data, [4])  # no T2, as MS-CMRSeg's patients 21 and 25

@@ -304,3 +304,94 @@ def test_proportions_are_held_unless_learned(cohort):
     assert not torch.allclose(learned, held)
     learned.sum().backward()
     assert learned_net.appearance_head[-1].weight.grad[-1].abs().sum() > 0
+
+
+def test_labelled_cross_entropy_is_the_negative_log_likelihood_of_the_known_labels():
+    generator = torch.Generator().manual_seed(0)
+    log_posterior = torch.log_softmax(torch.randn(2, 4, 5, 6, generator=generator), dim=1)
+    labels = torch.randint(-1, 4, (2, 5, 6), generator=generator)
+    from mvmm.mixture.functional import labelled_cross_entropy
+
+    expected = torch.nn.functional.nll_loss(log_posterior, labels, ignore_index=-1)
+    assert float(labelled_cross_entropy(log_posterior, labels)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(labelled_cross_entropy(log_posterior, torch.full_like(labels, -1))) == 0.0
+
+
+def labelled_cases(cohort, seeds):
+    """``network_cases`` with each case's label map as class indices on its network grid."""
+    from mvmm.nets.data import case_labels
+
+    root, files, _ = cohort
+    cases, atlas, settings = network_cases(cohort, seeds)
+    for case, seed in zip(cases, seeds):
+        case.labels = case_labels(Image.read(files[seed]["LGE_truth"], "truth"), case.grid, atlas.labels)
+    return cases, atlas, settings
+
+
+def test_label_term_is_the_cross_entropy_of_the_segmentation_and_reaches_every_head(cohort):
+    """Semi-supervised: the label term is −mean log P(label) of the very posterior the network's
+    θ and warp give to EM's estimator, and its gradient reaches the warp and the appearance."""
+    cases, atlas, settings = labelled_cases(cohort, [10, 11])
+    net = tiny_net(atlas, settings)
+    batch = stack_cases(cases)
+    prediction = net(batch)
+    terms = bayes_loss(net, batch, prediction, smoothness=0.0)
+    posteriors = []
+    for b in range(2):
+        params = prediction.params.subject(b)
+        model = MultivariateMixture(n_subtypes=params.n_subtypes)
+        with torch.no_grad():
+            model.adopt(params, batch["images"][b], batch["coverage"][b], prediction.warped_prior[b])
+            posteriors.append(model.predict_proba(batch["images"][b], batch["coverage"][b], prediction.warped_prior[b]))
+    log_p = torch.stack(posteriors).clamp_min(1e-30).log()
+    expected = torch.nn.functional.nll_loss(log_p, batch["labels"], ignore_index=-1)
+    assert float(terms["labels"].detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(terms["loss"]) == pytest.approx(float(terms["data"] + settings.label_weight * terms["labels"]), rel=1e-6)
+    terms["labels"].backward()
+    for name, module in (("velocity", net.velocity_head), ("appearance", net.appearance_head)):
+        assert sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None) > 0, name
+
+
+def test_semi_supervised_training_lowers_the_label_term_and_records_its_subjects(cohort, tmp_path):
+    root, files, _ = cohort
+    rows = [SubjectRow(f"s{seed}", {s: files[seed][s] for s in SEQUENCES},
+                       files[seed]["LGE_truth"] if seed in (10, 11) else None) for seed in (10, 11, 12, 13)]
+    out = tmp_path / "model"
+    # one batch, no augmentation: every epoch scores the same labelled voxels
+    training = TrainingSettings(epochs=12, batch_size=4, lr=1e-3, augment=False)
+    result = train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], out, TINY, training, device="cpu", progress=False,
+                         labelled=["s10", "s11"])
+    assert result["labelled"] == ["s10", "s11"]
+    assert json.loads((out / "config.json").read_text())["labelled"] == ["s10", "s11"]
+    history = json.loads((out / "log.json").read_text())["epochs"]
+    assert history[-1]["labels"] < history[0]["labels"] - 0.01
+    with pytest.raises(InputError, match="^labelled:.*s99"):
+        train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], tmp_path / "x", TINY, TrainingSettings(epochs=1),
+                    device="cpu", progress=False, labelled=["s99"])
+    with pytest.raises(InputError, match="^labelled:.*s12 has no label map"):
+        train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], tmp_path / "y", TINY, TrainingSettings(epochs=1),
+                    device="cpu", progress=False, labelled=["s12"])
+    # an unsupervised model says so
+    plain = train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], tmp_path / "z", TINY, TrainingSettings(epochs=1),
+                        device="cpu", progress=False)
+    assert plain["labelled"] == [] and "labels" not in json.loads((tmp_path / "z" / "log.json").read_text())["epochs"][0]
+
+
+def test_cli_train_bayes_with_labelled_rows(cohort, tmp_path):
+    root, files, _ = cohort
+    table = tmp_path / "labelled.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "LGE", "C0", "labels"])
+        for seed in (10, 11, 12):
+            writer.writerow([f"s{seed}", files[seed]["LGE"], files[seed]["C0"], files[seed]["LGE_truth"] if seed != 12 else ""])
+    runner = CliRunner()
+    command = ["train", "bayes", "--data", str(table), "--sequences", "LGE", "C0", "--atlas", str(root / "atlas.nii.gz"),
+               "--epochs", "1", "--device", "cpu", "-q"]
+    result = runner.invoke(main, command + ["--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "(2 labelled)" in result.output
+    bad = runner.invoke(main, command + ["--labelled-patients", "1-2", "--out", str(tmp_path / "n")])
+    assert bad.exit_code != 0 and "--labelled-patients" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(main, command + ["--label-weight", "-1", "--out", str(tmp_path / "o")])
+    assert bad.exit_code != 0 and "--label-weight" in bad.output

@@ -532,6 +532,10 @@ class ExperimentSettings:
         A trained model directory for the network methods (trained on other patients).
     epochs : int
         Training epochs of each fold's network (the rest of :class:`TrainingSettings` as default).
+    network_labels : bool
+        Train each fold's network with its training patients' LGE label maps too (semi-supervised:
+        the labels its atlas is built from; ``BayesNetSettings.label_weight``); False: on their
+        images alone, as Dalca et al.
     prior : {"groupwise", "template", "multi-atlas"}
         The spatial prior of each target, made only from the atlas patients: ``"groupwise"``, their
         group-wise atlas placed by the target's axes (then the start search); ``"template"``, the
@@ -587,6 +591,7 @@ class ExperimentSettings:
     folds: Optional[int] = None
     model: Optional[str] = None
     epochs: int = 100
+    network_labels: bool = False
     prior: str = "groupwise"
     template_sequence: str = "LGE"
     template_transform: str = "affine"
@@ -703,18 +708,23 @@ class BayesNetSettings(NetworkSettings):
         itself (as the experiment's ``--proportions atlas``); ``"learned"``: the head predicts them.
         Learned, on MS-CMRSeg the likelihood drove the background's share to 0.01 and the myocardium
         and RV grew into it (docs/mscmr.md, "Networks").
+    label_weight : float
+        Weight of the cross-entropy of the model's posterior on the voxels of labelled training cases
+        (semi-supervised, as VoxelMorph's auxiliary segmentation loss); without labelled cases the
+        training is Dalca et al.'s, unsupervised, and this weight is unused.
     """
 
     roi_margin_mm: float = 10.0
     subtypes: List[str] = field(default_factory=list)
     background_subtypes: int = BACKGROUND_SUBTYPES
     proportions: str = "atlas"
+    label_weight: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         require_field_choice(self, "proportions", ("atlas", "learned"))
         require_positive(self, ("background_subtypes",))
-        require_positive(self, ("roi_margin_mm",), strict=False)
+        require_positive(self, ("roi_margin_mm", "label_weight"), strict=False)
         self.subtypes = list(self.subtypes)
 
 

@@ -356,7 +356,8 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
 
 def _fold_model(fold: int, train_patients: List[int], targets, atlas: Atlas, settings: ExperimentSettings, out: Path,
                 progress: bool):
-    """The network of ``fold``, trained on ``train_patients``' images (no label) with their ``atlas``;
+    """The network of ``fold``, trained on ``train_patients``' images with their ``atlas`` (and their LGE
+    labels with ``settings.network_labels``);
     kept in ``out/models/foldF`` (a finished one is loaded, an interrupted one resumed), its report in
     ``out/models/foldF.json``."""
     from mvmm.core.settings import BayesNetSettings, TrainingSettings
@@ -366,14 +367,16 @@ def _fold_model(fold: int, train_patients: List[int], targets, atlas: Atlas, set
 
     folder, report = out / "models" / f"fold{fold}", out / "models" / f"fold{fold}.json"
     if not (folder / WEIGHTS).exists():
-        rows = [SubjectRow(f"patient{n}", {s: targets.patients[n].images[s] for s in settings.sequences})
-                for n in train_patients]
+        labels = settings.network_labels
+        rows = [SubjectRow(f"patient{n}", {s: targets.patients[n].images[s] for s in settings.sequences},
+                           targets.patients[n].labels["LGE"] if labels else None) for n in train_patients]
         resume = (folder / "checkpoint.pt").exists()
         result = train_bayes(rows, settings.sequences, atlas, folder, BayesNetSettings(subtypes=list(settings.subtypes),
                                                                              proportions=settings.proportions),
                              TrainingSettings(epochs=settings.epochs, seed=settings.seed), settings.device,
-                             resume=resume, force=True, progress=progress)
+                             resume=resume, force=True, progress=progress,
+                             labelled=[r.name for r in rows] if labels else ())
         previous = json.loads(report.read_text())["seconds"] if resume and report.exists() else 0.0
         write_json(report, {"patients": train_patients, "epochs": result["epochs"], "final_loss": result["final_loss"],
-                            "seconds": previous + result["seconds"]})
+                            "seconds": previous + result["seconds"], "labelled": result["labelled"]})
     return load_model(folder, resolve_device(settings.device))

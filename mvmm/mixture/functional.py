@@ -155,6 +155,27 @@ def most_probable_class(probabilities: torch.Tensor) -> torch.Tensor:
     return flat.argmax(dim=1).reshape(probabilities.shape[1:])
 
 
+def labelled_cross_entropy(log_posterior: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``−mean log P(label(x))`` over the voxels whose label is known: the label term of the networks
+    trained with a few label maps (semi-supervised).
+
+    Parameters
+    ----------
+    log_posterior : torch.Tensor, shape [B, K, *S]
+    labels : torch.Tensor, int64, shape [B, *S]
+        Class indices; −1 where unknown.
+
+    Returns
+    -------
+    torch.Tensor, scalar (0 when no label is known)
+    """
+    known = labels >= 0
+    if not bool(known.any()):
+        return torch.zeros((), dtype=log_posterior.dtype, device=log_posterior.device)
+    picked = log_posterior.gather(1, labels.clamp_min(0).unsqueeze(1))[:, 0]
+    return -picked[known].mean()
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values [B, *S]`` over ``mask [B, *S]`` per subject, ``[B]`` (0 where the mask is empty)."""
     total = torch.where(mask, values, torch.zeros_like(values)).flatten(1).sum(1)

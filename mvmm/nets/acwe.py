@@ -33,7 +33,7 @@ from torch import nn
 
 from mvmm.core.grid import Grid
 from mvmm.core.settings import AcweNetSettings
-from mvmm.mixture.functional import log_prior, m_step, masked_mean, tissue_log_likelihood
+from mvmm.mixture.functional import labelled_cross_entropy, log_prior, m_step, masked_mean, tissue_log_likelihood
 from mvmm.mixture.model import log_of_prior
 from mvmm.mixture.params import MixtureParams
 from mvmm.nets.data import canonical_grid
@@ -173,9 +173,6 @@ def acwe_loss(batch: Dict[str, torch.Tensor], prediction: AcwePrediction, settin
     loss = data + settings.length_weight * length
     labelled = torch.zeros((), dtype=loss.dtype, device=loss.device)
     if "labels" in batch:
-        known = batch["labels"] >= 0
-        if bool(known.any()):
-            picked = prediction.log_posterior.gather(1, batch["labels"].clamp_min(0).unsqueeze(1))[:, 0]
-            labelled = -picked[known].mean()
-            loss = loss + settings.label_weight * labelled
+        labelled = labelled_cross_entropy(prediction.log_posterior, batch["labels"])
+        loss = loss + settings.label_weight * labelled
     return {"loss": loss, "data": data, "length": length, "labels": labelled}

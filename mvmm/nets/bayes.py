@@ -14,7 +14,11 @@ A MONAI U-Net reads a case on its network grid (images, coverage masks, the plac
   subtype, in normalised intensity units.
 
 :func:`bayes_loss` is the functional core's negative log-likelihood of the case under that θ and
-warped prior, plus ``λ · mean ‖∇v‖²``: the objective EM maximises, not a copy of it.
+warped prior, plus ``λ · mean ‖∇v‖²``: the objective EM maximises, not a copy of it. Training
+cases with label maps (semi-supervised, ``mvmm train bayes --labelled-patients``) add the
+cross-entropy of the model's own posterior — ``P(k | I(x)) ∝ A_k(φ_v(x)) N(I(x); θ_k)``, the
+segmentation the network returns — at their labelled voxels, weighted by ``label_weight``: what
+VoxelMorph's auxiliary segmentation loss is to its registration.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from mvmm.core.settings import BayesNetSettings
-from mvmm.mixture.functional import negative_log_likelihood
+from mvmm.mixture.functional import labelled_cross_entropy, log_joint, log_posteriors, negative_log_likelihood
 from mvmm.mixture.model import log_of_prior
 from mvmm.mixture.params import MixtureParams
 from mvmm.nets.velocity import VelocityNet
@@ -123,14 +127,23 @@ class BayesSegNet(VelocityNet):
 
 def bayes_loss(net: BayesSegNet, batch: Dict[str, torch.Tensor], prediction: BayesPrediction,
                smoothness: float) -> Dict[str, torch.Tensor]:
-    """``mean_b [NLL_b / voxel] + λ · mean ‖∇v‖²``; returns ``loss``, ``data`` (the NLL) and ``smoothness``.
+    """``mean_b [NLL_b / voxel] + λ · mean ‖∇v‖² (+ label_weight · CE)``; returns ``loss``, ``data``
+    (the NLL), ``smoothness`` and, when the batch carries ``labels``, ``labels`` (the cross-entropy).
 
     The NLL is :func:`mvmm.mixture.functional.negative_log_likelihood` (EM's objective) of the
-    normalised images under the predicted θ and warped prior, over each case's region.
+    normalised images under the predicted θ and warped prior, over each case's region. The
+    cross-entropy is ``−mean log P(label(x) | I(x))`` of the same model's posterior over the voxels
+    whose label is known (``labels [B, *S]`` ≥ 0; 0 when the batch has none).
     """
     log_atlas = log_of_prior(prediction.warped_prior)
     nll = negative_log_likelihood(batch["images"], batch["coverage"], prediction.params, log_atlas,
                                   mask=batch["region"]).mean()
     velocity = prediction.svf.velocity_field()
     smooth = diffusion_energy(velocity, prediction.svf.field_grid)
-    return {"loss": nll + smoothness * smooth, "data": nll, "smoothness": smooth}
+    terms = {"loss": nll + smoothness * smooth, "data": nll, "smoothness": smooth}
+    if "labels" in batch:
+        joint = log_joint(batch["images"], batch["coverage"], prediction.params, log_atlas)
+        labelled = labelled_cross_entropy(log_posteriors(joint), batch["labels"])
+        terms["loss"] = terms["loss"] + net.settings.label_weight * labelled
+        terms["labels"] = labelled
+    return terms

@@ -3,7 +3,8 @@
     MODEL_DIR/
       config.json     format, kind (bayes | regnet | acwe | prior | vae-seg), the network and data conventions (BayesNetSettings
                       or RegNetSettings, resolved), image names in input order, subtype counts and
-                      labels (bayes), intensity normalisation, training settings and subjects,
+                      labels (bayes), intensity normalisation, training settings and subjects (and
+                      ``labelled``: those whose label maps trained it too, bayes and acwe),
                       versions of mvmm / torch / MONAI
       weights.pt      the network's state_dict (what inference loads)
       checkpoint.pt   weights + optimiser + RNG state + epoch (what --resume loads)
@@ -18,7 +19,7 @@ leaves the previous epoch's files whole.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -70,6 +71,7 @@ class ModelConfig:
     class_order: str = "named"
     label_names: Optional[dict] = None  # prior: name → the label values of the training maps it stood for
     prior: Optional[PriorVaeSettings] = None  # vae-seg: the settings of the prior it carries
+    labelled: List[str] = field(default_factory=list)  # bayes, acwe: subjects whose label maps trained it too
 
     @property
     def atlas_role(self) -> str:
@@ -88,7 +90,7 @@ class ModelConfig:
         d = {"format": MODEL_FORMAT, "kind": self.kind, "mvmm_version": __version__,
              "torch_version": torch.__version__, "monai_version": monai.__version__,
              "network": asdict(self.network), "images": list(self.images), "normalisation": NORMALISATION,
-             "training": asdict(self.training), "subjects": list(self.subjects)}
+             "training": asdict(self.training), "subjects": list(self.subjects), "labelled": list(self.labelled)}
         if self.kind in ("bayes", "vae-seg"):
             d.update({"n_subtypes": self.n_subtypes.tolist(), "labels": self.labels.as_dict()})
         if self.kind == "bayes":
@@ -118,7 +120,8 @@ class ModelConfig:
                        TrainingSettings(**d["training"]), list(d.get("subjects", [])),
                        with_atlas=kind == "bayes" or (kind == "acwe" and d.get("atlas") is not None),
                        class_order=d.get("class_order", "named"), label_names=d.get("label_names"),
-                       prior=PriorVaeSettings(**d["prior"]) if kind == "vae-seg" else None)
+                       prior=PriorVaeSettings(**d["prior"]) if kind == "vae-seg" else None,
+                       labelled=list(d.get("labelled", [])))
         except (KeyError, TypeError) as err:
             raise InputError(f"{argname}: {path} lacks or garbles an entry ({err})") from None
 
