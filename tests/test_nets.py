@@ -395,3 +395,26 @@ def test_cli_train_bayes_with_labelled_rows(cohort, tmp_path):
     assert bad.exit_code != 0 and "--labelled-patients" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(main, command + ["--label-weight", "-1", "--out", str(tmp_path / "o")])
     assert bad.exit_code != 0 and "--label-weight" in bad.output
+
+
+def test_a_scan_much_wider_than_the_network_grid_is_warned_about(cohort, caplog):
+    """The networks sit at the field-of-view centre and do not search for the heart: an uncropped
+    scan is said to be one, a crop is not."""
+    from mvmm.core.grid import Grid
+
+    _, atlas, settings = network_cases(cohort, [10])
+    root, files, _ = cohort
+    image = Image.read(files[10]["LGE"], "LGE")
+    data = image.data[0].numpy()
+    big = np.zeros(tuple(3 * n for n in data.shape), dtype=np.float32)
+    big[tuple(slice(n, 2 * n) for n in data.shape)] = data
+    wide_grid = Grid(tuple(3 * n for n in image.grid.size), image.grid.spacing,
+                     tuple(image.grid.index_to_world_matrix[:2] @ np.r_[-np.asarray(image.grid.size), 1.0]),
+                     image.grid.direction)
+    wide = Image.from_array(big, wide_grid, "LGE", "wide.nii.gz")
+    c0 = Image.read(files[10]["C0"], "C0")
+    with caplog.at_level("WARNING", logger="mvmm.nets.data"):
+        prepare_case(placed_subject([image, c0], atlas), settings)
+        assert "much wider than the network grid" not in caplog.text
+        prepare_case(placed_subject([wide, c0], atlas), settings)
+    assert "wide.nii.gz: its field of view" in caplog.text and "crop the images around the heart" in caplog.text

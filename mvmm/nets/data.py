@@ -21,6 +21,7 @@ On that grid a case is (all float32 unless said):
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +43,11 @@ from mvmm.data.subject import Subject
 from mvmm.spatial.init import initial_linear_transform
 from mvmm.spatial.transforms import LinearTransform
 
+log = logging.getLogger(__name__)
+
 NORMALISATION = "per image: (x - median) / (p95 - p5) over the image's own voxels"
+# a reference this many times wider than the network grid (median extent) is taken for an uncropped scan
+UNCROPPED_RATIO = 1.5
 _PERCENTILE_SAMPLE = 1 << 20  # voxels read for the percentiles of a large image (a fixed stride: deterministic)
 
 
@@ -130,6 +135,18 @@ def atlas_placement(subject: Subject) -> LinearTransform:
     return placement
 
 
+def _warn_if_uncropped(reference: Image, grid: Grid) -> None:
+    """Warn when the reference's field of view is much wider than the network grid, which sits at its
+    centre: the networks do not search for the heart (the classical path does), and the image's
+    intensity statistics are then mostly of what lies around it."""
+    if np.median(reference.grid.extent_mm()) > UNCROPPED_RATIO * np.median(grid.extent_mm()):
+        log.warning("%s: its field of view (%s mm) is much wider than the network grid (%s mm), which sits at its "
+                    "centre; the networks are trained on crops around the heart and do not search for it: crop "
+                    "the images around the heart first, or use the classical path (no model), which finds it",
+                    reference.source, " x ".join(f"{e:.0f}" for e in reference.grid.extent_mm()),
+                    " x ".join(f"{e:.0f}" for e in grid.extent_mm()))
+
+
 def prepare_case(subject: Subject, settings: NetworkSettings, device=None, require_atlas: bool = True) -> NetworkCase:
     """Resample ``subject`` onto its network grid, normalised; see the module notes.
 
@@ -140,6 +157,7 @@ def prepare_case(subject: Subject, settings: NetworkSettings, device=None, requi
     if subject.atlas is None and require_atlas:
         raise InputError("atlas: the Bayesian segmentation network needs an atlas (its prior is warped)")
     grid = network_grid(subject.reference_image.grid, settings)
+    _warn_if_uncropped(subject.reference_image, grid)
     placement = atlas_placement(subject) if subject.atlas is not None else None
     placed = subject if placement is None else replace(subject, transforms={**subject.transforms, "atlas": placement},
                                                         roi_margin_mm=None)
