@@ -247,7 +247,7 @@ class JointSolver:
         if sequence is None:
             # only worth a warning where the heart may well be off-centre: a field of view much wider
             # than the atlas's (an uncropped scan)
-            wide = np.median(reference.extent_mm()) > 1.5 * np.median(atlas.grid.extent_mm())  # any storage order
+            wide = reference.much_wider_than(atlas.grid)
             (log.warning if wide else log.info)(
                 "the atlas %s has no intensity template of %s: the heart is not searched for over the field of "
                 "view (the atlas starts at its centre; build the atlas with `mvmm atlas build --images` to search)",

@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # annotations only; torch is imported where it is used
     import torch
 
 
+# a field of view this many times wider than an atlas's or a network grid's is taken for an uncropped scan
+MUCH_WIDER_RATIO = 1.5
+
 @dataclass(frozen=True)
 class Grid:
     """A regular sampling grid in physical space.
@@ -111,6 +114,11 @@ class Grid:
     def extent_mm(self) -> np.ndarray:
         """Physical length of the field of view along each axis, shape ``(ndim,)``."""
         return np.asarray(self.size, dtype=np.float64) * np.asarray(self.spacing)
+
+    def much_wider_than(self, other: "Grid", ratio: float = MUCH_WIDER_RATIO) -> bool:
+        """Whether this field of view is more than ``ratio`` times ``other``'s (median extents: any
+        storage order) — an uncropped scan beside an atlas or a network grid made for crops."""
+        return bool(np.median(self.extent_mm()) > ratio * np.median(other.extent_mm()))
 
     def same_geometry(self, other: "Grid", tol: float = 1e-4) -> bool:
         """True when both grids sample the same points (up to ``tol`` mm / relative)."""

@@ -126,11 +126,13 @@ def log_prior(log_atlas: Optional[torch.Tensor], log_proportions: torch.Tensor, 
     return joint - torch.logsumexp(joint, dim=1, keepdim=True)
 
 
-def log_joint(images: torch.Tensor, coverage: torch.Tensor, params: MixtureParams,
-              log_atlas: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``log π_kx + log p(I(x) | k)``, shape ``[B, K, *S]``."""
-    log_lik, _ = tissue_log_likelihood(images, coverage, params)
-    return log_prior(log_atlas, params.log_proportions, images.dim() - 2).to(log_lik.dtype) + log_lik
+def log_joint(images: Optional[torch.Tensor], coverage: torch.Tensor, params: MixtureParams,
+              log_atlas: Optional[torch.Tensor] = None, log_lik: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``log π_kx + log p(I(x) | k)``, shape ``[B, K, *S]``; ``log_lik``: that second term already
+    computed (:func:`tissue_log_likelihood`; ``images`` is then not read)."""
+    if log_lik is None:
+        log_lik, _ = tissue_log_likelihood(images, coverage, params)
+    return log_prior(log_atlas, params.log_proportions, coverage.dim() - 2).to(log_lik.dtype) + log_lik
 
 
 def log_evidence(joint: torch.Tensor) -> torch.Tensor:

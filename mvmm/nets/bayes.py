@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from mvmm.core.settings import BayesNetSettings
-from mvmm.mixture.functional import labelled_cross_entropy, log_joint, log_posteriors, negative_log_likelihood
+from mvmm.mixture.functional import (labelled_cross_entropy, log_joint, log_posteriors, negative_log_likelihood,
+                                     tissue_log_likelihood)
 from mvmm.mixture.model import log_of_prior
 from mvmm.mixture.params import MixtureParams
 from mvmm.nets.velocity import VelocityNet
@@ -136,13 +137,15 @@ def bayes_loss(net: BayesSegNet, batch: Dict[str, torch.Tensor], prediction: Bay
     whose label is known (``labels [B, *S]`` ≥ 0; 0 when the batch has none).
     """
     log_atlas = log_of_prior(prediction.warped_prior)
-    nll = negative_log_likelihood(batch["images"], batch["coverage"], prediction.params, log_atlas,
-                                  mask=batch["region"]).mean()
+    # the images' log p(I | k), once for the NLL and the label term's posterior
+    log_lik, _ = tissue_log_likelihood(batch["images"], batch["coverage"], prediction.params)
+    nll = negative_log_likelihood(None, batch["coverage"], prediction.params, log_atlas, mask=batch["region"],
+                                  log_lik=log_lik).mean()
     velocity = prediction.svf.velocity_field()
     smooth = diffusion_energy(velocity, prediction.svf.field_grid)
     terms = {"loss": nll + smoothness * smooth, "data": nll, "smoothness": smooth}
     if "labels" in batch:
-        joint = log_joint(batch["images"], batch["coverage"], prediction.params, log_atlas)
+        joint = log_joint(None, batch["coverage"], prediction.params, log_atlas, log_lik=log_lik)
         labelled = labelled_cross_entropy(log_posteriors(joint), batch["labels"])
         terms["loss"] = terms["loss"] + net.settings.label_weight * labelled
         terms["labels"] = labelled

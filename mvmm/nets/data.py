@@ -46,8 +46,6 @@ from mvmm.spatial.transforms import LinearTransform
 log = logging.getLogger(__name__)
 
 NORMALISATION = "per image: (x - median) / (p95 - p5) over the image's own voxels"
-# a reference this many times wider than the network grid (median extent) is taken for an uncropped scan
-UNCROPPED_RATIO = 1.5
 _PERCENTILE_SAMPLE = 1 << 20  # voxels read for the percentiles of a large image (a fixed stride: deterministic)
 
 
@@ -139,7 +137,7 @@ def _warn_if_uncropped(reference: Image, grid: Grid) -> None:
     """Warn when the reference's field of view is much wider than the network grid, which sits at its
     centre: the networks do not search for the heart (the classical path does), and the image's
     intensity statistics are then mostly of what lies around it."""
-    if np.median(reference.grid.extent_mm()) > UNCROPPED_RATIO * np.median(grid.extent_mm()):
+    if reference.grid.much_wider_than(grid):
         log.warning("%s: its field of view (%s mm) is much wider than the network grid (%s mm), which sits at its "
                     "centre; the networks are trained on crops around the heart and do not search for it: crop "
                     "the images around the heart first, or use the classical path (no model), which finds it",
