@@ -16,18 +16,19 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
-from mvmm.core.settings import SEGMENTATION, RegistrationSettings
+from mvmm.core.settings import CARDIAC_PRESET, SEGMENTATION, RegistrationSettings
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
 from mvmm.data.subject import Subject
-from mvmm.joint import RegistrationResult
+from mvmm.data.template_search import fov_atlas_start
+from mvmm.joint import JointSolver, RegistrationResult
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.postprocess import check_postprocess
 from mvmm.segment import Segmentation, segment_subject
@@ -43,6 +44,54 @@ def ordered_images(images: Sequence[Image], config, path) -> list:
         raise InputError(f"images: the model {path} reads {', '.join(config.images)}; got "
                          f"{', '.join(im.name for im in images)} (name the images with `names`)")
     return [replace(by_name[n.lower()], name=n) for n in config.images]
+
+
+def network_start(subject: Subject, config, device) -> Tuple[Optional[object], Optional[dict]]:
+    """Where the atlas starts on a scan much wider than the network grid (an uncropped scan), found as
+    the cardiac preset finds it: the atlas's intensity template matched over the field of view
+    (:func:`mvmm.data.template_search.fov_atlas_start`), then the best of its neighbours
+    ±``RegistrationSettings.atlas_search_mm`` by the log-likelihood of a fresh fit
+    (:meth:`mvmm.joint.JointSolver.searched_atlas_start`), which repairs a template that matched a few
+    centimetres off. The network grid is then centred with the atlas (:func:`mvmm.nets.data.prepare_case`).
+
+    Parameters
+    ----------
+    subject : Subject
+        The case with the model's atlas (placed for its reference).
+    config : mvmm.nets.model_dir.ModelConfig
+    device : torch.device
+
+    Returns
+    -------
+    (RigidTransform or None, dict or None)
+        The start (common space → atlas) and the search's record (``report.json``
+        ``registration.fov_search``); (None, None) for a scan about the grid's size (a crop: placed
+        as in training), without an atlas, or when the atlas has no template to search with.
+    """
+    from mvmm.nets.data import atlas_placement, content_shift, network_grid
+
+    reference = subject.reference_image.grid
+    if subject.atlas is None or not reference.much_wider_than(network_grid(reference, config.network)):
+        return None, None
+    settings = RegistrationSettings(atlas_search_mm=CARDIAC_PRESET["atlas_search_mm"])
+    if subject.atlas.template_for(subject.names, settings.template_sequence or subject.reference) is None:
+        return None, None  # prepare_case warns
+    placement = atlas_placement(subject)
+    found, record = fov_atlas_start(subject, placement, settings.template_sequence)
+    if record is None:
+        return None, None
+    if settings.atlas_search_mm > 0:
+        # the likelihood's search on the part of the scan the network will see, at registration resolution
+        near = network_grid(reference, config.network, reference.center_world() + content_shift(placement, found,
+                                                                                                 subject.atlas.grid))
+        model = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(subject.class_labels),
+                                    learn_proportions=config.network.proportions == "learned")
+        work = replace(subject, transforms={**subject.transforms, "atlas": found})
+        found = JointSolver(model, settings, device).searched_atlas_start(work, found,
+                                                                          near.coarsened(settings.grid_spacing))
+    record = {**record, "start_shift_mm": content_shift(placement, found, subject.atlas.grid).tolist()}
+    found.requires_grad_(False)
+    return found, record
 
 
 def loaded_model(model, device: str, kind: Optional[str] = None):
@@ -135,7 +184,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     margin = config.network.roi_margin_mm if roi_margin_mm is None else roi_margin_mm
     subject = Subject(ordered, atlas=atlas, roi_margin_mm=margin)
     check_postprocess(postprocess, subject.class_labels)
-    case = prepare_case(subject, config.network, torch_device)
+    atlas_start, search = network_start(subject, config, torch_device)
+    case = prepare_case(subject, config.network, torch_device, start=atlas_start, fov_search=search)
     loaded = time.perf_counter()
     with torch.no_grad():
         batch = {k: v.to(torch_device) for k, v in stack_cases([case]).items()}
@@ -154,6 +204,7 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
                                  atlas_start=(case.placement, svf))
         result.settings = {**result.settings, "model": str(model.path), "refine": "registration"}
         result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings}
+        result.registration.fov_search = case.fov_search  # the network's start: the solver did not search
         return result
     subject = replace(subject, transforms={**subject.transforms, "atlas": warp})
     model_em = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(subject.class_labels),
@@ -171,7 +222,7 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
                "refine_s": refined - sampled, "predict_s": time.perf_counter() - refined}
     return Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
-                        RegistrationResult({"atlas": warp}), postprocess)
+                        RegistrationResult({"atlas": warp}, fov_search=case.fov_search), postprocess)
 
 
 def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = 0.0,

@@ -30,7 +30,7 @@ from mvmm.core.errors import InputError
 from mvmm.data.image import Image
 from mvmm.data.roi import region_box
 from mvmm.data.subject import CaseSample, Subject
-from mvmm.data.template_search import match_template
+from mvmm.data.template_search import fov_atlas_start
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.register import PairwiseRegistration, PairwiseSettings
 from mvmm.spatial.coarse_to_fine import MovingTransform, run_outer_iterations
@@ -156,7 +156,7 @@ class JointSolver:
             start["atlas"] = initial_linear_transform("rigid", reference, subject.atlas.grid, s.atlas_init)
             if s.atlas_search_fov and s.atlas != "none":
                 began = time.perf_counter()
-                start["atlas"], fov_search = self._fov_atlas_start(subject, start["atlas"])
+                start["atlas"], fov_search = fov_atlas_start(subject, start["atlas"], s.template_sequence)
                 seconds["fov search"] = time.perf_counter() - began
         # the levels run on the part of the reference the region of interest can reach
         work.transforms.update(start)
@@ -169,7 +169,7 @@ class JointSolver:
                                                                                        start["atlas"])
             elif s.atlas_search_mm > 0 and s.atlas != "none":
                 began = time.perf_counter()
-                start["atlas"] = self._searched_atlas_start(work, start["atlas"], coarse)
+                start["atlas"] = self.searched_atlas_start(work, start["atlas"], coarse)
                 seconds["search"] = time.perf_counter() - began
         if "atlas" in start and s.atlas == "none":
             # placed, not moved: a learnable start would put every prior in autograd's graph
@@ -237,37 +237,6 @@ class JointSolver:
             self._check_work_grid(work, reference, work_box)
         work_record = None if work_box is None else {"size": list(work_grid.size), "of": list(reference.size)}
         return RegistrationResult(transforms, history, jacobian, template, seconds, fov_search, work_record)
-
-    def _fov_atlas_start(self, subject: Subject, start: RigidTransform):
-        """``start`` translated to where the atlas's template of one of the case's sequences best matches
-        that image over the field of view (:mod:`mvmm.data.template_search`), and a record (None when
-        the atlas has no template of the case's sequences or nothing could be matched)."""
-        atlas, reference = subject.atlas, subject.reference_image.grid
-        sequence = atlas.template_for(subject.names, self.settings.template_sequence or subject.reference)
-        if sequence is None:
-            # only worth a warning where the heart may well be off-centre: a field of view much wider
-            # than the atlas's (an uncropped scan)
-            wide = reference.much_wider_than(atlas.grid)
-            (log.warning if wide else log.info)(
-                "the atlas %s has no intensity template of %s: the heart is not searched for over the field of "
-                "view (the atlas starts at its centre; build the atlas with `mvmm atlas build --images` to search)",
-                atlas.source, ", ".join(subject.names))
-            return start, None
-        name = next(n for n in subject.names if n.lower() == sequence.lower())
-        match = match_template(subject.image(name), atlas, sequence, start)
-        if match is None:
-            log.info("the atlas's %s template is larger than %s's field of view: no search over it", sequence, name)
-            return start, None
-        ndim = reference.ndim
-        with torch.no_grad():
-            rotation = start.matrix_and_translation()[0]
-            params = start.params.detach().clone()
-            # T(x − s) = A (x − c) + c + t − A s: the atlas's content moves by s
-            params[-ndim:] -= rotation @ torch.as_tensor(match.shift_mm, dtype=params.dtype)
-        log.info("atlas moved %s mm to where its %s template best matches %s (NCC %.3f; %.3f at the start)",
-                 np.round(match.shift_mm, 1).tolist(), sequence, name, match.ncc, match.ncc_start)
-        record = {"sequence": sequence, "image": name, **match.as_dict()}
-        return RigidTransform(ndim, params=nn.Parameter(params), center=start.center), record
 
     def _work_box(self, work: Subject, reference: Grid, margin_mm: float):
         """Index box ``(low, high)`` (inclusive, ITK order) of ``reference`` around the region of
@@ -368,7 +337,7 @@ class JointSolver:
                  -result.loss_before, -result.loss_after)
         return result.transform
 
-    def _searched_atlas_start(self, work: Subject, start: RigidTransform, grid: Grid) -> RigidTransform:
+    def searched_atlas_start(self, work: Subject, start: RigidTransform, grid: Grid) -> RigidTransform:
         """The best of ``start`` moved by −d, 0, +d mm along each reference axis (by a fresh model's log L)."""
         d, ndim = self.settings.atlas_search_mm, grid.ndim
         axes = work.reference_image.grid.direction_matrix

@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from mvmm.core.grid import Grid
-from mvmm.core.settings import RegistrationSettings
+from mvmm.amortized import network_start, segment_with_model
+from mvmm.core.settings import BayesNetSettings, RegistrationSettings, TrainingSettings
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS
 from mvmm.data.roi import region_box
 from mvmm.data.subject import Subject
 from mvmm.data.template_search import in_plane_only, match_template
+from mvmm.nets.data import SubjectRow, intensity_normalisation, prepare_case
+from mvmm.nets.model_dir import load_model
 from mvmm.segment import segment_subject
 from mvmm.spatial.transforms import RigidTransform
+from mvmm.training import train_bayes
 from test_multi_atlas import INTENSITY, heart, mean_dice
 
 HEART_SHIFT = np.array([52.0, -38.0])  # where the case's heart sits from its field-of-view centre (mm)
@@ -120,8 +124,69 @@ def test_an_atlas_without_template_is_left_at_its_start_and_says_so(atlas_with_t
     case, _ = uncropped_case(np.random.default_rng(4), distractor=False)
     label_only = replace(atlas_with_template, templates={})
     settings = RegistrationSettings(atlas="rigid", template_metric="none", atlas_search_fov=True, max_outer=1)
-    with caplog.at_level("WARNING", logger="mvmm.joint"):
+    with caplog.at_level("WARNING", logger="mvmm.data.template_search"):
         result = segment_subject(Subject([case], atlas=label_only, roi_margin_mm=5.0), registration=settings,
                                  max_iter=3)
     assert result.registration.fov_search is None
     assert "has no intensity template of LGE: the heart is not searched for" in caplog.text
+
+
+def _crop_around_heart(case: Image, size_mm: float = 100.0) -> Image:
+    """A ``size_mm`` window of ``case`` around its heart, as MS-CMRSeg's crops are."""
+    spacing = np.asarray(case.grid.spacing)
+    low = np.round((HEART_SHIFT - size_mm / 2 - np.asarray(case.grid.origin)) / spacing).astype(int)
+    n = int(round(size_mm / spacing[0]))
+    window = tuple(slice(a, a + n) for a in reversed(low))  # array axes are ITK's reversed
+    grid = Grid((n, n), case.grid.spacing, tuple(case.grid.index_to_world_matrix[:2] @ np.r_[low, 1.0]),
+                case.grid.direction)
+    return Image.from_array(case.data[0].numpy()[window], grid, "LGE", "crop")
+
+
+NETWORK = BayesNetSettings(grid_size=(40, 40), grid_spacing=(2.0, 2.0), channels=(4, 8), features=4).resolved(2)
+
+
+@pytest.fixture(scope="module")
+def crop_model(atlas_with_template, tmp_path_factory):
+    """A tiny network trained (two epochs) on a crop around the heart of an uncropped case: the model,
+    the case, its truth and the crop."""
+    folder = tmp_path_factory.mktemp("crop_model")
+    case, truth = uncropped_case(np.random.default_rng(6))
+    crop = _crop_around_heart(case)
+    crop.write(folder / "crop.nii.gz")
+    train_bayes([SubjectRow("crop", {"LGE": folder / "crop.nii.gz"})], ["LGE"], atlas_with_template,
+                folder / "model", NETWORK, TrainingSettings(epochs=2), device="cpu", progress=False)
+    return load_model(folder / "model"), case, truth, crop
+
+
+def test_a_network_sees_an_uncropped_scan_as_it_sees_its_crop(crop_model):
+    """The networks' case (mvmm.nets.data.prepare_case) of a scan much wider than the network grid: the
+    atlas starts where the classical path starts it (mvmm.amortized.network_start: template, then the
+    likelihood's local search), the grid moves with it, and each image is normalised over its voxels
+    on that grid, so the network sees what the crop around the heart shows it; a crop is left as it
+    was (grid at its centre, its file's own statistics)."""
+    model, case, _, crop = crop_model
+    views = {}
+    for name, image in (("uncropped", case), ("crop", crop)):
+        subject = Subject([image], atlas=model.atlas.placed_for(image.grid), roi_margin_mm=10.0)
+        start, search = network_start(subject, model.config, torch.device("cpu"))
+        views[name] = prepare_case(subject, model.config.network, start=start, fov_search=search)
+    wide, cropped = views["uncropped"], views["crop"]
+    assert np.allclose(wide.fov_search["shift_mm"], HEART_SHIFT, atol=4.0)  # the template's 4 mm step
+    assert np.abs(np.asarray(wide.grid.center_world()) - HEART_SHIFT).max() <= 4.0
+    prior = np.asarray(CARDIAC_LABELS.values)[wide.prior.argmax(0).numpy()]
+    assert mean_dice(prior, heart(wide.grid, HEART_SHIFT), wide.grid) > 0.85  # the placed prior lies on the heart
+    assert cropped.fov_search is None and np.allclose(cropped.grid.center_world(), crop.grid.center_world())
+    assert (float(cropped.offsets[0]), float(cropped.scales[0])) == intensity_normalisation(crop.data[0])
+    assert float(wide.scales[0]) == pytest.approx(float(cropped.scales[0]), rel=0.1)
+    assert abs(float(wide.offsets[0]) - float(cropped.offsets[0])) < 0.1 * float(cropped.scales[0])
+    # the whole file's statistics (mostly air and zero-filled corners) would not be the crop's
+    assert abs(intensity_normalisation(case.data[0])[1] - float(cropped.scales[0])) > 0.3 * float(cropped.scales[0])
+
+
+def test_a_model_segments_an_uncropped_scan_where_its_heart_is(crop_model):
+    """End to end through segment_with_model: a network trained on a crop, run on the uncropped scan,
+    finds the heart and says so in the result (report.json ``registration.fov_search``)."""
+    model, case, truth, _ = crop_model
+    result = segment_with_model([case], model, refine=20)
+    assert np.allclose(result.registration.fov_search["start_shift_mm"], HEART_SHIFT, atol=4.0)
+    assert mean_dice(result.label_map(), truth, case.grid) > 0.8

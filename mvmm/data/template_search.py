@@ -20,9 +20,10 @@ through-plane is the likelihood's local search's (``RegistrationSettings.atlas_s
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,7 +37,11 @@ from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
 from mvmm.data.roi import dilate_mm
+from mvmm.data.subject import Subject
+from mvmm.spatial.transforms import RigidTransform
 from mvmm.spatial.warp import sample_image
+
+log = logging.getLogger(__name__)
 
 SEARCH_SPACING_MM = 4.0  # in-plane resolution of the search: the heart is ~100 mm across
 # The template counts within this of the atlas foreground: its surroundings (lung, chest wall) tell
@@ -188,3 +193,54 @@ def match_template(image: Image, atlas: Atlas, sequence: str, transform: nn.Modu
     ncc_start = float(ncc[at_start]) if inside_output and valid[at_start] else float("nan")
     shift = coarse.direction_matrix @ (np.asarray(coarse.spacing) * (best - start_index))
     return TemplateMatch(shift, float(scores.max()), ncc_start, int(valid.sum()), time.perf_counter() - began)
+
+
+def fov_atlas_start(subject: Subject, start: RigidTransform,
+                    preferred: Optional[str] = None) -> Tuple[RigidTransform, Optional[dict]]:
+    """``start`` translated to where the atlas's template of one of the case's sequences best matches
+    that image over the field of view (:func:`match_template`), and a record of the search.
+
+    The classical path's start (``RegistrationSettings.atlas_search_fov``) and the networks' placement
+    on a scan much wider than their grid (:func:`mvmm.nets.data.prepare_case`) both come from here.
+
+    Parameters
+    ----------
+    subject : Subject
+        The case, with its atlas (placed in the world).
+    start : RigidTransform
+        The atlas's start (common space → atlas world).
+    preferred : str, optional
+        The sequence whose template to use when the atlas has several (default: the reference's).
+
+    Returns
+    -------
+    (RigidTransform, dict or None)
+        The moved start (learnable parameters, as a registration's start) and ``sequence``, ``image``
+        and :meth:`TemplateMatch.as_dict`; ``start`` itself and None when the atlas has no template of
+        the case's sequences or nothing could be matched.
+    """
+    atlas, reference = subject.atlas, subject.reference_image.grid
+    sequence = atlas.template_for(subject.names, preferred or subject.reference)
+    if sequence is None:
+        # only worth a warning where the heart may well be off-centre: a field of view much wider
+        # than the atlas's (an uncropped scan)
+        (log.warning if reference.much_wider_than(atlas.grid) else log.info)(
+            "the atlas %s has no intensity template of %s: the heart is not searched for over the field of "
+            "view (the atlas starts at its centre; build the atlas with `mvmm atlas build --images` to search)",
+            atlas.source, ", ".join(subject.names))
+        return start, None
+    name = next(n for n in subject.names if n.lower() == sequence.lower())
+    match = match_template(subject.image(name), atlas, sequence, start)
+    if match is None:
+        log.info("the atlas's %s template is larger than %s's field of view: no search over it", sequence, name)
+        return start, None
+    ndim = reference.ndim
+    with torch.no_grad():
+        rotation = start.matrix_and_translation()[0]
+        params = start.params.detach().clone()
+        # T(x − s) = A (x − c) + c + t − A s: the atlas's content moves by s
+        params[-ndim:] -= rotation @ torch.as_tensor(match.shift_mm, dtype=params.dtype)
+    log.info("atlas moved %s mm to where its %s template best matches %s (NCC %.3f; %.3f at the start)",
+             np.round(match.shift_mm, 1).tolist(), sequence, name, match.ncc, match.ncc_start)
+    record = {"sequence": sequence, "image": name, **match.as_dict()}
+    return RigidTransform(ndim, params=nn.Parameter(params), center=start.center), record

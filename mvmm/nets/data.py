@@ -2,7 +2,11 @@
 
 The network grid of a case has a fixed size and spacing (:class:`~mvmm.core.settings.BayesNetSettings`),
 the axes of the heart's frame of its reference image (:func:`mvmm.data.anatomy.short_axis_frame`:
-the same for any storage order of the file) and its centre at the reference's field-of-view centre.
+the same for any storage order of the file) and its centre at the reference's field-of-view centre —
+the crops networks are trained on are centred on the heart. On a scan much wider than the grid (an
+uncropped one, :meth:`mvmm.core.grid.Grid.much_wider_than`) the grid moves with the atlas's start as
+the classical path finds it (:func:`mvmm.amortized.network_start`: the atlas's intensity template
+over the field of view, then the likelihood's local search).
 Every case's network grid is therefore the same array layout, related to the others by a rigid map,
 and a network can work in the *canonical* copy of that grid (origin at its centre, identity axes):
 a velocity field predicted there, in the grid's axes, is rotated onto a case's world by
@@ -10,11 +14,12 @@ a velocity field predicted there, in the grid's axes, is rotated onto a case's w
 
 On that grid a case is (all float32 unless said):
 
-- images ``[N, *S]``, each normalised by its own voxels, ``(x − median) / (p95 − p5)`` (0 where the
-  image does not cover);
+- images ``[N, *S]``, each normalised, ``(x − median) / (p95 − p5)``, over its own voxels near the
+  heart (:func:`normalised`; 0 where the image does not cover);
 - coverage ``[N, *S]`` bool (hetero-coverage: an input of the network and a term of the likelihood);
 - prior ``[K, *S]``: the atlas as the classical path places it before any registration (heart frame
-  and field-of-view centre, :func:`mvmm.spatial.init.initial_linear_transform`);
+  and field-of-view centre, :func:`mvmm.spatial.init.initial_linear_transform`; on a much wider
+  scan, where the search put it);
 - region ``[*S]`` bool: within ``roi_margin_mm`` of that prior's foreground, where the loss counts.
 """
 
@@ -45,14 +50,15 @@ from mvmm.spatial.transforms import LinearTransform
 
 log = logging.getLogger(__name__)
 
-NORMALISATION = "per image: (x - median) / (p95 - p5) over the image's own voxels"
+NORMALISATION = ("per image: (x - median) / (p95 - p5) over the image's own voxels (those on the network grid "
+                 "for an image much wider than it)")
 _PERCENTILE_SAMPLE = 1 << 20  # voxels read for the percentiles of a large image (a fixed stride: deterministic)
 
 
-def intensity_normalisation(image: Image) -> Tuple[float, float]:
-    """``(offset, scale)`` with which image intensities become ``(x − offset) / scale``: the median and
-    the 5–95th percentile spread of the image's own voxels (robust to its units and to outliers)."""
-    values = image.data[0].reshape(-1)
+def intensity_normalisation(values: torch.Tensor) -> Tuple[float, float]:
+    """``(offset, scale)`` with which intensities become ``(x − offset) / scale``: the median and the
+    5–95th percentile spread of ``values`` (any shape; robust to units and to outliers)."""
+    values = values.reshape(-1)
     stride = max(1, values.numel() // _PERCENTILE_SAMPLE)
     values = values[::stride].double().cpu().numpy()
     p5, p50, p95 = np.percentile(values, [5, 50, 95])
@@ -62,10 +68,18 @@ def intensity_normalisation(image: Image) -> Tuple[float, float]:
     return float(p50), scale
 
 
-def normalised(images: Sequence[Image], values: torch.Tensor, coverage: torch.Tensor):
-    """``values [N, *S]`` (the N ``images`` sampled on a grid) normalised by each image's own
-    :func:`intensity_normalisation`, 0 where uncovered (float32); and the offsets, scales ``[N]`` (float64)."""
-    norms = [intensity_normalisation(image) for image in images]
+def normalised(images: Sequence[Image], values: torch.Tensor, coverage: torch.Tensor, grid: Grid):
+    """``values [N, *S]`` (the N ``images`` sampled on the network ``grid``) normalised per image by
+    :func:`intensity_normalisation`, 0 where uncovered (float32); and the offsets, scales ``[N]`` (float64).
+
+    The statistics are of the image's voxels around the heart: all of the file's for an image about
+    the grid's size (the crops networks are trained on), and its covered voxels on ``grid`` for one
+    much wider (an uncropped scan, mostly air, chest wall and zero-filled corners — its file's
+    statistics would not be the crop's).
+    """
+    norms = [intensity_normalisation(values[i][coverage[i]] if image.grid.much_wider_than(grid)
+                                     and bool(coverage[i].any()) else image.data[0])
+             for i, image in enumerate(images)]
     offsets = torch.tensor([n[0] for n in norms], dtype=torch.float64)
     scales = torch.tensor([n[1] for n in norms], dtype=torch.float64)
     shape = (-1,) + (1,) * (values.dim() - 1)
@@ -73,12 +87,14 @@ def normalised(images: Sequence[Image], values: torch.Tensor, coverage: torch.Te
     return torch.where(coverage, scaled, torch.zeros_like(scaled)).float(), offsets, scales
 
 
-def network_grid(reference: Grid, settings: NetworkSettings) -> Grid:
-    """The network grid of a case whose reference image is on ``reference`` (see the module notes)."""
+def network_grid(reference: Grid, settings: NetworkSettings, center=None) -> Grid:
+    """The network grid of a case whose reference image is on ``reference`` (see the module notes),
+    centred on world point ``center`` (default: the reference's field-of-view centre)."""
     frame = short_axis_frame(reference)
     axes = Grid(tuple(settings.grid_size), tuple(settings.grid_spacing), (0.0,) * reference.ndim,
                 tuple(frame.ravel()))
-    return axes.with_size(settings.grid_size, settings.grid_spacing, reference.center_world())
+    return axes.with_size(settings.grid_size, settings.grid_spacing,
+                          reference.center_world() if center is None else tuple(float(c) for c in center))
 
 
 def canonical_grid(settings: NetworkSettings) -> Grid:
@@ -117,6 +133,7 @@ class NetworkCase:
     scales: torch.Tensor  # [N] float64
     placement: Optional[LinearTransform]  # the atlas's rigid start, common space → atlas
     labels: Optional[torch.Tensor] = None
+    fov_search: Optional[dict] = None  # how the template search placed a much wider scan's grid (None: not searched)
 
     @property
     def fields(self) -> Tuple[str, ...]:
@@ -135,33 +152,52 @@ def atlas_placement(subject: Subject) -> LinearTransform:
 
 def _warn_if_uncropped(reference: Image, grid: Grid) -> None:
     """Warn when the reference's field of view is much wider than the network grid, which sits at its
-    centre: the networks do not search for the heart (the classical path does), and the image's
-    intensity statistics are then mostly of what lies around it."""
+    centre (no start was found for it: see :func:`prepare_case`)."""
     if reference.grid.much_wider_than(grid):
         log.warning("%s: its field of view (%s mm) is much wider than the network grid (%s mm), which sits at its "
-                    "centre; the networks are trained on crops around the heart and do not search for it: crop "
-                    "the images around the heart first, or use the classical path (no model), which finds it",
-                    reference.source, " x ".join(f"{e:.0f}" for e in reference.grid.extent_mm()),
+                    "centre: the heart was not searched for (that needs an atlas with an intensity template of "
+                    "the case's sequences); crop the images around the heart first, or use the classical path (no "
+                    "model), which finds it", reference.source,
+                    " x ".join(f"{e:.0f}" for e in reference.grid.extent_mm()),
                     " x ".join(f"{e:.0f}" for e in grid.extent_mm()))
 
 
-def prepare_case(subject: Subject, settings: NetworkSettings, device=None, require_atlas: bool = True) -> NetworkCase:
+def content_shift(before: LinearTransform, after: LinearTransform, atlas_grid: Grid) -> np.ndarray:
+    """World translation (mm, shape ``(ndim,)``) by which the atlas's centre moves on the image when its
+    placement (common space → atlas) changes from ``before`` to ``after``."""
+    with torch.no_grad():
+        centre = torch.as_tensor(atlas_grid.center_world(), dtype=after.params.dtype)[None]
+        return (after.inverse()(centre) - before.inverse()(centre))[0].cpu().numpy().astype(np.float64)
+
+
+def prepare_case(subject: Subject, settings: NetworkSettings, device=None, require_atlas: bool = True,
+                 start: Optional[LinearTransform] = None, fov_search: Optional[dict] = None) -> NetworkCase:
     """Resample ``subject`` onto its network grid, normalised; see the module notes.
 
-    With an atlas, it is placed as the classical path places it and the region is within
-    ``settings.roi_margin_mm`` of its foreground; without one (``require_atlas=False``), the region
-    is wherever an image covers the grid.
+    With an atlas, it is placed as the classical path places it before any search and the region is
+    within ``settings.roi_margin_mm`` of its foreground; without one (``require_atlas=False``), the
+    region is wherever an image covers the grid. ``start``: the atlas's placement found for a scan much
+    wider than the grid (:func:`mvmm.amortized.network_start`); the grid moves with the atlas, as a
+    crop is centred on the heart, and ``fov_search`` (how it was found) is kept with the case.
     """
     if subject.atlas is None and require_atlas:
         raise InputError("atlas: the Bayesian segmentation network needs an atlas (its prior is warped)")
-    grid = network_grid(subject.reference_image.grid, settings)
-    _warn_if_uncropped(subject.reference_image, grid)
+    reference = subject.reference_image.grid
+    grid = network_grid(reference, settings)
     placement = atlas_placement(subject) if subject.atlas is not None else None
+    if start is not None and placement is not None:
+        grid = network_grid(reference, settings,
+                            reference.center_world() + content_shift(placement, start, subject.atlas.grid))
+        placement = start.with_params(start.params.detach().clone())
+        placement.requires_grad_(False)
+    else:
+        _warn_if_uncropped(subject.reference_image, grid)
+        fov_search = None
     placed = subject if placement is None else replace(subject, transforms={**subject.transforms, "atlas": placement},
                                                         roi_margin_mm=None)
     with torch.no_grad():
         sample = placed.sample(grid, device, check=True)
-    images, offsets, scales = normalised(subject.images, sample.images, sample.coverage)
+    images, offsets, scales = normalised(subject.images, sample.images, sample.coverage, grid)
     region = sample.coverage.any(0)
     if placement is not None:
         region = atlas_roi(sample.prior, subject.atlas.labels.background_index, tuple(reversed(grid.spacing)),
@@ -171,7 +207,7 @@ def prepare_case(subject: Subject, settings: NetworkSettings, device=None, requi
                              f"{settings.roi_margin_mm:g} mm of the atlas foreground ({subject.atlas.source})")
     prior = sample.prior.float() if sample.prior is not None else None
     return NetworkCase(subject.reference_image.source, images, sample.coverage, prior, region, grid,
-                       offsets, scales, placement)
+                       offsets, scales, placement, fov_search=fov_search)
 
 
 def case_labels(label_image: Image, grid: Grid, labels: LabelSet, argname: str = "labels") -> torch.Tensor:
@@ -250,7 +286,7 @@ def prepare_pair(fixed: Image, moving: Image, settings: NetworkSettings, device=
     grid = network_grid(fixed.grid, settings)
     with torch.no_grad():
         sample = Subject([fixed, moving]).sample(grid, device, check=True)
-    images, _, _ = normalised([fixed, moving], sample.images, sample.coverage)
+    images, _, _ = normalised([fixed, moving], sample.images, sample.coverage, grid)
     return PairCase(moving.source, images, sample.coverage, grid)
 
 
