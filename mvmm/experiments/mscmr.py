@@ -122,6 +122,33 @@ def _multi_atlas(target_lge: Image, entries: List[AtlasEntry], settings: Experim
     return atlas, report["seconds"]
 
 
+def em_all_registration(settings: ExperimentSettings) -> RegistrationSettings:
+    """The registration of the experiment's ``em-all`` (and the start of its other classical methods)."""
+    return RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images, images_init="header",
+                                atlas_search_fov=settings.atlas_search_fov, atlas_search_mm=settings.atlas_search_mm,
+                                affine_weight=settings.affine_weight,
+                                template_metric="none" if settings.prior == "groupwise" else "ncc",
+                                template_sequence=settings.template_sequence,
+                                template_transform=settings.template_transform)
+
+
+def em_all_subtypes(settings: ExperimentSettings) -> List[str]:
+    """``em-all``'s subtype items: with pathology, the named subtypes come last (they replace the LGE
+    and T2 myocardium's counts)."""
+    return list(settings.subtypes) + (cardiac_pathology_subtypes(settings.sequences) if settings.pathology else [])
+
+
+def fit_em_all(images: List[Image], placed: Atlas, settings: ExperimentSettings,
+               registration: Optional[RegistrationSettings] = None):
+    """The experiment's ``em-all`` on one case: every image, the ``placed`` atlas, registration and EM
+    (:func:`mvmm.segment.segment_subject`); the :class:`~mvmm.segment.Segmentation`."""
+    return segment_subject(Subject(images, atlas=placed, roi_margin_mm=settings.roi_margin_mm),
+                           subtypes=em_all_subtypes(settings), learn_proportions=settings.proportions == "learned",
+                           mrf_beta=settings.mrf_beta,
+                           registration=em_all_registration(settings) if registration is None else registration,
+                           postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
+
+
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
                 atlas_set: Optional[List[AtlasEntry]] = None, progress: bool = False, model=None) -> dict:
     """Every method on one target; returns metrics, seconds and label maps (LGE grid).
@@ -132,13 +159,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     """
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="data")
-    registration = RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images,
-                                        images_init="header", atlas_search_fov=settings.atlas_search_fov,
-                                        atlas_search_mm=settings.atlas_search_mm,
-                                        affine_weight=settings.affine_weight,
-                                        template_metric="none" if settings.prior == "groupwise" else "ncc",
-                                        template_sequence=settings.template_sequence,
-                                        template_transform=settings.template_transform)
+    registration = em_all_registration(settings)
     maps, seconds = {}, {}
     prior_seconds = 0.0
     if settings.prior == "multi-atlas":
@@ -149,11 +170,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         placed = atlas.placed_on(images[0].grid)
     start = time.perf_counter()
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
-    # with pathology, the named subtypes come last: they replace the LGE and T2 myocardium's counts
-    subtypes = list(settings.subtypes) + (cardiac_pathology_subtypes(settings.sequences) if settings.pathology else [])
-    em_all = segment_subject(Subject(images, atlas=placed, roi_margin_mm=roi), subtypes=subtypes,
-                             learn_proportions=learn, mrf_beta=settings.mrf_beta, registration=registration,
-                             postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
+    subtypes = em_all_subtypes(settings)
+    em_all = fit_em_all(images, placed, settings, registration)
     maps["em-all"] = em_all.label_map()
     seconds["em-all"] = time.perf_counter() - start + prior_seconds
     native = _native_metrics(em_all, images[1:], files, placed.labels)
