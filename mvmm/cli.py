@@ -389,7 +389,7 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
     if model_dir is not None:
-        return _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess,
+        return _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess, preset,
                                    register_atlas, affine_weight, roi_margin, out, device, quiet)
     if refine or samples:
         raise InputError(f"{'refine' if refine else 'samples'}: `{'refine' if refine else 'samples'}` works on a "
@@ -444,12 +444,14 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
 
 
-def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess, register_atlas,
+def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess, preset, register_atlas,
                         affine_weight, roi_margin, out, device, quiet):
     """``segment --model``: options of the classical fit that the model fixes are refused, not ignored;
-    ``--register-atlas`` continues from the network's warp with the joint solver."""
+    ``--register-atlas`` continues from the network's warp with the joint solver; the preset (auto:
+    cardiac for a model of cardiac labels) fills the clean-up and the refinement's settings not given."""
     from mvmm.amortized import segment_with_model
-    from mvmm.segment import read_images
+    from mvmm.nets.model_dir import read_config
+    from mvmm.segment import model_preset_values, read_images
 
     def given(names):
         return [param.opts[0] for param in ctx.command.params if param.name in names
@@ -457,10 +459,13 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
 
     fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
                    "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
-                   "images_model", "preset", "pathology"})
+                   "images_model", "pathology"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
+    chosen = {key: value for key, value in model_preset_values(preset, read_config(model_dir).labels).items()
+              if not given({"roi_margin" if key == "roi_margin_mm" else key})}
+    postprocess, affine_weight = chosen.get("postprocess", postprocess), chosen.get("affine_weight", affine_weight)
     registration = None
     if given({"register_atlas"}):
         if refine:
@@ -471,7 +476,9 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     result = segment_with_model(read_images(list(images), list(names) or None), model_dir, refine=refine,
                                 mrf_beta=mrf_beta, postprocess=postprocess, device=device,
                                 progress=_show_progress(quiet), registration=registration,
-                                roi_margin_mm=roi_margin if given({"roi_margin"}) else None, samples=samples)
+                                roi_margin_mm=roi_margin if given({"roi_margin"}) else
+                                chosen.get("roi_margin_mm") if registration is not None else None, samples=samples)
+    result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if not quiet:
         t = result.timings

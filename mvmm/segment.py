@@ -165,6 +165,20 @@ def preset_values(preset: str, subject: Subject, pathology: bool = False) -> dic
     return {**CARDIAC_PRESET, "subtypes": subtypes}
 
 
+def model_preset_values(preset: str, labels: Optional[LabelSet]) -> dict:
+    """The settings ``preset`` gives ``segment --model`` (a model fixes its atlas, subtypes and
+    proportions): of :data:`mvmm.core.settings.CARDIAC_PRESET`, the clean-up (``postprocess``) and, for
+    a refinement by registration, ``affine_weight`` and ``roi_margin_mm`` — as the MS-CMRSeg
+    experiment runs ``bayes`` and ``bayes-refine``. ``"auto"``: cardiac when the model's ``labels``
+    include :data:`~mvmm.core.settings.CARDIAC_TISSUES`."""
+    if preset not in PRESETS:
+        raise InputError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    names = set(labels.names) if labels is not None else set()
+    if preset == "none" or (preset == "auto" and not set(CARDIAC_TISSUES) <= names):
+        return {}
+    return {key: CARDIAC_PRESET[key] for key in ("postprocess", "affine_weight", "roi_margin_mm")}
+
+
 @dataclass
 class Segmentation:
     """A fitted case: the model, its posteriors on the common grid, and how it was obtained."""

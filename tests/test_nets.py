@@ -203,17 +203,26 @@ def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((seg / "report.json").read_text())
     assert {"network_s", "refine_s"} <= set(report["timings_s"]) and report["settings"]["refine"] == 3
+    # a model of cardiac labels gets the cardiac preset's clean-up, as the experiment's bayes (auto)
+    assert report["settings"]["postprocess"] == "cardiac" and report["settings"]["preset"]["name"] == "auto"
+    plain = tmp_path / "plain"
+    result = runner.invoke(main, ["segment", "--images", str(cases[15]["C0"]), str(cases[15]["LGE"]), "--model",
+                                  str(out), "--postprocess", "none", "--out", str(plain), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((plain / "report.json").read_text())["settings"]["postprocess"] == "none"  # given: kept
     for name in ("labels.nii.gz", "labels_LGE.nii.gz", "labels_C0.nii.gz", "posteriors.nii.gz", "params.json",
                  "transforms/transforms.json"):
         assert (seg / name).exists(), name
-    # the joint registration and EM from the network's warp (the experiment's bayes-refine)
+    # the joint registration and EM from the network's warp (the experiment's bayes-refine: the preset's
+    # 5 mm region and affine weight unless given)
     icm = tmp_path / "icm"
     result = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model",
-                                  str(out), "--register-atlas", "affine", "--roi-margin", "5", "--out", str(icm),
+                                  str(out), "--register-atlas", "affine", "--out", str(icm),
                                   "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((icm / "report.json").read_text())
     assert report["settings"]["refine"] == "registration" and report["settings"]["roi_margin_mm"] == 5
+    assert report["settings"]["preset"]["applied"] == ["affine_weight", "postprocess", "roi_margin_mm"]
     assert {"network_s", "registration_s", "fit_s"} <= set(report["timings_s"])
     assert report["registration"]["history"]  # the levels ran
     index = json.loads((icm / "transforms" / "transforms.json").read_text())["transforms"]["atlas"]
