@@ -146,3 +146,25 @@ def test_an_uncropped_case_on_cuda_finds_the_heart_as_on_cpu():
         found[device] = (result.registration.fov_search["shift_mm"], result.label_map())
     assert np.allclose(found["cuda"][0], HEART_SHIFT, atol=4.0) and found["cuda"][0] == found["cpu"][0]
     assert (found["cuda"][1] == found["cpu"][1]).mean() > 0.99
+
+
+def test_a_network_on_an_uncropped_case_on_cuda_as_on_cpu(tmp_path):
+    """segment --model's start on a scan much wider than the network grid (template, likelihood search,
+    the grid moved with the atlas) gives the same start and labels on CUDA as on the CPU."""
+    from test_template_search import NETWORK, _crop_around_heart, atlas_with_template, uncropped_case  # noqa: F401
+
+    from mvmm.amortized import segment_with_model
+    from mvmm.core.settings import TrainingSettings
+    from mvmm.nets.data import SubjectRow
+    from mvmm.training import train_bayes
+
+    case, _ = uncropped_case(np.random.default_rng(6))
+    _crop_around_heart(case).write(tmp_path / "crop.nii.gz")
+    train_bayes([SubjectRow("crop", {"LGE": tmp_path / "crop.nii.gz"})], ["LGE"], atlas_with_template.__wrapped__(),
+                tmp_path / "model", NETWORK, TrainingSettings(epochs=2), device="cpu", progress=False)
+    found = {}
+    for device in ("cpu", "cuda"):
+        result = segment_with_model([case], tmp_path / "model", refine=20, device=device)
+        found[device] = (np.asarray(result.registration.fov_search["start_shift_mm"]), result.label_map())
+    assert np.allclose(found["cuda"][0], found["cpu"][0], atol=1e-3)
+    assert (found["cuda"][1] == found["cpu"][1]).mean() > 0.99

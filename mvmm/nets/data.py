@@ -165,9 +165,11 @@ def _warn_if_uncropped(reference: Image, grid: Grid) -> None:
 def content_shift(before: LinearTransform, after: LinearTransform, atlas_grid: Grid) -> np.ndarray:
     """World translation (mm, shape ``(ndim,)``) by which the atlas's centre moves on the image when its
     placement (common space → atlas) changes from ``before`` to ``after``."""
-    with torch.no_grad():
-        centre = torch.as_tensor(atlas_grid.center_world(), dtype=after.params.dtype)[None]
-        return (after.inverse()(centre) - before.inverse()(centre))[0].cpu().numpy().astype(np.float64)
+    centre = torch.as_tensor(atlas_grid.center_world(), dtype=torch.float64)[None]
+    with torch.no_grad():  # each transform where its parameters are (the device may differ)
+        at = [t.inverse()(centre.to(device=t.params.device, dtype=t.params.dtype))[0].cpu().double()
+              for t in (before, after)]
+    return (at[1] - at[0]).numpy()
 
 
 def prepare_case(subject: Subject, settings: NetworkSettings, device=None, require_atlas: bool = True,
