@@ -184,7 +184,9 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     margin = config.network.roi_margin_mm if roi_margin_mm is None else roi_margin_mm
     subject = Subject(ordered, atlas=atlas, roi_margin_mm=margin)
     check_postprocess(postprocess, subject.class_labels)
-    atlas_start, search = network_start(subject, config, torch_device)
+    opened = time.perf_counter()
+    atlas_start, search = network_start(subject, config, torch_device)  # (None, None) for a crop
+    started = time.perf_counter()
     case = prepare_case(subject, config.network, torch_device, start=atlas_start, fov_search=search)
     loaded = time.perf_counter()
     with torch.no_grad():
@@ -203,7 +205,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
                                  registration=registration, postprocess=postprocess,
                                  atlas_start=(case.placement, svf))
         result.settings = {**result.settings, "model": str(model.path), "refine": "registration"}
-        result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings}
+        result.timings = {"load_s": loaded - start - (started - opened), "start_s": started - opened,
+                          "network_s": predicted - loaded, **result.timings}
         result.registration.fov_search = case.fov_search  # the network's start: the solver did not search
         return result
     subject = replace(subject, transforms={**subject.transforms, "atlas": warp})
@@ -219,7 +222,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     settings = {"model": str(model.path), "refine": int(refine), "mrf_beta": mrf_beta if refine else 0.0,
                 "learn_proportions": learn_proportions,
                 "postprocess": postprocess, "device": str(torch_device), "roi_margin_mm": subject.roi_margin_mm}
-    timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
+    timings = {"load_s": loaded - start - (started - opened), "start_s": started - opened,
+               "network_s": predicted - loaded, "sample_s": sampled - predicted,
                "refine_s": refined - sampled, "predict_s": time.perf_counter() - refined}
     return Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
                         RegistrationResult({"atlas": warp}, fov_search=case.fov_search), postprocess)

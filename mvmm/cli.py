@@ -463,8 +463,10 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
+    # the refinement's settings only where there is a registration to use them
     chosen = {key: value for key, value in model_preset_values(preset, read_config(model_dir).labels).items()
-              if not given({"roi_margin" if key == "roi_margin_mm" else key})}
+              if not given({"roi_margin" if key == "roi_margin_mm" else key})
+              and (key == "postprocess" or given({"register_atlas"}))}
     postprocess, affine_weight = chosen.get("postprocess", postprocess), chosen.get("affine_weight", affine_weight)
     registration = None
     if given({"register_atlas"}):

@@ -204,7 +204,8 @@ def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
     report = json.loads((seg / "report.json").read_text())
     assert {"network_s", "refine_s"} <= set(report["timings_s"]) and report["settings"]["refine"] == 3
     # a model of cardiac labels gets the cardiac preset's clean-up, as the experiment's bayes (auto)
-    assert report["settings"]["postprocess"] == "cardiac" and report["settings"]["preset"]["name"] == "auto"
+    assert report["settings"]["postprocess"] == "cardiac" and report["settings"]["preset"] == {
+        "name": "auto", "applied": ["postprocess"]}
     plain = tmp_path / "plain"
     result = runner.invoke(main, ["segment", "--images", str(cases[15]["C0"]), str(cases[15]["LGE"]), "--model",
                                   str(out), "--postprocess", "none", "--out", str(plain), "--device", "cpu", "-q"])

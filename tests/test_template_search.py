@@ -189,4 +189,5 @@ def test_a_model_segments_an_uncropped_scan_where_its_heart_is(crop_model):
     model, case, truth, _ = crop_model
     result = segment_with_model([case], model, refine=20)
     assert np.allclose(result.registration.fov_search["start_shift_mm"], HEART_SHIFT, atol=4.0)
+    assert result.timings["start_s"] > 0  # the search's own time, apart from loading
     assert mean_dice(result.label_map(), truth, case.grid) > 0.8
