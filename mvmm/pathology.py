@@ -143,29 +143,16 @@ class PathologyMaps:
 
 
 @torch.no_grad()
-def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
-    """Scar and oedema of a fitted case on the common grid (``name`` None) or on image ``name``'s grid.
-
-    Parameters
-    ----------
-    result : mvmm.segment.Segmentation
-        Fitted with named subtypes (``subtypes``, e.g. :func:`cardiac_pathology_subtypes`).
-    name : str, optional
-
-    Raises
-    ------
-    InputError
-        When no subtype is named as a pathology.
-    """
+def _conditionals(result, sample) -> Optional[tuple]:
+    """``(names, conditional, defined, tissue_of)`` of the pathologies named in ``result``'s subtypes on
+    ``sample`` (a :meth:`~mvmm.segment.Segmentation.sample_on` sample): per pathology, ``P(pathology |
+    its tissue, x)`` after precedence ``[*S]``, where the image that shows it counts ``[*S]`` (bool),
+    and its tissue's name; None when no subtype is named as a pathology."""
     labels = result.labels
     located = named_pathologies(result.settings.get("subtypes", []), result.common.names, labels.names)
     if not located:
-        raise InputError("subtypes: no subtype is named " + " or ".join(PATHOLOGIES) + "; name them, e.g. "
-                         "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
-    sample = result.sample_on(name)
-    posterior = result.posterior_on(sample)
+        return None
     within = result.model.predict_subtype_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
-    label_map = result.label_map(posterior, sample.grid)
     means = result.model.params_.means[0]  # [N, K, Cmax]
     names = [p for p in PATHOLOGIES if p in located]
     conditional, defined, tissue_of = {}, {}, {}
@@ -181,16 +168,62 @@ def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
             if tissue_of[earlier] == tissue:
                 p = p * (1.0 - conditional[earlier])
         conditional[pathology], defined[pathology], tissue_of[pathology] = p, covered, tissue
+    return names, conditional, defined, tissue_of
+
+
+def _chosen(names, conditional, defined, tissue_of) -> Dict[str, torch.Tensor]:
+    """Per pathology, where it is the most probable of its tissue's levels (normal included) and defined."""
+    chosen = {}
+    for pathology in names:
+        same = [conditional[q] for q in names if tissue_of[q] == tissue_of[pathology]]
+        best = torch.stack(same + [1.0 - sum(same)]).amax(0)
+        chosen[pathology] = (conditional[pathology] >= best) & defined[pathology]
+    return chosen
+
+
+def pathological_wall(result, sample) -> Optional[np.ndarray]:
+    """Where a named pathology is the most probable level of its tissue (bool ``[*S]`` on ``sample``'s
+    grid), for the cardiac clean-up to keep as wall (:func:`mvmm.postprocess.close_blood_pool`'s
+    ``keep``): papillary muscles in the cavity are normal muscle, and enhanced or oedematous wall at
+    the endocardium is myocardium, as MyoPS labels it. None when no pathology is named."""
+    found = _conditionals(result, sample)
+    if found is None:
+        return None
+    chosen = _chosen(*found)
+    return torch.stack(list(chosen.values())).any(0).cpu().numpy()
+
+
+@torch.no_grad()
+def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
+    """Scar and oedema of a fitted case on the common grid (``name`` None) or on image ``name``'s grid.
+
+    Parameters
+    ----------
+    result : mvmm.segment.Segmentation
+        Fitted with named subtypes (``subtypes``, e.g. :func:`cardiac_pathology_subtypes`).
+    name : str, optional
+
+    Raises
+    ------
+    InputError
+        When no subtype is named as a pathology.
+    """
+    labels = result.labels
+    sample = result.sample_on(name)
+    found = _conditionals(result, sample)
+    if found is None:
+        raise InputError("subtypes: no subtype is named " + " or ".join(PATHOLOGIES) + "; name them, e.g. "
+                         "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
+    names, conditional, defined, tissue_of = found
+    chosen = _chosen(*found)
+    posterior = result.posterior_on(sample)
+    wall = torch.stack(list(chosen.values())).any(0).cpu().numpy()
+    label_map = result.label_map(posterior, sample.grid, keep_wall=wall)
     probability, mask, tissue_mask = {}, {}, {}
     for pathology in names:
-        tissue = tissue_of[pathology]
-        k = labels.names.index(tissue)
-        same = [conditional[q] for q in names if tissue_of[q] == tissue]
-        normal = 1.0 - sum(same)
-        best = torch.stack(same + [normal]).amax(0)
+        k = labels.names.index(tissue_of[pathology])
         in_tissue = label_map == labels.values[k]
-        chosen = (conditional[pathology] >= best) & defined[pathology]
-        mask[pathology] = in_tissue & chosen.cpu().numpy()
+        mask[pathology] = in_tissue & chosen[pathology].cpu().numpy()
         probability[pathology] = (posterior[k] * conditional[pathology]).float().cpu().numpy()
         tissue_mask[pathology] = in_tissue
     return PathologyMaps(sample.grid, names, tissue_of, probability, mask,

@@ -8,7 +8,10 @@ them as blood pool (one of the two conventions SCMR's post-processing guidelines
 1. each foreground structure keeps its largest 3D connected component (face connectivity); the
    other components become background;
 2. slice by slice, the blood pool (``LV``) is closed: voxels it encloses become blood pool, and so do
-   wall (``Myo``) voxels inside its convex hull — never background or another structure.
+   wall (``Myo``) voxels inside its convex hull — never background or another structure, and never
+   wall voxels the caller keeps (``keep``: where the model finds scar or oedema,
+   :func:`mvmm.pathology.pathological_wall` — enhanced wall at the endocardium is myocardium, not a
+   papillary muscle).
 
 Slices are taken across the stack axis (``slice_axis``; ``mvmm segment`` passes the grid's stack
 axis, :func:`mvmm.data.anatomy.stack_axis`, so the result does not depend on the storage order); a 2D
@@ -16,6 +19,8 @@ map is one slice. The step assumes short-axis slices and is opt-in in ``mvmm seg
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
@@ -61,7 +66,8 @@ def _inside_hull(points: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return np.all(candidates @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
 
 
-def close_blood_pool(labels: np.ndarray, pool: int, wall: int, slice_axis: int = 0) -> np.ndarray:
+def close_blood_pool(labels: np.ndarray, pool: int, wall: int, slice_axis: int = 0,
+                     keep: Optional[np.ndarray] = None) -> np.ndarray:
     """Per slice, voxels enclosed by ``pool`` and ``wall`` voxels inside its convex hull become ``pool``.
 
     Parameters
@@ -71,6 +77,8 @@ def close_blood_pool(labels: np.ndarray, pool: int, wall: int, slice_axis: int =
         Label values of the blood pool (e.g. LV, 500) and of the wall around it (e.g. Myo, 200).
     slice_axis : int
         The array axis across which a 3D map is cut into slices.
+    keep : ndarray of bool, shape of ``labels``, optional
+        Wall voxels that stay wall inside the hull (pathological wall).
 
     Returns
     -------
@@ -78,12 +86,14 @@ def close_blood_pool(labels: np.ndarray, pool: int, wall: int, slice_axis: int =
     """
     out = labels.copy()
     slices = np.moveaxis(out, slice_axis, 0) if out.ndim == 3 else out[None]
-    for plane in slices:  # views into ``out``
+    kept = np.zeros(out.shape, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    kept = np.moveaxis(kept, slice_axis, 0) if out.ndim == 3 else kept[None]
+    for plane, plane_kept in zip(slices, kept):  # views into ``out``
         cavity = plane == pool
         if not cavity.any():
             continue
         plane[ndimage.binary_fill_holes(cavity) & ~cavity] = pool
-        candidates = np.argwhere(plane == wall)
+        candidates = np.argwhere((plane == wall) & ~plane_kept)
         if len(candidates):
             inside = _inside_hull(np.argwhere(plane == pool).astype(float), candidates.astype(float))
             plane[tuple(candidates[inside].T)] = pool
@@ -98,11 +108,13 @@ def check_postprocess(method: str, label_set: LabelSet) -> None:
             label_set.index(name, "postprocess")
 
 
-def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str, slice_axis: int = 0) -> np.ndarray:
+def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str, slice_axis: int = 0,
+                       keep_wall: Optional[np.ndarray] = None) -> np.ndarray:
     """Apply post-processing ``method`` (one of :data:`POSTPROCESSING`) to a label map ``[*S]``.
 
     ``"cardiac"`` needs tissues named ``LV`` and ``Myo`` in ``label_set``; ``slice_axis`` is the array
-    axis across the short-axis slices.
+    axis across the short-axis slices; ``keep_wall`` (bool ``[*S]``): ``Myo`` voxels the blood pool's
+    closing leaves as they are (:func:`close_blood_pool`'s ``keep``).
     """
     check_postprocess(method, label_set)
     if method == "none":
@@ -110,4 +122,4 @@ def postprocess_labels(labels: np.ndarray, label_set: LabelSet, method: str, sli
     value = dict(zip(label_set.names, label_set.values))
     background = label_set.values[label_set.background_index]
     cleaned = keep_largest_components(labels, [v for _, v in label_set.foreground], background)
-    return close_blood_pool(cleaned, value["LV"], value["Myo"], slice_axis)
+    return close_blood_pool(cleaned, value["LV"], value["Myo"], slice_axis, keep_wall)

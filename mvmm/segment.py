@@ -205,18 +205,35 @@ class Segmentation:
     def device(self) -> torch.device:
         return self.posterior.device
 
-    def label_map(self, posterior: Optional[torch.Tensor] = None, grid: Optional[Grid] = None) -> np.ndarray:
+    def label_map(self, posterior: Optional[torch.Tensor] = None, grid: Optional[Grid] = None,
+                  keep_wall: Optional[np.ndarray] = None) -> np.ndarray:
         """Label values (the user's, e.g. 0/200/500/600) of the most probable class, post-processed, shape [*S].
 
-        ``posterior`` on ``grid`` (default: the common posterior and grid); the grid's stack axis is
-        where post-processing cuts slices.
+        ``posterior`` on ``grid`` (default: the common posterior and grid, with the pathological wall
+        kept, see :meth:`label_map_on`); the grid's stack axis is where post-processing cuts slices;
+        ``keep_wall``: wall the cardiac clean-up keeps (:func:`mvmm.postprocess.postprocess_labels`).
         """
+        if posterior is None and grid is None:
+            return self.label_map_on(None)
         posterior = self.posterior if posterior is None else posterior
         grid = self.common.grid if grid is None else grid
         values = np.asarray(self.labels.values)
         slice_axis = grid.ndim - 1 - stack_axis(grid) if grid.ndim == 3 else 0  # ITK axis → array axis
         return postprocess_labels(values[most_probable_class(posterior).cpu().numpy()], self.labels, self.postprocess,
-                                  slice_axis)
+                                  slice_axis, keep_wall)
+
+    def label_map_on(self, name: Optional[str] = None) -> np.ndarray:
+        """:meth:`label_map` on image ``name``'s own grid (None: the common grid). With named pathology
+        subtypes (``LGE:Myo=normal,scar``…) and the cardiac clean-up, the wall where the model finds
+        scar or oedema stays myocardium (:func:`mvmm.pathology.pathological_wall`)."""
+        from mvmm.pathology import pathological_wall
+
+        sample = self.sample_on(name)
+        posterior = self.posterior_on(sample)
+        wall = None
+        if self.postprocess == "cardiac" and not self.prior_is_posterior:
+            wall = pathological_wall(self, sample)
+        return self.label_map(posterior, sample.grid, keep_wall=wall)
 
     def entropy(self) -> torch.Tensor:
         """Posterior entropy in nats, [*S]: 0 where the model is certain, log K at most."""
@@ -281,10 +298,8 @@ class Segmentation:
         io.write_array(files["labels"], labels.astype(label_dtype), grid)
         for name in self.common.names:
             files[f"labels_{name}"] = out / f"labels_{name}.nii.gz"
-            native = self.native_posterior(name)
-            native_grid = self.subject.image(name).grid
-            io.write_array(files[f"labels_{name}"], self.label_map(native, native_grid).astype(label_dtype),
-                           native_grid)
+            io.write_array(files[f"labels_{name}"], self.label_map_on(name).astype(label_dtype),
+                           self.subject.image(name).grid)
         files["posteriors"] = out / "posteriors.nii.gz"
         io.write_array(files["posteriors"], self.posterior.cpu().numpy().astype(np.float32), grid)
         files["entropy"] = out / "entropy.nii.gz"

@@ -51,6 +51,39 @@ def test_scar_and_oedema_are_found_from_the_subtypes(seed):
     assert on_lge.probability["scar"][on_lge.mask["scar"]].mean() > 0.5
 
 
+def test_the_cardiac_clean_up_keeps_pathological_wall(monkeypatch):
+    """With named pathology subtypes, every label map (common grid, each image's grid, the pathology's
+    own) hands the cardiac clean-up the wall where scar or oedema is the most probable level, to keep
+    as myocardium (tests/test_postprocess.py checks what the clean-up does with it)."""
+    from mvmm import segment
+    from mvmm.pathology import pathological_wall
+
+    _, result = fitted_phantom(0, pathology=True, postprocess="cardiac")
+    seen = []
+    clean_up = segment.postprocess_labels
+
+    def spy(labels, label_set, method, slice_axis=0, keep_wall=None):
+        seen.append(keep_wall)
+        return clean_up(labels, label_set, method, slice_axis, keep_wall)
+
+    monkeypatch.setattr(segment, "postprocess_labels", spy)
+    for name in (None, "T2"):
+        sample = result.sample_on(name)
+        wall = pathological_wall(result, sample)
+        seen.clear()
+        kept = result.label_map_on(name)
+        assert len(seen) == 1 and seen[0] is not None and (seen[0] == wall).all() and wall.any()
+        maps = pathology_maps(result, name)
+        assert (seen[-1] == wall).all() and (maps.tissue_mask["scar"] == (kept == 200)).all()
+        for p in maps.names:  # the masks are the wall's pathology inside the myocardium
+            assert (maps.mask[p] <= wall).all()
+    seen.clear()
+    result.label_map()  # the common grid by default
+    assert seen and seen[0] is not None
+    _, plain_fit = fitted_phantom(0, subtypes=["LGE:Myo=2"], postprocess="cardiac")
+    assert pathological_wall(plain_fit, plain_fit.common) is None
+
+
 def test_without_named_subtypes_there_is_no_pathology_to_read():
     _, result = fitted_phantom(0, subtypes=["LGE:Myo=2"])
     with pytest.raises(InputError, match="no subtype is named scar or oedema"):

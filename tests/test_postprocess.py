@@ -31,6 +31,24 @@ def test_papillary_muscle_and_enclosed_voxels_become_blood_pool():
     assert (plane[c - 2:c + 2, c + 5:c + 9] == MYO).all()  # the input is left as it was
 
 
+def test_kept_wall_is_not_taken_for_a_papillary_muscle():
+    """Wall the caller keeps (where the model finds scar or oedema) stays wall inside the cavity's hull;
+    the rest of the closing is unchanged."""
+    plane = short_axis_slice()
+    c = plane.shape[0] // 2
+    plane[c - 2:c + 2, c + 5:c + 9] = MYO  # inside the hull: blood pool unless kept
+    plane[c + 5:c + 7, c - 3:c - 1] = MYO
+    keep = np.zeros(plane.shape, dtype=bool)
+    keep[c - 2:c + 2, c + 5:c + 9] = True  # enhanced wall at the endocardium
+    out = close_blood_pool(plane, LV, MYO, keep=keep)
+    assert (out[c - 2:c + 2, c + 5:c + 9] == MYO).all()
+    assert (out[c + 5:c + 7, c - 3:c - 1] == LV).all()  # the papillary muscle, not kept, joins the pool
+    assert (close_blood_pool(plane, LV, MYO, keep=np.zeros_like(keep)) == close_blood_pool(plane, LV, MYO)).all()
+    stack = np.stack([plane, plane])  # slices along another axis: the mask moves with them
+    out3 = close_blood_pool(np.moveaxis(stack, 0, 2), LV, MYO, slice_axis=2, keep=np.moveaxis(np.stack([keep, keep]), 0, 2))
+    assert (np.moveaxis(out3, 2, 0)[1] == out).all()
+
+
 def test_wall_outside_the_cavitys_hull_is_kept():
     plane = short_axis_slice()
     plane[plane == LV] = 0

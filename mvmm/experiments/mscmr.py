@@ -245,7 +245,7 @@ def _native_metrics(result, images: List[Image], files, labels) -> Dict[str, dic
         truth = Image.read(files.labels[image.name], f"{image.name} manual", argname="data")
         if truth.grid.shape != image.grid.shape:
             raise InputError(f"data: {files.labels[image.name]} is not on the grid of {files.images[image.name]}")
-        label_map = result.label_map(result.native_posterior(image.name), image.grid)
+        label_map = result.label_map_on(image.name)
         metrics[image.name] = evaluate_labels(label_map, truth.data[0].numpy().astype(np.int64),
                                               tuple(reversed(image.grid.spacing)), labels)
     return metrics
