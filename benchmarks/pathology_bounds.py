@@ -47,8 +47,6 @@ def best_threshold_dice(values: np.ndarray, inside: np.ndarray, target: np.ndarr
 
 
 def patient_bounds(files, atlas_path: Path, settings) -> dict:
-    import torch
-
     from mvmm.data.atlas import Atlas
     from mvmm.data.image import Image
     from mvmm.data.labels import PATHOLOGY_LABELS
@@ -59,8 +57,7 @@ def patient_bounds(files, atlas_path: Path, settings) -> dict:
     result = fit_em_all(images, Atlas.read([atlas_path]).placed_on(images[0].grid), settings)
     maps = pathology_maps(result, "T2")
     sample = result.sample_on("T2")
-    with torch.no_grad():
-        label_map = result.label_map(result.posterior_on(sample), sample.grid)
+    label_map = result.label_map_on("T2")  # as mvmm writes labels_T2 (the pathological wall kept)
     values = {name: sample.images[sample.names.index(name)].cpu().numpy() for name in ("LGE", "T2")}
     covered = {name: sample.coverage[sample.names.index(name)].cpu().numpy() for name in ("LGE", "T2")}
     myo_value = result.labels.values[result.labels.names.index("Myo")]
