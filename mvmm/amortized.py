@@ -73,11 +73,11 @@ def network_start(subject: Subject, config, device) -> Tuple[Optional[object], O
     reference = subject.reference_image.grid
     if subject.atlas is None or not reference.much_wider_than(network_grid(reference, config.network)):
         return None, None
-    settings = RegistrationSettings(atlas_search_mm=CARDIAC_PRESET["atlas_search_mm"])
-    if subject.atlas.template_for(subject.names, settings.template_sequence or subject.reference) is None:
+    if subject.atlas.template_for(subject.names, subject.reference) is None:
         return None, None  # prepare_case warns
+    settings = RegistrationSettings(atlas_search_mm=CARDIAC_PRESET["atlas_search_mm"])
     placement = atlas_placement(subject)
-    found, record = fov_atlas_start(subject, placement, settings.template_sequence)
+    found, record = fov_atlas_start(subject, placement)
     if record is None:
         return None, None
     if settings.atlas_search_mm > 0:

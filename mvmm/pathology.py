@@ -181,6 +181,11 @@ def _chosen(names, conditional, defined, tissue_of) -> Dict[str, torch.Tensor]:
     return chosen
 
 
+def _wall(chosen: Dict[str, torch.Tensor]) -> np.ndarray:
+    """Where any pathology is chosen (bool ``[*S]``, numpy)."""
+    return torch.stack(list(chosen.values())).any(0).cpu().numpy()
+
+
 def pathological_wall(result, sample) -> Optional[np.ndarray]:
     """Where a named pathology is the most probable level of its tissue (bool ``[*S]`` on ``sample``'s
     grid), for the cardiac clean-up to keep as wall (:func:`mvmm.postprocess.close_blood_pool`'s
@@ -189,8 +194,7 @@ def pathological_wall(result, sample) -> Optional[np.ndarray]:
     found = _conditionals(result, sample)
     if found is None:
         return None
-    chosen = _chosen(*found)
-    return torch.stack(list(chosen.values())).any(0).cpu().numpy()
+    return _wall(_chosen(*found))
 
 
 @torch.no_grad()
@@ -217,8 +221,7 @@ def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
     names, conditional, defined, tissue_of = found
     chosen = _chosen(*found)
     posterior = result.posterior_on(sample)
-    wall = torch.stack(list(chosen.values())).any(0).cpu().numpy()
-    label_map = result.label_map(posterior, sample.grid, keep_wall=wall)
+    label_map = result.label_map(posterior, sample.grid, keep_wall=_wall(chosen))
     probability, mask, tissue_mask = {}, {}, {}
     for pathology in names:
         k = labels.names.index(tissue_of[pathology])

@@ -298,8 +298,8 @@ class Segmentation:
         io.write_array(files["labels"], labels.astype(label_dtype), grid)
         for name in self.common.names:
             files[f"labels_{name}"] = out / f"labels_{name}.nii.gz"
-            io.write_array(files[f"labels_{name}"], self.label_map_on(name).astype(label_dtype),
-                           self.subject.image(name).grid)
+            native = labels if self.is_common(name) else self.label_map_on(name)  # the reference's is computed
+            io.write_array(files[f"labels_{name}"], native.astype(label_dtype), self.subject.image(name).grid)
         files["posteriors"] = out / "posteriors.nii.gz"
         io.write_array(files["posteriors"], self.posterior.cpu().numpy().astype(np.float32), grid)
         files["entropy"] = out / "entropy.nii.gz"

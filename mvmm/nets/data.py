@@ -190,8 +190,7 @@ def prepare_case(subject: Subject, settings: NetworkSettings, device=None, requi
     if start is not None and placement is not None:
         grid = network_grid(reference, settings,
                             reference.center_world() + content_shift(placement, start, subject.atlas.grid))
-        placement = start.with_params(start.params.detach().clone())
-        placement.requires_grad_(False)
+        placement = start.requires_grad_(False)
     else:
         _warn_if_uncropped(subject.reference_image, grid)
         fov_search = None
