@@ -12,9 +12,12 @@ folds' patients and segment the fold's. Methods (``--methods``):
   ``--semi-variances fitted`` (chosen on fold 0); Dice Myo / LV / RV on the LGE grid.
 - ``vae-acdc``, ``vae-folds``: the segmentation network on the anatomical prior (LGE + C0), its prior
   trained on ACDC labels only (``--acdc``, once: no MS-CMRSeg label is used anywhere in training), or
-  on the training folds' LGE labels; each also with ``--refine`` EM iterations (``-refine`` rows),
-  and ``--samples`` latent samples whose entropy is scored as a detector of the wrong voxels (area
-  under the ROC curve, within 10 mm of the manual or predicted heart).
+  on the training folds' LGE labels; each also with ``--refine`` EM iterations (``-refine`` rows) and
+  with the joint solver moving the decoded prior (``-register`` rows: ``bayes-refine``'s registration,
+  :func:`mvmm.experiments.mscmr.network_refinement`), and ``--samples`` latent samples whose entropy is
+  scored as a detector of the wrong voxels (area under the ROC curve, within 10 mm of the manual or
+  predicted heart). Every row is cleaned up as ``mvmm segment --model`` does for cardiac labels
+  (its preset: ``cardiac``, and the 5 mm region for the registration).
 
 Every figure is the mean over the patients; seconds per case are files to labels. Labels of test
 patients are read for scoring only.
@@ -165,8 +168,10 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from mvmm.core.settings import AcweNetSettings, TrainingSettings
+    from mvmm.core.settings import AcweNetSettings, ExperimentSettings, TrainingSettings
     from mvmm.data.image import Image
+    from mvmm.experiments.mscmr import network_refinement
+    from mvmm.segment import model_preset_values
     from mvmm.data.manifest import Manifest, parse_patients, scan
     from mvmm.nets.data import SubjectRow
     from mvmm.nets.model_dir import WEIGHTS, load_model
@@ -199,29 +204,35 @@ def main():
                 print(method, "fold", fold, "trained", {k: round(v) for k, v in report.items() if "seconds" in k},
                       flush=True)
             model = load_model(folder, args.device)
+            preset = model_preset_values("auto", model.config.labels)  # what `segment --model` applies
+            variants = {"": {"samples": args.samples}, "-refine": {"refine": args.refine},
+                        "-register": {"registration": network_refinement(ExperimentSettings()),
+                                      "roi_margin_mm": preset["roi_margin_mm"]}}
             for p in test:
                 truth = Image.read(files[p].labels["LGE"], "truth").data[0].numpy().round().astype(np.int64)
                 spacing = tuple(reversed(Image.read(files[p].images["LGE"], "LGE").grid.spacing))
-                for refine in (0, args.refine):
+                for suffix, how in variants.items():
                     start = time.perf_counter()
                     images = [Image.read(files[p].images[s], s) for s in ("LGE", "C0")]
-                    result = segment_with_model(images, model, refine=refine, samples=0 if refine else args.samples,
-                                                device=args.device)
+                    result = segment_with_model(images, model, postprocess=preset["postprocess"], device=args.device,
+                                                **how)
                     labels = result.label_map()
                     seconds = time.perf_counter() - start
-                    name = method + ("-refine" if refine else "")
+                    name = method + suffix
                     row = {"method": name, "patient": p, "fold": fold, "seconds": seconds,
                            "dice": {n: dice(labels == v, truth == v) for n, v in STRUCTURES.items()}}
-                    if not refine:
-                        near = near_heart(truth, labels, spacing)
-                        wrong = labels != truth
+                    if not suffix:
+                        # the errors of the map the entropy is of: the network's, before the clean-up
+                        raw = replace(result, postprocess="none").label_map()
+                        near = near_heart(truth, raw, spacing)
+                        wrong = raw != truth
                         entropy = result.extra_maps["uncertainty_entropy"].cpu().numpy()
                         own = result.entropy().cpu().numpy()
                         row["auroc_sample_entropy"] = auroc(entropy[near], wrong[near])
                         row["auroc_posterior_entropy"] = auroc(own[near], wrong[near])
                         if p == test[0]:
                             uncertainty_figure(args.out / "figures" / f"{method}_patient{p}.png", images[0].data[0].numpy(),
-                                               truth, labels, entropy, f"{method}, patient {p} (fold {fold})")
+                                               truth, raw, entropy, f"{method}, patient {p} (fold {fold})")
                     rows.append(row)
                     print(name, p, {k: round(v, 3) for k, v in row["dice"].items()},
                           {k: round(v, 3) for k, v in row.items() if k.startswith("auroc")}, f"{seconds:.2f} s", flush=True)
@@ -267,7 +278,7 @@ def main():
         for key in ("auroc_sample_entropy", "auroc_posterior_entropy"):
             if key in mine[0]:
                 summary[method][key] = float(np.nanmean([r[key] for r in mine]))
-        if args.em_all and method in ("acwe-semi", "vae-acdc", "vae-folds"):
+        if args.em_all and method.startswith(("acwe-semi", "vae-")):
             em = [json.loads((args.em_all / "patients" / f"patient{r['patient']}.json").read_text())["metrics"]["em-all"]
                   for r in mine]
             summary[method]["em_all_same_patients"] = {k: float(np.mean([e[k]["dice"] for e in em])) for k in STRUCTURES}

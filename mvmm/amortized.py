@@ -172,11 +172,9 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
         return segment_with_acwe(images, model, refine=refine, mrf_beta=mrf_beta, postprocess=postprocess,
                                  device=device, progress=progress)
     if config.kind == "vae-seg":  # the atlas is replaced by the decoded prior (mvmm.amortized)
-        if registration is not None:
-            raise InputError(f"register_atlas: the model {model.path} decodes its prior on the case; there is no "
-                             f"atlas warp to refine; use `refine` (EM with the decoded prior)")
         return segment_with_vae(images, model, refine=refine, samples=samples, mrf_beta=mrf_beta,
-                                postprocess=postprocess, device=device, progress=progress)
+                                postprocess=postprocess, device=device, progress=progress,
+                                registration=registration, roi_margin_mm=roi_margin_mm)
 
     config.require("bayes", model.path)
     ordered = ordered_images(images, config, model.path)
@@ -297,7 +295,8 @@ def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta:
 
 def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: int = 0, mrf_beta: float = 0.0,
                      postprocess: str = "none", device: str = "auto", progress: bool = False,
-                     seed: int = 0) -> Segmentation:
+                     seed: int = 0, registration: Optional[RegistrationSettings] = None,
+                     roi_margin_mm: Optional[float] = None) -> Segmentation:
     """Segment a case by a trained prior-VAE segmentation network (:mod:`mvmm.nets.vae_seg`).
 
     The encoder's mean code gives the prior (decoded) and θ (EM under it, in the network); the
@@ -313,6 +312,14 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         under each (its prior decoded, θ by EM) gives, on the common grid, the per-voxel variance of
         the posterior over the samples (summed over classes) and the entropy of their mean —
         ``uncertainty_variance`` and ``uncertainty_entropy`` among the outputs.
+    registration : RegistrationSettings, optional
+        Instead of EM with the decoded prior fixed, the joint solver (EM ⇄ registration,
+        :mod:`mvmm.joint`) with the decoded prior as the atlas, starting where the network decoded it:
+        the levels of ``registration.atlas`` move it (the decoder has no warp: the code alone cannot
+        bend it to the case), then EM to convergence, θ from the moved prior as in ``segment``
+        (``refine`` is not used; ``samples`` are refused: their maps would be the unmoved prior's).
+    roi_margin_mm : float, optional
+        With ``registration``: the region of interest (default: the model's ``roi_margin_mm``).
     """
     from mvmm.mixture.functional import log_joint, log_posteriors
     from mvmm.nets.data import prepare_case, stack_cases
@@ -323,6 +330,10 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
     config, net = model.config, model.net
     if samples < 0:
         raise InputError(f"samples: expected a count of at least 0, got {samples}")
+    if registration is not None and (samples or refine):
+        raise InputError(f"{'samples' if samples else 'refine'}: with register_atlas the decoded prior moves and "
+                         f"EM runs to convergence; the samples' uncertainty maps (and `refine`'s EM with the prior "
+                         f"fixed) describe the prior where the network put it; give one")
     ordered = ordered_images(images, config, model.path)
     check_postprocess(postprocess, config.labels)
     case = prepare_case(Subject(ordered), config.network, torch_device, require_atlas=False)
@@ -348,6 +359,16 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                       "uncertainty_entropy": -(average * average.clamp_min(1e-12).log()).sum(0)}
     predicted = time.perf_counter()
     decoded = Atlas(prior.float().cpu(), case.grid, config.labels, source=f"{model.path} (decoded prior)")
+    if registration is not None:
+        margin = config.network.roi_margin_mm if roi_margin_mm is None else roi_margin_mm
+        result = segment_subject(Subject(ordered, atlas=decoded, roi_margin_mm=margin),
+                                 subtypes=config.network.subtypes,
+                                 background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
+                                 learn_proportions=False, device=str(torch_device), progress=progress,
+                                 registration=registration, postprocess=postprocess)
+        result.settings = {**result.settings, "model": str(model.path), "kind": "vae-seg", "refine": "registration"}
+        result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings}
+        return result
     subject = Subject(ordered, atlas=decoded)
     mixture = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(config.labels), max_iter=max(refine, 1),
                                   mrf_beta=mrf_beta if refine else 0.0, learn_proportions=False)

@@ -355,11 +355,12 @@ def main():
               help="Repeat the last registration level on the full reference grid (slower on large volumes).")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), metavar="MODEL_DIR",
               help="A trained network, instead of the fit: mvmm train bayes (atlas warp and parameters in one "
-                   "forward pass; the model carries its atlas and subtypes) or acwe (the segmentation itself).")
+                   "forward pass; the model carries its atlas and subtypes), vae-seg (a decoded prior and parameters) or "
+                   "acwe (the segmentation itself).")
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --model: EM iterations from the network's prediction, its warp fixed (acwe: its map as the "
-                   "prior; 0: the network alone). With a bayes model, --register-atlas instead runs the joint "
-                   "registration and EM from the network's warp.")
+                   "prior; 0: the network alone). With a bayes or vae-seg model, --register-atlas instead runs the "
+                   "joint registration and EM from the network's warp (vae-seg: its decoded prior).")
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="With a vae-seg --model: latent codes drawn from the encoder's distribution; writes the "
                    "per-voxel variance of the posterior over them and the entropy of their mean "

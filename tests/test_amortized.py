@@ -289,6 +289,54 @@ def test_vae_seg_segment_samples_and_refine(cohort, prior_dir, tmp_path):
     assert bounds[-1] >= result.model.lower_bounds_[0] - 1e-7  # EM from the network's θ and decoded prior
 
 
+def test_vae_seg_register_atlas_moves_the_decoded_prior_to_the_heart(cohort, prior_dir, tmp_path):
+    """``registration``: the decoded prior is the joint solver's atlas, moved from where the network put it.
+    The network's decoder is replaced by the case's own (smoothed) labels 6 mm off the heart: EM with the
+    prior fixed leaves it there; the affine registration brings it back."""
+    from dataclasses import replace
+
+    from mvmm.data.atlas import Atlas
+    from mvmm.data.subject import Subject
+    from mvmm.joint import RegistrationSettings
+    from mvmm.metrics import evaluate_labels
+    from mvmm.spatial.warp import sample_image
+
+    root, cases, _ = cohort
+    out = tmp_path / "m"
+    train_vae_seg(rows_of(cases, range(30, 34)), SEQUENCES, prior_dir, out, TINY_VAE,
+                  TrainingSettings(epochs=1, lr=3e-3), device="cpu", progress=False)
+    model = load_model(out, "cpu")
+    images = read_case(cases, 36)
+    truth = Image.read(cases[36]["LGE_truth"], "truth").data[0].numpy().round().astype(np.int64)
+    shift = np.eye(3)
+    shift[0, 2] = 6.0  # mm along x
+    off = Atlas.from_label_maps([truth], images[0].grid.moved(shift), model.config.labels, sigma_mm=2.0)
+    grid = prepare_case(Subject(images), model.config.network, require_atlas=False).grid
+    shifted, _ = sample_image(off.probabilities, off.grid, grid.world_points())
+    decoded = (0.98 * shifted + 0.02 / shifted.shape[0]).log()[None]
+    network_predict = model.net.predict
+    model.net.predict = lambda batch, z, *rest: replace(network_predict(batch, z, *rest), log_prior=decoded)
+
+    def prior_myo_dice(result):  # the prior alone (argmax), where the fit left it: the experiment's `atlas`
+        from mvmm.mixture.functional import most_probable_class
+
+        prior = np.asarray(model.config.labels.values)[most_probable_class(result.common.prior).numpy()]
+        scores = evaluate_labels(prior, truth, tuple(reversed(images[0].grid.spacing)), model.config.labels)
+        return scores["Myo"]["dice"]
+
+    fixed = segment_with_model(images, model, refine=20, device="cpu")
+    moved = segment_with_model(images, model, device="cpu", registration=RegistrationSettings(
+        atlas="affine", images_init="header", template_metric="none"), roi_margin_mm=10.0)
+    assert moved.settings["refine"] == "registration" and moved.settings["kind"] == "vae-seg"
+    assert {"network_s", "registration_s", "fit_s"} <= set(moved.timings)
+    offset = moved.registration.transforms["atlas"].affine().detach().numpy()[:2, 2]
+    assert abs(offset[0] - 6.0) < 1.0 and abs(offset[1]) < 1.0, offset  # the 6 mm undone
+    assert prior_myo_dice(moved) > prior_myo_dice(fixed) + 0.2
+    for bad, name in (({"samples": 2}, "samples"), ({"refine": 3}, "refine")):
+        with pytest.raises(InputError, match=name):
+            segment_with_model(images, model, device="cpu", registration=RegistrationSettings(atlas="affine"), **bad)
+
+
 def test_cli_train_prior_vae_seg_acwe_and_segment(cohort, prior_dir, tmp_path):
     root, cases, table = cohort
     runner = CliRunner()
@@ -320,6 +368,15 @@ def test_cli_train_prior_vae_seg_acwe_and_segment(cohort, prior_dir, tmp_path):
                                   str(vae), "--samples", "3", "--out", str(seg), "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     assert (seg / "uncertainty_variance.nii.gz").exists() and (seg / "labels_C0.nii.gz").exists()
+    moved = tmp_path / "moved"
+    result = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model",
+                                  str(vae), "--register-atlas", "affine", "--out", str(moved), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((moved / "report.json").read_text())
+    assert report["settings"]["refine"] == "registration" and "roi_margin_mm" in report["settings"]["preset"]["applied"]
+    bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(vae),
+                               "--register-atlas", "affine", "--samples", "3", "--out", str(tmp_path / "u"), "-q"])
+    assert bad.exit_code != 0 and "--samples" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(acwe),
                                "--samples", "3", "--out", str(tmp_path / "w"), "-q"])
     assert bad.exit_code != 0 and "--samples" in bad.output

@@ -132,6 +132,12 @@ def em_all_registration(settings: ExperimentSettings) -> RegistrationSettings:
                                 template_transform=settings.template_transform)
 
 
+def network_refinement(settings: ExperimentSettings) -> RegistrationSettings:
+    """``bayes-refine``'s registration: ``em-all``'s levels from where the network placed the atlas (no start
+    search, no template) — chosen over EM alone with the warp fixed on a development fold."""
+    return replace(em_all_registration(settings), atlas_search_fov=False, atlas_search_mm=0.0, template_metric="none")
+
+
 def em_all_subtypes(settings: ExperimentSettings) -> List[str]:
     """``em-all``'s subtype items: with pathology, the named subtypes come last (they replace the LGE
     and T2 myocardium's counts)."""
@@ -194,10 +200,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         clusters = most_probable_class(plain.posterior).cpu().numpy()
         maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
         seconds["gmm"] = time.perf_counter() - start
-    # bayes-refine: the network's warp, then em-all's registration levels (no start search: the network
-    # placed the atlas) and EM — chosen over EM alone with the warp fixed on a development fold
-    network_runs = {"bayes": None, "bayes-refine": replace(registration, atlas_search_fov=False, atlas_search_mm=0.0,
-                                                           template_metric="none")}
+    network_runs = {"bayes": None, "bayes-refine": network_refinement(settings)}
     for method, refinement in network_runs.items():
         if method in settings.methods:
             # files to labels: the images are read again, as `mvmm segment --model` would
