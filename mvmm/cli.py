@@ -1006,18 +1006,26 @@ def experiment():
               help="Sequences of each target for em-all and gmm (LGE is always used).")
 @click.option("--methods", multiple=True, type=click.Choice(EXPERIMENT_METHODS),
               default=default_list(ExperimentSettings, "methods"), show_default=True,
-              help="Methods to run and report (atlas and em-all always run; bayes and bayes-refine need --folds "
+              help="Methods to run and report (atlas and em-all always run; the network methods bayes, vae-seg "
+                   "and their -refine (the network's placement, then em-all's registration and EM) need --folds "
                    "or --model).")
 @click.option("--folds", type=click.IntRange(min=2), default=default(ExperimentSettings, "folds"),
               help="Cross-validation over the patients: per fold, the atlas from the other folds' labels and (for "
-                   "bayes, bayes-refine) a network trained on their images; default: leave-one-out atlases.")
+                   "the network methods) networks trained on their images; default: leave-one-out atlases.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path),
-              help="A trained model directory for bayes and bayes-refine (instead of --folds).")
+              help="A trained model directory for the network methods of its kind: bayes for bayes*, vae-seg for "
+                   "vae-seg* (instead of --folds).")
 @click.option("--epochs", type=COUNT, default=default(ExperimentSettings, "epochs"), show_default=True,
               help="--folds: training epochs of each fold's network.")
+@click.option("--vae-prior", type=click.Path(path_type=Path), metavar="PRIOR_DIR",
+              default=default(ExperimentSettings, "vae_prior"),
+              help="--folds: the anatomical prior (mvmm train prior, e.g. on ACDC labels) under every fold's vae-seg "
+                   "network; default: a prior trained per fold on its training patients' LGE labels.")
+@click.option("--prior-epochs", type=COUNT, default=default(ExperimentSettings, "prior_epochs"), show_default=True,
+              help="--folds without --vae-prior: training epochs of each fold's prior.")
 @click.option("--network-labels/--no-network-labels", default=default(ExperimentSettings, "network_labels"),
-              show_default=True, help="--folds: train each fold's network with its training patients' LGE labels too "
-                                      "(semi-supervised; the labels its atlas is built from).")
+              show_default=True, help="--folds: train each fold's Bayesian CNN with its training patients' LGE labels "
+                                      "too (semi-supervised; the labels its atlas is built from).")
 @click.option("--prior", type=click.Choice(PRIORS), default=default(ExperimentSettings, "prior"), show_default=True,
               help="Spatial prior of each target, from the atlas patients only: their group-wise atlas placed by "
                    "the target's axes (groupwise), placed by registering its LGE intensity template (template), "
@@ -1072,7 +1080,7 @@ def experiment():
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, methods, folds, model_dir, epochs,
-                     network_labels, prior,
+                     vae_prior, prior_epochs, network_labels, prior,
                      template_sequence, template_transform,
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
@@ -1085,6 +1093,7 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
     _setup_logging(quiet)
     settings = ExperimentSettings(sequences=list(sequences), methods=list(methods), folds=folds,
                                   model=str(model_dir) if model_dir else None, epochs=epochs,
+                                  vae_prior=str(vae_prior) if vae_prior else None, prior_epochs=prior_epochs,
                                   network_labels=network_labels, prior=prior,
                                   template_sequence=template_sequence, template_transform=template_transform,
                                   atlas_set_size=atlas_set_size,

@@ -218,11 +218,63 @@ def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
                       patients=[2, 4], progress=False)  # fold 1's network was trained on patients 1 and 3
     assert set(given["methods"]) == {"atlas", "em-all", "bayes"} and given["patients"] == [2, 4]
     assert json.loads((tmp_path / "given" / "patients" / "patient2.json").read_text())["fold"] is None
-    with pytest.raises(InputError, match="ExperimentSettings.methods: bayes, bayes-refine need `folds`"):
-        ExperimentSettings(methods=["bayes"])
+    with pytest.raises(InputError, match="ExperimentSettings.methods: bayes, vae-seg-refine need `folds`"):
+        ExperimentSettings(methods=["bayes", "vae-seg-refine"])
     result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--out", str(tmp_path / "x"),
                                        "--methods", "bayes", "-q"])
     assert result.exit_code != 0 and "--folds" in result.output and "--model" in result.output
+
+
+def test_vae_seg_methods_cross_validate_on_a_prior_per_fold_or_a_given_one(tmp_path):
+    """vae-seg, vae-seg-refine with --folds: each fold's prior from its training patients' LGE labels only and the
+    network from their images; or every fold's network on a given prior (no prior trained). Wrong kinds or
+    classes are refused naming the setting; an older experiment folder (without these settings) resumes."""
+    from mvmm.core.settings import PriorVaeSettings, TrainingSettings
+    from mvmm.training import train_prior
+
+    data = write_patients(tmp_path / "data", [1, 2, 3, 4])
+    out = tmp_path / "cv"
+    settings = ExperimentSettings(atlas_register="none", methods=["vae-seg"], folds=2, epochs=1, prior_epochs=2,
+                                  device="cpu")
+    summary = run_mscmr(data, out, settings, progress=False)
+    assert set(summary["methods"]) == {"atlas", "em-all", "vae-seg"}
+    for fold in (0, 1):
+        training = [p for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
+        prior = json.loads((out / "models" / f"prior{fold}" / "config.json").read_text())
+        assert sorted(prior["subjects"]) == sorted(str(data / f"patient{p}_LGE_manual.nii.gz") for p in training)
+        network = json.loads((out / "models" / f"vae-seg{fold}" / "config.json").read_text())
+        assert network["subjects"] == [f"patient{p}" for p in training]
+        assert summary["training"][f"prior{fold}"]["epochs"] == 2 and summary["training"][f"vae-seg{fold}"]["epochs"] == 1
+    # an older folder, made before these settings existed, resumes (nothing is redone)
+    index = json.loads((out / "experiment.json").read_text())
+    del index["settings"]["vae_prior"]  # (at its default in this run, as every later setting is in an older one)
+    (out / "experiment.json").write_text(json.dumps(index))
+    before = (out / "patients" / "patient1.json").stat().st_mtime_ns
+    run_mscmr(data, out, settings, progress=False)
+    assert (out / "patients" / "patient1.json").stat().st_mtime_ns == before
+    # one given prior under every fold's network; the refinement moves its decoded prior
+    given = tmp_path / "given"
+    summary = run_mscmr(data, given, ExperimentSettings(atlas_register="none", methods=["vae-seg-refine"], folds=2,
+                                                        epochs=1, vae_prior=str(out / "models" / "prior0"),
+                                                        device="cpu"), progress=False)
+    assert not list((given / "models").glob("prior*")) and (given / "models" / "vae-seg1" / "config.json").exists()
+    for n in (1, 2, 3, 4):
+        record = json.loads((given / "patients" / f"patient{n}.json").read_text())
+        assert 0 <= record["metrics"]["vae-seg-refine"]["Myo"]["dice"] <= 1 and record["seconds"]["vae-seg-refine"] > 0
+    with pytest.raises(InputError, match="ExperimentSettings.vae_prior"):
+        ExperimentSettings(methods=["vae-seg"], model=str(out / "models" / "vae-seg0"), vae_prior=str(out))
+    with pytest.raises(InputError, match="model: .* is a 'vae-seg' model"):
+        run_mscmr(data, tmp_path / "kind", ExperimentSettings(atlas_register="none", methods=["bayes"], device="cpu",
+                                                              model=str(out / "models" / "vae-seg0")), progress=False)
+    other = tmp_path / "other-prior"
+    train_prior([data / "patient1_LGE_manual.nii.gz"], "A=200,B=500,C=600", other, PriorVaeSettings(),
+                TrainingSettings(epochs=1), device="cpu", progress=False)
+    with pytest.raises(InputError, match="vae_prior: .* has the classes"):
+        run_mscmr(data, tmp_path / "names", ExperimentSettings(atlas_register="none", methods=["vae-seg"], folds=2,
+                                                               vae_prior=str(other), device="cpu"), progress=False)
+    result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--out", str(tmp_path / "x"),
+                                       "--methods", "em-all", "--vae-prior", str(other), "-q"])
+    assert result.exit_code != 0 and "--vae-prior" in result.output and "--folds" in result.output
 
 
 def test_network_labels_train_each_fold_with_its_training_patients_labels_only(tmp_path):

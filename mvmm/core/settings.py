@@ -445,7 +445,9 @@ class GroupwiseSettings:
 
 
 CLASSICAL_METHODS = ("atlas", "em-lge", "em-all", "gmm")
-NETWORK_METHODS = ("bayes", "bayes-refine")  # the Bayesian CNN alone, and refined by EM (mvmm.nets)
+BAYES_METHODS = ("bayes", "bayes-refine")  # the Bayesian CNN alone, and refined (mvmm.nets.bayes)
+VAE_METHODS = ("vae-seg", "vae-seg-refine")  # the network on the anatomical prior, alone and refined (.vae_seg)
+NETWORK_METHODS = BAYES_METHODS + VAE_METHODS
 EXPERIMENT_METHODS = CLASSICAL_METHODS + NETWORK_METHODS
 PRIORS = ("groupwise", "template", "multi-atlas")  # the experiment's spatial priors (mvmm.experiments.mscmr)
 FUSIONS = ("local-ncc", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas)
@@ -520,20 +522,29 @@ class ExperimentSettings:
     sequences : list of str
         Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
     methods : list of str
-        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine`` to run and
-        report (``atlas`` and ``em-all`` always run: one is the other's registered prior). The
-        network methods need ``folds`` or ``model``.
+        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine``, ``vae-seg``,
+        ``vae-seg-refine`` to run and report (``atlas`` and ``em-all`` always run: one is the other's
+        registered prior). The network methods need ``folds`` or ``model``; the ``-refine`` ones
+        continue from the network's placement with ``em-all``'s registration levels and EM.
     folds : int, optional
         Cross-validation over the given patients (patient i of the sorted list is in fold i mod
-        ``folds``): for each fold the atlas is built from the other folds' labels and a network is
+        ``folds``): for each fold the atlas is built from the other folds' labels and the networks are
         trained on their images (no label), and every method of a target of the fold uses that atlas.
+        The ``vae-seg`` network sits on ``vae_prior``, or on a prior trained on the fold's LGE labels.
         None: leave-one-out atlases (as before).
     model : str, optional
-        A trained model directory for the network methods (trained on other patients).
+        A trained model directory for the network methods of its kind (trained on other patients):
+        a ``bayes`` model for ``bayes*``, a ``vae-seg`` model for ``vae-seg*``.
     epochs : int
         Training epochs of each fold's network (the rest of :class:`TrainingSettings` as default).
+    vae_prior : str, optional
+        ``folds``: an anatomical-prior model (``mvmm train prior``, e.g. on another data set's labels)
+        under every fold's ``vae-seg`` network; None trains one per fold on its training patients'
+        LGE labels (``prior_epochs``).
+    prior_epochs : int
+        ``folds`` without ``vae_prior``: training epochs of each fold's anatomical prior.
     network_labels : bool
-        Train each fold's network with its training patients' LGE label maps too (semi-supervised:
+        Train each fold's Bayesian CNN with its training patients' LGE label maps too (semi-supervised:
         the labels its atlas is built from; ``BayesNetSettings.label_weight``); False: on their
         images alone, as Dalca et al.
     prior : {"groupwise", "template", "multi-atlas"}
@@ -591,6 +602,8 @@ class ExperimentSettings:
     folds: Optional[int] = None
     model: Optional[str] = None
     epochs: int = 100
+    vae_prior: Optional[str] = None
+    prior_epochs: int = 100
     network_labels: bool = False
     prior: str = "groupwise"
     template_sequence: str = "LGE"
@@ -623,10 +636,14 @@ class ExperimentSettings:
             raise InputError(f"ExperimentSettings.folds: expected at least 2, got {self.folds}")
         if self.folds is not None and self.model is not None:
             raise InputError("ExperimentSettings.folds: give `folds` (train a network per fold) or `model`, not both")
-        if set(NETWORK_METHODS) & set(self.methods) and self.folds is None and self.model is None:
-            raise InputError(f"ExperimentSettings.methods: {', '.join(NETWORK_METHODS)} need `folds` (networks "
+        networks = [m for m in self.methods if m in NETWORK_METHODS]
+        if networks and self.folds is None and self.model is None:
+            raise InputError(f"ExperimentSettings.methods: {', '.join(networks)} need `folds` (networks "
                              f"trained per fold) or `model` (a trained model directory)")
-        require_positive(self, ("epochs",))
+        require_positive(self, ("epochs", "prior_epochs"))
+        if self.vae_prior is not None and not (set(VAE_METHODS) & set(self.methods) and self.folds is not None):
+            raise InputError(f"ExperimentSettings.vae_prior: the prior of each fold's vae-seg network; give it "
+                             f"with `folds` and a method of {', '.join(VAE_METHODS)}")
         if self.atlas_set_size is not None and self.atlas_set_size < 1:
             raise InputError(f"ExperimentSettings.atlas_set_size: expected at least 1, got {self.atlas_set_size}")
         require_field_choice(self, "postprocess", POSTPROCESSING)

@@ -15,7 +15,11 @@ registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``)
 - ``bayes``, ``bayes-refine``: the Bayesian segmentation CNN (:mod:`mvmm.nets.bayes`) alone, and
   followed by ``em-all``'s registration levels and EM from the network's warp; from a given model,
   or with ``folds`` a network trained per fold on the other folds' images (and every method of the
-  fold then uses the other folds' atlas).
+  fold then uses the other folds' atlas);
+- ``vae-seg``, ``vae-seg-refine``: the segmentation network on an anatomical prior
+  (:mod:`mvmm.nets.vae_seg`) alone, and its decoded prior moved by the same registration levels, then
+  EM; with ``folds``, on ``vae_prior`` (e.g. a prior trained on another data set's labels) or on a
+  prior trained on the fold's LGE labels, the network on the fold's images.
 
 The label maps of ``em-all`` and ``em-lge`` are cleaned up as ``settings.postprocess`` says (by
 default :mod:`mvmm.postprocess`'s ``cardiac``: papillary muscles counted as LV, islands removed);
@@ -47,7 +51,8 @@ from mvmm.data.manifest import Manifest, expected_names, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.settings import CLASSICAL_METHODS, EXPERIMENT_METHODS as METHODS  # noqa: F401 (re-exported)
-from mvmm.core.settings import NETWORK_METHODS, ExperimentSettings  # noqa: F401 (ExperimentSettings: re-exported)
+from mvmm.core.settings import BAYES_METHODS, VAE_METHODS
+from mvmm.core.settings import ExperimentSettings  # noqa: F401 (re-exported)
 from mvmm.core.errors import InputError
 from mvmm.experiments.summary import write_summary
 from mvmm.joint import RegistrationSettings
@@ -156,12 +161,13 @@ def fit_em_all(images: List[Image], placed: Atlas, settings: ExperimentSettings,
 
 
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
-                atlas_set: Optional[List[AtlasEntry]] = None, progress: bool = False, model=None) -> dict:
+                atlas_set: Optional[List[AtlasEntry]] = None, progress: bool = False,
+                models: Optional[dict] = None) -> dict:
     """Every method on one target; returns metrics, seconds and label maps (LGE grid).
 
     ``atlas`` is the atlas patients' group-wise atlas (with templates); for the ``multi-atlas`` prior,
-    ``atlas_set`` holds their labelled LGE images instead. ``model``: the trained network
-    (:class:`mvmm.nets.model_dir.LoadedModel`) of the network methods.
+    ``atlas_set`` holds their labelled LGE images instead. ``models``: the trained networks of the
+    network methods by kind (``{"bayes": LoadedModel, "vae-seg": LoadedModel}``, those needed).
     """
     images = [Image.read(files.images[s], s) for s in settings.sequences]
     truth = Image.read(files.labels["LGE"], "LGE manual", argname="data")
@@ -200,9 +206,12 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         clusters = most_probable_class(plain.posterior).cpu().numpy()
         maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
         seconds["gmm"] = time.perf_counter() - start
-    network_runs = {"bayes": None, "bayes-refine": network_refinement(settings)}
-    for method, refinement in network_runs.items():
+    refinement = network_refinement(settings)
+    network_runs = {"bayes": ("bayes", None), "bayes-refine": ("bayes", refinement),
+                    "vae-seg": ("vae-seg", None), "vae-seg-refine": ("vae-seg", refinement)}
+    for method, (kind, refinement) in network_runs.items():
         if method in settings.methods:
+            model = models[kind]
             # files to labels: the images are read again, as `mvmm segment --model` would
             start = time.perf_counter()
             case = [Image.read(files.images[s], s) for s in model.config.images]
@@ -261,6 +270,8 @@ def _prepare(out: Path, record: dict, force: bool) -> None:
         raise InputError(f"out: {out} exists and is not a folder")
     if index.exists() and not force:
         previous = json.loads(index.read_text())
+        # settings added since that run was made count as their defaults there (it ran without them)
+        previous["settings"] = {**asdict(ExperimentSettings()), **previous.get("settings", {})}
         if {k: previous.get(k) for k in record} != record:
             raise InputError(f"out: {out} holds a run with other settings or data ({index.name}); "
                              f"nothing was changed (use another `out`, or `force` to redo it)")
@@ -329,11 +340,27 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     fold_of = {p: i % settings.folds for i, p in enumerate(patients)} if settings.folds else None
     if fold_of is not None and atlas_data is not None:
         raise InputError("atlas_data: with `folds`, each fold's atlas comes from the other folds' patients")
-    model, models, training = None, {}, {}
+    kinds = [kind for kind, methods in (("bayes", BAYES_METHODS), ("vae-seg", VAE_METHODS))
+             if set(methods) & set(settings.methods)]
+    given, models, training = {}, {}, {}
     if settings.model is not None:
         from mvmm.nets.model_dir import load_model
 
-        model = load_model(settings.model, device)
+        loaded = load_model(settings.model, device, argname="model")
+        given = {loaded.config.kind: loaded}
+        for kind in kinds:
+            if kind not in given:
+                raise InputError(f"model: {settings.model} is a {loaded.config.kind!r} model; the methods "
+                                 f"{', '.join(m for m in settings.methods if m.startswith(kind))} need a {kind!r} "
+                                 f"model (or `folds`)")
+            _require_labels(given[kind].config.labels, manifest.labels, f"model: {settings.model}")
+    vae_prior = None
+    if settings.vae_prior is not None:
+        from mvmm.nets.model_dir import load_model
+
+        vae_prior = load_model(settings.vae_prior, device, argname="vae_prior")
+        vae_prior.config.require("prior", vae_prior.path, argname="vae_prior")
+        _require_labels(vae_prior.config.labels, manifest.labels, f"vae_prior: {settings.vae_prior}")
     for target in tqdm(patients, desc="MS-CMRSeg", unit="patient", disable=not progress):
         done = out / "patients" / f"patient{target}.json"
         if done.exists() and not force:
@@ -349,13 +376,14 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
         if settings.prior != "multi-atlas":
             own_images = {s: {n: p for n, p in by_patient.items() if n in own} for s, by_patient in pool_images.items()}
             atlas, build_seconds = _atlas_for(own, own_images, out, device, progress, settings.atlas_register)
-        if fold_of is not None and set(NETWORK_METHODS) & set(settings.methods):
+        if fold_of is not None and kinds:
             fold = fold_of[target]
             if fold not in models:
-                models[fold] = _fold_model(fold, sorted(own), targets, atlas, settings, out, progress)
-            model = models[fold]
+                models[fold] = _fold_models(fold, sorted(own), kinds, targets, atlas, vae_prior, manifest.labels,
+                                            settings, out, progress)
+            given = models[fold]
         own_entries = [e for e in entries if atlas_data is not None or e.subject != f"patient{target}"]
-        result = run_patient(target, cases[target], atlas, settings, own_entries, progress, model)
+        result = run_patient(target, cases[target], atlas, settings, own_entries, progress, given)
         comparison_figure(out / "figures" / f"patient{target}.png", result["image"],
                           {"manual": result["truth"], **{m: result["maps"][m] for m in settings.methods}}, manifest.labels,
                           title=f"MS-CMRSeg patient {target}, LGE")
@@ -366,38 +394,71 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
-    if fold_of is not None and set(NETWORK_METHODS) & set(settings.methods):
-        training = {f: json.loads(p.read_text()) for f in range(settings.folds)
-                    for p in [out / "models" / f"fold{f}.json"] if p.exists()}
-    extra = {"training": {f"fold{f}": r for f, r in sorted(training.items())}} if training else {}
+    if fold_of is not None and kinds:
+        # the Bayesian CNN's reports as before (foldF); the fold's prior (priorF) and the network on it (vae-segF)
+        training = {f"{stem}{f}": json.loads(p.read_text()) for stem in ("fold", "prior", "vae-seg")
+                    for f in range(settings.folds)
+                    for p in [out / "models" / f"{stem}{f}.json"] if p.exists()}
+    extra = {"training": training} if training else {}
     if skipped:
         extra["skipped"] = {str(n): reason for n, reason in skipped.items()}
     return write_summary(out, patients, settings.methods, manifest.labels, extra)
 
 
-def _fold_model(fold: int, train_patients: List[int], targets, atlas: Atlas, settings: ExperimentSettings, out: Path,
-                progress: bool):
-    """The network of ``fold``, trained on ``train_patients``' images with their ``atlas`` (and their LGE
-    labels with ``settings.network_labels``);
-    kept in ``out/models/foldF`` (a finished one is loaded, an interrupted one resumed), its report in
-    ``out/models/foldF.json``."""
-    from mvmm.core.settings import BayesNetSettings, TrainingSettings
+def _require_labels(labels, expected, what: str) -> None:
+    """A network's classes must be MS-CMRSeg's, with its values: the label maps it yields are scored as they are."""
+    if labels.as_dict() != expected.as_dict():
+        raise InputError(f"{what} has the classes {labels.as_dict()}; the experiment scores MS-CMRSeg's "
+                         f"{expected.as_dict()} (train it naming their values first, e.g. the prior's label_names "
+                         f"{','.join(f'{n}={v}' for n, v in expected.as_dict().items() if v != 0)},RV=1,Myo=2,LV=3)")
+
+
+def _fold_models(fold: int, train_patients: List[int], kinds: List[str], targets, atlas: Atlas, vae_prior, labels,
+                 settings: ExperimentSettings, out: Path, progress: bool) -> dict:
+    """The networks of ``fold`` by kind (those of ``kinds``), trained on ``train_patients``' images —
+    a finished one is loaded, an interrupted one resumed — in ``out/models``: ``foldF`` (the Bayesian
+    CNN, with their ``atlas``; with ``settings.network_labels`` their LGE labels too), ``priorF`` (the
+    anatomical prior of their LGE labels, unless ``vae_prior`` is given) and ``vae-segF``; each with its
+    report beside it (``NAME.json``)."""
+    from mvmm.core.settings import BayesNetSettings, PriorVaeSettings, TrainingSettings, VaeSegSettings
     from mvmm.nets.data import SubjectRow
     from mvmm.nets.model_dir import WEIGHTS, load_model
-    from mvmm.training import train_bayes
+    from mvmm.training import train_bayes, train_prior, train_vae_seg
 
-    folder, report = out / "models" / f"fold{fold}", out / "models" / f"fold{fold}.json"
-    if not (folder / WEIGHTS).exists():
-        labels = settings.network_labels
-        rows = [SubjectRow(f"patient{n}", {s: targets.patients[n].images[s] for s in settings.sequences},
-                           targets.patients[n].labels["LGE"] if labels else None) for n in train_patients]
-        resume = (folder / "checkpoint.pt").exists()
-        result = train_bayes(rows, settings.sequences, atlas, folder, BayesNetSettings(subtypes=list(settings.subtypes),
-                                                                             proportions=settings.proportions),
-                             TrainingSettings(epochs=settings.epochs, seed=settings.seed), settings.device,
-                             resume=resume, force=True, progress=progress,
-                             labelled=[r.name for r in rows] if labels else ())
-        previous = json.loads(report.read_text())["seconds"] if resume and report.exists() else 0.0
-        write_json(report, {"patients": train_patients, "epochs": result["epochs"], "final_loss": result["final_loss"],
-                            "seconds": previous + result["seconds"], "labelled": result["labelled"]})
-    return load_model(folder, resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    rows = [SubjectRow(f"patient{n}", {s: targets.patients[n].images[s] for s in settings.sequences},
+                       targets.patients[n].labels["LGE"] if settings.network_labels else None) for n in train_patients]
+    training = TrainingSettings(epochs=settings.epochs, seed=settings.seed)
+
+    def trained(name: str, train) -> Path:
+        folder, report = out / "models" / name, out / "models" / f"{name}.json"
+        if not (folder / WEIGHTS).exists():
+            resume = (folder / "checkpoint.pt").exists()
+            result = train(folder, resume)
+            previous = json.loads(report.read_text())["seconds"] if resume and report.exists() else 0.0
+            write_json(report, {"patients": train_patients, "epochs": result["epochs"],
+                                "final_loss": result["final_loss"], "seconds": previous + result["seconds"],
+                                **({"labelled": result["labelled"]} if "labelled" in result else {})})
+        return folder
+
+    models = {}
+    if "bayes" in kinds:
+        network = BayesNetSettings(subtypes=list(settings.subtypes), proportions=settings.proportions)
+        labelled = [r.name for r in rows] if settings.network_labels else ()
+        models["bayes"] = load_model(trained(f"fold{fold}", lambda folder, resume: train_bayes(
+            rows, settings.sequences, atlas, folder, network, training, settings.device, resume=resume, force=True,
+            progress=progress, labelled=labelled)), device)
+    if "vae-seg" in kinds:
+        prior = vae_prior
+        if prior is None:
+            names = ",".join(f"{n}={v}" for n, v in labels.as_dict().items() if v != 0)
+            maps = [targets.patients[n].labels["LGE"] for n in train_patients]
+            prior = trained(f"prior{fold}", lambda folder, resume: train_prior(
+                maps, names, folder, PriorVaeSettings(),
+                TrainingSettings(epochs=settings.prior_epochs, batch_size=4, seed=settings.seed), settings.device,
+                resume=resume, force=True, progress=progress))
+        unlabelled = [replace(r, labels=None) for r in rows]  # the network on the prior learns from images alone
+        models["vae-seg"] = load_model(trained(f"vae-seg{fold}", lambda folder, resume: train_vae_seg(
+            unlabelled, settings.sequences, prior, folder, VaeSegSettings(subtypes=list(settings.subtypes)),
+            training, settings.device, resume=resume, force=True, progress=progress)), device)
+    return models
