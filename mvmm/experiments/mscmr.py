@@ -206,9 +206,9 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         clusters = most_probable_class(plain.posterior).cpu().numpy()
         maps["gmm"] = _cluster_names(clusters, maps["atlas"], values)[clusters]
         seconds["gmm"] = time.perf_counter() - start
-    refinement = network_refinement(settings)
-    network_runs = {"bayes": ("bayes", None), "bayes-refine": ("bayes", refinement),
-                    "vae-seg": ("vae-seg", None), "vae-seg-refine": ("vae-seg", refinement)}
+    from_network = network_refinement(settings)
+    network_runs = {"bayes": ("bayes", None), "bayes-refine": ("bayes", from_network),
+                    "vae-seg": ("vae-seg", None), "vae-seg-refine": ("vae-seg", from_network)}
     for method, (kind, refinement) in network_runs.items():
         if method in settings.methods:
             model = models[kind]
