@@ -342,10 +342,10 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
         raise InputError("atlas_data: with `folds`, each fold's atlas comes from the other folds' patients")
     kinds = [kind for kind, methods in (("bayes", BAYES_METHODS), ("vae-seg", VAE_METHODS))
              if set(methods) & set(settings.methods)]
+    from mvmm.nets.model_dir import load_model  # here: the networks' modules load only for an experiment
+
     given, models, training = {}, {}, {}
     if settings.model is not None:
-        from mvmm.nets.model_dir import load_model
-
         loaded = load_model(settings.model, device, argname="model")
         given = {loaded.config.kind: loaded}
         for kind in kinds:
@@ -356,8 +356,6 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
             _require_labels(given[kind].config.labels, manifest.labels, f"model: {settings.model}")
     vae_prior = None
     if settings.vae_prior is not None:
-        from mvmm.nets.model_dir import load_model
-
         vae_prior = load_model(settings.vae_prior, device, argname="vae_prior")
         vae_prior.config.require("prior", vae_prior.path, argname="vae_prior")
         _require_labels(vae_prior.config.labels, manifest.labels, f"vae_prior: {settings.vae_prior}")
@@ -405,12 +403,17 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     return write_summary(out, patients, settings.methods, manifest.labels, extra)
 
 
+def _label_names(labels) -> str:
+    """``"Myo=200,LV=500,RV=600"``: the foreground classes as a prior's ``label_names``."""
+    return ",".join(f"{name}={value}" for name, value in labels.foreground)
+
+
 def _require_labels(labels, expected, what: str) -> None:
     """A network's classes must be MS-CMRSeg's, with its values: the label maps it yields are scored as they are."""
     if labels.as_dict() != expected.as_dict():
         raise InputError(f"{what} has the classes {labels.as_dict()}; the experiment scores MS-CMRSeg's "
                          f"{expected.as_dict()} (train it naming their values first, e.g. the prior's label_names "
-                         f"{','.join(f'{n}={v}' for n, v in expected.as_dict().items() if v != 0)},RV=1,Myo=2,LV=3)")
+                         f"{_label_names(expected)},RV=1,Myo=2,LV=3)")
 
 
 def _fold_models(fold: int, train_patients: List[int], kinds: List[str], targets, atlas: Atlas, vae_prior, labels,
@@ -451,10 +454,9 @@ def _fold_models(fold: int, train_patients: List[int], kinds: List[str], targets
     if "vae-seg" in kinds:
         prior = vae_prior
         if prior is None:
-            names = ",".join(f"{n}={v}" for n, v in labels.as_dict().items() if v != 0)
             maps = [targets.patients[n].labels["LGE"] for n in train_patients]
             prior = trained(f"prior{fold}", lambda folder, resume: train_prior(
-                maps, names, folder, PriorVaeSettings(),
+                maps, _label_names(labels), folder, PriorVaeSettings(),
                 TrainingSettings(epochs=settings.prior_epochs, batch_size=4, seed=settings.seed), settings.device,
                 resume=resume, force=True, progress=progress))
         unlabelled = [replace(r, labels=None) for r in rows]  # the network on the prior learns from images alone
