@@ -16,7 +16,7 @@ folds' patients and segment the fold's. Methods (``--methods``):
   with the joint solver moving the decoded prior (``-register`` rows: ``bayes-refine``'s registration,
   :func:`mvmm.experiments.mscmr.network_refinement`), and ``--samples`` latent samples whose entropy is
   scored as a detector of the wrong voxels (area under the ROC curve, within 10 mm of the manual or
-  predicted heart). Every row is cleaned up as ``mvmm segment --model`` does for cardiac labels
+  predicted heart) for the network's map and for the registered one (its samples moved with it). Every row is cleaned up as ``mvmm segment --model`` does for cardiac labels
   (its preset: ``cardiac``, and the 5 mm region for the registration).
 
 Every figure is the mean over the patients; seconds per case are files to labels. Labels of test
@@ -207,7 +207,7 @@ def main():
             preset = model_preset_values("auto", model.config.labels)  # what `segment --model` applies
             variants = {"": {"samples": args.samples}, "-refine": {"refine": args.refine},
                         "-register": {"registration": network_refinement(ExperimentSettings()),
-                                      "roi_margin_mm": preset["roi_margin_mm"]}}
+                                      "roi_margin_mm": preset["roi_margin_mm"], "samples": args.samples}}
             for p in test:
                 truth = Image.read(files[p].labels["LGE"], "truth").data[0].numpy().round().astype(np.int64)
                 spacing = tuple(reversed(Image.read(files[p].images["LGE"], "LGE").grid.spacing))
@@ -221,8 +221,8 @@ def main():
                     name = method + suffix
                     row = {"method": name, "patient": p, "fold": fold, "seconds": seconds,
                            "dice": {n: dice(labels == v, truth == v) for n, v in STRUCTURES.items()}}
-                    if not suffix:
-                        # the errors of the map the entropy is of: the network's, before the clean-up
+                    if how.get("samples"):
+                        # the errors of the map the entropy is of: the method's, before the clean-up
                         raw = replace(result, postprocess="none").label_map()
                         near = near_heart(truth, raw, spacing)
                         wrong = raw != truth
@@ -231,8 +231,8 @@ def main():
                         row["auroc_sample_entropy"] = auroc(entropy[near], wrong[near])
                         row["auroc_posterior_entropy"] = auroc(own[near], wrong[near])
                         if p == test[0]:
-                            uncertainty_figure(args.out / "figures" / f"{method}_patient{p}.png", images[0].data[0].numpy(),
-                                               truth, raw, entropy, f"{method}, patient {p} (fold {fold})")
+                            uncertainty_figure(args.out / "figures" / f"{name}_patient{p}.png", images[0].data[0].numpy(),
+                                               truth, raw, entropy, f"{name}, patient {p} (fold {fold})")
                     rows.append(row)
                     print(name, p, {k: round(v, 3) for k, v in row["dice"].items()},
                           {k: round(v, 3) for k, v in row.items() if k.startswith("auroc")}, f"{seconds:.2f} s", flush=True)

@@ -311,13 +311,16 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         Latent codes drawn from q(z | I) (torch's generator seeded by ``seed``, forked): the posterior
         under each (its prior decoded, θ by EM) gives, on the common grid, the per-voxel variance of
         the posterior over the samples (summed over classes) and the entropy of their mean —
-        ``uncertainty_variance`` and ``uncertainty_entropy`` among the outputs.
+        ``uncertainty_variance`` and ``uncertainty_entropy`` among the outputs. With
+        ``registration``, each sample's decoded prior goes through the transform the registration
+        found for the mean code's prior, and its posterior is the fitted model's (θ of the
+        refinement): the maps then describe the segmentation that is written, not the unmoved prior.
     registration : RegistrationSettings, optional
         Instead of EM with the decoded prior fixed, the joint solver (EM ⇄ registration,
         :mod:`mvmm.joint`) with the decoded prior as the atlas, starting where the network decoded it:
         the levels of ``registration.atlas`` move it (the decoder has no warp: the code alone cannot
         bend it to the case), then EM to convergence, θ from the moved prior as in ``segment``
-        (``refine`` is not used; ``samples`` are refused: their maps would be the unmoved prior's).
+        (``refine`` is not used).
     roi_margin_mm : float, optional
         With ``registration``: the region of interest (default: the model's ``roi_margin_mm``).
     """
@@ -330,10 +333,10 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
     config, net = model.config, model.net
     if samples < 0:
         raise InputError(f"samples: expected a count of at least 0, got {samples}")
-    if registration is not None and (samples or refine):
-        raise InputError(f"{'samples' if samples else 'refine'}: with register_atlas the decoded prior moves and "
-                         f"EM runs to convergence; the samples' uncertainty maps (and `refine`'s EM with the prior "
-                         f"fixed) describe the prior where the network put it; give one")
+    if registration is not None and refine:
+        raise InputError("refine: with register_atlas the decoded prior moves and EM runs to convergence; "
+                         "`refine` (EM with the prior fixed where the network put it) is the other refinement; "
+                         "give one")
     ordered = ordered_images(images, config, model.path)
     check_postprocess(postprocess, config.labels)
     case = prepare_case(Subject(ordered), config.network, torch_device, require_atlas=False)
@@ -344,19 +347,15 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         prediction = net.predict(batch, mean, mean, log_var)
         prior = prediction.log_prior[0].exp()
         params = _in_image_units(prediction.params, case.offsets.to(torch_device), case.scales.to(torch_device))
-        spread = None
+        drawn = []
         if samples:
-            posteriors = []
             with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                for _ in range(samples):
-                    drawn = net.predict(batch, sample_latent(mean, log_var))
-                    joint = log_joint(batch["images"], batch["coverage"], drawn.params, drawn.log_prior)
-                    posteriors.append(log_posteriors(joint)[0].exp())
-            stacked = torch.stack(posteriors)  # [samples, K, *S]
-            average = stacked.mean(0)
-            spread = {"uncertainty_variance": stacked.var(0, unbiased=False).sum(0),
-                      "uncertainty_entropy": -(average * average.clamp_min(1e-12).log()).sum(0)}
+                drawn = [net.predict(batch, sample_latent(mean, log_var)) for _ in range(samples)]
+        spread = None
+        if drawn and registration is None:
+            spread = uncertainty_maps([log_posteriors(log_joint(batch["images"], batch["coverage"], d.params,
+                                                                d.log_prior))[0].exp() for d in drawn])
     predicted = time.perf_counter()
     decoded = Atlas(prior.float().cpu(), case.grid, config.labels, source=f"{model.path} (decoded prior)")
     if registration is not None:
@@ -366,8 +365,14 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                                  background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
                                  learn_proportions=False, device=str(torch_device), progress=progress,
                                  registration=registration, postprocess=postprocess)
-        result.settings = {**result.settings, "model": str(model.path), "kind": "vae-seg", "refine": "registration"}
-        result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings}
+        refined = time.perf_counter()
+        if drawn:
+            result.extra_maps.update(registered_sample_maps(result, [d.log_prior[0].exp() for d in drawn],
+                                                            case.grid))
+        result.settings = {**result.settings, "model": str(model.path), "kind": "vae-seg", "refine": "registration",
+                           "samples": int(samples)}
+        result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings,
+                          "samples_s": time.perf_counter() - refined}
         return result
     subject = Subject(ordered, atlas=decoded)
     mixture = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(config.labels), max_iter=max(refine, 1),
@@ -392,6 +397,34 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                "refine_s": refined - sampled}
     return Segmentation(subject, mixture, config.labels, common, posterior, settings, timings, None, postprocess,
                         extra_maps=extra)
+
+
+def uncertainty_maps(posteriors: Sequence[torch.Tensor]) -> dict:
+    """What the spread of the samples' posteriors ``[K, *S]`` (one per latent sample, one grid) says.
+
+    Returns ``uncertainty_variance``: the per-voxel variance over the samples, summed over classes, and
+    ``uncertainty_entropy``: the entropy (nats) of their mean; both ``[*S]``.
+    """
+    stacked = torch.stack(list(posteriors))  # [samples, K, *S]
+    average = stacked.mean(0)
+    return {"uncertainty_variance": stacked.var(0, unbiased=False).sum(0),
+            "uncertainty_entropy": -(average * average.clamp_min(1e-12).log()).sum(0)}
+
+
+def registered_sample_maps(result: Segmentation, priors: Sequence[torch.Tensor], grid) -> dict:
+    """:func:`uncertainty_maps` of a registered fit: each sampled prior ``[K, *grid.shape]`` (decoded on
+    the network ``grid``) moved by the transform the registration found for the mean code's prior,
+    onto the common grid, and its posterior under the fitted model (θ, region of interest and MRF of
+    ``result``) — so the samples vary the shape where the written segmentation is, not where the
+    network first put it."""
+    common = result.common
+    posteriors = []
+    with torch.no_grad():
+        for prior in priors:
+            sampled = Atlas(prior.float().cpu(), grid, result.labels, source="a latent sample's decoded prior")
+            moved = replace(result.subject, atlas=sampled).sample_atlas(common.grid, device=result.device)
+            posteriors.append(result.model.predict_proba(common.images, common.coverage, moved, common.grid.spacing))
+    return uncertainty_maps(posteriors)
 
 
 def _in_image_units(params, offsets: torch.Tensor, scales: torch.Tensor):

@@ -364,7 +364,8 @@ def main():
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="With a vae-seg --model: latent codes drawn from the encoder's distribution; writes the "
                    "per-voxel variance of the posterior over them and the entropy of their mean "
-                   "(uncertainty_variance, uncertainty_entropy).")
+                   "(uncertainty_variance, uncertainty_entropy); with --register-atlas, of the samples moved "
+                   "as the registration moved the prior.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @click.pass_context

@@ -332,9 +332,23 @@ def test_vae_seg_register_atlas_moves_the_decoded_prior_to_the_heart(cohort, pri
     offset = moved.registration.transforms["atlas"].affine().detach().numpy()[:2, 2]
     assert abs(offset[0] - 6.0) < 1.0 and abs(offset[1]) < 1.0, offset  # the 6 mm undone
     assert prior_myo_dice(moved) > prior_myo_dice(fixed) + 0.2
-    for bad, name in (({"samples": 2}, "samples"), ({"refine": 3}, "refine")):
-        with pytest.raises(InputError, match=name):
-            segment_with_model(images, model, device="cpu", registration=RegistrationSettings(atlas="affine"), **bad)
+    with pytest.raises(InputError, match="refine"):
+        segment_with_model(images, model, device="cpu", registration=RegistrationSettings(atlas="affine"), refine=3)
+    # every latent sample decodes the same (shifted) prior here: moved as the registration moved the mean
+    # code's, each sample's posterior is the fitted one — no spread, and the entropy of their mean is the
+    # written posterior's; left where the network decoded them, they would disagree with it by the 6 mm
+    sampled = segment_with_model(images, model, device="cpu", samples=3, registration=RegistrationSettings(
+        atlas="affine", images_init="header", template_metric="none"), roi_margin_mm=10.0)
+    assert sampled.settings["samples"] == 3 and "samples_s" in sampled.timings
+    maps = sampled.extra_maps
+    assert maps["uncertainty_entropy"].shape == sampled.posterior.shape[1:]
+    assert float(maps["uncertainty_variance"].abs().max()) < 1e-6
+    own = sampled.entropy()
+    assert torch.allclose(maps["uncertainty_entropy"].to(own.dtype), own, atol=1e-4)
+    unmoved = replace(sampled.subject, transforms={}).sample_atlas(sampled.common.grid)
+    left = sampled.model.predict_proba(sampled.common.images, sampled.common.coverage, unmoved,
+                                       sampled.common.grid.spacing)
+    assert float((left - sampled.posterior).abs().max()) > 0.5  # what the test would see if they were not moved
 
 
 def test_cli_train_prior_vae_seg_acwe_and_segment(cohort, prior_dir, tmp_path):
@@ -374,9 +388,15 @@ def test_cli_train_prior_vae_seg_acwe_and_segment(cohort, prior_dir, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((moved / "report.json").read_text())
     assert report["settings"]["refine"] == "registration" and "roi_margin_mm" in report["settings"]["preset"]["applied"]
+    result = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model",
+                                  str(vae), "--register-atlas", "affine", "--samples", "3", "--out", str(tmp_path / "u"),
+                                  "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "u" / "uncertainty_entropy.nii.gz").exists()
+    assert json.loads((tmp_path / "u" / "report.json").read_text())["settings"]["samples"] == 3
     bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(vae),
-                               "--register-atlas", "affine", "--samples", "3", "--out", str(tmp_path / "u"), "-q"])
-    assert bad.exit_code != 0 and "--samples" in bad.output and "Traceback" not in bad.output
+                               "--register-atlas", "affine", "--refine", "3", "--out", str(tmp_path / "r"), "-q"])
+    assert bad.exit_code != 0 and "--refine" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(acwe),
                                "--samples", "3", "--out", str(tmp_path / "w"), "-q"])
     assert bad.exit_code != 0 and "--samples" in bad.output
