@@ -19,7 +19,7 @@ from mvmm.core.errors import InputError
 from mvmm.core.outputs import OutputError
 # Only plain-Python modules at import: `mvmm --help` and option parsing start at once; each command
 # imports torch and the rest of mvmm when it runs.
-from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
+from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, BIAS_CORRECTIONS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
                                 POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
@@ -294,6 +294,10 @@ def main():
 @click.option("--proportions", type=click.Choice(["learned", "atlas"]), default="learned", show_default=True,
               help="Global tissue proportions: estimated (learned), or held equal so that the prior is the atlas "
                    "itself (atlas), which keeps a tissue from spreading over a blurred atlas's margins.")
+@click.option("--bias-correction", type=click.Choice(BIAS_CORRECTIONS),
+              default=default(SegmentationDefaults, "bias_correction"), show_default=True,
+              help="Divide every image by its N4 bias field (surface-coil shading) before the fit (SimpleITK's "
+                   "N4, shrink 4 in-plane).")
 @click.option("--max-iter", type=COUNT, default=default(SegmentationDefaults, "max_iter"),
               show_default=True, help="Maximum EM iterations.")
 @click.option("--tol", type=NON_NEGATIVE, default=default(SegmentationDefaults, "tol"), show_default=True,
@@ -372,7 +376,7 @@ def main():
 @common_options
 def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
-            mrf_beta, postprocess, proportions, max_iter, tol, register_atlas, register_images, images_init, images_model,
+            mrf_beta, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
             control_spacing,
             bending_weight, affine_weight, registration_grid, full_resolution, out, force, device, seed, quiet):
@@ -427,7 +431,7 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
-                             postprocess=postprocess, pathology=pathology)
+                             postprocess=postprocess, pathology=pathology, bias_correction=bias_correction)
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if result.registration is None and subject.atlas is not None and len(images) > 1:
@@ -461,7 +465,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
 
     fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
                    "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
-                   "images_model", "pathology"})
+                   "images_model", "pathology", "bias_correction"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
@@ -1078,6 +1082,10 @@ def experiment():
 @click.option("--postprocess", type=click.Choice(POSTPROCESSING),
               default=default(ExperimentSettings, "postprocess"), show_default=True,
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
+@click.option("--bias-correction", type=click.Choice(BIAS_CORRECTIONS),
+              default=default(ExperimentSettings, "bias_correction"), show_default=True,
+              help="N4 bias-field correction of the target's images before em-all and em-lge, as for segment "
+                   "(the networks see the images as read).")
 @click.option("--force", is_flag=True, help="Redo finished patients (and accept a folder with other settings).")
 @common_options
 def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, methods, folds, model_dir, epochs,
@@ -1086,7 +1094,7 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
                      atlas_search_fov, atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, pathology,
-                     mrf_beta, postprocess, force, device, seed, quiet):
+                     mrf_beta, postprocess, bias_correction, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import run_mscmr
@@ -1102,7 +1110,8 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_fov=atlas_search_fov, atlas_search_mm=atlas_search_mm,
                                   affine_weight=affine_weight, roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
-                                  pathology=pathology, mrf_beta=mrf_beta, postprocess=postprocess, device=device, seed=seed)
+                                  pathology=pathology, mrf_beta=mrf_beta, postprocess=postprocess,
+                                  bias_correction=bias_correction, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=_show_progress(quiet), lge_data=lge_data)
     click.echo(f"{len(summary['patients'])} patients; mean LGE Dice (Myo / LV / RV), seconds per patient:")

@@ -26,6 +26,7 @@ from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
 from mvmm.data.atlas_set import entries_of, read_atlas_set
+from mvmm.data.bias import bias_corrected
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, PATHOLOGY_LABELS, LabelSet
 from mvmm.data.subject import CaseSample, Subject
@@ -394,7 +395,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     device: str = "auto", seed: Optional[int] = 0, progress: bool = False,
                     registration: Union[RegistrationSettings, str, None] = "default",
                     postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None,
-                    pathology: bool = False) -> Segmentation:
+                    pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -428,6 +429,9 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         Read scar and oedema from the subtypes named so (:mod:`mvmm.pathology`) and write them with
         the result; when ``subtypes`` names none, the cardiac ones are added first
         (``LGE:Myo=normal,scar``, ``T2:Myo=normal,oedema``, for the images so named).
+    bias_correction : {"none", "n4"}
+        Divide every image by its N4 bias field before the fit (:mod:`mvmm.data.bias`); the result's
+        subject holds the corrected images (``bias_s`` in the timings, the record in the settings).
     """
     start = time.perf_counter()
     torch_device = resolve_device(device)
@@ -455,6 +459,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         if registration != "default":
             raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
         registration = default_registration(subject)
+    subject, bias = bias_corrected(subject, bias_correction)  # before anything reads the intensities
+    corrected = time.perf_counter()
     registered = None
     if registration is not None and (registration.active or template_sequence(subject, registration) is not None
                                      or atlas_start is not None):
@@ -474,8 +480,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                 "postprocess": postprocess, "learn_proportions": learn_proportions,
                 "roi_margin_mm": subject.roi_margin_mm,
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
-                "registration": asdict(registration) if registration is not None else None}
-    timings = {"registration_s": registered_at - start, "sample_s": sampled - registered_at,
+                "registration": asdict(registration) if registration is not None else None,
+                "bias_correction": bias}
+    timings = {"bias_s": corrected - start, "registration_s": registered_at - corrected,
+               "sample_s": sampled - registered_at,
                "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
     if registered is not None:  # the registration's own split: start search, template, each level
         timings["registration_split_s"] = dict(registered.seconds)

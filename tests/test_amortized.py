@@ -400,6 +400,9 @@ def test_cli_train_prior_vae_seg_acwe_and_segment(cohort, prior_dir, tmp_path):
     bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(acwe),
                                "--samples", "3", "--out", str(tmp_path / "w"), "-q"])
     assert bad.exit_code != 0 and "--samples" in bad.output
+    bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(vae),
+                               "--bias-correction", "n4", "--out", str(tmp_path / "n"), "-q"])
+    assert bad.exit_code != 0 and "--bias-correction" in bad.output  # the network sees the images as in training
     bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), "--samples", "3",
                                "--out", str(tmp_path / "v"), "-q"])
     assert bad.exit_code != 0 and "--samples" in bad.output and "--model" in bad.output

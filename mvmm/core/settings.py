@@ -37,9 +37,11 @@ class SegmentationDefaults:
     max_iter: int = 200
     tol: float = 1e-5
     postprocess: str = "none"
+    bias_correction: str = "none"
 
 
 SEGMENTATION = SegmentationDefaults()
+BIAS_CORRECTIONS = ("none", "n4")  # intensity non-uniformity correction before the fit (mvmm.data.bias)
 
 # ---------------------------------------------------------------- presets of `mvmm segment`
 PRESETS = ("auto", "cardiac", "none")
@@ -593,6 +595,9 @@ class ExperimentSettings:
     postprocess : {"cardiac", "none"}
         Clean-up of the label maps of ``em-all`` and ``em-lge`` (:mod:`mvmm.postprocess`): MS-CMRSeg's
         labels count papillary muscles and trabeculae as LV blood pool. ``atlas`` and ``gmm`` stay raw.
+    bias_correction : {"none", "n4"}
+        Intensity non-uniformity correction of the target's images before ``em-all`` and ``em-lge``
+        (:mod:`mvmm.data.bias`); the networks see the images as read, as in their training.
     device : str
     seed : int
     """
@@ -621,11 +626,14 @@ class ExperimentSettings:
     pathology: bool = False
     mrf_beta: float = 0.0
     postprocess: str = CARDIAC_PRESET["postprocess"]
+    # not in the preset: on MS-CMRSeg N4 helped LGE + C0 a little and cost LGE + C0 + T2 (docs/mscmr.md)
+    bias_correction: str = SEGMENTATION.bias_correction
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
         require_field_choice(self, "proportions", ("atlas", "learned"))
+        require_field_choice(self, "bias_correction", BIAS_CORRECTIONS)
         require_field_choice(self, "prior", PRIORS)
         require_field_choice(self, "template_transform", TRANSFORM_KINDS)
         unknown = [m for m in self.methods if m not in EXPERIMENT_METHODS]

@@ -157,7 +157,8 @@ def fit_em_all(images: List[Image], placed: Atlas, settings: ExperimentSettings,
                            subtypes=em_all_subtypes(settings), learn_proportions=settings.proportions == "learned",
                            mrf_beta=settings.mrf_beta,
                            registration=em_all_registration(settings) if registration is None else registration,
-                           postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
+                           postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
+                           bias_correction=settings.bias_correction)
 
 
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
@@ -190,13 +191,15 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     pathology = _pathology_metrics(em_all, files) if settings.pathology else {}
     values = list(placed.labels.values)
     maps["atlas"] = np.asarray(values)[most_probable_class(em_all.common.prior).cpu().numpy()]
-    seconds["atlas"] = em_all.timings["registration_s"] + em_all.timings["sample_s"] + prior_seconds
+    seconds["atlas"] = (em_all.timings["bias_s"] + em_all.timings["registration_s"] + em_all.timings["sample_s"]
+                        + prior_seconds)
     if "em-lge" in settings.methods:
         start = time.perf_counter()
         lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
                                    subtypes=_for_images(subtypes, ["LGE"]), learn_proportions=learn,
                                    mrf_beta=settings.mrf_beta, registration=registration,
-                                   postprocess=settings.postprocess, device=settings.device, seed=settings.seed)
+                                   postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
+                                   bias_correction=settings.bias_correction)
         maps["em-lge"] = lge_only.label_map()
         seconds["em-lge"] = time.perf_counter() - start + prior_seconds
     if "gmm" in settings.methods:
