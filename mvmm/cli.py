@@ -19,7 +19,7 @@ from mvmm.core.errors import InputError
 from mvmm.core.outputs import OutputError
 # Only plain-Python modules at import: `mvmm --help` and option parsing start at once; each command
 # imports torch and the rest of mvmm when it runs.
-from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, BIAS_CORRECTIONS, ATLAS_MODELS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
+from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BIAS_CORRECTIONS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
                                 POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from mvmm.cli import main
 from mvmm.core.errors import InputError
+from mvmm.core.grid import Grid
 from mvmm.data import io
 from mvmm.data.atlas import Atlas
 from mvmm.data.bias import bias_corrected, n4_corrected, shrink_factors
@@ -51,8 +52,11 @@ def test_n4_keeps_padding_and_negative_noise():
 
 
 def test_shrink_factors_leave_a_stacks_slices():
-    assert shrink_factors((0.73, 0.73, 5.0)) == [4, 4, 1]
-    assert shrink_factors((1.0, 1.0, 1.2)) == [4, 4, 4]
+    def grid(spacing):
+        return Grid((64, 64, 12), spacing, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+    assert shrink_factors(grid((0.73, 0.73, 5.0))) == [4, 4, 1]
+    assert shrink_factors(grid((1.0, 1.0, 1.2))) == [4, 4, 4]
 
 
 def test_bias_corrected_subject_and_errors():

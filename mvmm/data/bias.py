@@ -30,23 +30,25 @@ import SimpleITK as sitk
 import torch
 
 from mvmm.core.errors import InputError
+from mvmm.core.grid import Grid
 from mvmm.core.settings import BIAS_CORRECTIONS
 from mvmm.data import io
 from mvmm.data.image import Image
 from mvmm.data.subject import Subject
+from mvmm.data.template_search import in_plane_only
 
 log = logging.getLogger(__name__)
 
-N4_SHRINK = 4  # along every axis whose spacing is within SLICE_RATIO of the finest (not a stack's slices)
+N4_SHRINK = 4  # along every axis but a slice stack's
 N4_ITERATIONS = (50, 50, 50)  # per fitting level (N4's default schedule has four levels of 50)
-SLICE_RATIO = 2.0
 
 
-def shrink_factors(spacing) -> list:
-    """N4's shrink factor per axis (ITK order): :data:`N4_SHRINK` in-plane, 1 along a slice stack's
-    thick axis (shrinking 5–10 mm slices would leave too few to fit a field through)."""
-    finest = min(spacing)
-    return [N4_SHRINK if s <= SLICE_RATIO * finest else 1 for s in spacing]
+def shrink_factors(grid: Grid) -> list:
+    """N4's shrink factor per axis (ITK order): :data:`N4_SHRINK`, but 1 along a slice stack's thick
+    axis (:func:`mvmm.data.template_search.in_plane_only`; shrinking 5–10 mm slices would leave too few
+    to fit a field through)."""
+    stack = in_plane_only(grid)
+    return [1 if axis == stack else N4_SHRINK for axis in range(grid.ndim)]
 
 
 def fitting_mask(image: sitk.Image) -> sitk.Image:
@@ -75,7 +77,7 @@ def n4_corrected(image: Image, argname: str = "bias_correction") -> Tuple[Image,
     for c in range(image.data.shape[0]):
         array = image.data[c].detach().cpu().numpy().astype(np.float32)
         full = io._to_sitk(array, image.grid)
-        small = sitk.Shrink(full, shrink_factors(image.grid.spacing))
+        small = sitk.Shrink(full, shrink_factors(image.grid))
         mask = fitting_mask(small)
         if not sitk.GetArrayViewFromImage(mask).any():
             raise InputError(f"{argname}: image {image.name!r} ({image.source}) has no foreground for N4 to fit "
