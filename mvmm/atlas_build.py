@@ -7,6 +7,8 @@ the coverage-weighted mean of the warped one-hot maps (a map says nothing outsid
 view — a stack of short-axis slices does not cover the apex or base it did not image), every map
 is registered to it (SSD of one-hot maps), and the drift common to all transforms is removed so
 that the template stays at the mean shape. The final mean, smoothed, is the probabilistic atlas.
+With non-linear levels the mean before them (linearly aligned maps, smoothed alike) is kept as the
+atlas's coarse stage (``Atlas.coarse``): the joint solver places that blurrier one first.
 
 Frames: in ``"world"`` the maps are related by their headers (same scanner space, e.g. images of
 one subject or data already in a standard space). In ``"axes"`` each map is first expressed in its
@@ -303,7 +305,10 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
     levels = pairwise.levels() if settings.register != "none" else []
     bar = tqdm(total=len(levels) * settings.rounds * len(maps), desc="group-wise registration", unit="map",
                disable=not progress, leave=False)
+    linear_mean = None  # the mean before the first non-linear level: the atlas's coarse stage
     for level in levels:
+        if level.control_spacing is not None and linear_mean is None:
+            linear_mean = mean_of_maps(maps, transforms(), grid, device)[0]
         for _ in range(settings.rounds):
             mean, count = mean_of_maps(maps, transforms(), grid, device)
             template = Image(mean, grid, "template")
@@ -347,5 +352,6 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
         grid = Grid(grid.size, grid.spacing, tuple(np.asarray(grid.origin) + offset), grid.direction)
         report["anatomy_offset_from_fov_centre_mm"] = offset.tolist()
     report["grid"] = grid.to_dict()
-    atlas = Atlas(probabilities, grid, labels, source, settings.frame, templates)
+    coarse = _smoothed(linear_mean, grid, settings.sigma_mm) if linear_mean is not None else None
+    atlas = Atlas(probabilities, grid, labels, source, settings.frame, templates, coarse)
     return atlas, report

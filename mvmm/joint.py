@@ -162,6 +162,11 @@ class JointSolver:
         work.transforms.update(start)
         work_grid, work_box = self._work_grid(work, reference)
         coarse = work_grid.coarsened(s.grid_spacing)
+        # An atlas with a coarse stage (the linear mean of a non-linearly built atlas): the search and the
+        # coarse levels place that blurrier one, whose basin is wider; the full-resolution level the sharp one.
+        sharp_atlas = subject.atlas
+        coarse_atlas = sharp_atlas.coarse_stage() if sharp_atlas is not None else None
+        work.atlas = coarse_atlas
         if subject.atlas is not None and atlas_start is None:
             sequence = template_sequence(subject, s)
             if sequence is not None:
@@ -184,6 +189,7 @@ class JointSolver:
         for level in levels:
             began = time.perf_counter()
             grid = work_grid if level.full_resolution else coarse
+            work.atlas = sharp_atlas if level.full_resolution else coarse_atlas
             learning = {name: list(state.begin(level.kinds["atlas" if name == "atlas" else "images"],
                                                level.control_spacing, self.device))
                         for name, state in moving.items()}
@@ -225,6 +231,7 @@ class JointSolver:
             log.info("registration level %s: %d outer iterations, mean log-likelihood %.5f", level.name,
                      len(level_history), history[-1]["log_likelihood"])
         bar.close()
+        work.atlas = sharp_atlas
         transforms = {name: state.transform for name, state in moving.items()}
         jacobian = None
         if "atlas" in moving and moving["atlas"].deformation is not None:

@@ -71,8 +71,16 @@ def test_groupwise_registration_sharpens_the_atlas_and_keeps_the_mean_shape(tmp_
 def test_groupwise_deformable_levels_continue_the_affine_ones_without_folding(tmp_path, kind):
     paths = varied_maps(tmp_path, n=4)
     settings = dict(sigma_mm=0.0, rounds=1, max_outer=2, control_spacing=30.0)
-    _, affine = build_atlas(paths, GroupwiseSettings(register="affine", **settings))
-    _, deformable = build_atlas(paths, GroupwiseSettings(register=kind, **settings))
+    affine_atlas, affine = build_atlas(paths, GroupwiseSettings(register="affine", **settings))
+    atlas, deformable = build_atlas(paths, GroupwiseSettings(register=kind, **settings))
+    # its coarse stage is the mean before the non-linear level: the affine build's atlas
+    assert affine_atlas.coarse is None and atlas.coarse is not None
+    assert torch.allclose(atlas.coarse, affine_atlas.probabilities, atol=1e-6)
+    assert float((atlas.probabilities - affine_atlas.probabilities).abs().max()) > 0.02
+    atlas.save(tmp_path / "atlas.nii.gz")  # saved beside it, read back with it
+    back = Atlas.read([tmp_path / "atlas.nii.gz"])
+    assert torch.allclose(back.coarse, atlas.coarse, atol=1e-6) and back.coarse_stage().coarse is None
+    assert torch.allclose(back.coarse_stage().probabilities, atlas.coarse, atol=1e-6)
     # the same schedule up to affine, then a non-linear level: the maps agree with their mean at least as well
     after_affine, after = affine["dice_with_template"]["final"], deformable["dice_with_template"]["final"]
     assert np.mean(list(after.values())) >= np.mean(list(after_affine.values())) - 0.005, (after_affine, after)

@@ -50,6 +50,29 @@ def test_probability_atlas_round_trip_keeps_labels(tmp_path):
         Atlas.read([tmp_path / "atlas.nii.gz"], image_ndim=3, labels=LabelSet.parse("a=0,b=1"))
 
 
+def test_coarse_stage_round_trips_and_a_bad_one_is_named(tmp_path):
+    sharp = Atlas.from_label_maps([label_map()], GRID, sigma_mm=0.5)
+    blurred = Atlas.from_label_maps([label_map()], GRID, sigma_mm=4.0)
+    atlas = Atlas(sharp.probabilities, GRID, sharp.labels, coarse=blurred.probabilities)
+    assert atlas.placed_on(GRID).coarse is atlas.coarse  # placing moves both stages
+    assert torch.equal(atlas.coarse_stage().probabilities, blurred.probabilities)
+    assert sharp.coarse_stage() is sharp
+    atlas.save(tmp_path / "a.nii.gz")
+    assert (tmp_path / "a_coarse.nii.gz").is_file()
+    back = Atlas.read([tmp_path / "a.nii.gz"], image_ndim=3)
+    assert torch.allclose(back.coarse, blurred.probabilities, atol=1e-6)
+    with pytest.raises(InputError, match="coarse stage has shape"):
+        Atlas(sharp.probabilities, GRID, sharp.labels, coarse=blurred.probabilities[:3])
+    other = Grid((10, 16, 6), (1.5, 1.5, 5.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    Atlas.from_label_maps([label_map()[:, :, :10]], other).save(tmp_path / "small.nii.gz")
+    (tmp_path / "small.nii.gz").replace(tmp_path / "a_coarse.nii.gz")
+    with pytest.raises(InputError, match=r"^atlas: coarse stage .*a_coarse.nii.gz is not on the grid of its atlas"):
+        Atlas.read([tmp_path / "a.nii.gz"], image_ndim=3)
+    (tmp_path / "a_coarse.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"lists its coarse stage .*a_coarse.nii.gz, which is missing"):
+        Atlas.read([tmp_path / "a.nii.gz"], image_ndim=3)
+
+
 def test_builtin_atlas_is_centred_and_sized_in_mm():
     reference = Grid((96, 96, 12), (1.25, 1.25, 8.0), (-40.0, 30.0, -50.0), (0, 1, 0, -1, 0, 0, 0, 0, 1))
     atlas = Atlas.builtin_cardiac(reference)

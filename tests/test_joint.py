@@ -224,3 +224,27 @@ def test_deformable_levels_with_a_region_of_interest_ascend_their_own_objective(
         # (same voxels, fixed geometry) and the descent keeps its best point, so it never falls
         values = [h["log_likelihood_after_registration"] - h["penalty"] for h in history if h["level"] == level]
         assert np.all(np.diff(values) >= -1e-6 * abs(values[0])) and values[-1] > values[0], (level, values)
+
+
+def test_an_atlas_with_a_coarse_stage_is_placed_by_it_first_then_by_itself(monkeypatch):
+    # a non-linearly built atlas keeps its linear mean (blurrier: a wider basin): the coarse levels
+    # fit that one, the full-resolution level and the final EM the atlas itself
+    phantom = make_phantom(2, ndim=2)
+    lge = phantom.images["LGE"]
+    sharp = misplaced_builtin_atlas(lge.grid, [4.0, 0.0])
+    blurred = Atlas.builtin_cardiac(sharp.grid, sigma_mm=6.0).probabilities
+    atlas = Atlas(sharp.probabilities, sharp.grid, sharp.labels, "sharp", coarse=blurred)
+    seen = []
+    em_steps = JointSolver._em_steps
+
+    def recording(self, work, grid, *args, **kwargs):
+        seen.append((grid.size, work.atlas.source))
+        return em_steps(self, work, grid, *args, **kwargs)
+
+    monkeypatch.setattr(JointSolver, "_em_steps", recording)
+    result = segment_subject(Subject([lge], atlas), registration=RegistrationSettings(atlas="affine", images="none"))
+    full = [source for size, source in seen if size == lge.grid.size]
+    coarse = [source for size, source in seen if size != lge.grid.size]
+    assert coarse and set(coarse) == {"sharp (coarse stage)"}
+    assert full and set(full) == {"sharp"}
+    assert result.subject.atlas is atlas  # the final fit's prior is the atlas itself

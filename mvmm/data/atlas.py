@@ -8,7 +8,7 @@ or more integer label maps (one-hot, Gaussian smoothing in mm, averaged over map
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -50,6 +50,11 @@ class Atlas:
     templates : dict of str to torch.Tensor, each of shape [*grid.shape]
         Mean intensity template per sequence (e.g. ``"LGE"``, ``"C0"``), robustly normalised, on the
         atlas grid (:func:`mvmm.atlas_build.mean_templates`); empty for a label-only atlas.
+    coarse : torch.Tensor, shape [K, *grid.shape], optional
+        The same atlas before its non-linear group-wise levels (the mean of the linearly aligned
+        maps, :func:`mvmm.atlas_build.build_atlas`): blurrier, so its likelihood has a wider basin.
+        The joint solver's start search and coarse levels place this one, its full-resolution level
+        the sharp ``probabilities`` (:meth:`coarse_stage`). None: one atlas throughout.
     """
 
     probabilities: torch.Tensor
@@ -58,6 +63,7 @@ class Atlas:
     source: str = "<memory>"
     frame: str = "world"
     templates: Dict[str, torch.Tensor] = field(default_factory=dict)
+    coarse: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.frame not in FRAMES:
@@ -69,6 +75,9 @@ class Atlas:
         if self.probabilities.shape[0] != len(self.labels):
             raise InputError(f"atlas {self.source}: {self.probabilities.shape[0]} probability maps "
                              f"for {len(self.labels)} labels {self.labels.as_dict()}")
+        if self.coarse is not None and tuple(self.coarse.shape) != tuple(self.probabilities.shape):
+            raise InputError(f"atlas {self.source}: its coarse stage has shape {list(self.coarse.shape)}, not the "
+                             f"probabilities' {list(self.probabilities.shape)}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,13 +144,15 @@ class Atlas:
     def _from_probability_array(cls, array: np.ndarray, grid: Grid, path: Path,
                                 labels: Optional[LabelSet], argname: str) -> "Atlas":
         sidecar = _sidecar_path(path)
-        frame, templates = "world", {}
+        frame, templates, coarse = "world", {}, None
         if sidecar.exists():
             meta = json.loads(sidecar.read_text())
             stored = LabelSet.from_dict(meta["labels"])
             frame = meta.get("frame", "world")
             templates = {sequence: _read_template(path.with_name(name), grid, argname)
                          for sequence, name in meta.get("templates", {}).items()}
+            if "coarse" in meta:
+                coarse = _read_coarse(path.with_name(meta["coarse"]), path, array.shape, grid, argname)
             if labels is not None and labels != stored:
                 raise InputError(f"labels: {labels.as_dict()} differ from the labels of atlas {path} "
                                  f"({stored.as_dict()}, from {sidecar.name})")
@@ -158,7 +169,7 @@ class Atlas:
         total = array.sum(axis=0, keepdims=True)
         if np.any(total <= 0):
             raise InputError(f"{argname}: {path} has voxels where all {array.shape[0]} probabilities are 0")
-        return cls(torch.from_numpy(array / total), grid, labels, str(path), frame, templates)
+        return cls(torch.from_numpy(array / total), grid, labels, str(path), frame, templates, coarse)
 
     @classmethod
     def builtin_cardiac(cls, reference: Grid, labels: LabelSet = CARDIAC_LABELS,
@@ -197,13 +208,19 @@ class Atlas:
             raise InputError(f"atlas {self.source} is {self.grid.ndim}D but the images are {reference.ndim}D")
         placement = np.eye(reference.ndim + 1)
         placement[:-1, :-1], placement[:-1, -1] = short_axis_frame(reference), reference.center_world()
-        return Atlas(self.probabilities, self.grid.moved(placement), self.labels, self.source, "world",
-                     self.templates)
+        return replace(self, grid=self.grid.moved(placement), frame="world")
 
     def placed_for(self, reference: Grid) -> "Atlas":
         """The atlas as a case on ``reference`` uses it: an ``"axes"`` atlas :meth:`placed_on` it, a
         ``"world"`` atlas as it is (its header places it)."""
         return self.placed_on(reference) if self.frame == "axes" else self
+
+    def coarse_stage(self) -> "Atlas":
+        """The atlas the coarse registration levels place: its :attr:`coarse` stage where it has one
+        (same grid, labels and templates), else itself."""
+        if self.coarse is None:
+            return self
+        return replace(self, probabilities=self.coarse, coarse=None, source=f"{self.source} (coarse stage)")
 
     def template_for(self, names: Sequence[str], preferred: Optional[str] = None) -> Optional[str]:
         """The first of ``preferred`` then ``names`` (image names, matched case-insensitively) that this
@@ -236,9 +253,13 @@ class Atlas:
         for sequence, template in self.templates.items():
             names[sequence] = _template_path(path, sequence).name
             io.write_array(path.with_name(names[sequence]), template.cpu().numpy().astype(np.float32), self.grid)
+        coarse = {}
+        if self.coarse is not None:
+            coarse["coarse"] = _companion_path(path, "coarse").name
+            io.write_array(path.with_name(coarse["coarse"]), self.coarse.cpu().numpy(), self.grid)
         write_json(_sidecar_path(path), {"labels": self.labels.as_dict(), "source": self.source, "frame": self.frame,
                                          "ndim": self.grid.ndim, **({"templates": names} if names else {}),
-                                         **(extra or {})})
+                                         **coarse, **(extra or {})})
 
 
 def _as_saved(path: Path, array: np.ndarray, grid: Grid, ndim: int) -> Tuple[np.ndarray, Grid, int]:
@@ -253,8 +274,13 @@ def _as_saved(path: Path, array: np.ndarray, grid: Grid, ndim: int) -> Tuple[np.
 
 def _template_path(path: Path, sequence: str) -> Path:
     """``atlas.nii.gz`` → ``atlas_template_LGE.nii.gz``."""
+    return _companion_path(path, f"template_{sequence}")
+
+
+def _companion_path(path: Path, part: str) -> Path:
+    """``atlas.nii.gz`` → ``atlas_<part>.nii.gz``: a file saved beside the atlas and listed in its sidecar."""
     sidecar = _sidecar_path(path)
-    return path.with_name(sidecar.name[: -len(".json")] + f"_template_{sequence}" + path.name[len(sidecar.stem):])
+    return path.with_name(sidecar.name[: -len(".json")] + f"_{part}" + path.name[len(sidecar.stem):])
 
 
 def _read_template(path: Path, grid: Grid, argname: str) -> torch.Tensor:
@@ -265,6 +291,22 @@ def _read_template(path: Path, grid: Grid, argname: str) -> torch.Tensor:
     if array.ndim != grid.ndim or not template_grid.same_geometry(grid):
         raise InputError(f"{argname}: template {path} is not on the grid of its atlas")
     return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+def _read_coarse(path: Path, atlas_path: Path, shape: tuple, grid: Grid, argname: str) -> torch.Tensor:
+    """The coarse stage the sidecar lists: on the atlas grid, as many maps, a partition of unity."""
+    if not path.is_file():
+        raise InputError(f"{argname}: the atlas's sidecar lists its coarse stage {path}, which is missing")
+    array, coarse_grid, _ = _as_saved(atlas_path, *io.read_array(path, argname))  # stored as the atlas is
+    if tuple(array.shape) != tuple(shape) or not coarse_grid.same_geometry(grid):
+        raise InputError(f"{argname}: coarse stage {path} is not on the grid of its atlas (shape "
+                         f"{list(array.shape)}, expected {list(shape)})")
+    array = np.asarray(array, dtype=np.float32)
+    total = array.sum(axis=0, keepdims=True)
+    if not np.all(np.isfinite(array)) or array.min() < 0 or np.any(total <= 0):
+        raise InputError(f"{argname}: coarse stage {path} has negative, NaN or Inf probabilities, or voxels where "
+                         f"all are 0")
+    return torch.from_numpy(array / total)
 
 
 def _sidecar_path(path: Path) -> Path:
