@@ -562,7 +562,10 @@ class ExperimentSettings:
     atlas_set_size : int, optional
         ``"multi-atlas"``: keep this many most similar atlases (None: all).
     atlas_register : {"none", "rigid", "affine", "ffd", "svf"}
-        Group-wise registration when building each atlas.
+        Group-wise registration when building each atlas. ``"ffd"`` (the default since 0.14.0): rigid,
+        affine, then one FFD level — a sharper atlas, which keeps its affine mean as the coarse stage
+        the joint solver places first (:attr:`mvmm.data.atlas.Atlas.coarse`); MS-CMRSeg 5-fold, 20
+        held-out patients: em-all 0.749 / 0.877 / 0.798 (affine) → 0.757 / 0.882 / 0.813 (docs/mscmr.md).
     register_atlas : {"none", "rigid", "affine", "ffd", "svf"}
         Registration of the atlas to the target inside the joint model.
     register_images : {"none", "rigid", "affine"}
@@ -614,7 +617,7 @@ class ExperimentSettings:
     template_sequence: str = "LGE"
     template_transform: str = "affine"
     atlas_set_size: Optional[int] = None
-    atlas_register: str = "affine"
+    atlas_register: str = "ffd"
     register_atlas: str = "affine"
     register_images: str = "none"
     atlas_search_fov: bool = CARDIAC_PRESET["atlas_search_fov"]
