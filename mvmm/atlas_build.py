@@ -307,10 +307,10 @@ def build_atlas(paths: Sequence, settings: GroupwiseSettings, labels: Optional[L
                disable=not progress, leave=False)
     linear_mean = None  # the mean before the first non-linear level: the atlas's coarse stage
     for level in levels:
-        if level.control_spacing is not None and linear_mean is None:
-            linear_mean = mean_of_maps(maps, transforms(), grid, device)[0]
         for _ in range(settings.rounds):
             mean, count = mean_of_maps(maps, transforms(), grid, device)
+            if level.control_spacing is not None and linear_mean is None:
+                linear_mean = mean
             template = Image(mean, grid, "template")
             covered = Image((count > 0).float().unsqueeze(0), grid, "template coverage")
             for i, image in enumerate(maps):

@@ -163,13 +163,7 @@ class Atlas:
         if array.shape[0] != len(labels):
             raise InputError(f"{argname}: {path} holds {array.shape[0]} probability maps but the label set "
                              f"{labels.as_dict()} has {len(labels)} classes")
-        array = np.asarray(array, dtype=np.float32)
-        if not np.all(np.isfinite(array)) or array.min() < 0:
-            raise InputError(f"{argname}: {path} has negative, NaN or Inf probabilities")
-        total = array.sum(axis=0, keepdims=True)
-        if np.any(total <= 0):
-            raise InputError(f"{argname}: {path} has voxels where all {array.shape[0]} probabilities are 0")
-        return cls(torch.from_numpy(array / total), grid, labels, str(path), frame, templates, coarse)
+        return cls(_normalised(array, str(path), argname), grid, labels, str(path), frame, templates, coarse)
 
     @classmethod
     def builtin_cardiac(cls, reference: Grid, labels: LabelSet = CARDIAC_LABELS,
@@ -301,11 +295,18 @@ def _read_coarse(path: Path, atlas_path: Path, shape: tuple, grid: Grid, argname
     if tuple(array.shape) != tuple(shape) or not coarse_grid.same_geometry(grid):
         raise InputError(f"{argname}: coarse stage {path} is not on the grid of its atlas (shape "
                          f"{list(array.shape)}, expected {list(shape)})")
+    return _normalised(array, f"coarse stage {path}", argname)
+
+
+def _normalised(array: np.ndarray, what: str, argname: str) -> torch.Tensor:
+    """Probability maps ``[K, *S]`` as read, each voxel's scaled to sum to 1; an InputError naming
+    ``what`` for negative, NaN or Inf values or a voxel where all K are 0."""
     array = np.asarray(array, dtype=np.float32)
+    if not np.all(np.isfinite(array)) or array.min() < 0:
+        raise InputError(f"{argname}: {what} has negative, NaN or Inf probabilities")
     total = array.sum(axis=0, keepdims=True)
-    if not np.all(np.isfinite(array)) or array.min() < 0 or np.any(total <= 0):
-        raise InputError(f"{argname}: coarse stage {path} has negative, NaN or Inf probabilities, or voxels where "
-                         f"all are 0")
+    if np.any(total <= 0):
+        raise InputError(f"{argname}: {what} has voxels where all {array.shape[0]} probabilities are 0")
     return torch.from_numpy(array / total)
 
 
