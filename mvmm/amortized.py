@@ -411,6 +411,23 @@ def uncertainty_maps(posteriors: Sequence[torch.Tensor]) -> dict:
             "uncertainty_entropy": -(average * average.clamp_min(1e-12).log()).sum(0)}
 
 
+def averaged_posterior(results: Sequence[Segmentation]) -> torch.Tensor:
+    """The mean of several fits' posteriors of one case on their common grid, ``[K, *S]``.
+
+    An ensemble of the network's one-pass answer and the fitted model's (the experiment's
+    ``bayes-ensemble``: ``bayes`` and ``em-all``): where they disagree, the mean keeps the class both
+    find likely. The fits must share the common grid and the labels (one reference image, one atlas).
+    """
+    first = results[0]
+    for other in results[1:]:
+        if not other.common.grid.same_geometry(first.common.grid):
+            raise InputError("results: the fits' common grids differ; an average needs one reference image")
+        if list(other.labels.values) != list(first.labels.values):
+            raise InputError(f"results: the fits' labels differ ({list(first.labels.values)} against "
+                             f"{list(other.labels.values)})")
+    return torch.stack([r.posterior.to(first.device) for r in results]).mean(0)
+
+
 def registered_sample_maps(result: Segmentation, priors: Sequence[torch.Tensor], grid) -> dict:
     """:func:`uncertainty_maps` of a registered fit: each sampled prior ``[K, *grid.shape]`` (decoded on
     the network ``grid``) moved by the transform the registration found for the mean code's prior,

@@ -1012,8 +1012,8 @@ def experiment():
 @click.option("--methods", multiple=True, type=click.Choice(EXPERIMENT_METHODS),
               default=default_list(ExperimentSettings, "methods"), show_default=True,
               help="Methods to run and report (atlas and em-all always run; the network methods bayes, vae-seg "
-                   "and their -refine (the network's placement, then em-all's registration and EM) need --folds "
-                   "or --model).")
+                   "and their -refine (the network's placement, then em-all's registration and EM), and bayes-ensemble "
+                   "(bayes's and em-all's posteriors averaged) need --folds or --model).")
 @click.option("--folds", type=click.IntRange(min=2), default=default(ExperimentSettings, "folds"),
               help="Cross-validation over the patients: per fold, the atlas from the other folds' labels and (for "
                    "the network methods) networks trained on their images; default: leave-one-out atlases.")

@@ -23,7 +23,7 @@ from mvmm.mixture.params import MixtureParams
 from mvmm.nets.acwe import boundary_length, region_energy, region_params
 from mvmm.nets.data import SubjectRow, prepare_case, stack_cases
 from mvmm.nets.model_dir import CHECKPOINT, load_model
-from mvmm.amortized import segment_with_model
+from mvmm.amortized import averaged_posterior, segment_with_model
 from mvmm.training import train_acwe, train_prior, train_vae_seg
 
 SEQUENCES = ["LGE", "C0"]
@@ -406,3 +406,30 @@ def test_cli_train_prior_vae_seg_acwe_and_segment(cohort, prior_dir, tmp_path):
     bad = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), "--samples", "3",
                                "--out", str(tmp_path / "v"), "-q"])
     assert bad.exit_code != 0 and "--samples" in bad.output and "--model" in bad.output
+
+
+def test_averaged_posterior_is_the_mean_of_fits_on_one_grid():
+    """The ensemble of two fits of one case (bayes-ensemble: the network's and em-all's posteriors): the
+    mean, so a voxel one fit calls weakly and the other strongly goes to the strong call; fits on other
+    grids or with other labels are refused."""
+    from types import SimpleNamespace
+
+    from mvmm.core.grid import Grid
+    from mvmm.data.labels import LabelSet
+
+    grid = Grid((2, 1), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    labels = LabelSet(("BG", "Myo"), (0, 200))
+
+    def fit(posterior, on=grid, named=labels):
+        return SimpleNamespace(common=SimpleNamespace(grid=on), labels=named, device=torch.device("cpu"),
+                               posterior=torch.tensor(posterior, dtype=torch.float32))
+
+    weak, strong = fit([[[0.6, 0.2]], [[0.4, 0.8]]]), fit([[[0.1, 0.3]], [[0.9, 0.7]]])
+    average = averaged_posterior([weak, strong])
+    assert torch.allclose(average, torch.tensor([[[0.35, 0.25]], [[0.65, 0.75]]]))
+    assert average.argmax(0).tolist() == [[1, 1]]  # voxel 0: weak says BG 0.6, strong says Myo 0.9
+    shifted = Grid((2, 1), (1.0, 1.0), (5.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    with pytest.raises(InputError, match="^results: the fits' common grids differ"):
+        averaged_posterior([weak, fit([[[0.1, 0.3]], [[0.9, 0.7]]], on=shifted)])
+    with pytest.raises(InputError, match="^results: the fits' labels differ"):
+        averaged_posterior([weak, fit([[[0.1, 0.3]], [[0.9, 0.7]]], named=LabelSet(("BG", "LV"), (0, 500)))])

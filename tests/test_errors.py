@@ -24,6 +24,7 @@ PYTHON_ONLY = {
     "registration": "segment_subject's Python-only argument",
     "path": "load_transforms / read_linear_transform: the command passes its own parameter name",
     "init_params": "MultivariateMixture.fit's Python-only argument",
+    "results": "averaged_posterior: fits made in Python (the experiment passes its own), not a file or flag",
 }
 SETTINGS_BUILT_BY = {"default_registration": "RegistrationSettings"}
 

@@ -212,12 +212,15 @@ def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
         config = json.loads((out / "models" / f"fold{fold}" / "config.json").read_text())
         assert config["subjects"] == [f"patient{p}" for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
         assert summary["training"][f"fold{fold}"]["epochs"] == 2
-    # a trained model on other patients: leave-one-out atlases for em-all, the model for bayes
-    given = run_mscmr(data, tmp_path / "given", ExperimentSettings(atlas_register="none", methods=["bayes"],
+    # a trained model on other patients: leave-one-out atlases for em-all, the model for bayes (run for the
+    # ensemble's sake, not reported)
+    given = run_mscmr(data, tmp_path / "given", ExperimentSettings(atlas_register="none", methods=["bayes-ensemble"],
                                                                      model=str(out / "models" / "fold1"), device="cpu"),
                       patients=[2, 4], progress=False)  # fold 1's network was trained on patients 1 and 3
-    assert set(given["methods"]) == {"atlas", "em-all", "bayes"} and given["patients"] == [2, 4]
-    assert json.loads((tmp_path / "given" / "patients" / "patient2.json").read_text())["fold"] is None
+    assert set(given["methods"]) == {"atlas", "em-all", "bayes-ensemble"} and given["patients"] == [2, 4]
+    record = json.loads((tmp_path / "given" / "patients" / "patient2.json").read_text())
+    assert record["fold"] is None and 0 <= record["metrics"]["bayes-ensemble"]["Myo"]["dice"] <= 1
+    assert record["seconds"]["bayes-ensemble"] >= record["seconds"]["em-all"] + record["seconds"]["bayes"]
     with pytest.raises(InputError, match="ExperimentSettings.methods: bayes, vae-seg-refine need `folds`"):
         ExperimentSettings(methods=["bayes", "vae-seg-refine"])
     result = CliRunner().invoke(main, ["experiment", "mscmr", "--data", str(data), "--out", str(tmp_path / "x"),

@@ -447,7 +447,8 @@ class GroupwiseSettings:
 
 
 CLASSICAL_METHODS = ("atlas", "em-lge", "em-all", "gmm")
-BAYES_METHODS = ("bayes", "bayes-refine")  # the Bayesian CNN alone, and refined (mvmm.nets.bayes)
+# the Bayesian CNN alone, refined, and its posterior averaged with em-all's (mvmm.nets.bayes)
+BAYES_METHODS = ("bayes", "bayes-refine", "bayes-ensemble")
 VAE_METHODS = ("vae-seg", "vae-seg-refine")  # the network on the anatomical prior, alone and refined (.vae_seg)
 NETWORK_METHODS = BAYES_METHODS + VAE_METHODS
 EXPERIMENT_METHODS = CLASSICAL_METHODS + NETWORK_METHODS
@@ -524,10 +525,11 @@ class ExperimentSettings:
     sequences : list of str
         Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
     methods : list of str
-        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine``, ``vae-seg``,
+        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine``, ``bayes-ensemble``, ``vae-seg``,
         ``vae-seg-refine`` to run and report (``atlas`` and ``em-all`` always run: one is the other's
         registered prior). The network methods need ``folds`` or ``model``; the ``-refine`` ones
-        continue from the network's placement with ``em-all``'s registration levels and EM.
+        continue from the network's placement with ``em-all``'s registration levels and EM;
+        ``bayes-ensemble`` averages ``bayes``'s and ``em-all``'s posteriors.
     folds : int, optional
         Cross-validation over the given patients (patient i of the sorted list is in fold i mod
         ``folds``): for each fold the atlas is built from the other folds' labels and the networks are

@@ -15,7 +15,8 @@ registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``)
 - ``bayes``, ``bayes-refine``: the Bayesian segmentation CNN (:mod:`mvmm.nets.bayes`) alone, and
   followed by ``em-all``'s registration levels and EM from the network's warp; from a given model,
   or with ``folds`` a network trained per fold on the other folds' images (and every method of the
-  fold then uses the other folds' atlas);
+  fold then uses the other folds' atlas); ``bayes-ensemble``, the mean of ``bayes``'s and ``em-all``'s
+  posteriors (:func:`mvmm.amortized.averaged_posterior`), cleaned up as ``em-all``'s; its seconds are both;
 - ``vae-seg``, ``vae-seg-refine``: the segmentation network on an anatomical prior
   (:mod:`mvmm.nets.vae_seg`) alone, and its decoded prior moved by the same registration levels, then
   EM; with ``folds``, on ``vae_prior`` (e.g. a prior trained on another data set's labels) or on a
@@ -62,9 +63,9 @@ from mvmm.mixture.functional import most_probable_class
 from mvmm.mixture.subtypes import parse_subtypes, subtype_items
 from mvmm.core.outputs import write_json
 from mvmm.data.labels import PATHOLOGY_LABELS
-from mvmm.pathology import cardiac_pathology_subtypes, pathology_maps
+from mvmm.pathology import cardiac_pathology_subtypes, pathological_wall, pathology_maps
 from mvmm.report import comparison_figure
-from mvmm.amortized import segment_with_model
+from mvmm.amortized import averaged_posterior, segment_with_model
 from mvmm.segment import segment_subject
 
 log = logging.getLogger(__name__)
@@ -212,8 +213,10 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     from_network = network_refinement(settings)
     network_runs = {"bayes": ("bayes", None), "bayes-refine": ("bayes", from_network),
                     "vae-seg": ("vae-seg", None), "vae-seg-refine": ("vae-seg", from_network)}
+    network_results = {}
     for method, (kind, refinement) in network_runs.items():
-        if method in settings.methods:
+        # bayes-ensemble needs bayes's posterior, whether or not bayes is reported
+        if method in settings.methods or (method == "bayes" and "bayes-ensemble" in settings.methods):
             model = models[kind]
             # files to labels: the images are read again, as `mvmm segment --model` would
             start = time.perf_counter()
@@ -223,6 +226,14 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
                                         registration=refinement, roi_margin_mm=roi if refinement else None)
             maps[method] = result.label_map()
             seconds[method] = time.perf_counter() - start
+            network_results[method] = result
+    if "bayes-ensemble" in settings.methods:
+        start = time.perf_counter()
+        average = averaged_posterior([em_all, network_results["bayes"]])
+        # cleaned up as em-all's map is (its pathological wall kept, where the run names pathology)
+        wall = pathological_wall(em_all, em_all.common) if settings.postprocess == "cardiac" else None
+        maps["bayes-ensemble"] = em_all.label_map(posterior=average, keep_wall=wall)
+        seconds["bayes-ensemble"] = seconds["em-all"] + seconds["bayes"] + time.perf_counter() - start
     truth_map = truth.data[0].numpy().astype(np.int64)
     if truth_map.shape != maps["em-all"].shape:
         raise InputError(f"data: {files.labels['LGE']} is not on the grid of {files.images['LGE']}")
