@@ -525,8 +525,8 @@ class ExperimentSettings:
     sequences : list of str
         Sequences of the target used by ``em-all`` and ``gmm`` (LGE is always among them, first).
     methods : list of str
-        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine``, ``bayes-ensemble``, ``vae-seg``,
-        ``vae-seg-refine`` to run and report (``atlas`` and ``em-all`` always run: one is the other's
+        Which of ``atlas``, ``em-lge``, ``em-all``, ``gmm``, ``bayes``, ``bayes-refine``, ``bayes-ensemble``,
+        ``vae-seg``, ``vae-seg-refine`` to run and report (``atlas`` and ``em-all`` always run: one is the other's
         registered prior). The network methods need ``folds`` or ``model``; the ``-refine`` ones
         continue from the network's placement with ``em-all``'s registration levels and EM;
         ``bayes-ensemble`` averages ``bayes``'s and ``em-all``'s posteriors.
