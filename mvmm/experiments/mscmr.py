@@ -63,7 +63,7 @@ from mvmm.mixture.functional import most_probable_class
 from mvmm.mixture.subtypes import parse_subtypes, subtype_items
 from mvmm.core.outputs import write_json
 from mvmm.data.labels import PATHOLOGY_LABELS
-from mvmm.pathology import cardiac_pathology_subtypes, pathological_wall, pathology_maps
+from mvmm.pathology import cardiac_pathology_subtypes, pathology_maps
 from mvmm.report import comparison_figure
 from mvmm.amortized import averaged_posterior, segment_with_model
 from mvmm.segment import segment_subject
@@ -230,9 +230,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     if "bayes-ensemble" in settings.methods:
         start = time.perf_counter()
         average = averaged_posterior([em_all, network_results["bayes"]])
-        # cleaned up as em-all's map is (its pathological wall kept, where the run names pathology)
-        wall = pathological_wall(em_all, em_all.common) if settings.postprocess == "cardiac" else None
-        maps["bayes-ensemble"] = em_all.label_map(posterior=average, keep_wall=wall)
+        # em-all's fit with the mean as its posterior: its map is cleaned up exactly as em-all's is
+        maps["bayes-ensemble"] = replace(em_all, posterior=average).label_map()
         seconds["bayes-ensemble"] = seconds["em-all"] + seconds["bayes"] + time.perf_counter() - start
     truth_map = truth.data[0].numpy().astype(np.int64)
     if truth_map.shape != maps["em-all"].shape:
