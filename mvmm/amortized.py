@@ -428,6 +428,63 @@ def averaged_posterior(results: Sequence[Segmentation]) -> torch.Tensor:
     return torch.stack([r.posterior.to(first.device) for r in results]).mean(0)
 
 
+def ensemble(results: Sequence[Segmentation]) -> Segmentation:
+    """Several fits of one case as one :class:`~mvmm.segment.Segmentation` whose posterior, on the common
+    grid and on every image's own grid, is the mean of theirs (:func:`averaged_posterior`).
+
+    What has no mean is the first fit's: its model (``params.json``, the report's EM), transforms, region
+    and clean-up — the cardiac clean-up keeps the first fit's pathological wall. The settings and
+    timings are each fit's, under ``ensemble``.
+    """
+    first = results[0]
+    average = averaged_posterior(results)
+    settings = {"ensemble": [r.settings for r in results]}
+    timings = {"ensemble": [r.timings for r in results]}
+    return replace(first, posterior=average, settings=settings, timings=timings, members=tuple(results),
+                   extra_maps={})
+
+
+def segment_ensemble(images: Sequence[Image], model, registration: Optional[RegistrationSettings] = None,
+                     roi_margin_mm: float = CARDIAC_PRESET["roi_margin_mm"], mrf_beta: float = SEGMENTATION.mrf_beta,
+                     postprocess: str = SEGMENTATION.postprocess, bias_correction: str = SEGMENTATION.bias_correction,
+                     device: str = "auto", seed: Optional[int] = 0, progress: bool = False) -> Segmentation:
+    """A Bayesian CNN's one-pass answer averaged with the classical fit of its atlas (``mvmm segment
+    --model M --ensemble``; the MS-CMRSeg experiment's ``bayes-ensemble``, better there than either).
+
+    The fit is :func:`mvmm.segment.segment_subject` on the same images with the model's atlas, subtypes
+    and proportions — registration and EM from the atlas's own start, not the network's — and comes
+    first in the :func:`ensemble` (its model, transforms and clean-up are written).
+
+    Parameters
+    ----------
+    images : sequence of Image
+        The case, named as the model's images (any order; matched case-insensitively).
+    model : LoadedModel or path
+        A ``bayes`` model directory.
+    registration : RegistrationSettings, optional
+        The fit's registration (default :func:`mvmm.joint.default_registration`; ``mvmm segment``'s
+        preset gives it the cardiac start search and affine weight).
+    roi_margin_mm, mrf_beta, postprocess, bias_correction, device, seed, progress
+        The fit's, as :func:`mvmm.segment.segment_subject`'s (``postprocess`` also the network's).
+
+    Returns
+    -------
+    Segmentation
+        ``members``: the fit, then the network's answer (:func:`segment_with_model`, no refinement).
+    """
+    model, _ = loaded_model(model, device, "bayes")
+    network = segment_with_model(images, model, postprocess=postprocess, device=device)
+    ordered = list(network.subject.images)
+    config = model.config.network
+    subject = Subject(ordered, atlas=model.atlas.placed_for(ordered[0].grid), roi_margin_mm=roi_margin_mm)
+    fitted = segment_subject(subject, subtypes=config.subtypes, background_subtypes=config.background_subtypes,
+                             mrf_beta=mrf_beta, learn_proportions=config.proportions == "learned",
+                             device=device, seed=seed, progress=progress,
+                             registration="default" if registration is None else registration,
+                             postprocess=postprocess, bias_correction=bias_correction)
+    return ensemble([fitted, network])
+
+
 def registered_sample_maps(result: Segmentation, priors: Sequence[torch.Tensor], grid) -> dict:
     """:func:`uncertainty_maps` of a registered fit: each sampled prior ``[K, *grid.shape]`` (decoded on
     the network ``grid``) moved by the transform the registration found for the mean code's prior,

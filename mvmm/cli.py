@@ -365,6 +365,10 @@ def main():
               help="With --model: EM iterations from the network's prediction, its warp fixed (acwe: its map as the "
                    "prior; 0: the network alone). With a bayes or vae-seg model, --register-atlas instead runs the "
                    "joint registration and EM from the network's warp (vae-seg: its decoded prior).")
+@click.option("--ensemble", is_flag=True,
+              help="With a bayes --model: also fit the model's atlas as without --model (registration and EM, "
+                   "the registration options and preset apply) and write the mean of the two posteriors on every "
+                   "grid (the MS-CMRSeg experiment's bayes-ensemble; the fit's time plus the network's).")
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="With a vae-seg --model: latent codes drawn from the encoder's distribution; writes the "
                    "per-voxel variance of the posterior over them and the entropy of their mean "
@@ -374,7 +378,7 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @click.pass_context
 @common_options
-def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
+def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
@@ -394,12 +398,14 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
+    if model_dir is not None and ensemble:
+        return _segment_ensemble(ctx, model_dir, out, quiet)
     if model_dir is not None:
         return _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess, preset,
                                    register_atlas, affine_weight, roi_margin, out, device, quiet)
-    if refine or samples:
-        raise InputError(f"{'refine' if refine else 'samples'}: `{'refine' if refine else 'samples'}` works on a "
-                         f"network's prediction; give `model`")
+    if refine or samples or ensemble:
+        flag = "refine" if refine else "samples" if samples else "ensemble"
+        raise InputError(f"{flag}: `{flag}` works on a network's prediction; give `model`")
     multi_atlas = None
     if atlas_set is not None:
         multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform, workers=atlas_set_workers)
@@ -415,19 +421,7 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
         subject = replace(subject, roi_margin_mm=chosen["roi_margin_mm"])
     subtypes = chosen.get("subtypes", subtypes)
     proportions, postprocess = chosen.get("proportions", proportions), chosen.get("postprocess", postprocess)
-    atlas_search_mm = chosen.get("atlas_search_mm", atlas_search_mm)
-    atlas_search_fov = chosen.get("atlas_search_fov", atlas_search_fov)
-    affine_weight = chosen.get("affine_weight", affine_weight)
-    template_metric = chosen.get("template_metric", template_metric)
-    registration = default_registration(subject, atlas=register_atlas, images=register_images,
-                                        images_init=images_init, atlas_init=atlas_init,
-                                        images_model=str(images_model) if images_model else None,
-                                        template_metric=template_metric, template_transform=template_transform,
-                                        template_sequence=template_sequence,
-                                        atlas_search_fov=atlas_search_fov, atlas_search_mm=atlas_search_mm,
-                                        control_spacing=control_spacing,
-                                        bending_weight=bending_weight, affine_weight=affine_weight,
-                                        grid_spacing=registration_grid, refine_full_resolution=full_resolution)
+    registration = default_registration(subject, **_registration_options(ctx.params, chosen))
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
@@ -450,6 +444,60 @@ def segment(ctx, model_dir, refine, samples, images, names, atlas, atlas_set, at
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
 
 
+def _registration_options(params: dict, chosen: dict) -> dict:
+    """The classical fit's registration settings from ``segment``'s options (``params``: their values by
+    name) and what the preset ``chosen`` for those left at their defaults."""
+    value = {**params, **chosen}
+    images_model = value["images_model"]
+    return dict(atlas=value["register_atlas"], images=value["register_images"], images_init=value["images_init"],
+                atlas_init=value["atlas_init"], images_model=str(images_model) if images_model else None,
+                template_metric=value["template_metric"], template_transform=value["template_transform"],
+                template_sequence=value["template_sequence"], atlas_search_fov=value["atlas_search_fov"],
+                atlas_search_mm=value["atlas_search_mm"], control_spacing=value["control_spacing"],
+                bending_weight=value["bending_weight"], affine_weight=value["affine_weight"],
+                grid_spacing=value["registration_grid"], refine_full_resolution=value["full_resolution"])
+
+
+def _given(ctx, names) -> list:
+    """The flags of the options in ``names`` given on the command line (not left at their defaults)."""
+    return [param.opts[0] for param in ctx.command.params if param.name in names
+            and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT)]
+
+
+def _segment_ensemble(ctx, model_dir, out, quiet):
+    """``segment --model --ensemble``: the model's one-pass answer and the classical fit of its atlas, whose
+    options (registration, MRF, clean-up, bias correction) and preset apply; the model fixes the atlas,
+    labels, subtypes and proportions."""
+    from mvmm.amortized import segment_ensemble
+    from mvmm.nets.model_dir import read_config
+    from mvmm.segment import model_preset_values, read_images
+
+    p = ctx.params
+    fixed = _given(ctx, {"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "proportions",
+                         "masks", "reference", "pathology", "refine", "samples"})
+    if fixed:
+        raise InputError(f"ensemble: the model carries its atlas, labels and subtypes, and the ensemble is its "
+                         f"one-pass answer; {', '.join(fixed)} cannot change them (drop them)")
+    chosen = {key: value for key, value in model_preset_values(p["preset"], read_config(model_dir).labels,
+                                                               fit=True).items()
+              if not _given(ctx, {"roi_margin" if key == "roi_margin_mm" else key})}
+    registration = RegistrationSettings(**{k: v for k, v in _registration_options(p, chosen).items() if v is not None})
+    result = segment_ensemble(read_images(list(p["images"]), list(p["names"]) or None), model_dir,
+                              registration=registration, roi_margin_mm=chosen.get("roi_margin_mm", p["roi_margin"]),
+                              mrf_beta=p["mrf_beta"], postprocess=chosen.get("postprocess", p["postprocess"]),
+                              bias_correction=p["bias_correction"], device=p["device"], seed=p["seed"],
+                              progress=_show_progress(quiet))
+    result.settings["preset"] = {"name": p["preset"], "applied": sorted(chosen)}
+    files = result.write(out, force=True)
+    if not quiet:
+        fit, network = result.members
+        click.echo(f"fit: {fit.timings['registration_s'] + fit.timings['fit_s']:.2f} s of registration and EM; "
+                   f"network {network.timings['network_s']:.2f} s; device: {result.device}")
+        for name, ml in result.volumes_ml().items():
+            click.echo(f"  {name:<8} {ml:10.2f} ml")
+        click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
+
+
 def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta, postprocess, preset, register_atlas,
                         affine_weight, roi_margin, out, device, quiet):
     """``segment --model``: options of the classical fit that the model fixes are refused, not ignored;
@@ -460,8 +508,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     from mvmm.segment import model_preset_values, read_images
 
     def given(names):
-        return [param.opts[0] for param in ctx.command.params if param.name in names
-                and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT)]
+        return _given(ctx, names)
 
     fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
                    "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",

@@ -220,7 +220,7 @@ def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
                          "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
     names, conditional, defined, tissue_of = found
     chosen = _chosen(*found)
-    posterior = result.posterior_on(sample)
+    posterior = result.posterior_on(sample, name)
     label_map = result.label_map(posterior, sample.grid, keep_wall=_wall(chosen))
     probability, mask, tissue_mask = {}, {}, {}
     for pathology in names:

@@ -166,17 +166,20 @@ def preset_values(preset: str, subject: Subject, pathology: bool = False) -> dic
     return {**CARDIAC_PRESET, "subtypes": subtypes}
 
 
-def model_preset_values(preset: str, labels: Optional[LabelSet]) -> dict:
+def model_preset_values(preset: str, labels: Optional[LabelSet], fit: bool = False) -> dict:
     """The settings ``preset`` gives ``segment --model`` (a model fixes its atlas, subtypes and
     proportions): of :data:`mvmm.core.settings.CARDIAC_PRESET`, the clean-up (``postprocess``) and, for
     a refinement by registration, ``affine_weight`` and ``roi_margin_mm`` — as the MS-CMRSeg
-    experiment runs ``bayes`` and ``bayes-refine``. ``"auto"``: cardiac when the model's ``labels``
-    include :data:`~mvmm.core.settings.CARDIAC_TISSUES`."""
+    experiment runs ``bayes`` and ``bayes-refine``; ``fit`` (``--ensemble``'s classical fit of the
+    model's atlas, the experiment's ``em-all``): all but the subtypes and proportions. ``"auto"``:
+    cardiac when the model's ``labels`` include :data:`~mvmm.core.settings.CARDIAC_TISSUES`."""
     if preset not in PRESETS:
         raise InputError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     names = set(labels.names) if labels is not None else set()
     if preset == "none" or (preset == "auto" and not set(CARDIAC_TISSUES) <= names):
         return {}
+    if fit:
+        return {key: value for key, value in CARDIAC_PRESET.items() if key not in ("subtypes", "proportions")}
     return {key: CARDIAC_PRESET[key] for key in ("postprocess", "affine_weight", "roi_margin_mm")}
 
 
@@ -201,6 +204,9 @@ class Segmentation:
     prior_is_posterior: bool = False
     # further per-voxel maps on the common grid, written as NAME.nii.gz (e.g. a network's sample uncertainty)
     extra_maps: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # an ensemble (mvmm.amortized.ensemble): fits of the case whose posteriors, on every grid, this one's
+    # is the mean of; the fields above are the first member's (its model, transforms and clean-up)
+    members: Tuple["Segmentation", ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -230,7 +236,7 @@ class Segmentation:
         from mvmm.pathology import pathological_wall
 
         sample = self.sample_on(name)
-        posterior = self.posterior_on(sample)
+        posterior = self.posterior_on(sample, name)
         wall = None
         if self.postprocess == "cardiac" and not self.prior_is_posterior:
             wall = pathological_wall(self, sample)
@@ -257,17 +263,20 @@ class Segmentation:
         return name is None or (self.subject.image(name).grid.same_geometry(self.common.grid)
                                 and name not in self.subject.transforms)
 
-    def posterior_on(self, sample: CaseSample) -> torch.Tensor:
-        """Posterior ``[K, *S]`` of a :meth:`sample_on` sample: the fitted model evaluated there."""
+    def posterior_on(self, sample: CaseSample, name: Optional[str] = None) -> torch.Tensor:
+        """Posterior ``[K, *S]`` of the :meth:`sample_on` sample of image ``name``: the fitted model
+        evaluated there (an ensemble: the mean of its members' posteriors on that image's grid)."""
         if sample is self.common:
             return self.posterior
+        if self.members:  # each member moved the image and the atlas its own way: each samples its own
+            return torch.stack([m.native_posterior(name).to(self.device) for m in self.members]).mean(0)
         if self.prior_is_posterior:
             return sample.prior
         return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
 
     def native_posterior(self, name: str) -> torch.Tensor:
         """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
-        return self.posterior_on(self.sample_on(name))
+        return self.posterior_on(self.sample_on(name), name)
 
     def volumes_ml(self) -> Dict[str, float]:
         label_map = self.label_map()

@@ -245,6 +245,45 @@ def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
     bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), "--refine", "2",
                                "--out", str(tmp_path / "w"), "-q"])
     assert bad.exit_code != 0 and "--refine" in bad.output and "--model" in bad.output
+    check_ensemble(runner, out, cases[15], tmp_path)
+
+
+def check_ensemble(runner, model, files, tmp_path):
+    """``segment --model --ensemble``: the network's answer and the classical fit of the model's atlas (the
+    preset's settings), averaged on every grid — C0's own grid too, each member having moved C0 its own
+    way — and written as a segmentation; what the model fixes is refused."""
+    from mvmm.amortized import segment_ensemble
+    from mvmm.core.settings import RegistrationSettings
+
+    images = [Image.read(files[s], s) for s in SEQUENCES]
+    result = segment_ensemble(images, model, registration=RegistrationSettings(images="rigid"), device="cpu")
+    fit, network = result.members
+    assert fit.registration is not None and fit.registration.history  # the fit registered from the atlas's start
+    assert torch.allclose(result.posterior, (fit.posterior + network.posterior) / 2)
+    c0 = [result.native_posterior("C0"), fit.native_posterior("C0"), network.native_posterior("C0")]
+    assert c0[0].shape[1:] == tuple(reversed(images[1].grid.size))
+    assert torch.allclose(c0[0], (c0[1] + c0[2]) / 2)
+    assert (c0[1] - c0[2]).abs().max() > 0.1  # the members differ there: the mean is not either one
+    ens = tmp_path / "ensemble"
+    result = runner.invoke(main, ["segment", "--images", str(files["LGE"]), str(files["C0"]), "--model", str(model),
+                                  "--ensemble", "--out", str(ens), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((ens / "report.json").read_text())
+    fit_settings, network_settings = report["settings"]["ensemble"]
+    # the fit is the classical path's under the preset (auto: cardiac), the network's is its own
+    assert fit_settings["registration"]["atlas_search_mm"] == 10 and fit_settings["roi_margin_mm"] == 5
+    assert network_settings["model"] == str(model) and network_settings["refine"] == 0
+    assert report["settings"]["preset"]["applied"] == ["affine_weight", "atlas_search_fov", "atlas_search_mm",
+                                                       "postprocess", "roi_margin_mm", "template_metric"]
+    for name in ("labels_LGE.nii.gz", "labels_C0.nii.gz", "transforms/transforms.json", "entropy.nii.gz"):
+        assert (ens / name).exists(), name
+    for extra in (["--atlas", "builtin:cardiac"], ["--subtypes", "LGE:Myo=3"], ["--refine", "2"]):
+        bad = runner.invoke(main, ["segment", "--images", str(files["LGE"]), str(files["C0"]), "--model", str(model),
+                                   "--ensemble", *extra, "--out", str(tmp_path / "bad"), "-q"])
+        assert bad.exit_code != 0 and extra[0] in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(main, ["segment", "--images", str(files["LGE"]), "--ensemble", "--out", str(tmp_path / "bad"),
+                               "-q"])
+    assert bad.exit_code != 0 and "--ensemble" in bad.output and "--model" in bad.output
 
 
 def test_3d_network_runs_one_step(tmp_path):

@@ -16,7 +16,8 @@ registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``)
   followed by ``em-all``'s registration levels and EM from the network's warp; from a given model,
   or with ``folds`` a network trained per fold on the other folds' images (and every method of the
   fold then uses the other folds' atlas); ``bayes-ensemble``, the mean of ``bayes``'s and ``em-all``'s
-  posteriors (:func:`mvmm.amortized.averaged_posterior`), cleaned up as ``em-all``'s; its seconds are both;
+  posteriors (:func:`mvmm.amortized.ensemble`; ``mvmm segment --model --ensemble``), cleaned up as ``em-all``'s;
+  its seconds are both;
 - ``vae-seg``, ``vae-seg-refine``: the segmentation network on an anatomical prior
   (:mod:`mvmm.nets.vae_seg`) alone, and its decoded prior moved by the same registration levels, then
   EM; with ``folds``, on ``vae_prior`` (e.g. a prior trained on another data set's labels) or on a
@@ -65,7 +66,7 @@ from mvmm.core.outputs import write_json
 from mvmm.data.labels import PATHOLOGY_LABELS
 from mvmm.pathology import cardiac_pathology_subtypes, pathology_maps
 from mvmm.report import comparison_figure
-from mvmm.amortized import averaged_posterior, segment_with_model
+from mvmm.amortized import ensemble, segment_with_model
 from mvmm.segment import segment_subject
 
 log = logging.getLogger(__name__)
@@ -229,9 +230,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
             network_results[method] = result
     if "bayes-ensemble" in settings.methods:
         start = time.perf_counter()
-        average = averaged_posterior([em_all, network_results["bayes"]])
-        # em-all's fit with the mean as its posterior: its map is cleaned up exactly as em-all's is
-        maps["bayes-ensemble"] = replace(em_all, posterior=average).label_map()
+        # em-all first: the mean's map is cleaned up exactly as em-all's is
+        maps["bayes-ensemble"] = ensemble([em_all, network_results["bayes"]]).label_map()
         seconds["bayes-ensemble"] = seconds["em-all"] + seconds["bayes"] + time.perf_counter() - start
     truth_map = truth.data[0].numpy().astype(np.int64)
     if truth_map.shape != maps["em-all"].shape:
