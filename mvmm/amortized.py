@@ -447,7 +447,8 @@ def ensemble(results: Sequence[Segmentation]) -> Segmentation:
 def segment_ensemble(images: Sequence[Image], model, registration: Optional[RegistrationSettings] = None,
                      roi_margin_mm: float = CARDIAC_PRESET["roi_margin_mm"], mrf_beta: float = SEGMENTATION.mrf_beta,
                      postprocess: str = SEGMENTATION.postprocess, bias_correction: str = SEGMENTATION.bias_correction,
-                     device: str = "auto", seed: Optional[int] = 0, progress: bool = False) -> Segmentation:
+                     max_iter: int = SEGMENTATION.max_iter, tol: float = SEGMENTATION.tol, device: str = "auto",
+                     seed: Optional[int] = 0, progress: bool = False) -> Segmentation:
     """A Bayesian CNN's one-pass answer averaged with the classical fit of its atlas (``mvmm segment
     --model M --ensemble``; the MS-CMRSeg experiment's ``bayes-ensemble``, better there than either).
 
@@ -464,7 +465,7 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
     registration : RegistrationSettings, optional
         The fit's registration (default :func:`mvmm.joint.default_registration`; ``mvmm segment``'s
         preset gives it the cardiac start search and affine weight).
-    roi_margin_mm, mrf_beta, postprocess, bias_correction, device, seed, progress
+    roi_margin_mm, mrf_beta, postprocess, bias_correction, max_iter, tol, device, seed, progress
         The fit's, as :func:`mvmm.segment.segment_subject`'s (``postprocess`` also the network's).
 
     Returns
@@ -479,7 +480,7 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
     subject = Subject(ordered, atlas=model.atlas.placed_for(ordered[0].grid), roi_margin_mm=roi_margin_mm)
     fitted = segment_subject(subject, subtypes=config.subtypes, background_subtypes=config.background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=config.proportions == "learned",
-                             device=device, seed=seed, progress=progress,
+                             max_iter=max_iter, tol=tol, device=device, seed=seed, progress=progress,
                              registration="default" if registration is None else registration,
                              postprocess=postprocess, bias_correction=bias_correction)
     return ensemble([fitted, network])

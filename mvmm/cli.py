@@ -473,8 +473,8 @@ def _segment_ensemble(ctx, model_dir, out, quiet):
     from mvmm.segment import model_preset_values, read_images
 
     p = ctx.params
-    fixed = _given(ctx, {"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "proportions",
-                         "masks", "reference", "pathology", "refine", "samples"})
+    fixed = _given(ctx, {"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
+                         "proportions", "masks", "reference", "pathology", "refine", "samples"})
     if fixed:
         raise InputError(f"ensemble: the model carries its atlas, labels and subtypes, and the ensemble is its "
                          f"one-pass answer; {', '.join(fixed)} cannot change them (drop them)")
@@ -485,8 +485,8 @@ def _segment_ensemble(ctx, model_dir, out, quiet):
     result = segment_ensemble(read_images(list(p["images"]), list(p["names"]) or None), model_dir,
                               registration=registration, roi_margin_mm=chosen.get("roi_margin_mm", p["roi_margin"]),
                               mrf_beta=p["mrf_beta"], postprocess=chosen.get("postprocess", p["postprocess"]),
-                              bias_correction=p["bias_correction"], device=p["device"], seed=p["seed"],
-                              progress=_show_progress(quiet))
+                              bias_correction=p["bias_correction"], max_iter=p["max_iter"], tol=p["tol"],
+                              device=p["device"], seed=p["seed"], progress=_show_progress(quiet))
     result.settings["preset"] = {"name": p["preset"], "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if not quiet:
@@ -510,7 +510,8 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     def given(names):
         return _given(ctx, names)
 
-    fixed = given({"atlas", "atlas_set", "labels_text", "subtypes", "background_subtypes", "register_images",
+    fixed = given({"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
+                   "register_images",
                    "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
                    "images_model", "pathology", "bias_correction"})
     if fixed:

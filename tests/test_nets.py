@@ -266,18 +266,20 @@ def check_ensemble(runner, model, files, tmp_path):
     assert (c0[1] - c0[2]).abs().max() > 0.1  # the members differ there: the mean is not either one
     ens = tmp_path / "ensemble"
     result = runner.invoke(main, ["segment", "--images", str(files["LGE"]), str(files["C0"]), "--model", str(model),
-                                  "--ensemble", "--out", str(ens), "--device", "cpu", "-q"])
+                                  "--ensemble", "--max-iter", "7", "--out", str(ens), "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((ens / "report.json").read_text())
     fit_settings, network_settings = report["settings"]["ensemble"]
     # the fit is the classical path's under the preset (auto: cardiac), the network's is its own
     assert fit_settings["registration"]["atlas_search_mm"] == 10 and fit_settings["roi_margin_mm"] == 5
     assert network_settings["model"] == str(model) and network_settings["refine"] == 0
+    assert fit_settings["max_iter"] == 7  # the fit's own options reach it
     assert report["settings"]["preset"]["applied"] == ["affine_weight", "atlas_search_fov", "atlas_search_mm",
                                                        "postprocess", "roi_margin_mm", "template_metric"]
     for name in ("labels_LGE.nii.gz", "labels_C0.nii.gz", "transforms/transforms.json", "entropy.nii.gz"):
         assert (ens / name).exists(), name
-    for extra in (["--atlas", "builtin:cardiac"], ["--subtypes", "LGE:Myo=3"], ["--refine", "2"]):
+    for extra in (["--atlas", "builtin:cardiac"], ["--subtypes", "LGE:Myo=3"], ["--refine", "2"],
+                  ["--atlas-sigma", "2"]):
         bad = runner.invoke(main, ["segment", "--images", str(files["LGE"]), str(files["C0"]), "--model", str(model),
                                    "--ensemble", *extra, "--out", str(tmp_path / "bad"), "-q"])
         assert bad.exit_code != 0 and extra[0] in bad.output and "Traceback" not in bad.output
