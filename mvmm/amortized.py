@@ -412,11 +412,14 @@ def uncertainty_maps(posteriors: Sequence[torch.Tensor]) -> dict:
 
 
 def averaged_posterior(results: Sequence[Segmentation]) -> torch.Tensor:
-    """The mean of several fits' posteriors of one case on their common grid, ``[K, *S]``.
+    """The mean of several fits' posteriors of one case on their common grid, ``[K, *S]``, each weighted
+    by its :attr:`~mvmm.segment.Segmentation.votes` — so that every voter counts once: a fit whose atlas
+    votes (``prior_votes``) brings two, the model's posterior and the prior.
 
     An ensemble of the network's one-pass answer and the fitted model's (the experiment's
-    ``bayes-ensemble``: ``bayes`` and ``em-all``): where they disagree, the mean keeps the class both
-    find likely. The fits must share the common grid and the labels (one reference image, one atlas).
+    ``bayes-ensemble``: ``bayes`` and ``em-all``, whose atlas votes too): where they disagree, the mean
+    keeps the class most voters find likely. The fits must share the common grid and the labels (one
+    reference image, one atlas).
     """
     first = results[0]
     for other in results[1:]:
@@ -425,12 +428,13 @@ def averaged_posterior(results: Sequence[Segmentation]) -> torch.Tensor:
         if list(other.labels.values) != list(first.labels.values):
             raise InputError(f"results: the fits' labels differ ({list(first.labels.values)} against "
                              f"{list(other.labels.values)})")
-    return torch.stack([r.posterior.to(first.device) for r in results]).mean(0)
+    return sum(r.votes * r.posterior.to(first.device) for r in results) / sum(r.votes for r in results)
 
 
 def ensemble(results: Sequence[Segmentation]) -> Segmentation:
     """Several fits of one case as one :class:`~mvmm.segment.Segmentation` whose posterior, on the common
-    grid and on every image's own grid, is the mean of theirs (:func:`averaged_posterior`).
+    grid and on every image's own grid, is the mean of theirs, weighted by their votes
+    (:func:`averaged_posterior`).
 
     What has no mean is the first fit's: its model (``params.json``, the report's EM), transforms, region
     and clean-up — the cardiac clean-up keeps the first fit's pathological wall. The settings and
@@ -447,8 +451,9 @@ def ensemble(results: Sequence[Segmentation]) -> Segmentation:
 def segment_ensemble(images: Sequence[Image], model, registration: Optional[RegistrationSettings] = None,
                      roi_margin_mm: float = CARDIAC_PRESET["roi_margin_mm"], mrf_beta: float = SEGMENTATION.mrf_beta,
                      postprocess: str = SEGMENTATION.postprocess, bias_correction: str = SEGMENTATION.bias_correction,
-                     max_iter: int = SEGMENTATION.max_iter, tol: float = SEGMENTATION.tol, device: str = "auto",
-                     seed: Optional[int] = 0, progress: bool = False) -> Segmentation:
+                     max_iter: int = SEGMENTATION.max_iter, tol: float = SEGMENTATION.tol,
+                     prior_votes: bool = SEGMENTATION.prior_votes, device: str = "auto", seed: Optional[int] = 0,
+                     progress: bool = False) -> Segmentation:
     """A Bayesian CNN's one-pass answer averaged with the classical fit of its atlas (``mvmm segment
     --model M --ensemble``; the MS-CMRSeg experiment's ``bayes-ensemble``, better there than either).
 
@@ -465,7 +470,7 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
     registration : RegistrationSettings, optional
         The fit's registration (default :func:`mvmm.joint.default_registration`; ``mvmm segment``'s
         preset gives it the cardiac start search and affine weight).
-    roi_margin_mm, mrf_beta, postprocess, bias_correction, max_iter, tol, device, seed, progress
+    roi_margin_mm, mrf_beta, postprocess, bias_correction, max_iter, tol, prior_votes, device, seed, progress
         The fit's, as :func:`mvmm.segment.segment_subject`'s (``postprocess`` also the network's).
 
     Returns
@@ -482,7 +487,7 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
                              mrf_beta=mrf_beta, learn_proportions=config.proportions == "learned",
                              max_iter=max_iter, tol=tol, device=device, seed=seed, progress=progress,
                              registration="default" if registration is None else registration,
-                             postprocess=postprocess, bias_correction=bias_correction)
+                             postprocess=postprocess, bias_correction=bias_correction, prior_votes=prior_votes)
     return ensemble([fitted, network])
 
 

@@ -286,6 +286,10 @@ def main():
               help="Subtypes of the background class (label 0) in every image.")
 @click.option("--mrf-beta", type=NON_NEGATIVE, default=default(SegmentationDefaults, "mrf_beta"), show_default=True,
               help="Weight of Potts MRF smoothing of the posterior (0: none).")
+@click.option("--prior-votes/--no-prior-votes", default=default(SegmentationDefaults, "prior_votes"), show_default=True,
+              help="The registered atlas votes beside the fitted model: the written posterior is the mean of the "
+                   "model's and the atlas prior (what the model misreads, e.g. bright scar as blood, costs less; the "
+                   "cardiac preset turns it on). Needs an atlas.")
 @click.option("--postprocess", type=click.Choice(POSTPROCESSING),
               default=default(SegmentationDefaults, "postprocess"), show_default=True,
               help="Clean-up of the label maps: cardiac keeps each structure's largest component and counts what "
@@ -380,7 +384,7 @@ def main():
 @common_options
 def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
-            mrf_beta, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
+            mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
             control_spacing,
             bending_weight, affine_weight, registration_grid, full_resolution, out, force, device, seed, quiet):
@@ -421,11 +425,13 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
         subject = replace(subject, roi_margin_mm=chosen["roi_margin_mm"])
     subtypes = chosen.get("subtypes", subtypes)
     proportions, postprocess = chosen.get("proportions", proportions), chosen.get("postprocess", postprocess)
+    prior_votes = chosen.get("prior_votes", prior_votes)
     registration = default_registration(subject, **_registration_options(ctx.params, chosen))
     result = segment_subject(subject, subtypes=list(subtypes), background_subtypes=background_subtypes,
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
-                             postprocess=postprocess, pathology=pathology, bias_correction=bias_correction)
+                             postprocess=postprocess, pathology=pathology, bias_correction=bias_correction,
+                             prior_votes=prior_votes)
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if result.registration is None and subject.atlas is not None and len(images) > 1:
@@ -486,7 +492,8 @@ def _segment_ensemble(ctx, model_dir, out, quiet):
                               registration=registration, roi_margin_mm=chosen.get("roi_margin_mm", p["roi_margin"]),
                               mrf_beta=p["mrf_beta"], postprocess=chosen.get("postprocess", p["postprocess"]),
                               bias_correction=p["bias_correction"], max_iter=p["max_iter"], tol=p["tol"],
-                              device=p["device"], seed=p["seed"], progress=_show_progress(quiet))
+                              prior_votes=chosen.get("prior_votes", p["prior_votes"]), device=p["device"],
+                              seed=p["seed"], progress=_show_progress(quiet))
     result.settings["preset"] = {"name": p["preset"], "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if not quiet:
@@ -513,7 +520,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     fixed = given({"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
                    "register_images",
                    "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
-                   "images_model", "pathology", "bias_correction"})
+                   "images_model", "pathology", "bias_correction", "prior_votes"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
@@ -1127,6 +1134,9 @@ def experiment():
                    "against the MyoPS labels (patientN_T2_pathology).")
 @click.option("--mrf-beta", type=NON_NEGATIVE, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
+@click.option("--prior-votes/--no-prior-votes", default=default(ExperimentSettings, "prior_votes"), show_default=True,
+              help="em-all's and em-lge's posterior is the mean of the model's and the registered atlas's, as for "
+                   "segment's cardiac preset (bayes-ensemble: the atlas is a third voter).")
 @click.option("--postprocess", type=click.Choice(POSTPROCESSING),
               default=default(ExperimentSettings, "postprocess"), show_default=True,
               help="Clean-up of the label maps of em-all and em-lge, as for segment.")
@@ -1142,7 +1152,7 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
                      atlas_search_fov, atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, pathology,
-                     mrf_beta, postprocess, bias_correction, force, device, seed, quiet):
+                     mrf_beta, prior_votes, postprocess, bias_correction, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import run_mscmr
@@ -1158,7 +1168,7 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_fov=atlas_search_fov, atlas_search_mm=atlas_search_mm,
                                   affine_weight=affine_weight, roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
-                                  pathology=pathology, mrf_beta=mrf_beta, postprocess=postprocess,
+                                  pathology=pathology, mrf_beta=mrf_beta, prior_votes=prior_votes, postprocess=postprocess,
                                   bias_correction=bias_correction, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=_show_progress(quiet), lge_data=lge_data)

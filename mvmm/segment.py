@@ -205,8 +205,21 @@ class Segmentation:
     # further per-voxel maps on the common grid, written as NAME.nii.gz (e.g. a network's sample uncertainty)
     extra_maps: Dict[str, torch.Tensor] = field(default_factory=dict)
     # an ensemble (mvmm.amortized.ensemble): fits of the case whose posteriors, on every grid, this one's
-    # is the mean of; the fields above are the first member's (its model, transforms and clean-up)
+    # is the mean of (each weighted by its votes); the fields above are the first member's (its model,
+    # transforms and clean-up)
     members: Tuple["Segmentation", ...] = ()
+    # the registered atlas votes beside the model: every grid's posterior is the mean of the model's and
+    # the prior there, (p(k | I) + π_k) / 2 — the posterior under a likelihood that, at each voxel, is
+    # uninformative half of the time; what the model misreads (bright scar taken for blood) costs less
+    prior_votes: bool = False
+
+    @property
+    def votes(self) -> int:
+        """How many voters this posterior is the mean of: the model, its atlas if it votes (an ensemble:
+        its members' together) — the weight of this fit in an :func:`mvmm.amortized.ensemble`."""
+        if self.members:
+            return sum(m.votes for m in self.members)
+        return 2 if self.prior_votes else 1
 
     @property
     def device(self) -> torch.device:
@@ -269,10 +282,16 @@ class Segmentation:
         if sample is self.common:
             return self.posterior
         if self.members:  # each member moved the image and the atlas its own way: each samples its own
-            return torch.stack([m.native_posterior(name).to(self.device) for m in self.members]).mean(0)
+            return sum(m.votes * m.native_posterior(name).to(self.device) for m in self.members) / self.votes
         if self.prior_is_posterior:
             return sample.prior
-        return self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
+        return self.voted(self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing),
+                          sample.prior)
+
+    def voted(self, posterior: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
+        """The model's ``posterior [K, *S]`` as this fit writes it: with :attr:`prior_votes`, its mean with
+        the ``prior`` on the same grid."""
+        return (posterior + prior.to(posterior.dtype)) / 2 if self.prior_votes else posterior
 
     def native_posterior(self, name: str) -> torch.Tensor:
         """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
@@ -404,7 +423,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     device: str = "auto", seed: Optional[int] = 0, progress: bool = False,
                     registration: Union[RegistrationSettings, str, None] = "default",
                     postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None,
-                    pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction) -> Segmentation:
+                    pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction,
+                    prior_votes: bool = SEGMENTATION.prior_votes) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -441,11 +461,16 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     bias_correction : {"none", "n4"}
         Divide every image by its N4 bias field before the fit (:mod:`mvmm.data.bias`); the result's
         subject holds the corrected images (``bias_s`` in the timings, the record in the settings).
+    prior_votes : bool
+        The registered atlas votes beside the fitted model: the posterior on every grid is their mean
+        (:attr:`Segmentation.prior_votes`; the cardiac preset's choice). Needs an atlas.
     """
     start = time.perf_counter()
     torch_device = resolve_device(device)
     if seed is not None:
         torch.manual_seed(seed)
+    if prior_votes and subject.atlas is None:
+        raise InputError("prior_votes: the registered atlas's vote needs an atlas; a plain mixture has no prior")
     if not learn_proportions and subject.atlas is None:
         raise InputError("learn_proportions: held proportions (the prior is then the atlas) need an atlas; a plain mixture "
                          "has no prior but its proportions")
@@ -486,7 +511,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         fitted = time.perf_counter()
         posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
-                "postprocess": postprocess, "learn_proportions": learn_proportions,
+                "postprocess": postprocess, "learn_proportions": learn_proportions, "prior_votes": prior_votes,
                 "roi_margin_mm": subject.roi_margin_mm,
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
                 "registration": asdict(registration) if registration is not None else None,
@@ -496,8 +521,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
     if registered is not None:  # the registration's own split: start search, template, each level
         timings["registration_split_s"] = dict(registered.seconds)
-    return Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
-                        pathology)
+    result = Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
+                          pathology, prior_votes=prior_votes)
+    result.posterior = result.voted(posterior, common.prior)
+    return result
 
 
 def _pathology_subtypes(subtypes: list, names: Sequence[str], labels: LabelSet) -> list:

@@ -422,7 +422,7 @@ def test_averaged_posterior_is_the_mean_of_fits_on_one_grid():
 
     def fit(posterior, on=grid, named=labels):
         return SimpleNamespace(common=SimpleNamespace(grid=on), labels=named, device=torch.device("cpu"),
-                               posterior=torch.tensor(posterior, dtype=torch.float32))
+                               posterior=torch.tensor(posterior, dtype=torch.float32), votes=1)
 
     weak, strong = fit([[[0.6, 0.2]], [[0.4, 0.8]]]), fit([[[0.1, 0.3]], [[0.9, 0.7]]])
     average = averaged_posterior([weak, strong])

@@ -275,7 +275,8 @@ def check_ensemble(runner, model, files, tmp_path):
     assert network_settings["model"] == str(model) and network_settings["refine"] == 0
     assert fit_settings["max_iter"] == 7  # the fit's own options reach it
     assert report["settings"]["preset"]["applied"] == ["affine_weight", "atlas_search_fov", "atlas_search_mm",
-                                                       "postprocess", "roi_margin_mm", "template_metric"]
+                                                       "postprocess", "prior_votes", "roi_margin_mm", "template_metric"]
+    assert fit_settings["prior_votes"] is True
     for name in ("labels_LGE.nii.gz", "labels_C0.nii.gz", "transforms/transforms.json", "entropy.nii.gz"):
         assert (ens / name).exists(), name
     for extra in (["--atlas", "builtin:cardiac"], ["--subtypes", "LGE:Myo=3"], ["--refine", "2"],

@@ -196,8 +196,9 @@ def test_segment_cli_preset_pathology_and_scanner_int16_images(tmp_path):
     assert "scar" in result.output and "oedema" in result.output and "label map" not in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["preset"] == {"name": "auto", "applied": ["affine_weight", "atlas_search_fov", "atlas_search_mm",
-                                                                        "postprocess", "roi_margin_mm", "subtypes",
-                                                                        "template_metric"]}
+                                                                        "postprocess", "prior_votes", "roi_margin_mm",
+                                                                        "subtypes", "template_metric"]}
+    assert report["settings"]["prior_votes"] is True
     assert report["settings"]["learn_proportions"] is True  # given explicitly
     assert report["settings"]["subtypes"] == ["LGE:Myo=normal,scar", "T2:Myo=normal,oedema"]
     assert report["pathology"]["images"]["T2"]["oedema"]["ml"] > 0

@@ -38,6 +38,7 @@ class SegmentationDefaults:
     tol: float = 1e-5
     postprocess: str = "none"
     bias_correction: str = "none"
+    prior_votes: bool = False  # the registered atlas votes beside the model (Segmentation.prior_votes)
 
 
 SEGMENTATION = SegmentationDefaults()
@@ -60,6 +61,9 @@ CARDIAC_PRESET = {
     "atlas_search_mm": 10.0,  # start search of the atlas by log-likelihood
     "affine_weight": 0.3,
     "template_metric": "none",  # placed by the search and log L, not by a template (same Dice, docs/mscmr.md)
+    # the posterior is the mean of the model's and the registered atlas's: intensities the model misreads
+    # (bright scar as blood) cost less; chosen on the development fold, 0.15.0 (docs/mscmr.md)
+    "prior_votes": True,
 }
 
 # ---------------------------------------------------------------- the coarse-to-fine schedule
@@ -600,6 +604,9 @@ class ExperimentSettings:
     postprocess : {"cardiac", "none"}
         Clean-up of the label maps of ``em-all`` and ``em-lge`` (:mod:`mvmm.postprocess`): MS-CMRSeg's
         labels count papillary muscles and trabeculae as LV blood pool. ``atlas`` and ``gmm`` stay raw.
+    prior_votes : bool
+        ``em-all``'s and ``em-lge``'s posterior is the mean of the model's and the registered atlas's
+        (:attr:`mvmm.segment.Segmentation.prior_votes`; in ``bayes-ensemble`` the atlas is the third voter).
     bias_correction : {"none", "n4"}
         Intensity non-uniformity correction of the target's images before ``em-all`` and ``em-lge``
         (:mod:`mvmm.data.bias`); the networks see the images as read, as in their training.
@@ -631,6 +638,7 @@ class ExperimentSettings:
     pathology: bool = False
     mrf_beta: float = 0.0
     postprocess: str = CARDIAC_PRESET["postprocess"]
+    prior_votes: bool = CARDIAC_PRESET["prior_votes"]
     # not in the preset: on MS-CMRSeg N4 helped LGE + C0 a little and cost LGE + C0 + T2 (docs/mscmr.md)
     bias_correction: str = SEGMENTATION.bias_correction
     device: str = "auto"

@@ -160,7 +160,7 @@ def fit_em_all(images: List[Image], placed: Atlas, settings: ExperimentSettings,
                            mrf_beta=settings.mrf_beta,
                            registration=em_all_registration(settings) if registration is None else registration,
                            postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
-                           bias_correction=settings.bias_correction)
+                           bias_correction=settings.bias_correction, prior_votes=settings.prior_votes)
 
 
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
@@ -201,7 +201,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
                                    subtypes=_for_images(subtypes, ["LGE"]), learn_proportions=learn,
                                    mrf_beta=settings.mrf_beta, registration=registration,
                                    postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
-                                   bias_correction=settings.bias_correction)
+                                   bias_correction=settings.bias_correction, prior_votes=settings.prior_votes)
         maps["em-lge"] = lge_only.label_map()
         seconds["em-lge"] = time.perf_counter() - start + prior_seconds
     if "gmm" in settings.methods:
