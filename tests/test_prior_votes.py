@@ -2,7 +2,6 @@
 grid and on every image's own grid, is the mean of the fitted model's and the prior there; in an ensemble
 the atlas is one more voter."""
 
-
 import numpy as np
 import pytest
 import torch
