@@ -294,7 +294,7 @@ class Segmentation:
         return (posterior + prior.to(posterior.dtype)) / 2 if self.prior_votes else posterior
 
     def native_posterior(self, name: str) -> torch.Tensor:
-        """Posterior ``[K, *S_i]`` on image ``name``'s own grid: the fitted model evaluated there."""
+        """Posterior ``[K, *S_i]`` on image ``name``'s own grid, as :meth:`posterior_on` gives it there."""
         return self.posterior_on(self.sample_on(name), name)
 
     def volumes_ml(self) -> Dict[str, float]:
