@@ -123,7 +123,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
                        learn_proportions: Optional[bool] = None, postprocess: str = SEGMENTATION.postprocess,
                        device: str = "auto", progress: bool = False,
                        registration: Optional[RegistrationSettings] = None,
-                       roi_margin_mm: Optional[float] = None, samples: int = 0) -> Segmentation:
+                       roi_margin_mm: Optional[float] = None, samples: int = 0,
+                       prior_votes: bool = SEGMENTATION.prior_votes) -> Segmentation:
     """Segment a case by a trained network (``mvmm segment --model``), optionally refined by EM.
 
     The network predicts the atlas's velocity field and θ in one forward pass on the case's network
@@ -153,6 +154,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
         The region of interest (default: the model's ``roi_margin_mm``).
     samples : int
         A ``vae-seg`` model: latent samples for the uncertainty maps (:func:`mvmm.amortized.segment_with_vae`).
+    prior_votes : bool
+        A ``bayes`` model with ``registration``: the registered atlas votes beside the refined model, as
+        in :func:`mvmm.segment.segment_subject` (the network alone and EM with the warp fixed write the
+        model's posterior; a ``vae-seg`` model's decoded prior does not vote).
 
     An ``acwe`` model is run by :func:`segment_with_acwe` (its map is the answer), a ``vae-seg`` model by
     :func:`segment_with_vae` (its decoded prior replaces the atlas).
@@ -165,6 +170,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     config, net = model.config, model.net
     if samples and config.kind != "vae-seg":
         raise InputError(f"samples: only a vae-seg model draws samples; {model.path} is a {config.kind!r} model")
+    if prior_votes and (config.kind != "bayes" or registration is None):
+        raise InputError(f"prior_votes: the atlas votes in a bayes model's refinement by registration "
+                         f"(`registration`); {model.path} is a {config.kind!r} model"
+                         + ("" if config.kind != "bayes" else " and no registration was asked for"))
     if config.kind == "acwe":  # the network's answer is a map, not a warp (mvmm.amortized)
         if registration is not None:
             raise InputError(f"register_atlas: the Chan–Vese model {model.path} predicts the segmentation, not an "
@@ -201,7 +210,7 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
                                  background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
                                  learn_proportions=learn_proportions, device=str(torch_device), progress=progress,
                                  registration=registration, postprocess=postprocess,
-                                 atlas_start=(case.placement, svf))
+                                 atlas_start=(case.placement, svf), prior_votes=prior_votes)
         result.settings = {**result.settings, "model": str(model.path), "refine": "registration"}
         result.timings = {"load_s": loaded - start - (started - opened), "start_s": started - opened,
                           "network_s": predicted - loaded, **result.timings}

@@ -520,14 +520,17 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     fixed = given({"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
                    "register_images",
                    "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
-                   "images_model", "pathology", "bias_correction", "prior_votes"})
+                   "images_model", "pathology", "bias_correction"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
-    # the refinement's settings only where there is a registration to use them
-    chosen = {key: value for key, value in model_preset_values(preset, read_config(model_dir).labels).items()
+    # the refinement's settings only where there is a registration to use them (the atlas's vote: a
+    # bayes model's atlas; a vae-seg model's decoded prior does not vote)
+    config = read_config(model_dir)
+    chosen = {key: value for key, value in model_preset_values(preset, config.labels).items()
               if not given({"roi_margin" if key == "roi_margin_mm" else key})
-              and (key == "postprocess" or given({"register_atlas"}))}
+              and (key == "postprocess" or given({"register_atlas"}))
+              and (key != "prior_votes" or config.kind == "bayes")}
     postprocess, affine_weight = chosen.get("postprocess", postprocess), chosen.get("affine_weight", affine_weight)
     registration = None
     if given({"register_atlas"}):
@@ -540,7 +543,8 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
                                 mrf_beta=mrf_beta, postprocess=postprocess, device=device,
                                 progress=_show_progress(quiet), registration=registration,
                                 roi_margin_mm=roi_margin if given({"roi_margin"}) else
-                                chosen.get("roi_margin_mm") if registration is not None else None, samples=samples)
+                                chosen.get("roi_margin_mm") if registration is not None else None, samples=samples,
+                                prior_votes=chosen.get("prior_votes", ctx.params["prior_votes"]))
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if not quiet:

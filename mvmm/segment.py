@@ -169,8 +169,8 @@ def preset_values(preset: str, subject: Subject, pathology: bool = False) -> dic
 def model_preset_values(preset: str, labels: Optional[LabelSet], fit: bool = False) -> dict:
     """The settings ``preset`` gives ``segment --model`` (a model fixes its atlas, subtypes and
     proportions): of :data:`mvmm.core.settings.CARDIAC_PRESET`, the clean-up (``postprocess``) and, for
-    a refinement by registration, ``affine_weight`` and ``roi_margin_mm`` — as the MS-CMRSeg
-    experiment runs ``bayes`` and ``bayes-refine``; ``fit`` (``--ensemble``'s classical fit of the
+    a refinement by registration, ``affine_weight``, ``roi_margin_mm`` and (a ``bayes`` model's)
+    ``prior_votes`` — as the MS-CMRSeg experiment runs ``bayes`` and ``bayes-refine``; ``fit`` (``--ensemble``'s classical fit of the
     model's atlas, the experiment's ``em-all``): all but the subtypes and proportions. ``"auto"``:
     cardiac when the model's ``labels`` include :data:`~mvmm.core.settings.CARDIAC_TISSUES`."""
     if preset not in PRESETS:
@@ -180,7 +180,7 @@ def model_preset_values(preset: str, labels: Optional[LabelSet], fit: bool = Fal
         return {}
     if fit:
         return {key: value for key, value in CARDIAC_PRESET.items() if key not in ("subtypes", "proportions")}
-    return {key: CARDIAC_PRESET[key] for key in ("postprocess", "affine_weight", "roi_margin_mm")}
+    return {key: CARDIAC_PRESET[key] for key in ("postprocess", "affine_weight", "roi_margin_mm", "prior_votes")}
 
 
 @dataclass

@@ -223,7 +223,8 @@ def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((icm / "report.json").read_text())
     assert report["settings"]["refine"] == "registration" and report["settings"]["roi_margin_mm"] == 5
-    assert report["settings"]["preset"]["applied"] == ["affine_weight", "postprocess", "roi_margin_mm"]
+    assert report["settings"]["preset"]["applied"] == ["affine_weight", "postprocess", "prior_votes", "roi_margin_mm"]
+    assert report["settings"]["prior_votes"] is True  # em-all's vote, as the experiment's bayes-refine
     assert {"network_s", "registration_s", "fit_s"} <= set(report["timings_s"])
     assert report["registration"]["history"]  # the levels ran
     index = json.loads((icm / "transforms" / "transforms.json").read_text())["transforms"]["atlas"]
@@ -232,6 +233,9 @@ def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
                                str(out), "--register-atlas", "affine", "--refine", "2", "--out", str(tmp_path / "v"),
                                "-q"])
     assert bad.exit_code != 0 and "--refine" in bad.output and "--register-atlas" in bad.output
+    bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model",
+                               str(out), "--prior-votes", "--out", str(tmp_path / "pv"), "-q"])
+    assert bad.exit_code != 0 and "--prior-votes" in bad.output and "no registration" in bad.output
     # what the model fixes cannot be changed, and wrong inputs are named
     bad = runner.invoke(main, ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model", str(out),
                                "--atlas", "builtin:cardiac", "--out", str(tmp_path / "x"), "-q"])

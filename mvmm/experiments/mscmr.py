@@ -224,7 +224,8 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
             case = [Image.read(files.images[s], s) for s in model.config.images]
             result = segment_with_model(case, model, mrf_beta=settings.mrf_beta, learn_proportions=learn,
                                         postprocess=settings.postprocess, device=settings.device,
-                                        registration=refinement, roi_margin_mm=roi if refinement else None)
+                                        registration=refinement, roi_margin_mm=roi if refinement else None,
+                                        prior_votes=settings.prior_votes and method == "bayes-refine")
             maps[method] = result.label_map()
             seconds[method] = time.perf_counter() - start
             network_results[method] = result
