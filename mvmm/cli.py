@@ -1072,7 +1072,8 @@ def experiment():
               default=default_list(ExperimentSettings, "methods"), show_default=True,
               help="Methods to run and report (atlas and em-all always run; the network methods bayes, vae-seg "
                    "and their -refine (the network's placement, then em-all's registration and EM), and bayes-ensemble "
-                   "(bayes's and em-all's posteriors averaged) need --folds or --model).")
+                   "(bayes's and em-all's posteriors averaged, em-all's atlas voting with --prior-votes) need --folds or "
+                   "--model).")
 @click.option("--folds", type=click.IntRange(min=2), default=default(ExperimentSettings, "folds"),
               help="Cross-validation over the patients: per fold, the atlas from the other folds' labels and (for "
                    "the network methods) networks trained on their images; default: leave-one-out atlases.")

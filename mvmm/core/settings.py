@@ -533,7 +533,8 @@ class ExperimentSettings:
         ``vae-seg``, ``vae-seg-refine`` to run and report (``atlas`` and ``em-all`` always run: one is the other's
         registered prior). The network methods need ``folds`` or ``model``; the ``-refine`` ones
         continue from the network's placement with ``em-all``'s registration levels and EM;
-        ``bayes-ensemble`` averages ``bayes``'s and ``em-all``'s posteriors.
+        ``bayes-ensemble`` averages ``bayes``'s and ``em-all``'s posteriors (each weighted by its voters:
+        with ``prior_votes``, em-all's model, its atlas and the network a third each).
     folds : int, optional
         Cross-validation over the given patients (patient i of the sorted list is in fold i mod
         ``folds``): for each fold the atlas is built from the other folds' labels and the networks are

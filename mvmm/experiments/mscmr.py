@@ -16,7 +16,8 @@ registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``)
   followed by ``em-all``'s registration levels and EM from the network's warp; from a given model,
   or with ``folds`` a network trained per fold on the other folds' images (and every method of the
   fold then uses the other folds' atlas); ``bayes-ensemble``, the mean of ``bayes``'s and ``em-all``'s
-  posteriors (:func:`mvmm.amortized.ensemble`; ``mvmm segment --model --ensemble``), cleaned up as ``em-all``'s;
+  posteriors weighted by their voters (``em-all``'s atlas votes with ``prior_votes``;
+  :func:`mvmm.amortized.ensemble`; ``mvmm segment --model --ensemble``), cleaned up as ``em-all``'s;
   its seconds are both;
 - ``vae-seg``, ``vae-seg-refine``: the segmentation network on an anatomical prior
   (:mod:`mvmm.nets.vae_seg`) alone, and its decoded prior moved by the same registration levels, then
