@@ -514,13 +514,10 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     from mvmm.nets.model_dir import read_config
     from mvmm.segment import model_preset_values, read_images
 
-    def given(names):
-        return _given(ctx, names)
-
-    fixed = given({"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
-                   "register_images",
-                   "template_metric", "template_transform", "atlas_search_fov", "atlas_search_mm", "proportions", "masks", "reference",
-                   "images_model", "pathology", "bias_correction"})
+    fixed = _given(ctx, {"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
+                         "register_images", "template_metric", "template_transform", "atlas_search_fov",
+                         "atlas_search_mm", "proportions", "masks", "reference", "images_model", "pathology",
+                         "bias_correction"})
     if fixed:
         raise InputError(f"model: the model carries its atlas, labels, subtypes and registration; "
                          f"{', '.join(fixed)} cannot change them (drop them, or segment without --model)")
@@ -528,12 +525,12 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     # bayes model's atlas; a vae-seg model's decoded prior does not vote)
     config = read_config(model_dir)
     chosen = {key: value for key, value in model_preset_values(preset, config.labels).items()
-              if not given({"roi_margin" if key == "roi_margin_mm" else key})
-              and (key == "postprocess" or given({"register_atlas"}))
+              if not _given(ctx, {"roi_margin" if key == "roi_margin_mm" else key})
+              and (key == "postprocess" or _given(ctx, {"register_atlas"}))
               and (key != "prior_votes" or config.kind == "bayes")}
     postprocess, affine_weight = chosen.get("postprocess", postprocess), chosen.get("affine_weight", affine_weight)
     registration = None
-    if given({"register_atlas"}):
+    if _given(ctx, {"register_atlas"}):
         if refine:
             raise InputError("refine: --refine (EM with the network's warp fixed) and --register-atlas (registration "
                              "and EM from it) are two refinements; give one")
@@ -542,7 +539,7 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     result = segment_with_model(read_images(list(images), list(names) or None), model_dir, refine=refine,
                                 mrf_beta=mrf_beta, postprocess=postprocess, device=device,
                                 progress=_show_progress(quiet), registration=registration,
-                                roi_margin_mm=roi_margin if given({"roi_margin"}) else
+                                roi_margin_mm=roi_margin if _given(ctx, {"roi_margin"}) else
                                 chosen.get("roi_margin_mm") if registration is not None else None, samples=samples,
                                 prior_votes=chosen.get("prior_votes", ctx.params["prior_votes"]))
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}

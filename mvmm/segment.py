@@ -282,7 +282,9 @@ class Segmentation:
         if sample is self.common:
             return self.posterior
         if self.members:  # each member moved the image and the atlas its own way: each samples its own
-            return sum(m.votes * m.native_posterior(name).to(self.device) for m in self.members) / self.votes
+            # (the first is this fit's own: its sample is the one given)
+            return sum(m.votes * (m.posterior_on(sample, name) if m.subject is self.subject else
+                                  m.native_posterior(name)).to(self.device) for m in self.members) / self.votes
         if self.prior_is_posterior:
             return sample.prior
         return self.voted(self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing),
