@@ -267,7 +267,7 @@ def main():
 @click.option("--preset", type=click.Choice(PRESETS), default="auto", show_default=True,
               help="Settings that work together: cardiac sets --roi-margin 5 --subtypes LGE:Myo=2 --proportions "
                    "atlas --postprocess cardiac --atlas-search-fov --atlas-search-mm 10 --affine-weight 0.3 "
-                   "--template-metric none "
+                   "--template-metric none --prior-votes "
                    "(the MS-CMRSeg experiment's); auto is cardiac when the atlas has Myo, LV and RV, else none. "
                    "Options given explicitly override it.")
 @click.option("--pathology", is_flag=True,
