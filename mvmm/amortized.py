@@ -31,7 +31,7 @@ from mvmm.data.template_search import fov_atlas_start
 from mvmm.joint import JointSolver, RegistrationResult
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.postprocess import check_postprocess
-from mvmm.segment import Segmentation, segment_subject
+from mvmm.segment import Segmentation, segment_subject, vote_weighted_mean
 
 REFINE_PRIOR_FLOOR = 0.05  # (1 − ε) P + ε / K: a network's saturated map would otherwise forbid EM to move
 
@@ -437,7 +437,7 @@ def averaged_posterior(results: Sequence[Segmentation]) -> torch.Tensor:
         if list(other.labels.values) != list(first.labels.values):
             raise InputError(f"results: the fits' labels differ ({list(first.labels.values)} against "
                              f"{list(other.labels.values)})")
-    return sum(r.votes * r.posterior.to(first.device) for r in results) / sum(r.votes for r in results)
+    return vote_weighted_mean(results, [r.posterior.to(first.device) for r in results])
 
 
 def ensemble(results: Sequence[Segmentation]) -> Segmentation:

@@ -183,6 +183,12 @@ def model_preset_values(preset: str, labels: Optional[LabelSet], fit: bool = Fal
     return {key: CARDIAC_PRESET[key] for key in ("postprocess", "affine_weight", "roi_margin_mm", "prior_votes")}
 
 
+def vote_weighted_mean(fits: Sequence["Segmentation"], posteriors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of the ``fits``' ``posteriors [K, *S]`` (one each, on one grid), each weighted by its
+    :attr:`Segmentation.votes` — so that every voter (a model, an atlas that votes) counts once."""
+    return sum(fit.votes * posterior for fit, posterior in zip(fits, posteriors)) / sum(fit.votes for fit in fits)
+
+
 @dataclass
 class Segmentation:
     """A fitted case: the model, its posteriors on the common grid, and how it was obtained."""
@@ -283,8 +289,8 @@ class Segmentation:
             return self.posterior
         if self.members:  # each member moved the image and the atlas its own way: each samples its own
             # (the first is this fit's own: its sample is the one given)
-            return sum(m.votes * (m.posterior_on(sample, name) if m.subject is self.subject else
-                                  m.native_posterior(name)).to(self.device) for m in self.members) / self.votes
+            return vote_weighted_mean(self.members, [(m.posterior_on(sample, name) if m.subject is self.subject else
+                                                      m.native_posterior(name)).to(self.device) for m in self.members])
         if self.prior_is_posterior:
             return sample.prior
         return self.voted(self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing),
