@@ -108,15 +108,17 @@ def loaded_model(model, device: str, kind: Optional[str] = None):
     return model, torch_device
 
 
-def fit_or_adopt(mixture: MultivariateMixture, common, params, refine: int, progress: bool = False) -> None:
-    """``refine`` EM iterations from a network's θ on the case's common-grid sample, or (0) θ adopted as it is."""
-    if refine:
-        with warnings.catch_warnings():  # a few iterations from a good start: not converging is expected
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            mixture.fit(common.images, common.coverage, common.prior, common.grid.spacing, init_params=params,
-                        max_iter=refine, progress=progress)
-    else:
-        mixture.adopt(params, common.images, common.coverage, common.prior, common.grid.spacing)
+def fitted_posterior(mixture: MultivariateMixture, common, params, refine: int,
+                     progress: bool = False) -> torch.Tensor:
+    """``refine`` EM iterations from a network's θ on the case's common-grid sample, or (0) θ adopted as it
+    is (scored and its posterior taken from one E-step); the posterior ``[K, *S]`` on the common grid."""
+    images, coverage, prior, spacing = common.images, common.coverage, common.prior, common.grid.spacing
+    if not refine:
+        return mixture.adopt_predict_proba(params, images, coverage, prior, spacing)
+    with warnings.catch_warnings():  # a few iterations from a good start: not converging is expected
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mixture.fit(images, coverage, prior, spacing, init_params=params, max_iter=refine, progress=progress)
+    return mixture.predict_proba(images, coverage, prior, spacing)
 
 
 def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = SEGMENTATION.mrf_beta,
@@ -199,7 +201,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     with torch.no_grad():
         batch = {k: v.to(torch_device) for k, v in stack_cases([case]).items()}
         prediction = net(batch)
-        svf = net.world_svf(prediction.velocity[0], case.grid)
+        # exp(v) was integrated on the canonical grid for the prior the θ head saw: reused, rotated
+        svf = net.world_svf(prediction.velocity[0], case.grid, prediction.svf.displacement_field()[0])
         warp = SequentialTransform(svf, case.placement)
         params = _in_image_units(prediction.params, case.offsets.to(torch_device), case.scales.to(torch_device))
     if learn_proportions is None:
@@ -223,15 +226,14 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     with torch.no_grad():
         common = subject.sample(device=torch_device)
         sampled = time.perf_counter()
-        fit_or_adopt(model_em, common, params, refine, progress)
+        posterior = fitted_posterior(model_em, common, params, refine, progress)
         refined = time.perf_counter()
-        posterior = model_em.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"model": str(model.path), "refine": int(refine), "mrf_beta": mrf_beta if refine else 0.0,
                 "learn_proportions": learn_proportions,
                 "postprocess": postprocess, "device": str(torch_device), "roi_margin_mm": subject.roi_margin_mm}
     timings = {"load_s": loaded - start - (started - opened), "start_s": started - opened,
                "network_s": predicted - loaded, "sample_s": sampled - predicted,
-               "refine_s": refined - sampled, "predict_s": time.perf_counter() - refined}
+               "refine_s": refined - sampled}  # the EM iterations (or θ's score) and the posterior
     return Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
                         RegistrationResult({"atlas": warp}, fov_search=case.fov_search), postprocess)
 
@@ -289,9 +291,8 @@ def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta:
         region = common.coverage.any(0)
         theta = region_params(common.images[None], common.coverage[None], common.prior[None].to(common.images.dtype),
                               region[None], variances="fitted")
-        fit_or_adopt(mixture, common, theta, refine, progress)
-        answer = common.prior if not refine else mixture.predict_proba(common.images, common.coverage, common.prior,
-                                                                        common.grid.spacing)
+        posterior = fitted_posterior(mixture, common, theta, refine, progress)
+        answer = posterior if refine else common.prior  # 0: the network's map itself (θ scored for the report)
     refined = time.perf_counter()
     settings = {"model": str(model.path), "kind": "acwe", "refine": int(refine),
                 "mrf_beta": mrf_beta if refine else 0.0, "postprocess": postprocess, "device": str(torch_device),
@@ -389,8 +390,7 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
     with torch.no_grad():
         common = subject.sample(device=torch_device, check=False)
         sampled = time.perf_counter()
-        fit_or_adopt(mixture, common, params, refine, progress)
-        posterior = mixture.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
+        posterior = fitted_posterior(mixture, common, params, refine, progress)
         extra = {}
         if spread is not None:  # network grid → common grid, through the world (linear)
             from mvmm.spatial.warp import sample_image

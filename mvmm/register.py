@@ -275,7 +275,7 @@ def predict_registration(fixed: Image, moving: Image, model, device) -> tuple:
         zero = torch.zeros_like(prediction.velocity)
         unmoved = RegPrediction(zero, net.svf(zero), batch["images"][:, 1:], batch["coverage"][:, 1:].float())
         before = float(net.loss(batch, unmoved, 0.0)["data"])
-    return net.world_svf(prediction.velocity[0], case.grid), before, after
+    return net.world_svf(prediction.velocity[0], case.grid, prediction.svf.displacement_field()[0]), before, after
 
 
 def register_with_model(fixed_path, moving_path, model, out_dir, device: str = "auto", force: bool = False) -> dict:

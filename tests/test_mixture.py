@@ -227,3 +227,26 @@ def test_predict_proba_on_the_counted_voxels_equals_the_whole_grid_e_step(with_p
     expected = model._e_step(data, model.params_, keep_within=False).log_post[0].exp().reshape(got.shape)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not coverage.any(0).all()  # the test has voxels where nothing counts
+
+
+@pytest.mark.parametrize("mrf_beta", [0.0, 0.5])
+def test_adopt_predict_proba_is_adopt_then_predict_proba(mrf_beta):
+    # one E-step gives the adopted θ's score and its posterior (a network's answer): the same numbers as
+    # the two calls, where some voxels are counted by no image and with an MRF (which needs the grid)
+    rng = np.random.default_rng(5)
+    images = torch.as_tensor(rng.normal(0, 1, (2, 12, 14)) + np.linspace(0, 3, 14), dtype=torch.float32)
+    coverage = torch.zeros(images.shape, dtype=torch.bool)
+    coverage[0, 2:9, 3:12] = True
+    coverage[1, 5:11, 1:8] = True
+    prior = torch.as_tensor(rng.dirichlet(np.ones(3), (12, 14)).transpose(2, 0, 1), dtype=torch.float32)
+    fitted = MultivariateMixture(n_subtypes=np.array([[2, 1, 1], [1, 1, 2]]), n_classes=3, random_state=0, max_iter=5)
+    with pytest.warns(ConvergenceWarning):
+        fitted.fit(images, coverage, prior)
+    two = MultivariateMixture(n_subtypes=fitted.n_subtypes_, mrf_beta=mrf_beta)
+    expected = two.adopt(fitted.params_, images, coverage, prior, (1.0, 2.0)).predict_proba(images, coverage, prior,
+                                                                                         (1.0, 2.0))
+    one = MultivariateMixture(n_subtypes=fitted.n_subtypes_, mrf_beta=mrf_beta)
+    got = one.adopt_predict_proba(fitted.params_, images, coverage, prior, (1.0, 2.0))
+    torch.testing.assert_close(got, expected)
+    assert one.lower_bounds_ == two.lower_bounds_ and one.n_iter_ == 0
+    assert not torch.allclose(got, prior)  # the data moved the posterior off the prior

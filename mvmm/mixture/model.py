@@ -248,13 +248,34 @@ class MultivariateMixture:
             As :meth:`fit`.
         """
         data = self._voxels(images, coverage, prior, spacing, roi_only=True)
+        self._adopt(params, data)
+        return self
+
+    @torch.no_grad()
+    def adopt_predict_proba(self, params: MixtureParams, images, coverage=None, prior=None,
+                            spacing: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """:meth:`adopt` then :meth:`predict_proba` on the same data, from one E-step where no MRF
+        couples the voxels (a network's θ is the answer: its score and its posterior are one pass).
+
+        Returns
+        -------
+        torch.Tensor, shape [K, *S]
+        """
+        if self.mrf_beta > 0:  # the posterior runs over the whole grid, the score over the counted voxels
+            return self.adopt(params, images, coverage, prior, spacing).predict_proba(images, coverage, prior, spacing)
+        data = self._voxels(images, coverage, prior, spacing, roi_only=True)
+        resp = self._adopt(params, data)
+        return self._posterior_map(resp.log_post[0], data, prior, self.params_)
+
+    def _adopt(self, params: MixtureParams, data: _Voxels) -> _Responsibilities:
         params = self._checked_params(params, data, self._n_classes(data), "params")
         self.n_subtypes_, self._collapsed = params.n_subtypes.copy(), set()
         self._floors = self._variance_floors(data)
         self.params_ = params
-        self.lower_bounds_ = [self._e_step(data, params, keep_within=False).log_likelihood]
+        resp = self._e_step(data, params, keep_within=False)
+        self.lower_bounds_ = [resp.log_likelihood]
         self.n_iter_, self.converged_ = 0, False
-        return self
+        return resp
 
     @torch.no_grad()
     def predict_proba(self, images, coverage=None, prior=None, spacing=None) -> torch.Tensor:
@@ -265,7 +286,11 @@ class MultivariateMixture:
         # view is a small part of it); an MRF couples neighbours, so it runs over the whole grid
         data = self._voxels(images, coverage, prior, spacing, roi_only=self.mrf_beta <= 0)
         params = self.params_.to(data.x.device)
-        log_post = self._e_step(data, params, keep_within=False).log_post[0]
+        return self._posterior_map(self._e_step(data, params, keep_within=False).log_post[0], data, prior, params)
+
+    @staticmethod
+    def _posterior_map(log_post: torch.Tensor, data: _Voxels, prior, params: MixtureParams) -> torch.Tensor:
+        """The posterior ``[K, *S]`` from the E-step's ``log_post [K, V]`` on ``data``'s voxels; elsewhere the prior."""
         shape = (log_post.shape[0],) + tuple(data.roi.shape)
         if bool(data.roi.all()):
             out = torch.empty(shape, dtype=log_post.dtype, device=log_post.device)

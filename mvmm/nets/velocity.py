@@ -11,6 +11,8 @@ coefficients rotate with it and ``exp`` commutes with the rigid map).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import nn
@@ -78,13 +80,22 @@ class VelocityNet(nn.Module):
         moved = points + svf.displacement(points)
         return sample_fields(fields, self.grid, moved, padding).movedim(-1, 1)
 
-    def world_svf(self, velocity: torch.Tensor, grid: Grid) -> StationaryVelocityField:
+    def world_svf(self, velocity: torch.Tensor, grid: Grid,
+                  canonical_field: Optional[torch.Tensor] = None) -> StationaryVelocityField:
         """The SVF of coefficients ``[ndim, *control]`` (canonical axes) for a case whose network grid
-        is ``grid``: the same deformation, as a transform of that case's world (fixed, no gradient)."""
+        is ``grid``: the same deformation, as a transform of that case's world (fixed, no gradient).
+
+        ``canonical_field`` ``[ndim, *field]``: ``exp(v) − id`` already integrated on the canonical
+        field grid (the prediction's :meth:`svf`, this case's row); rotated into the case's axes, it is
+        reused instead of integrating again (the two field grids differ by the rigid map only).
+        """
         canonical = self.grid
         rotation = grid.direction_matrix @ canonical.direction_matrix.T
         matrix = np.eye(grid.ndim + 1)
         matrix[:-1, :-1] = rotation
         matrix[:-1, -1] = grid.center_world() - rotation @ canonical.center_world()
-        return StationaryVelocityField(grid, params=world_velocity(velocity.detach(), grid),
-                                       control_grid=self.control_grid.moved(matrix), steps=self.settings.squarings)
+        svf = StationaryVelocityField(grid, params=world_velocity(velocity.detach(), grid),
+                                      control_grid=self.control_grid.moved(matrix), steps=self.settings.squarings)
+        if canonical_field is not None:
+            svf.reuse_displacement_field(world_velocity(canonical_field.detach(), grid))
+        return svf

@@ -281,6 +281,24 @@ class StationaryVelocityField(BSplineTransform):
     def _drop_cache(self, grad):
         self._cache = None
 
+    def reuse_displacement_field(self, field: torch.Tensor) -> "StationaryVelocityField":
+        """Take ``field`` as :meth:`displacement_field` for the current parameters instead of
+        integrating them — ``exp(v)`` computed elsewhere for the same deformation (a network's on its
+        canonical grid, rotated into a case's world: exp commutes with a rigid map). Dropped, as the
+        cache is, when the parameters or the grad mode change. Returns self.
+
+        Parameters
+        ----------
+        field : torch.Tensor, shape [(B,) ndim, *field_grid.shape]
+            Displacements in mm, world axes.
+        """
+        v = self.params
+        expected = tuple(v.shape[:-self.ndim]) + tuple(self.field_grid.shape)
+        if tuple(field.shape) != expected:
+            raise ValueError(f"field: expected shape {list(expected)} (the field grid), got {list(field.shape)}")
+        self._cache = (v, v._version, torch.is_grad_enabled(), field.to(v))
+        return self
+
     def _exponential(self, v: torch.Tensor) -> torch.Tensor:
         field = self.velocity_field() / (2 ** self.steps)
         batched = field.dim() == self.ndim + 2
