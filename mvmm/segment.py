@@ -21,7 +21,8 @@ import torch
 
 from mvmm import __version__
 from mvmm.core.grid import Grid
-from mvmm.core.settings import CARDIAC_PRESET, CARDIAC_TISSUES, NO_ATLAS, PRESETS, SEGMENTATION
+from mvmm.core.settings import (CARDIAC_MIN_POSTERIOR_SHIFT, CARDIAC_PRESET, CARDIAC_TISSUES, NO_ATLAS, PRESETS,
+                                SEGMENTATION)
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
@@ -305,6 +306,32 @@ class Segmentation:
         """Posterior ``[K, *S_i]`` on image ``name``'s own grid, as :meth:`posterior_on` gives it there."""
         return self.posterior_on(self.sample_on(name), name)
 
+    def posterior_shift(self) -> Optional[float]:
+        """How far the images moved the posterior from the registered atlas where the atlas expects
+        anatomy: the mean over the covered voxels whose prior foreground exceeds ½ of the total-variation
+        distance ½ Σ_k |p(k | I, x) − π_k(x)| between the model's posterior (before any vote of the atlas)
+        and the prior. Near 0 the fitted Gaussians explain the images no better inside one tissue than
+        across tissues — a mixture fitted on the wrong anatomy (:func:`check_posterior_shift`).
+        None for a fit without a prior, an ensemble, or a network whose map is the answer.
+        """
+        if self.subject.atlas is None or self.members or self.prior_is_posterior or self.common.prior is None:
+            return None
+        prior = self.common.prior.to(self.posterior.dtype)
+        # with the atlas's vote the written posterior is (model + prior) / 2: undone here
+        model = 2 * self.posterior - prior if self.prior_votes else self.posterior
+        heart = ((1 - prior[self.labels.background_index]) > 0.5) & self.common.coverage.any(0)
+        if not bool(heart.any()):
+            return None
+        return float(0.5 * (model - prior).abs().sum(0)[heart].mean())
+
+    def quality(self) -> dict:
+        """``report.json``'s ``quality``: :meth:`posterior_shift`, and for a cardiac atlas the floor below
+        which :func:`check_posterior_shift` warns and whether this fit fell below it."""
+        shift = self.posterior_shift()
+        floor = CARDIAC_MIN_POSTERIOR_SHIFT if set(CARDIAC_TISSUES) <= set(self.labels.names) else None
+        return {"posterior_shift": shift, "min_posterior_shift": floor,
+                "low": shift is not None and floor is not None and shift < floor}
+
     def volumes_ml(self) -> Dict[str, float]:
         label_map = self.label_map()
         voxel = self.common.grid.voxel_volume_ml
@@ -420,6 +447,7 @@ class Segmentation:
             "timings_s": self.timings,
             **({"extra_maps": sorted(f"{name}.nii.gz" for name in self.extra_maps)} if self.extra_maps else {}),
             "volumes_ml": self.volumes_ml(),
+            "quality": self.quality(),
             **({"pathology": pathology} if pathology is not None else {}),
         }
 
@@ -532,7 +560,21 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     result = Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
                           pathology, prior_votes=prior_votes)
     result.posterior = result.voted(posterior, common.prior)
+    check_posterior_shift(result)
     return result
+
+
+def check_posterior_shift(result: Segmentation) -> None:
+    """Warn when a cardiac fit's images moved its posterior too little from the atlas
+    (:meth:`Segmentation.quality`): on MS-CMRSeg's LGE alone such fits had lost the heart (Dice of the
+    myocardium < 0.3), which nothing else flagged (docs/mscmr.md, "When the fit lost the heart")."""
+    quality = result.quality()
+    if quality["low"]:
+        log.warning("the images moved the posterior little from the registered atlas (posterior shift %.3f, below "
+                    "%.3f over the atlas's heart): the atlas most likely lies on the wrong anatomy and the labels are "
+                    "unreliable; check overview.png. On MS-CMRSeg this flagged the LGE-alone fits that lost the "
+                    "heart; with a cine image (C0) beside the LGE none did", quality["posterior_shift"],
+                    quality["min_posterior_shift"])
 
 
 def _pathology_subtypes(subtypes: list, names: Sequence[str], labels: LabelSet) -> list:

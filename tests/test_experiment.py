@@ -190,6 +190,9 @@ def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tm
     assert set(summary["em_all_vs_atlas"]) == {"Myo", "LV", "RV"}
     assert (out / "figures" / "em_vs_prior.png").stat().st_size > 0
     assert "em-all against its own prior alone" in (out / "summary.md").read_text()
+    # each fit's own check is recorded, and the summary lists the fits that warned (none on the phantoms)
+    assert record["quality"]["em-all"]["posterior_shift"] > record["quality"]["em-all"]["min_posterior_shift"]
+    assert summary["low_posterior_shift"] == {"em-all": []}
     with pytest.raises(InputError, match="^ExperimentSettings.prior: expected one of"):
         ExperimentSettings(prior="majority")
 

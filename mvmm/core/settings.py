@@ -66,6 +66,13 @@ CARDIAC_PRESET = {
     "prior_votes": True,
 }
 
+# A cardiac fit whose posterior moved less than this from its registered atlas (the mean total-variation
+# distance over the atlas's heart, mvmm.segment.Segmentation.posterior_shift) most likely sits on the wrong
+# anatomy: the images told the model nothing the atlas had not. Chosen on the development fold's LGE-alone
+# fits (patients 1, 6, 11, 16, 21: patient 1 lost the heart at 0.070, the others found it at >= 0.102; the
+# midpoint); tested on the other 20 patients and on LGE + C0 (docs/mscmr.md, "When the fit lost the heart")
+CARDIAC_MIN_POSTERIOR_SHIFT = 0.086
+
 # ---------------------------------------------------------------- the coarse-to-fine schedule
 LINEAR_KINDS = ("rigid", "affine")
 NONLINEAR_KINDS = ("ffd", "svf")

@@ -190,6 +190,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     em_all = fit_em_all(images, placed, settings, registration)
     maps["em-all"] = em_all.label_map()
     seconds["em-all"] = time.perf_counter() - start + prior_seconds
+    quality = {"em-all": em_all.quality()}  # the fit's own check (mvmm.segment.check_posterior_shift)
     native = _native_metrics(em_all, images[1:], files, placed.labels)
     pathology = _pathology_metrics(em_all, files) if settings.pathology else {}
     values = list(placed.labels.values)
@@ -204,6 +205,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
                                    postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
                                    bias_correction=settings.bias_correction, prior_votes=settings.prior_votes)
         maps["em-lge"] = lge_only.label_map()
+        quality["em-lge"] = lge_only.quality()
         seconds["em-lge"] = time.perf_counter() - start + prior_seconds
     if "gmm" in settings.methods:
         start = time.perf_counter()
@@ -241,7 +243,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     spacing = tuple(reversed(images[0].grid.spacing))
     metrics = {m: evaluate_labels(maps[m], truth_map, spacing, placed.labels) for m in settings.methods}
     return {"patient": target, "metrics": metrics, "native_metrics": native, "pathology": pathology,
-            "seconds": seconds, "em_all_timings_s": em_all.timings, "maps": maps,
+            "seconds": seconds, "em_all_timings_s": em_all.timings, "quality": quality, "maps": maps,
             "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
 
 
@@ -404,7 +406,8 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "fold": None if fold_of is None else fold_of[target],
                           "metrics": result["metrics"], "native_metrics": result["native_metrics"],
                           "pathology": result["pathology"],
-                          "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"]})
+                          "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"],
+                          "quality": result["quality"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
     if fold_of is not None and kinds:

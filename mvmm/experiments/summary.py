@@ -58,6 +58,9 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
         summary["seconds_per_patient"][m] = _mean(seconds)
         summary.setdefault("seconds_per_patient_median", {})[m] = float(np.median(seconds)) if seconds else math.nan
         summary.setdefault("seconds_per_patient_max", {})[m] = float(np.max(seconds)) if seconds else math.nan
+    # the fits that warned they had lost the anatomy (mvmm.segment.check_posterior_shift), by method
+    flagged = {m: [r["patient"] for r in records if r.get("quality", {}).get(m, {}).get("low")] for m in methods}
+    summary["low_posterior_shift"] = {m: p for m, p in flagged.items() if any(m in r.get("quality", {}) for r in records)}
     split = median_time_split([r.get("em_all_timings_s") for r in records])
     if split:
         summary["em_all_time_split_median_s"] = split
@@ -150,6 +153,10 @@ def _markdown(summary: dict, structures: Sequence[str], methods: Sequence[str]) 
                   f"(median {v['dice_median']:.3f}) over the {v['patients_with_manual']} patients whose labels have "
                   f"it; volumes r = {v['volume_r']:.2f}, bias {v['bias_ml']:+.2f} ml, limits of agreement "
                   f"{v['limits_ml'][0]:+.2f} / {v['limits_ml'][1]:+.2f} ml (figures/pathology_volumes.png)."]
+    if summary.get("low_posterior_shift"):
+        lines += ["", "Fits that warned the images moved their posterior little from the atlas (most likely the wrong "
+                  "anatomy): " + "; ".join(f"{m} {', '.join(map(str, p)) or 'none'}"
+                                           for m, p in summary["low_posterior_shift"].items()) + "."]
     if summary.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"patient {n}: {why}" for n, why in summary["skipped"].items()) + "."]
     if summary.get("em_all_time_split_median_s"):
