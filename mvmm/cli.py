@@ -342,7 +342,9 @@ def main():
 @click.option("--atlas-search-mm", type=NON_NEGATIVE, default=default(RegistrationSettings, "atlas_search_mm"),
               show_default=True,
               help="Before registering the atlas, try it moved by -d, 0, +d mm along each axis and start from the "
-                   "placement whose fitted model explains the images best (0: off).")
+                   "placement whose fitted model explains the images best (0: off). A cardiac fit from the "
+                   "searched start whose images moved its posterior little from the atlas is fitted again from the "
+                   "unsearched start, and the fit that moved further kept.")
 @click.option("--control-spacing", type=POSITIVE, default=default(RegistrationSettings, "control_spacing"),
               show_default=True,
               help="FFD/SVF control-point spacing (mm) of the first level; halved at the next.")

@@ -500,7 +500,45 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     prior_votes : bool
         The registered atlas votes beside the fitted model: the posterior on every grid is their mean
         (:attr:`Segmentation.prior_votes`; the cardiac preset's choice). Needs an atlas.
+
+    A cardiac fit whose images moved its posterior too little from the atlas most likely lost the heart
+    (:meth:`Segmentation.quality`). When the atlas's start was searched (``registration.atlas_search_mm``
+    > 0), the fit is run again from where the search began (the field-of-view match or the header) and
+    the one whose posterior moved further is kept (``settings["retry"]`` records both); a fit still
+    below the floor warns (:func:`check_posterior_shift`).
     """
+    if isinstance(registration, str):
+        if registration != "default":
+            raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
+        registration = default_registration(subject)
+    options = dict(subtypes=subtypes, background_subtypes=background_subtypes, mrf_beta=mrf_beta,
+                   learn_proportions=learn_proportions, max_iter=max_iter, tol=tol, var_floor=var_floor, device=device,
+                   seed=seed, progress=progress, postprocess=postprocess, atlas_start=atlas_start, pathology=pathology,
+                   bias_correction=bias_correction, prior_votes=prior_votes)
+    began = time.perf_counter()
+    result = _segment_once(subject, registration=registration, **options)
+    if result.quality()["low"] and registration is not None and registration.atlas_search_mm > 0 and atlas_start is None:
+        # on MS-CMRSeg's LGE alone the likelihood's start search sometimes picks a start on the wrong anatomy
+        # where the unsearched start finds the heart (docs/mscmr.md, "When the fit lost the heart")
+        log.info("posterior shift %.3f is low: fitting again from the unsearched start", result.posterior_shift())
+        retried = time.perf_counter()
+        retry = _segment_once(subject, registration=replace(registration, atlas_search_mm=0.0), **options)
+        shifts = {"searched start": result.posterior_shift(), "unsearched start": retry.posterior_shift()}
+        seconds = {"searched start": retried - began, "unsearched start": time.perf_counter() - retried}
+        kept = max(shifts, key=shifts.get)
+        result = retry if kept == "unsearched start" else result
+        result.settings = {**result.settings, "retry": {"posterior_shift": shifts, "kept": kept}}
+        result.timings["retry_s"] = seconds["searched start" if kept == "unsearched start" else "unsearched start"]
+    check_posterior_shift(result)
+    return result
+
+
+def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes: int, mrf_beta: float,
+                  learn_proportions: bool, max_iter: int, tol: float, var_floor: float, device: str,
+                  seed: Optional[int], progress: bool, registration: Optional[RegistrationSettings], postprocess: str,
+                  atlas_start: Optional[tuple], pathology: bool, bias_correction: str,
+                  prior_votes: bool) -> Segmentation:
+    """One fit of :func:`segment_subject` (its parameters; ``registration`` resolved)."""
     start = time.perf_counter()
     torch_device = resolve_device(device)
     if seed is not None:
@@ -525,10 +563,6 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                                 var_floor=var_floor, mrf_beta=mrf_beta, random_state=seed,
                                 learn_proportions=learn_proportions, progress=progress,
                                 tied_variances=tied if tied.any() else None)
-    if isinstance(registration, str):
-        if registration != "default":
-            raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
-        registration = default_registration(subject)
     subject, bias = bias_corrected(subject, bias_correction)  # before anything reads the intensities
     corrected = time.perf_counter()
     registered = None
@@ -560,7 +594,6 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     result = Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
                           pathology, prior_votes=prior_votes)
     result.posterior = result.voted(posterior, common.prior)
-    check_posterior_shift(result)
     return result
 
 

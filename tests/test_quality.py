@@ -56,3 +56,37 @@ def test_a_cardiac_fit_whose_images_say_nothing_is_warned_about(caplog):
     assert "moved the posterior little" not in caplog.text
     # and a plain mixture has no atlas to have moved from
     assert segment_subject(Subject([lge]), device="cpu", seed=0, registration=None).posterior_shift() is None
+
+
+def test_a_low_fit_from_a_searched_start_is_fitted_again_from_the_unsearched_one(monkeypatch, caplog):
+    """The retry keeps the fit whose posterior moved further and records both; the warning is the kept one's."""
+    import mvmm.segment as segment
+    from mvmm.joint import RegistrationSettings
+
+    lge, atlas = lge_case()
+    noise, _ = lge_case(noise=True)
+    once = segment._segment_once
+    starts = []
+
+    def searched_start_sees_noise(subject, registration, **options):
+        # the searched start lands "on the wrong anatomy" (noise); the unsearched one on the heart
+        starts.append(registration.atlas_search_mm)
+        image = noise if registration.atlas_search_mm > 0 else lge
+        return once(Subject([image], atlas=subject.atlas), registration=registration, **options)
+
+    monkeypatch.setattr(segment, "_segment_once", searched_start_sees_noise)
+    searched = RegistrationSettings(atlas="rigid", atlas_search_mm=5.0)
+    with caplog.at_level(logging.WARNING, logger="mvmm.segment"):
+        result = segment_subject(Subject([lge], atlas=atlas), device="cpu", seed=0, registration=searched)
+    assert starts == [5.0, 0.0]
+    retry = result.settings["retry"]
+    assert retry["kept"] == "unsearched start" and result.settings["registration"]["atlas_search_mm"] == 0.0
+    assert retry["posterior_shift"]["searched start"] < CARDIAC_MIN_POSTERIOR_SHIFT
+    assert result.posterior_shift() == retry["posterior_shift"]["unsearched start"] > CARDIAC_MIN_POSTERIOR_SHIFT
+    assert result.timings["retry_s"] > 0 and "moved the posterior little" not in caplog.text
+    # without a search there is nothing to retry from: one fit, and its warning
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="mvmm.segment"):
+        plain = segment_subject(Subject([noise], atlas=atlas), device="cpu", seed=0,
+                                registration=RegistrationSettings(atlas="rigid"))
+    assert "retry" not in plain.settings and "moved the posterior little" in caplog.text
