@@ -31,7 +31,7 @@ from mvmm.data.template_search import fov_atlas_start
 from mvmm.joint import JointSolver, RegistrationResult
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.postprocess import check_postprocess
-from mvmm.segment import Segmentation, segment_subject, vote_weighted_mean
+from mvmm.segment import Segmentation, check_posterior_shift, segment_subject, vote_weighted_mean
 
 REFINE_PRIOR_FLOOR = 0.05  # (1 − ε) P + ε / K: a network's saturated map would otherwise forbid EM to move
 
@@ -234,8 +234,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     timings = {"load_s": loaded - start - (started - opened), "start_s": started - opened,
                "network_s": predicted - loaded, "sample_s": sampled - predicted,
                "refine_s": refined - sampled}  # the EM iterations (or θ's score) and the posterior
-    return Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
-                        RegistrationResult({"atlas": warp}, fov_search=case.fov_search), postprocess)
+    result = Segmentation(subject, model_em, subject.class_labels, common, posterior, settings, timings,
+                          RegistrationResult({"atlas": warp}, fov_search=case.fov_search), postprocess)
+    check_posterior_shift(result)  # as a fit's: a network that put the atlas on the wrong anatomy warns
+    return result
 
 
 def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta: float = 0.0,
@@ -404,8 +406,10 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                 "mrf_beta": mrf_beta if refine else 0.0, "postprocess": postprocess, "device": str(torch_device)}
     timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
                "refine_s": refined - sampled}
-    return Segmentation(subject, mixture, config.labels, common, posterior, settings, timings, None, postprocess,
-                        extra_maps=extra)
+    result = Segmentation(subject, mixture, config.labels, common, posterior, settings, timings, None, postprocess,
+                          extra_maps=extra)
+    check_posterior_shift(result)
+    return result
 
 
 def uncertainty_maps(posteriors: Sequence[torch.Tensor]) -> dict:

@@ -124,6 +124,28 @@ def test_network_warp_is_the_warp_segment_applies(cohort):
     assert error < 0.1 * moved
 
 
+def test_a_network_fit_checks_its_posterior_shift_as_an_em_fit_does(cohort, monkeypatch, caplog):
+    import logging
+
+    import mvmm.segment
+
+    root, cases, _ = cohort
+    _, atlas, settings = network_cases(cohort, [12])
+    from mvmm.nets.model_dir import LoadedModel, ModelConfig
+
+    config = ModelConfig("bayes", settings, SEQUENCES, model_subtypes(settings, SEQUENCES, atlas), atlas.labels,
+                         TrainingSettings(), [])
+    model = LoadedModel(root, config, tiny_net(atlas, settings).eval(), atlas)
+    images = [Image.read(cases[12][s], s) for s in SEQUENCES]
+    result = segment_with_model(images, model, device="cpu")
+    shift = result.report()["quality"]["posterior_shift"]
+    assert shift is not None and 0 < shift < 1
+    monkeypatch.setattr(mvmm.segment, "CARDIAC_MIN_POSTERIOR_SHIFT", shift + 0.01)  # this fit now falls short
+    with caplog.at_level(logging.WARNING, logger="mvmm.segment"):
+        low = segment_with_model(images, model, device="cpu")
+    assert low.report()["quality"]["low"] and "moved the posterior little" in caplog.text
+
+
 def test_a_cases_warp_reuses_the_networks_integrated_field(cohort):
     """exp(v) integrated on the canonical grid, rotated into an oblique case's world, is the field a
     fresh integration there gives (exp commutes with the rigid map), and no second integration runs."""
