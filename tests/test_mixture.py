@@ -207,16 +207,22 @@ def test_proportions_are_learned_or_held_at_the_atlas():
     assert sorted(plain.proportions_) == pytest.approx([0.3, 0.7], abs=0.05)
 
 
-@pytest.mark.parametrize("with_prior", [True, False])
-def test_predict_proba_on_the_counted_voxels_equals_the_whole_grid_e_step(with_prior):
-    # predict_proba runs the E-step where an image counts and writes the prior elsewhere: the same as
-    # the E-step over every voxel (where nothing counts, the densities drop out)
-    rng = np.random.default_rng(4)
+def partly_covered_case(seed):
+    """Two 12 × 14 images, each covering part of the grid (some voxels by neither), and a random 3-class prior."""
+    rng = np.random.default_rng(seed)
     images = torch.as_tensor(rng.normal(0, 1, (2, 12, 14)) + np.linspace(0, 3, 14), dtype=torch.float32)
     coverage = torch.zeros(images.shape, dtype=torch.bool)
     coverage[0, 2:9, 3:12] = True
     coverage[1, 5:11, 1:8] = True
     prior = torch.as_tensor(rng.dirichlet(np.ones(3), (12, 14)).transpose(2, 0, 1), dtype=torch.float32)
+    return images, coverage, prior
+
+
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_predict_proba_on_the_counted_voxels_equals_the_whole_grid_e_step(with_prior):
+    # predict_proba runs the E-step where an image counts and writes the prior elsewhere: the same as
+    # the E-step over every voxel (where nothing counts, the densities drop out)
+    images, coverage, prior = partly_covered_case(4)
     prior[:, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # an exact zero, as atlases hold
     model = MultivariateMixture(n_subtypes=np.array([[2, 1, 1], [1, 1, 2]]), n_classes=3, random_state=0,
                                 max_iter=20, tol=1e-12)
@@ -233,12 +239,7 @@ def test_predict_proba_on_the_counted_voxels_equals_the_whole_grid_e_step(with_p
 def test_adopt_predict_proba_is_adopt_then_predict_proba(mrf_beta):
     # one E-step gives the adopted θ's score and its posterior (a network's answer): the same numbers as
     # the two calls, where some voxels are counted by no image and with an MRF (which needs the grid)
-    rng = np.random.default_rng(5)
-    images = torch.as_tensor(rng.normal(0, 1, (2, 12, 14)) + np.linspace(0, 3, 14), dtype=torch.float32)
-    coverage = torch.zeros(images.shape, dtype=torch.bool)
-    coverage[0, 2:9, 3:12] = True
-    coverage[1, 5:11, 1:8] = True
-    prior = torch.as_tensor(rng.dirichlet(np.ones(3), (12, 14)).transpose(2, 0, 1), dtype=torch.float32)
+    images, coverage, prior = partly_covered_case(5)
     fitted = MultivariateMixture(n_subtypes=np.array([[2, 1, 1], [1, 1, 2]]), n_classes=3, random_state=0, max_iter=5)
     with pytest.warns(ConvergenceWarning):
         fitted.fit(images, coverage, prior)
