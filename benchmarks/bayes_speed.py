@@ -35,10 +35,10 @@ def parse_patients(text: str) -> list:
     return out
 
 
-def model_for(models: list, patient: int) -> Path:
-    """The model directory whose training subjects leave ``patient`` out."""
-    for path in models:
-        if f"patient{patient}" not in json.loads((path / "config.json").read_text())["subjects"]:
+def model_for(loaded: dict, patient: int) -> Path:
+    """The model directory (of ``{path: LoadedModel}``) whose training subjects leave ``patient`` out."""
+    for path, model in loaded.items():
+        if f"patient{patient}" not in model.config.subjects:
             return path
     raise SystemExit(f"--models: every model was trained on patient {patient}")
 
@@ -58,7 +58,7 @@ def files_to_labels(data: Path, patient: int, model, device: str, out: Path) -> 
     io.write_array(out / "labels.nii.gz", result.label_map().astype(np.int16), result.common.grid)
     end = time.perf_counter()
     return {"files_to_labels_s": end - start, "labels_write_s": end - segmented,
-            **{k: v for k, v in result.timings.items()}}
+            **result.timings}
 
 
 def whole_command(data: Path, patient: int, model_dir: Path, device: str, out: Path, sequences) -> float:
@@ -95,13 +95,13 @@ def main():
         if device.startswith("cuda") and not torch.cuda.is_available():
             print(f"{device}: not available, skipped")
             continue
-        loaded = {path: loaded_model(path, device)[0] for path in {model_for(args.models, p) for p in patients}}
+        loaded = {path: loaded_model(path, device)[0] for path in args.models}
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             first = patients[0]
-            files_to_labels(args.data, first, loaded[model_for(args.models, first)], device, out)  # warm-up
+            files_to_labels(args.data, first, loaded[model_for(loaded, first)], device, out)  # warm-up
             for patient in patients:
-                path = model_for(args.models, patient)
+                path = model_for(loaded, patient)
                 runs = [files_to_labels(args.data, patient, loaded[path], device, out) for _ in range(args.repeats)]
                 cli = [whole_command(args.data, patient, path, device, out / "cli", loaded[path].config.images)
                        for _ in range(args.repeats)]

@@ -526,9 +526,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         shifts = {"searched start": result.posterior_shift(), "unsearched start": retry.posterior_shift()}
         seconds = {"searched start": retried - began, "unsearched start": time.perf_counter() - retried}
         kept = max(shifts, key=shifts.get)
+        dropped = "searched start" if kept == "unsearched start" else "unsearched start"
         result = retry if kept == "unsearched start" else result
         result.settings = {**result.settings, "retry": {"posterior_shift": shifts, "kept": kept}}
-        result.timings["retry_s"] = seconds["searched start" if kept == "unsearched start" else "unsearched start"]
+        result.timings["retry_s"] = seconds[dropped]  # the fit not kept
     check_posterior_shift(result)
     return result
 

@@ -59,8 +59,8 @@ def write_summary(out: Path, patients: Sequence[int], methods: Sequence[str], la
         summary.setdefault("seconds_per_patient_median", {})[m] = float(np.median(seconds)) if seconds else math.nan
         summary.setdefault("seconds_per_patient_max", {})[m] = float(np.max(seconds)) if seconds else math.nan
     # the fits that warned they had lost the anatomy (mvmm.segment.check_posterior_shift), by method
-    flagged = {m: [r["patient"] for r in records if r.get("quality", {}).get(m, {}).get("low")] for m in methods}
-    summary["low_posterior_shift"] = {m: p for m, p in flagged.items() if any(m in r.get("quality", {}) for r in records)}
+    summary["low_posterior_shift"] = {m: [r["patient"] for r in records if r.get("quality", {}).get(m, {}).get("low")]
+                                      for m in methods if any(m in r.get("quality", {}) for r in records)}
     split = median_time_split([r.get("em_all_timings_s") for r in records])
     if split:
         summary["em_all_time_split_median_s"] = split
