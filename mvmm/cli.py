@@ -21,7 +21,7 @@ from mvmm.core.outputs import OutputError
 # imports torch and the rest of mvmm when it runs.
 from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BIAS_CORRECTIONS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
-                                POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                POSTPROCESSING, PRESETS, LR_SCHEDULES, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
                                 MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
                                 TrainingSettings, VaeSegSettings,
@@ -832,7 +832,10 @@ def training_options(func=None, *, smoothness: bool = True):
                      help="Epochs (with --resume: the total to reach)."),
         click.option("--batch-size", type=COUNT, default=default(TrainingSettings, "batch_size"), show_default=True),
         click.option("--lr", type=POSITIVE, default=default(TrainingSettings, "lr"), show_default=True,
-                     help="Adam's learning rate."),
+                     help="Adam's learning rate (the first epoch's, under --lr-schedule cosine)."),
+        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=default(TrainingSettings, "lr_schedule"),
+                     show_default=True, help="The learning rate over the epochs: constant, or cosine annealing from "
+                                             "--lr towards 0 at the last epoch."),
     ] + ([
         click.option("--smoothness", type=NON_NEGATIVE, default=default(TrainingSettings, "smoothness"),
                      show_default=True, help="Weight of the velocity field's mean squared gradient."),
@@ -872,7 +875,7 @@ def train():
 @training_options
 @common_options
 def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, background_subtypes, labelled_patients,
-                        label_weight, epochs, batch_size, lr, smoothness, augment, out, resume, force, device, seed,
+                        label_weight, epochs, batch_size, lr, lr_schedule, smoothness, augment, out, resume, force, device, seed,
                         quiet):
     """The Bayesian segmentation CNN (Dalca et al. 2019) on unlabelled images: atlas warp and mixture
     parameters in one forward pass, trained on the model's own likelihood (and, with
@@ -885,8 +888,8 @@ def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, ba
     names = [r.name for r in rows if r.labels is not None]
     network = BayesNetSettings(subtypes=list(subtypes), background_subtypes=background_subtypes,
                                label_weight=label_weight)
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, smoothness=smoothness, augment=augment,
-                                seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+                                smoothness=smoothness, augment=augment, seed=seed)
     result = train_bayes(rows, list(sequences), list(atlas), out, network, training, device, resume=resume,
                          force=force, progress=_show_progress(quiet), labelled=names)
     click.echo(f"trained on {len(result['subjects'])} subjects ({len(names)} labelled) for {result['epochs']} "
@@ -902,15 +905,15 @@ def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, ba
 @training_options
 @common_options
 def train_regnet_command(data, manifest, patients, fixed_sequence, moving_sequence, metric, epochs, batch_size, lr,
-                         smoothness, augment, out, resume, force, device, seed, quiet):
+                         lr_schedule, smoothness, augment, out, resume, force, device, seed, quiet):
     """A VoxelMorph-style registration network: fixed + moving image → diffeomorphic SVF, trained
     unsupervised on image similarity; used by mvmm register --model."""
     from mvmm.training import train_regnet
 
     _setup_logging(quiet)
     rows = _training_rows(data, manifest, patients, [fixed_sequence, moving_sequence], resume, force)
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, smoothness=smoothness, augment=augment,
-                                seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+                                smoothness=smoothness, augment=augment, seed=seed)
     result = train_regnet(rows, fixed_sequence, moving_sequence, out, RegNetSettings(metric=metric), training, device,
                           resume=resume, force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} pairs for {result['epochs']} epochs in "
@@ -943,7 +946,7 @@ def train_regnet_command(data, manifest, patients, fixed_sequence, moving_sequen
 @training_options(smoothness=False)
 @common_options
 def train_acwe_command(data, manifest, patients, sequences, classes, length_weight, variances, atlas,
-                       labelled_patients, labels_text, label_weight, epochs, batch_size, lr, augment, out, resume,
+                       labelled_patients, labels_text, label_weight, epochs, batch_size, lr, lr_schedule, augment, out, resume,
                        force, device, seed, quiet):
     """The Chan–Vese CNN (Chen & Frey 2020): images → soft segmentation in one forward pass, trained by the
     active-contour-without-edges energy (vector-valued, multiphase, optionally with the atlas and a few
@@ -961,7 +964,7 @@ def train_acwe_command(data, manifest, patients, sequences, classes, length_weig
         labels = Manifest.load(manifest).labels
     network = AcweNetSettings(classes=classes, length_weight=length_weight, variances=variances,
                               label_weight=label_weight)
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment, seed=seed)
     result = train_acwe(rows, list(sequences), out, network, training, atlas=list(atlas) or None, labels=labels,
                         labelled=names, device=device, resume=resume, force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} subjects ({len(names)} labelled) for {result['epochs']} epochs "
@@ -980,7 +983,7 @@ def train_acwe_command(data, manifest, patients, sequences, classes, length_weig
               help="Dimensions of the latent code.")
 @training_options(smoothness=False)
 @common_options
-def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, augment, out, resume, force, device, seed,
+def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, lr_schedule, augment, out, resume, force, device, seed,
                         quiet):
     """The anatomical prior (Dalca et al. 2018): a VAE on label maps alone, whose decoder later replaces the
     atlas (mvmm train vae-seg --prior)."""
@@ -989,7 +992,7 @@ def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, augme
     _setup_logging(quiet)
     if resume and force:
         raise InputError("resume: --resume continues --out; --force would replace it: give one")
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment, seed=seed)
     result = train_prior(list(maps), label_names, out, PriorVaeSettings(latent=latent), training, device,
                          resume=resume, force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} label maps for {result['epochs']} epochs in "
@@ -1011,7 +1014,7 @@ def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, augme
 @training_options(smoothness=False)
 @common_options
 def train_vae_seg_command(data, manifest, patients, prior_dir, sequences, subtypes, background_subtypes, kl_weight,
-                          epochs, batch_size, lr, augment, out, resume, force, device, seed, quiet):
+                          epochs, batch_size, lr, lr_schedule, augment, out, resume, force, device, seed, quiet):
     """Segmentation on a learned anatomical prior (Dalca et al. 2018): an image encoder predicts the prior's
     latent code from unlabelled images, trained by the mixture's likelihood; used by mvmm segment --model."""
     from mvmm.training import train_vae_seg
@@ -1019,7 +1022,7 @@ def train_vae_seg_command(data, manifest, patients, prior_dir, sequences, subtyp
     _setup_logging(quiet)
     rows = _training_rows(data, manifest, patients, list(sequences), resume, force)
     network = VaeSegSettings(subtypes=list(subtypes), background_subtypes=background_subtypes, kl_weight=kl_weight)
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment, seed=seed)
     result = train_vae_seg(rows, list(sequences), prior_dir, out, network, training, device, resume=resume,
                            force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} subjects for {result['epochs']} epochs in "

@@ -21,7 +21,7 @@ from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.nets.bayes import BayesSegNet, bayes_loss
 from mvmm.nets.data import SubjectRow, prepare_case, stack_cases, subjects_from_csv
 from mvmm.nets.model_dir import load_model
-from mvmm.nets.train import seeded_network, train_network
+from mvmm.nets.train import epoch_lr, seeded_network, train_network
 from mvmm.amortized import segment_with_model
 from mvmm.training import model_subtypes, placed_subject, train_bayes
 
@@ -183,18 +183,43 @@ def test_tiny_training_lowers_the_loss_and_is_reproducible(cohort, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_resume_continues_the_loss_curve(cohort, tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(epochs: int):
+    """An ``on_epoch`` that stops training after ``epochs`` epochs, as a killed run stops."""
+    def on_epoch(history):
+        if len(history) == epochs:
+            raise Interrupted
+    return on_epoch
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_the_loss_curve(cohort, tmp_path, schedule):
     cases, atlas, settings = network_cases(cohort, [10, 11, 12])
     whole, split = tmp_path / "whole", tmp_path / "split"
     whole.mkdir(), split.mkdir()
-    full = TrainingSettings(epochs=4, batch_size=2, seed=1)
+    full = TrainingSettings(epochs=4, batch_size=2, seed=1, lr_schedule=schedule)
     train_network(tiny_net(atlas, settings, 1), cases, full, whole, "cpu", progress=False)
-    train_network(tiny_net(atlas, settings, 1), cases, TrainingSettings(epochs=2, batch_size=2, seed=1), split, "cpu",
-                  progress=False)
+    with pytest.raises(Interrupted):
+        train_network(tiny_net(atlas, settings, 1), cases, full, split, "cpu", progress=False,
+                      on_epoch=interrupt_after(2))
     resumed = train_network(tiny_net(atlas, settings, 99), cases, full, split, "cpu", resume=True, progress=False)
     reference = json.loads((whole / "log.json").read_text())["epochs"]
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
+    assert [h["lr"] for h in resumed] == [h["lr"] for h in reference]
     np.testing.assert_allclose([h["loss"] for h in resumed], [h["loss"] for h in reference], rtol=1e-5)
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero():
+    settings = TrainingSettings(epochs=10, lr=2e-3, lr_schedule="cosine")
+    rates = [epoch_lr(settings, e) for e in range(1, 11)]
+    assert rates[0] == pytest.approx(2e-3) and rates[5] == pytest.approx(1e-3)  # half-way: half the rate
+    assert np.all(np.diff(rates) < 0) and 0 < rates[-1] < 1e-4
+    assert {epoch_lr(TrainingSettings(epochs=10, lr=2e-3), e) for e in range(1, 11)} == {2e-3}
+    with pytest.raises(InputError, match="lr_schedule"):
+        TrainingSettings(lr_schedule="step")
 
 
 def test_train_bayes_model_directory_and_segment(cohort, tmp_path):
@@ -229,12 +254,14 @@ def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):
     out = tmp_path / "model"
     runner = CliRunner()
     train = ["train", "bayes", "--data", str(table), "--sequences", "LGE", "C0", "--atlas", str(root / "atlas.nii.gz"),
-             "--out", str(out), "--subtypes", "LGE:Myo=2", "--device", "cpu", "-q"]
+             "--out", str(out), "--subtypes", "LGE:Myo=2", "--lr-schedule", "cosine", "--device", "cpu", "-q"]
     result = runner.invoke(main, train + ["--epochs", "2"])
     assert result.exit_code == 0, result.output
     assert "2 epochs" in result.output
     # (the network grid is the default here: 72 x 72 x 2 mm)
-    assert json.loads((out / "config.json").read_text())["network"]["grid_size"] == [72, 72]
+    config = json.loads((out / "config.json").read_text())
+    assert config["network"]["grid_size"] == [72, 72] and config["training"]["lr_schedule"] == "cosine"
+    assert [h["lr"] for h in json.loads((out / "log.json").read_text())["epochs"]] == [1e-3, 0.5e-3]
     result = runner.invoke(main, train + ["--epochs", "2"])
     assert result.exit_code != 0 and "--out" in result.output and "not empty" in result.output
     result = runner.invoke(main, train + ["--epochs", "3", "--resume"])

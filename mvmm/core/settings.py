@@ -43,6 +43,7 @@ class SegmentationDefaults:
 
 SEGMENTATION = SegmentationDefaults()
 BIAS_CORRECTIONS = ("none", "n4")  # intensity non-uniformity correction before the fit (mvmm.data.bias)
+LR_SCHEDULES = ("constant", "cosine")  # the learning rate over the epochs (TrainingSettings, mvmm.nets.train)
 
 # ---------------------------------------------------------------- presets of `mvmm segment`
 PRESETS = ("auto", "cardiac", "none")
@@ -925,7 +926,12 @@ class TrainingSettings:
         Passes over the training subjects (a resumed run continues up to this count).
     batch_size : int
     lr : float
-        Adam's learning rate.
+        Adam's learning rate (the first epoch's, under a schedule).
+    lr_schedule : {"constant", "cosine"}
+        ``"cosine"``: epoch e of E trains at ``lr · (1 + cos(π (e − 1) / E)) / 2``, from ``lr`` down
+        towards 0 (Loshchilov & Hutter's annealing without restarts), so that the last epochs settle
+        instead of jumping with batch-to-batch noise; a function of the epoch alone, so a resumed run
+        continues it exactly.
     smoothness : float
         λ of the velocity regulariser ``λ · mean ‖∇v‖²`` (v in mm, so ∇v has no unit), beside
         the mean negative log-likelihood per voxel.
@@ -941,6 +947,7 @@ class TrainingSettings:
     epochs: int = 100
     batch_size: int = 2
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     smoothness: float = 1.0
     augment: bool = True
     rotation_deg: float = 10.0
@@ -951,3 +958,4 @@ class TrainingSettings:
     def __post_init__(self):
         require_positive(self, ("epochs", "batch_size", "lr"))
         require_positive(self, ("smoothness", "rotation_deg", "shift_mm", "scale", "seed"), strict=False)
+        require_field_choice(self, "lr_schedule", LR_SCHEDULES)

@@ -9,6 +9,7 @@ continues the loss curve where it stopped (exactly, on CPU).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -84,12 +85,22 @@ def train_network(net: nn.Module, cases: Sequence, settings: TrainingSettings, o
         return _epochs(net, cases, settings, out, device, optimizer, order, noise, history, progress, on_epoch)
 
 
+def epoch_lr(settings: TrainingSettings, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (1-based) under ``settings.lr_schedule``."""
+    if settings.lr_schedule == "cosine":
+        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / settings.epochs))
+    return settings.lr
+
+
 def _epochs(net, cases, settings, out, device, optimizer, order, noise, history, progress, on_epoch) -> List[dict]:
     batches_per_epoch = -(-len(cases) // settings.batch_size)
     bar = tqdm(total=settings.epochs, initial=len(history), desc="training", unit="epoch", disable=not progress)
     grid = cases[0].grid  # every network grid has the canonical layout
     for epoch in range(len(history) + 1, settings.epochs + 1):
         started = time.perf_counter()
+        lr = epoch_lr(settings, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         permutation = torch.randperm(len(cases), generator=order).tolist()
         sums: Dict[str, float] = {}  # each term the network's loss returns, averaged over the epoch
         for start in range(0, len(cases), settings.batch_size):
@@ -107,7 +118,7 @@ def _epochs(net, cases, settings, out, device, optimizer, order, noise, history,
             optimizer.step()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / batches_per_epoch
-        history.append({"epoch": epoch, **sums, "seconds": time.perf_counter() - started})
+        history.append({"epoch": epoch, **sums, "lr": lr, "seconds": time.perf_counter() - started})
         save_torch({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "order_rng": order.get_state(),
                     "noise_rng": noise.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "settings": settings.__dict__}, out / CHECKPOINT)
