@@ -502,10 +502,11 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         (:attr:`Segmentation.prior_votes`; the cardiac preset's choice). Needs an atlas.
 
     A cardiac fit whose images moved its posterior too little from the atlas most likely lost the heart
-    (:meth:`Segmentation.quality`). When the atlas's start was searched (``registration.atlas_search_mm``
-    > 0), the fit is run again from where the search began (the field-of-view match or the header) and
-    the one whose posterior moved further is kept (``settings["retry"]`` records both); a fit still
-    below the floor warns (:func:`check_posterior_shift`).
+    (:meth:`Segmentation.quality`). When the atlas's start was searched (:func:`start_was_searched`:
+    ``registration.atlas_search_mm`` > 0 and no template placed it), the fit is run again from where the
+    search began (the field-of-view match or the header) and the one whose posterior moved further is
+    kept (``settings["retry"]`` records both); a fit still below the floor warns
+    (:func:`check_posterior_shift`).
     """
     if isinstance(registration, str):
         if registration != "default":
@@ -517,7 +518,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                    bias_correction=bias_correction, prior_votes=prior_votes)
     began = time.perf_counter()
     result = _segment_once(subject, registration=registration, **options)
-    if result.quality()["low"] and registration is not None and registration.atlas_search_mm > 0 and atlas_start is None:
+    if result.quality()["low"] and start_was_searched(subject, registration, atlas_start):
         # on MS-CMRSeg's LGE alone the likelihood's start search sometimes picks a start on the wrong anatomy
         # where the unsearched start finds the heart (docs/mscmr.md, "When the fit lost the heart")
         log.info("posterior shift %.3f is low: fitting again from the unsearched start", result.posterior_shift())
@@ -532,6 +533,14 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         result.timings["retry_s"] = seconds[dropped]  # the fit not kept
     check_posterior_shift(result)
     return result
+
+
+def start_was_searched(subject: Subject, registration: Optional[RegistrationSettings],
+                       atlas_start: Optional[tuple] = None) -> bool:
+    """Whether the likelihood's start search placed the atlas (what :func:`segment_subject`'s retry undoes):
+    a search width, an atlas that moves, and neither a given start nor a template placing it."""
+    return (registration is not None and registration.atlas_search_mm > 0 and registration.atlas != "none"
+            and atlas_start is None and template_sequence(subject, registration) is None)
 
 
 def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes: int, mrf_beta: float,

@@ -90,3 +90,11 @@ def test_a_low_fit_from_a_searched_start_is_fitted_again_from_the_unsearched_one
         plain = segment_subject(Subject([noise], atlas=atlas), device="cpu", seed=0,
                                 registration=RegistrationSettings(atlas="rigid"))
     assert "retry" not in plain.settings and "moved the posterior little" in caplog.text
+    # nor when a template placed the atlas (the search did not run): the same fit again would be wasted
+    brightness = torch.linspace(0.2, 1.0, atlas.probabilities.shape[0]).reshape(-1, 1, 1)
+    templated = replace(atlas, templates={"LGE": (brightness * atlas.probabilities).sum(0)})  # a mean image of it
+    monkeypatch.setattr(segment, "_segment_once", searched_start_sees_noise)
+    starts.clear()
+    placed = segment_subject(Subject([lge], atlas=templated), device="cpu", seed=0,
+                             registration=replace(searched, template_metric="ncc", template_transform="rigid"))
+    assert starts == [5.0] and "retry" not in placed.settings and placed.settings["registration"]["atlas_search_mm"] == 5.0
