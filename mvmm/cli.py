@@ -21,7 +21,7 @@ from mvmm.core.outputs import OutputError
 # imports torch and the rest of mvmm when it runs.
 from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BIAS_CORRECTIONS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
-                                POSTPROCESSING, PRESETS, LR_SCHEDULES, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                LR_SCHEDULES, POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
                                 MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
                                 TrainingSettings, VaeSegSettings,
@@ -875,8 +875,8 @@ def train():
 @training_options
 @common_options
 def train_bayes_command(data, manifest, patients, sequences, atlas, subtypes, background_subtypes, labelled_patients,
-                        label_weight, epochs, batch_size, lr, lr_schedule, smoothness, augment, out, resume, force, device, seed,
-                        quiet):
+                        label_weight, epochs, batch_size, lr, lr_schedule, smoothness, augment, out, resume, force,
+                        device, seed, quiet):
     """The Bayesian segmentation CNN (Dalca et al. 2019) on unlabelled images: atlas warp and mixture
     parameters in one forward pass, trained on the model's own likelihood (and, with
     --labelled-patients, on a few label maps too)."""
@@ -946,8 +946,8 @@ def train_regnet_command(data, manifest, patients, fixed_sequence, moving_sequen
 @training_options(smoothness=False)
 @common_options
 def train_acwe_command(data, manifest, patients, sequences, classes, length_weight, variances, atlas,
-                       labelled_patients, labels_text, label_weight, epochs, batch_size, lr, lr_schedule, augment, out, resume,
-                       force, device, seed, quiet):
+                       labelled_patients, labels_text, label_weight, epochs, batch_size, lr, lr_schedule, augment, out,
+                       resume, force, device, seed, quiet):
     """The Chan–Vese CNN (Chen & Frey 2020): images → soft segmentation in one forward pass, trained by the
     active-contour-without-edges energy (vector-valued, multiphase, optionally with the atlas and a few
     labelled cases); used by mvmm segment --model."""
@@ -964,7 +964,8 @@ def train_acwe_command(data, manifest, patients, sequences, classes, length_weig
         labels = Manifest.load(manifest).labels
     network = AcweNetSettings(classes=classes, length_weight=length_weight, variances=variances,
                               label_weight=label_weight)
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment, seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment,
+                                seed=seed)
     result = train_acwe(rows, list(sequences), out, network, training, atlas=list(atlas) or None, labels=labels,
                         labelled=names, device=device, resume=resume, force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} subjects ({len(names)} labelled) for {result['epochs']} epochs "
@@ -983,8 +984,8 @@ def train_acwe_command(data, manifest, patients, sequences, classes, length_weig
               help="Dimensions of the latent code.")
 @training_options(smoothness=False)
 @common_options
-def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, lr_schedule, augment, out, resume, force, device, seed,
-                        quiet):
+def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, lr_schedule, augment, out, resume, force,
+                        device, seed, quiet):
     """The anatomical prior (Dalca et al. 2018): a VAE on label maps alone, whose decoder later replaces the
     atlas (mvmm train vae-seg --prior)."""
     from mvmm.training import train_prior
@@ -992,7 +993,8 @@ def train_prior_command(maps, label_names, latent, epochs, batch_size, lr, lr_sc
     _setup_logging(quiet)
     if resume and force:
         raise InputError("resume: --resume continues --out; --force would replace it: give one")
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment, seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment,
+                                seed=seed)
     result = train_prior(list(maps), label_names, out, PriorVaeSettings(latent=latent), training, device,
                          resume=resume, force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} label maps for {result['epochs']} epochs in "
@@ -1022,7 +1024,8 @@ def train_vae_seg_command(data, manifest, patients, prior_dir, sequences, subtyp
     _setup_logging(quiet)
     rows = _training_rows(data, manifest, patients, list(sequences), resume, force)
     network = VaeSegSettings(subtypes=list(subtypes), background_subtypes=background_subtypes, kl_weight=kl_weight)
-    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment, seed=seed)
+    training = TrainingSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, augment=augment,
+                                seed=seed)
     result = train_vae_seg(rows, list(sequences), prior_dir, out, network, training, device, resume=resume,
                            force=force, progress=_show_progress(quiet))
     click.echo(f"trained on {len(result['subjects'])} subjects for {result['epochs']} epochs in "

@@ -518,13 +518,14 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                    bias_correction=bias_correction, prior_votes=prior_votes)
     began = time.perf_counter()
     result = _segment_once(subject, registration=registration, **options)
-    if result.quality()["low"] and start_was_searched(subject, registration, atlas_start):
+    quality = result.quality()
+    if quality["low"] and start_was_searched(subject, registration, atlas_start):
         # on MS-CMRSeg's LGE alone the likelihood's start search sometimes picks a start on the wrong anatomy
         # where the unsearched start finds the heart (docs/mscmr.md, "When the fit lost the heart")
-        log.info("posterior shift %.3f is low: fitting again from the unsearched start", result.posterior_shift())
+        log.info("posterior shift %.3f is low: fitting again from the unsearched start", quality["posterior_shift"])
         retried = time.perf_counter()
         retry = _segment_once(subject, registration=replace(registration, atlas_search_mm=0.0), **options)
-        shifts = {"searched start": result.posterior_shift(), "unsearched start": retry.posterior_shift()}
+        shifts = {"searched start": quality["posterior_shift"], "unsearched start": retry.posterior_shift()}
         seconds = {"searched start": retried - began, "unsearched start": time.perf_counter() - retried}
         kept = max(shifts, key=shifts.get)
         dropped = "searched start" if kept == "unsearched start" else "unsearched start"
