@@ -21,9 +21,9 @@ from mvmm.core.outputs import OutputError
 # imports torch and the rest of mvmm when it runs.
 from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BIAS_CORRECTIONS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
-                                LR_SCHEDULES, POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                ATLAS_SET_GUIDES, LR_SCHEDULES, POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
-                                MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
+                                FitGuidedSettings, MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
                                 TrainingSettings, VaeSegSettings,
                                 RegistrationSettings,
                                 SegmentationDefaults)
@@ -131,7 +131,8 @@ PARAMETER_FLAGS = {
     "RegistrationSettings.atlas": "--register-atlas", "RegistrationSettings.images": "--register-images",
     "GroupwiseSettings.sigma_mm": "--sigma", "ExperimentSettings.roi_margin_mm": "--roi-margin",
     "MultiAtlasSettings.size": "--atlas-set-size", "MultiAtlasSettings.transform": "--atlas-set-transform",
-    "MultiAtlasSettings.workers": "--atlas-set-workers", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
+    "MultiAtlasSettings.workers": "--atlas-set-workers", "FitGuidedSettings.transform": "--atlas-set-transform",
+    "FitGuidedSettings.workers": "--atlas-set-workers", "atlas_set_size": "--atlas-set-size", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
     "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
     "RegistrationSettings.images_model": "--images-model",
     "BayesNetSettings.grid_size": "--grid-size", "BayesNetSettings.subtypes": "--subtypes",
@@ -247,14 +248,20 @@ def main():
               help=f"Probability atlas (K maps), label map(s) on one grid, {BUILTIN_CARDIAC} (default), "
                    "or none for a plain mixture.")
 @click.option("--atlas-set", type=click.Path(path_type=Path), metavar="DIR|CSV",
-              help="Multi-atlas prior instead of --atlas: labelled images of other subjects (a folder of NAME_SEQ "
-                   "images with NAME_SEQ_manual label maps beside them, or a CSV with subject,sequence,image,labels), "
-                   "those of the reference's sequence registered to it and their labels fused by local NCC.")
+              help="Multi-atlas prior: labelled images of other subjects (a folder of NAME_SEQ images with "
+                   "NAME_SEQ_manual label maps beside them, or a CSV with subject,sequence,image,labels), those of "
+                   "the reference's sequence; see --atlas-set-guide.")
+@click.option("--atlas-set-guide", type=click.Choice(ATLAS_SET_GUIDES), default=ATLAS_SET_GUIDES[0], show_default=True,
+              help="image: instead of --atlas, the atlas images registered to the reference image and their labels "
+                   "fused by local NCC. fit: the case fitted with --atlas first, then the atlas label maps "
+                   "registered to that fit's posterior, averaged, and the case fitted again on them.")
 @click.option("--atlas-set-size", type=COUNT, default=default(MultiAtlasSettings, "size"),
-              help="Keep the N atlases most similar to the case after the affine step (default: all).")
+              help="Keep the N atlases most similar to the case after the affine step (default: all; "
+                   "--atlas-set-guide image).")
 @click.option("--atlas-set-transform", type=click.Choice(TRANSFORM_KINDS),
-              default=default(MultiAtlasSettings, "transform"), show_default=True,
-              help="Final transform of each atlas registration (rigid, affine, then FFD or SVF levels).")
+              help=f"Final transform of each atlas registration (rigid, affine, then FFD or SVF levels); default "
+                   f"{default(MultiAtlasSettings, 'transform')}, with --atlas-set-guide fit "
+                   f"{default(FitGuidedSettings, 'transform')}.")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--labels", "labels_text", metavar="NAME=VALUE,...",
@@ -384,7 +391,8 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite files in an existing, non-empty output folder.")
 @click.pass_context
 @common_options
-def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_size, atlas_set_transform, atlas_set_workers, labels_text,
+def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_guide, atlas_set_size,
+            atlas_set_transform, atlas_set_workers, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
@@ -400,7 +408,7 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
     from mvmm.joint import default_registration
     from dataclasses import replace
 
-    from mvmm.segment import load_subject, preset_values, segment_subject
+    from mvmm.segment import atlas_set_entries, load_subject, preset_values, segment_subject
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
@@ -412,14 +420,22 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
     if refine or samples or ensemble:
         flag = "refine" if refine else "samples" if samples else "ensemble"
         raise InputError(f"{flag}: `{flag}` works on a network's prediction; give `model`")
-    multi_atlas = None
-    if atlas_set is not None:
-        multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform, workers=atlas_set_workers)
+    multi_atlas, fit_guided = None, None
+    if atlas_set is not None and atlas_set_guide == "fit":
+        if atlas_set_size is not None:
+            raise InputError("atlas_set_size: the atlases are chosen by their image similarity to the case; with "
+                             "`atlas_set_guide` fit every atlas is registered to the first fit")
+        fit_guided = FitGuidedSettings(transform=atlas_set_transform or default(FitGuidedSettings, "transform"),
+                                       workers=atlas_set_workers)
+    elif atlas_set is not None:
+        multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform
+                                         or default(MultiAtlasSettings, "transform"), workers=atlas_set_workers)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin,
-                           atlas_set=atlas_set, multi_atlas=multi_atlas, device=device,
-                           progress=_show_progress(quiet))
+                           atlas_set=atlas_set if multi_atlas is not None else None, multi_atlas=multi_atlas,
+                           device=device, progress=_show_progress(quiet))
+    guide_entries = atlas_set_entries(atlas_set, subject.reference) if fit_guided is not None else ()
     # the preset fills what was not given explicitly
     chosen = {key: value for key, value in preset_values(preset, subject, pathology).items()
               if ctx.get_parameter_source("roi_margin" if key == "roi_margin_mm" else key) == ParameterSource.DEFAULT}
@@ -433,7 +449,7 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
                              postprocess=postprocess, pathology=pathology, bias_correction=bias_correction,
-                             prior_votes=prior_votes)
+                             prior_votes=prior_votes, atlas_set=guide_entries, fit_guided=fit_guided)
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if result.registration is None and subject.atlas is not None and len(images) > 1:
@@ -1099,7 +1115,9 @@ def experiment():
 @click.option("--prior", type=click.Choice(PRIORS), default=default(ExperimentSettings, "prior"), show_default=True,
               help="Spatial prior of each target, from the atlas patients only: their group-wise atlas placed by "
                    "the target's axes (groupwise), placed by registering its LGE intensity template (template), "
-                   "or their LGE images registered to the target's and their labels fused (multi-atlas).")
+                   "their LGE images registered to the target's and their labels fused (multi-atlas), or their "
+                   "label maps registered to em-all's fit with the group-wise atlas, averaged, and em-all fitted "
+                   "again on them (multi-atlas-fit).")
 @click.option("--template-sequence", default=default(ExperimentSettings, "template_sequence"), show_default=True,
               help="template: the sequence whose template, registered to the target's image of it, places the atlas.")
 @click.option("--template-transform", type=click.Choice(TRANSFORM_KINDS),

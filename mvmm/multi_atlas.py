@@ -23,6 +23,14 @@ maps L_i (an atlas set, :mod:`mvmm.data.atlas_set`):
    ``temperature``; voxels no atlas covers are background;
 5. the fused map is smoothed by ``sigma_mm`` and renormalised: the prior ``π_kx`` of docs/model.md.
 
+**Guided by a first fit** (:func:`fit_guided_prior`, ``mvmm segment --atlas-set-guide fit``): between patients
+the images differ more than the anatomy (scar, nulling, coil shading), so instead of the images, each atlas's
+one-hot label map is registered to the posterior of a first fit of the case with a probabilistic atlas —
+probability maps on both sides, their mean squared difference (SSD) as the similarity, rigid → affine → FFD —
+and the warped labels are averaged (equal votes where they cover a voxel) and smoothed as in step 5. The
+prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then fitted
+again on it (:func:`mvmm.segment.refit_with_atlas_set`).
+
 The registrations are independent: they run in worker processes (one torch thread each; by default
 one per available core). A script that calls this with more than one worker needs the usual
 ``if __name__ == "__main__":`` guard around its entry point, as any user of spawned processes.
@@ -45,7 +53,7 @@ from tqdm.auto import tqdm
 
 from mvmm.core.devices import available_cores
 from mvmm.core.errors import InputError
-from mvmm.core.settings import LINEAR_KINDS, MultiAtlasSettings  # noqa: F401 (re-exported)
+from mvmm.core.settings import LINEAR_KINDS, FitGuidedSettings, MultiAtlasSettings  # noqa: F401 (re-exported)
 from mvmm.data import io
 from mvmm.data.anatomy import frame_placement
 from mvmm.data.atlas import Atlas
@@ -62,21 +70,26 @@ log = logging.getLogger(__name__)
 ARGNAME = "atlas_set"
 
 
+def read_labels(entry: AtlasEntry, case_grid, labels: LabelSet, image_grid=None) -> Image:
+    """An atlas's one-hot labels ``[K, *S]``, laid on ``case_grid`` by :func:`mvmm.data.anatomy.frame_placement`;
+    ``image_grid``: its image's grid, which the label map must share."""
+    array, grid, _ = io.read_array(entry.labels, ARGNAME)
+    if image_grid is not None and (not grid.same_geometry(image_grid) or array.shape != tuple(image_grid.shape)):
+        raise InputError(f"{ARGNAME}: label map {entry.labels} is not on the grid of its image {entry.image}")
+    if grid.ndim != case_grid.ndim:
+        raise InputError(f"{ARGNAME}: {entry.labels} is {grid.ndim}D but the case is {case_grid.ndim}D")
+    labels.check_values(sorted(label_values(array, entry.labels, ARGNAME)), entry.labels, ARGNAME)
+    onehot = torch.from_numpy(np.stack([(array == v) for v in labels.values]).astype(np.float32))
+    return Image(onehot, grid.moved(frame_placement(grid, case_grid)), f"{entry.name} labels", str(entry.labels))
+
+
 def read_atlas(entry: AtlasEntry, case_grid, labels: LabelSet) -> Tuple[Image, Image]:
     """An atlas image and its one-hot labels ``[K, *S]``, laid on ``case_grid`` by
     :func:`mvmm.data.anatomy.frame_placement` (one grid, moved; the voxels unchanged)."""
     image = Image.read(entry.image, entry.name, ARGNAME)
     image.check_intensities(ARGNAME)
-    array, grid, _ = io.read_array(entry.labels, ARGNAME)
-    if not grid.same_geometry(image.grid) or array.shape != tuple(image.grid.shape):
-        raise InputError(f"{ARGNAME}: label map {entry.labels} is not on the grid of its image {entry.image}")
-    if image.grid.ndim != case_grid.ndim:
-        raise InputError(f"{ARGNAME}: {entry.image} is {image.grid.ndim}D but the case is {case_grid.ndim}D")
-    labels.check_values(sorted(label_values(array, entry.labels, ARGNAME)), entry.labels, ARGNAME)
-    onehot = torch.from_numpy(np.stack([(array == v) for v in labels.values]).astype(np.float32))
-    moved = image.grid.moved(frame_placement(image.grid, case_grid))
-    return Image(image.data, moved, entry.name, image.source), Image(onehot, moved, f"{entry.name} labels",
-                                                                      str(entry.labels))
+    onehot = read_labels(entry, case_grid, labels, image_grid=image.grid)
+    return Image(image.data, onehot.grid, entry.name, image.source), onehot
 
 
 def _linear_kind(settings: MultiAtlasSettings) -> str:
@@ -190,8 +203,6 @@ def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet, settings:
     """The fused probabilities ``[K, *S]`` on the case grid (module notes, steps 4 and 5)."""
     spacing = np.asarray(case.grid.spacing[::-1])  # per array axis
     fixed = case.data[0].cpu().numpy()
-    votes = np.zeros((len(labels),) + fixed.shape)
-    total = np.zeros(fixed.shape)
     scores = []
     for atlas in warped:
         if settings.fusion == "local-ncc":
@@ -199,15 +210,35 @@ def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet, settings:
         else:
             scores.append(np.zeros(fixed.shape))
     best = np.max(np.stack(scores), axis=0) if scores else np.zeros(fixed.shape)
-    for atlas, score in zip(warped, scores):
-        # subtracting the best score first keeps exp() finite; it cancels in the normalisation
-        weight = np.exp((score - best) / settings.temperature) * atlas["inside"]
+    # subtracting the best score first keeps exp() finite; it cancels in the normalisation
+    weights = [np.exp((score - best) / settings.temperature) for score in scores]
+    return weighted_vote(warped, weights, labels, spacing, settings.sigma_mm)
+
+
+def weighted_vote(warped: Sequence[dict], weights: Sequence[np.ndarray], labels: LabelSet, spacing: np.ndarray,
+                  sigma_mm: float) -> np.ndarray:
+    """``Σ_i w_i L_i / Σ_i w_i`` over the atlases that cover a voxel (background where none does), smoothed by
+    ``sigma_mm`` and renormalised: probabilities ``[K, *S]``.
+
+    Parameters
+    ----------
+    warped : sequence of dict
+        Each atlas on the case grid: ``labels [K, *S]``, ``inside [*S]`` (bool).
+    weights : sequence of np.ndarray, each shape [*S]
+    spacing : np.ndarray
+        Voxel size (mm) per array axis.
+    """
+    shape = warped[0]["inside"].shape
+    votes = np.zeros((len(labels),) + shape)
+    total = np.zeros(shape)
+    for atlas, weight in zip(warped, weights):
+        weight = weight * atlas["inside"]
         votes += weight * atlas["labels"]
         total += weight
     fused = np.where(total > 0, votes / np.maximum(total, 1e-300), 0.0)
     fused[labels.background_index][total <= 0] = 1.0
-    if settings.sigma_mm > 0:
-        sigma = settings.sigma_mm / spacing
+    if sigma_mm > 0:
+        sigma = sigma_mm / spacing
         fused = np.stack([ndimage.gaussian_filter(channel, sigma, mode="nearest") for channel in fused])
     fused /= np.maximum(fused.sum(0, keepdims=True), 1e-12)
     return fused.astype(np.float32)
@@ -273,3 +304,85 @@ def multi_atlas_prior(case: Image, entries: Sequence[AtlasEntry], settings: Mult
               "seconds": time.perf_counter() - start}
     log.info("%s built in %.1f s", source, report["seconds"])
     return Atlas(torch.from_numpy(probabilities), case.grid, labels, source, "world"), report
+
+
+def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSettings, labels: LabelSet, grid,
+                           device: str = "cpu") -> dict:
+    """One atlas's one-hot labels registered to a fit's posterior ``fit [K, *S]`` (SSD of probability maps,
+    rigid → affine → ``settings.transform``) and resampled onto ``grid`` (linear: partial volumes stay soft).
+
+    Returns numpy arrays ``labels [K, *grid.shape]``, ``inside [*grid.shape]`` (bool), the similarity after
+    registration (minus the SSD) and the deformation's Jacobian statistics (None for a linear transform).
+    """
+    device = torch.device(device)
+    onehot = read_labels(entry, grid, labels)
+    registration = PairwiseRegistration(fit, onehot, settings.pairwise(), device=device)
+    result = registration.run()
+    jacobian = None
+    if registration.deformation is not None:
+        jacobian = jacobian_statistics(registration.deformation, grid, device=device)
+    with torch.no_grad():
+        points = map_grid(registration.transform, grid, device)
+        warped, inside = sample_image(onehot.data.to(device), onehot.grid, points)
+    return {"labels": warped.cpu().numpy(), "inside": inside.cpu().numpy(), "jacobian": jacobian,
+            "similarity": -float(result.loss_after)}
+
+
+def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGuidedSettings, labels: LabelSet,
+                     grid, device=None, progress: bool = False) -> Tuple[Atlas, dict]:
+    """A subject-specific prior on ``grid`` from the atlas set's label maps registered to a first fit.
+
+    Parameters
+    ----------
+    fit : Image
+        A fit's posterior ``[K, *S]`` (its classes those of ``labels``, in order) on its grid.
+    entries : sequence of AtlasEntry
+        The labelled images of other subjects; only their label maps are read.
+    settings : FitGuidedSettings
+    labels : LabelSet
+        The classes of the label maps and of ``fit``.
+    grid : Grid
+        Where the prior is wanted (the case's reference grid).
+    device : torch.device or str, optional
+        Where each registration runs (CPU workers when ``settings.workers`` > 1).
+
+    Returns
+    -------
+    atlas : Atlas
+        ``[K, *grid.shape]``: the mean of the registered label maps where they cover a voxel, smoothed by
+        ``settings.sigma_mm`` (frame ``"world"``).
+    report : dict
+        Settings, the atlases, each one's similarity after registration, their deformations' Jacobian
+        statistics, and seconds.
+    """
+    if not entries:
+        raise InputError(f"{ARGNAME}: no atlas to register")
+    if fit.data.shape[0] != len(labels):
+        raise ValueError(f"fit: {fit.data.shape[0]} probability maps for {len(labels)} labels")
+    start = time.perf_counter()
+    device = str(device) if device is not None else "cpu"
+    workers = settings.workers or available_cores()
+    if device.startswith("cuda"):
+        workers = 1  # one process drives the GPU; worker processes are for CPU cores
+    fit = Image(fit.data.detach().float().cpu(), fit.grid, fit.name, fit.source)
+    pool = worker_pool(workers, len(entries))
+    try:
+        warped = run_jobs(register_labels_to_fit,
+                          [(fit, e, settings, labels, grid, device if pool is None else "cpu") for e in entries], pool,
+                          f"atlases: {settings.transform} to the fit", progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for entry, atlas in zip(entries, warped):
+        if atlas["jacobian"] is not None:
+            warn_if_folded(atlas["jacobian"], f"the {settings.transform.upper()} of atlas {entry.name}")
+    spacing = np.asarray(grid.spacing[::-1])
+    probabilities = weighted_vote(warped, [np.ones(atlas["inside"].shape) for atlas in warped], labels, spacing,
+                                  settings.sigma_mm)
+    source = f"multi-atlas ({len(entries)} label maps registered to the first fit)"
+    report = {"guide": "fit", "settings": asdict(settings), "atlases": [e.name for e in entries],
+              "similarity": [atlas["similarity"] for atlas in warped],
+              "jacobians": {e.name: w["jacobian"] for e, w in zip(entries, warped) if w["jacobian"]},
+              "seconds": time.perf_counter() - start}
+    log.info("%s built in %.1f s", source, report["seconds"])
+    return Atlas(torch.from_numpy(probabilities), grid, labels, source, "world"), report

@@ -26,7 +26,7 @@ from mvmm.core.settings import (CARDIAC_MIN_POSTERIOR_SHIFT, CARDIAC_PRESET, CAR
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
-from mvmm.data.atlas_set import entries_of, read_atlas_set
+from mvmm.data.atlas_set import AtlasEntry, entries_of, read_atlas_set
 from mvmm.data.bias import bias_corrected
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, PATHOLOGY_LABELS, LabelSet
@@ -37,7 +37,7 @@ from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, de
 from mvmm.mixture.functional import most_probable_class
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtype_names, parse_subtypes
-from mvmm.multi_atlas import MultiAtlasSettings, multi_atlas_prior
+from mvmm.multi_atlas import FitGuidedSettings, MultiAtlasSettings, fit_guided_prior, multi_atlas_prior
 from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
 from mvmm.report import convergence_figure, overview_figure, pathology_figure
@@ -67,6 +67,12 @@ def read_images(images: Sequence[Union[str, Path]], names: Optional[Sequence[str
     if len(set(names)) != len(names):
         raise InputError(f"names: image names must be unique, got {names} (give `names`)")
     return [Image.read(p, n) for p, n in zip(images, names)]
+
+
+def atlas_set_entries(atlas_set, reference: str) -> list:
+    """The entries of the atlas set ``atlas_set`` (a folder or CSV, :mod:`mvmm.data.atlas_set`) of the
+    reference image's sequence (matched by name)."""
+    return entries_of(read_atlas_set(atlas_set), reference)
 
 
 def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[str]] = None,
@@ -116,7 +122,7 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
     if atlas_set is not None:
         if atlas:
             raise InputError(f"atlas_set: give `atlas` or `atlas_set`, not both (atlas {list(atlas)})")
-        entries = entries_of(read_atlas_set(atlas_set), reference_image.name)
+        entries = atlas_set_entries(atlas_set, reference_image.name)
         reference_image.check_intensities()
         atlas_obj, _ = multi_atlas_prior(reference_image, entries, multi_atlas or MultiAtlasSettings(), labels,
                                          resolve_device(device), progress)
@@ -219,6 +225,10 @@ class Segmentation:
     # the prior there, (p(k | I) + π_k) / 2 — the posterior under a likelihood that, at each voxel, is
     # uninformative half of the time; what the model misreads (bright scar taken for blood) costs less
     prior_votes: bool = False
+    # a fit-guided multi-atlas prior (mvmm.multi_atlas.fit_guided_prior): the first fit, with the atlas, whose
+    # posterior the atlas set's labels were registered to; this fit's prior came from it, so whether the images
+    # found the heart is that fit's question (posterior_shift)
+    guide: Optional["Segmentation"] = None
 
     @property
     def votes(self) -> int:
@@ -312,8 +322,11 @@ class Segmentation:
         distance ½ Σ_k |p(k | I, x) − π_k(x)| between the model's posterior (before any vote of the atlas)
         and the prior. Near 0 the fitted Gaussians explain the images no better inside one tissue than
         across tissues — a mixture fitted on the wrong anatomy (:func:`check_posterior_shift`).
-        None for a fit without a prior, an ensemble, or a network whose map is the answer.
+        None for a fit without a prior, an ensemble, or a network whose map is the answer. A fit on a
+        fit-guided prior reports its first fit's (:attr:`guide`): its own prior was made from that posterior.
         """
+        if self.guide is not None:
+            return self.guide.posterior_shift()
         if self.subject.atlas is None or self.members or self.prior_is_posterior or self.common.prior is None:
             return None
         prior = self.common.prior.to(self.posterior.dtype)
@@ -460,7 +473,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     registration: Union[RegistrationSettings, str, None] = "default",
                     postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None,
                     pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction,
-                    prior_votes: bool = SEGMENTATION.prior_votes) -> Segmentation:
+                    prior_votes: bool = SEGMENTATION.prior_votes, atlas_set: Sequence[AtlasEntry] = (),
+                    fit_guided: Optional[FitGuidedSettings] = None) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -500,6 +514,13 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     prior_votes : bool
         The registered atlas votes beside the fitted model: the posterior on every grid is their mean
         (:attr:`Segmentation.prior_votes`; the cardiac preset's choice). Needs an atlas.
+    atlas_set : sequence of AtlasEntry
+        Labelled images of other subjects (their label maps are read): after the fit, they are registered
+        to its posterior and averaged into a prior on the reference grid, and the model is fitted again
+        with that prior, nothing moving (:func:`refit_with_atlas_set`; the result's :attr:`~Segmentation.guide`
+        is the first fit). Empty: the fit is the answer.
+    fit_guided : FitGuidedSettings, optional
+        How the atlas set is registered and fused (default: its defaults).
 
     A cardiac fit whose images moved its posterior too little from the atlas most likely lost the heart
     (:meth:`Segmentation.quality`). When the atlas's start was searched (:func:`start_was_searched`:
@@ -533,7 +554,40 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         result.settings = {**result.settings, "retry": {"posterior_shift": shifts, "kept": kept}}
         result.timings["retry_s"] = seconds[dropped]  # the fit not kept
     check_posterior_shift(result)
+    if atlas_set:
+        result = refit_with_atlas_set(result, atlas_set, fit_guided or FitGuidedSettings(), options)
     return result
+
+
+def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], settings: FitGuidedSettings,
+                         options: dict) -> Segmentation:
+    """The fit again, on a prior made of ``atlas_set``'s label maps registered to ``first``'s posterior.
+
+    The prior (:func:`mvmm.multi_atlas.fit_guided_prior`) is on the reference image's grid where the first
+    fit placed the anatomy, so nothing moves in the second fit: the images keep the first fit's transforms
+    (and bias correction), the atlas's is dropped. ``options``: :func:`segment_subject`'s fitting options.
+    On MS-CMRSeg, docs/mscmr.md ("A multi-atlas prior from the first fit").
+    """
+    if first.subject.atlas is None:
+        raise InputError("atlas_set: a prior fitted to the first fit needs that fit to have an atlas (`atlas` none "
+                         "was given)")
+    began = time.perf_counter()
+    subject = first.subject
+    reference = subject.images[[im.name for im in subject.images].index(subject.reference)]
+    fit = Image(first.posterior, first.common.grid, "posterior", "the first fit")
+    prior, report = fit_guided_prior(fit, atlas_set, settings, first.labels, reference.grid,
+                                     device=first.device, progress=options["progress"])
+    transforms = {name: t for name, t in subject.transforms.items() if name != "atlas"}
+    second = _segment_once(replace(subject, atlas=prior, transforms=transforms), registration=None,
+                           **{**options, "bias_correction": "none", "atlas_start": None})
+    second.guide = first
+    second.settings = {**second.settings, "bias_correction": first.settings["bias_correction"],
+                       "atlas_set": report, "guide_fit": {key: first.settings[key] for key in ("registration", "retry")
+                                                          if key in first.settings}}
+    first_seconds = sum(v for k, v in first.timings.items() if k.endswith("_s") and isinstance(v, float))
+    second.timings = {**second.timings, "guide_fit_s": first_seconds, "atlas_set_s": report["seconds"],
+                      "fit_guided_s": time.perf_counter() - began}
+    return second
 
 
 def start_was_searched(subject: Subject, registration: Optional[RegistrationSettings],

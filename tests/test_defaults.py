@@ -22,7 +22,9 @@ from mvmm.segment import segment_subject
 COMMANDS = {
     ("segment",): ((segment_subject, RegistrationSettings, MultiAtlasSettings),
                    {"register_atlas": "atlas", "register_images": "images", "images": None,
-                    "atlas": None, "atlas_set_size": "size", "atlas_set_transform": "transform",
+                    "atlas": None, "atlas_set": None, "atlas_set_size": "size",
+                    # MultiAtlasSettings' or FitGuidedSettings' by --atlas-set-guide (its help names both)
+                    "atlas_set_transform": None,
                     "atlas_set_workers": "workers"}),
     ("register",): ((PairwiseSettings,), {"transform_kind": "transform"}),
     ("atlas", "build"): ((GroupwiseSettings,), {"register_kind": "register", "sigma": "sigma_mm"}),

@@ -1,15 +1,18 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from mvmm.cli import main
+from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.manifest import Manifest, parse_patients, scan
 from mvmm.data.phantom import make_phantom
 from mvmm.core.errors import InputError
-from mvmm.experiments.mscmr import CLASSICAL_METHODS as METHODS, ExperimentSettings, _cluster_names, _for_images, run_mscmr
+from mvmm.experiments.mscmr import (CLASSICAL_METHODS as METHODS, ExperimentSettings, _cluster_names, _for_images,
+                                    atlas_set_of, run_mscmr)
 from conftest import SHARED_DATA
 
 
@@ -173,7 +176,7 @@ def test_check_manifest_finds_the_shared_mscmr_copy():
     assert not found.problems and len(found.patients) == 25
 
 
-@pytest.mark.parametrize("prior", ["template", "multi-atlas"])
+@pytest.mark.parametrize("prior", ["template", "multi-atlas", "multi-atlas-fit"])
 def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tmp_path, prior):
     data = write_patients(tmp_path / "data", [1, 2, 3])
     out = tmp_path / prior
@@ -183,7 +186,10 @@ def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tm
     assert set(summary["methods"]) == {"atlas", "em-all"}
     record = json.loads((out / "patients" / "patient2.json").read_text())
     assert record["atlas_patients"] == [1, 3]
+    assert record["atlas_set"] == (None if prior == "template" else ["patient1 LGE", "patient3 LGE"])
     assert min(record["metrics"]["atlas"][s]["dice"] for s in ("Myo", "LV", "RV")) > 0.5, record["metrics"]
+    if prior == "multi-atlas-fit":  # em-all's first fit with the group-wise atlas guided the atlas set's labels
+        assert {"guide_fit_s", "atlas_set_s"} <= set(record["em_all_timings_s"])
     if prior == "template":  # the cached atlases carry the atlas patients' LGE and C0 templates
         sidecars = [json.loads(p.read_text()) for p in (out / "atlases").glob("*.json")]
         assert sidecars and all(set(meta["templates"]) == {"LGE", "C0"} for meta in sidecars)
@@ -195,6 +201,13 @@ def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tm
     assert summary["low_posterior_shift"] == {"em-all": []}
     with pytest.raises(InputError, match="^ExperimentSettings.prior: expected one of"):
         ExperimentSettings(prior="majority")
+
+
+def test_multi_atlas_priors_of_a_fold_use_the_other_folds_patients_only():
+    entries = [AtlasEntry(f"patient{n}", "LGE", Path(f"p{n}.nii.gz"), Path(f"p{n}_manual.nii.gz")) for n in (1, 2, 3, 4, 12)]
+    # patient 2's atlas patients with two folds (patient i in fold (i - 1) mod 2): 4 and 12 share its fold
+    assert [e.subject for e in atlas_set_of(entries, {1: "a", 3: "b"}, False)] == ["patient1", "patient3"]
+    assert len(atlas_set_of(entries, {1: "a"}, True)) == 5  # --atlas-data: another data set's patients, all
 
 
 def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):

@@ -1,20 +1,28 @@
-"""Atlas sets, multi-atlas priors (registration + locally weighted fusion), and `mvmm segment --atlas-set`."""
+"""Atlas sets, multi-atlas priors (registration + locally weighted fusion), and `mvmm segment --atlas-set`;
+the fit-guided prior (label maps registered to a first fit, `--atlas-set-guide fit`)."""
+
+import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from scipy import ndimage
 
 from mvmm.cli import main
 from mvmm.core.errors import InputError
 from mvmm.core.grid import Grid
-from mvmm.core.settings import MultiAtlasSettings
+from mvmm.core.settings import FitGuidedSettings, MultiAtlasSettings
+from mvmm.data.atlas import Atlas
 from mvmm.data import io
 from mvmm.data.atlas_set import entries_of, read_atlas_set
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet
 from mvmm.metrics import structure_metrics
-from mvmm.multi_atlas import local_ncc, multi_atlas_prior, read_atlas
+from mvmm.data.subject import Subject
+from mvmm.multi_atlas import fit_guided_prior, local_ncc, multi_atlas_prior, read_atlas
+from mvmm.segment import segment_subject
 
 NAMED = LabelSet(("outside", "wall", "pool", "right"), (0, 200, 500, 600))
 INTENSITY = {0: 0.35, 200: 0.12, 500: 0.8, 600: 0.7}
@@ -161,3 +169,65 @@ def test_segment_with_an_atlas_set_from_the_command_line(tmp_path, atlas_set):
     result = CliRunner().invoke(main, ["segment", "--images", str(tmp_path / "LGE.nii.gz"), "--atlas-set", str(folder),
                                        "--atlas", "builtin:cardiac", "--out", str(tmp_path / "o2"), "-q"])
     assert result.exit_code == 1 and "--atlas-set: give --atlas or --atlas-set, not both" in result.output
+
+
+def soft_onehot(labels: np.ndarray, values, sigma: float = 1.0) -> torch.Tensor:
+    """A fit's posterior stand-in: the one-hot of ``labels`` blurred and renormalised, ``[K, *S]``."""
+    onehot = np.stack([ndimage.gaussian_filter((labels == v).astype(np.float32), sigma) for v in values])
+    return torch.from_numpy(onehot / onehot.sum(0, keepdims=True))
+
+
+def test_label_maps_registered_to_a_fit_take_its_shape(atlas_set):
+    folder, target, truth = atlas_set
+    entries = entries_of(read_atlas_set(folder), "LGE")
+    fit = Image(soft_onehot(truth, NAMED.values), target.grid, "posterior")
+
+    def dice_of(transform):
+        prior, report = fit_guided_prior(fit, entries, FitGuidedSettings(transform=transform, workers=1), NAMED,
+                                         target.grid)
+        return mean_dice(np.asarray(NAMED.values)[prior.probabilities.argmax(0).numpy()], truth, target.grid), prior, report
+
+    laid, _, _ = dice_of("rigid")
+    bent, prior, report = dice_of("ffd")
+    # the subjects' shapes differ from the fit's (SHAPES): a non-linear map takes them there, a rigid one cannot
+    assert bent > 0.95 and 1 - bent < 0.6 * (1 - laid), (laid, bent)
+    assert prior.grid.same_geometry(target.grid) and prior.labels == NAMED and prior.frame == "world"
+    p = prior.probabilities
+    assert float(p.min()) >= 0 and torch.allclose(p.sum(0), torch.ones(()), atol=1e-5)
+    assert report["guide"] == "fit" and report["atlases"] == [e.name for e in entries]
+    assert len(report["similarity"]) == len(entries) and set(report["jacobians"]) == {e.name for e in entries}
+
+
+def test_segment_refits_on_the_atlas_set_registered_to_its_first_fit(tmp_path, atlas_set):
+    folder, target, truth = atlas_set
+    target.write(tmp_path / "LGE.nii.gz")
+    out = tmp_path / "out"
+    args = ["segment", "--images", str(tmp_path / "LGE.nii.gz"), "--atlas-set", str(folder), "--atlas-set-guide", "fit",
+            "--atlas-set-workers", "1", "--labels", "outside=0,wall=200,pool=500,right=600", "-q"]
+    result = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["atlas_set"]["guide"] == "fit"
+    assert report["settings"]["atlas_set"]["atlases"] == [f"subject{i} LGE" for i in range(1, 6)]
+    assert {"guide_fit_s", "atlas_set_s"} <= set(report["timings_s"])
+    labels = io.read_array(out / "labels.nii.gz", "labels")[0]
+    assert mean_dice(labels, truth, target.grid) > 0.85
+    # only the atlases' similarity chooses some of them: not with the fit as the guide (named in flags)
+    result = CliRunner().invoke(main, args + ["--atlas-set-size", "3", "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 1 and "--atlas-set-size" in result.output and "--atlas-set-guide" in result.output
+
+
+def test_a_refit_reports_its_first_fit_s_quality(atlas_set):
+    folder, target, truth = atlas_set
+    entries = entries_of(read_atlas_set(folder), "LGE")
+    subject = Subject([target], Atlas.builtin_cardiac(target.grid, NAMED), roi_margin_mm=10.0)
+    first = segment_subject(subject, learn_proportions=False)
+    refit = segment_subject(subject, learn_proportions=False, atlas_set=entries,
+                            fit_guided=FitGuidedSettings(workers=1))
+    assert refit.guide is not None and refit.subject.atlas.source.startswith("multi-atlas")
+    # the refit's prior was made from the first fit's posterior, so the images barely move it: whether they
+    # found the heart is the first fit's measure
+    assert refit.posterior_shift() == pytest.approx(first.posterior_shift())
+    assert dataclasses.replace(refit, guide=None).posterior_shift() < first.posterior_shift()
+    assert "atlas" not in refit.subject.transforms and refit.settings["registration"] is None
+    assert refit.settings["guide_fit"]["registration"] == first.settings["registration"]

@@ -184,6 +184,9 @@ class OuterLoop:
         return max(self.step_mm * self.step_decay ** (outer - 1), self.min_step_mm)
 
 # ---------------------------------------------------------------- registration settings
+# λ of the bending energy against the mean squared difference of probability maps (label maps registered to
+# label maps or to a posterior): GroupwiseSettings and FitGuidedSettings, whose docstrings say why this value
+PROBABILITY_SSD_BENDING_WEIGHT = 1.0
 ATLAS_MODELS = ("none",) + LINEAR_KINDS + NONLINEAR_KINDS
 IMAGE_MODELS = ("none",) + LINEAR_KINDS
 ATLAS_INITS = ("header", "geometry")
@@ -438,7 +441,7 @@ class GroupwiseSettings:
     sigma_mm: float = DEFAULT_SIGMA_MM
     control_spacing: float = 40.0
     ffd_levels: int = 1
-    bending_weight: float = 1.0
+    bending_weight: float = PROBABILITY_SSD_BENDING_WEIGHT
     grid_spacing: float = 3.0
     steps: int = 10
     max_outer: int = 3
@@ -464,7 +467,10 @@ BAYES_METHODS = ("bayes", "bayes-refine", "bayes-ensemble")
 VAE_METHODS = ("vae-seg", "vae-seg-refine")  # the network on the anatomical prior, alone and refined (.vae_seg)
 NETWORK_METHODS = BAYES_METHODS + VAE_METHODS
 EXPERIMENT_METHODS = CLASSICAL_METHODS + NETWORK_METHODS
-PRIORS = ("groupwise", "template", "multi-atlas")  # the experiment's spatial priors (mvmm.experiments.mscmr)
+# the experiment's spatial priors (mvmm.experiments.mscmr); multi-atlas-fit: the atlas patients' labels registered
+# to em-all's first fit with the group-wise atlas (FitGuidedSettings)
+PRIORS = ("groupwise", "template", "multi-atlas", "multi-atlas-fit")
+ATLAS_SET_GUIDES = ("image", "fit")  # what an atlas set is registered to (mvmm segment --atlas-set-guide)
 FUSIONS = ("local-ncc", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas)
 
 
@@ -526,6 +532,59 @@ class MultiAtlasSettings:
         return PairwiseSettings(transform=transform, metric=self.metric, init="header",
                                 control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
                                 bending_weight=self.bending_weight, grid_spacing=self.grid_spacing)
+
+
+@dataclass
+class FitGuidedSettings:
+    """How a fit-guided multi-atlas prior is made (:func:`mvmm.multi_atlas.fit_guided_prior`; ``mvmm segment
+    --atlas-set DIR --atlas-set-guide fit``; the MS-CMRSeg experiment's ``--prior multi-atlas-fit``).
+
+    A first fit with the probabilistic atlas finds the heart; then every atlas subject's label map (one-hot)
+    is registered to that fit's posterior — probability maps on both sides, so the similarity is their mean
+    squared difference, which does not care how the subjects' intensities differ (registering the atlas
+    *images* to the case by NCC was loose between patients: docs/mscmr.md, 0.5.0) — and the warped labels,
+    averaged and smoothed, are the prior the model is fitted with again, nothing moving.
+
+    Attributes
+    ----------
+    transform : {"rigid", "affine", "ffd", "svf"}
+        Final transform of each label map (rigid → affine → non-linear).
+    control_spacing, ffd_levels, grid_spacing, steps, max_outer : float or int
+        As :class:`PairwiseSettings`.
+    bending_weight : float
+        λ of the bending energy against the SSD of probability maps (:class:`GroupwiseSettings`' scale
+        and value).
+    sigma_mm : float
+        Gaussian smoothing (mm) of the averaged labels, so that the prior is soft like an atlas.
+    workers : int
+        Worker processes for the independent registrations (0: one per available core; 1: in this
+        process, as on CUDA).
+
+    The defaults were chosen on the MS-CMRSeg development fold (patients 1, 6, 11, 16, 21) only:
+    docs/mscmr.md, "A multi-atlas prior from the first fit".
+    """
+
+    transform: str = "ffd"
+    control_spacing: float = 40.0
+    ffd_levels: int = 1
+    bending_weight: float = PROBABILITY_SSD_BENDING_WEIGHT
+    grid_spacing: float = 3.0
+    steps: int = 10
+    max_outer: int = 5
+    sigma_mm: float = 1.0
+    workers: int = 0
+
+    def __post_init__(self):
+        require_field_choice(self, "transform", TRANSFORM_KINDS)
+        require_positive(self, ("control_spacing", "grid_spacing", "ffd_levels", "steps", "max_outer"))
+        require_positive(self, ("sigma_mm", "bending_weight", "workers"), strict=False)
+
+    def pairwise(self) -> PairwiseSettings:
+        """Pairwise settings of one label map's registration to the fit."""
+        return PairwiseSettings(transform=self.transform, metric="ssd", init="header",
+                                control_spacing=self.control_spacing, ffd_levels=self.ffd_levels,
+                                bending_weight=self.bending_weight, grid_spacing=self.grid_spacing,
+                                steps=self.steps, max_outer=self.max_outer)
 
 
 @dataclass

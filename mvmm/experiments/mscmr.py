@@ -40,7 +40,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -130,12 +130,19 @@ def _multi_atlas(target_lge: Image, entries: List[AtlasEntry], settings: Experim
     return atlas, report["seconds"]
 
 
+def atlas_set_of(entries: Sequence[AtlasEntry], atlas_patients, other_data: bool) -> List[AtlasEntry]:
+    """The multi-atlas priors' atlas set of a target: the labelled LGE of its ``atlas_patients`` (numbers;
+    with folds the other folds', else all but the target), or every entry when they come from ``--atlas-data``."""
+    return [e for e in entries if other_data or int(e.subject[len("patient"):]) in atlas_patients]
+
+
 def em_all_registration(settings: ExperimentSettings) -> RegistrationSettings:
     """The registration of the experiment's ``em-all`` (and the start of its other classical methods)."""
     return RegistrationSettings(atlas=settings.register_atlas, images=settings.register_images, images_init="header",
                                 atlas_search_fov=settings.atlas_search_fov, atlas_search_mm=settings.atlas_search_mm,
                                 affine_weight=settings.affine_weight,
-                                template_metric="none" if settings.prior == "groupwise" else "ncc",
+                                # the template prior's placement; multi-atlas-fit's first fit is the group-wise one
+                                template_metric="ncc" if settings.prior == "template" else "none",
                                 template_sequence=settings.template_sequence,
                                 template_transform=settings.template_transform)
 
@@ -153,15 +160,17 @@ def em_all_subtypes(settings: ExperimentSettings) -> List[str]:
 
 
 def fit_em_all(images: List[Image], placed: Atlas, settings: ExperimentSettings,
-               registration: Optional[RegistrationSettings] = None):
+               registration: Optional[RegistrationSettings] = None, atlas_set: Sequence[AtlasEntry] = ()):
     """The experiment's ``em-all`` on one case: every image, the ``placed`` atlas, registration and EM
-    (:func:`mvmm.segment.segment_subject`); the :class:`~mvmm.segment.Segmentation`."""
+    (:func:`mvmm.segment.segment_subject`); the :class:`~mvmm.segment.Segmentation`. ``atlas_set``: the
+    ``multi-atlas-fit`` prior's labelled images, registered to this fit's posterior and fitted again."""
     return segment_subject(Subject(images, atlas=placed, roi_margin_mm=settings.roi_margin_mm),
                            subtypes=em_all_subtypes(settings), learn_proportions=settings.proportions == "learned",
                            mrf_beta=settings.mrf_beta,
                            registration=em_all_registration(settings) if registration is None else registration,
                            postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
-                           bias_correction=settings.bias_correction, prior_votes=settings.prior_votes)
+                           bias_correction=settings.bias_correction, prior_votes=settings.prior_votes,
+                           atlas_set=atlas_set)
 
 
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
@@ -170,7 +179,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     """Every method on one target; returns metrics, seconds and label maps (LGE grid).
 
     ``atlas`` is the atlas patients' group-wise atlas (with templates); for the ``multi-atlas`` prior,
-    ``atlas_set`` holds their labelled LGE images instead. ``models``: the trained networks of the
+    ``atlas_set`` holds their labelled LGE images instead, for ``multi-atlas-fit`` as well as the atlas. ``models``: the trained networks of the
     network methods by kind (``{"bayes": LoadedModel, "vae-seg": LoadedModel}``, those needed).
     """
     images = [Image.read(files.images[s], s) for s in settings.sequences]
@@ -184,10 +193,12 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
         registration = replace(registration, atlas_search_fov=False, atlas_search_mm=0.0)
     else:
         placed = atlas.placed_on(images[0].grid)
+    # multi-atlas-fit: every classical fit is fitted again on the atlas set's labels registered to its posterior
+    guided = list(atlas_set) if settings.prior == "multi-atlas-fit" else []
     start = time.perf_counter()
     roi, learn = settings.roi_margin_mm, settings.proportions == "learned"
     subtypes = em_all_subtypes(settings)
-    em_all = fit_em_all(images, placed, settings, registration)
+    em_all = fit_em_all(images, placed, settings, registration, guided)
     maps["em-all"] = em_all.label_map()
     seconds["em-all"] = time.perf_counter() - start + prior_seconds
     quality = {"em-all": em_all.quality()}  # the fit's own check (mvmm.segment.check_posterior_shift)
@@ -196,14 +207,15 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     values = list(placed.labels.values)
     maps["atlas"] = np.asarray(values)[most_probable_class(em_all.common.prior).cpu().numpy()]
     seconds["atlas"] = (em_all.timings["bias_s"] + em_all.timings["registration_s"] + em_all.timings["sample_s"]
-                        + prior_seconds)
+                        + prior_seconds + em_all.timings.get("guide_fit_s", 0.0) + em_all.timings.get("atlas_set_s", 0.0))
     if "em-lge" in settings.methods:
         start = time.perf_counter()
         lge_only = segment_subject(Subject(images[:1], atlas=placed, roi_margin_mm=roi),
                                    subtypes=_for_images(subtypes, ["LGE"]), learn_proportions=learn,
                                    mrf_beta=settings.mrf_beta, registration=registration,
                                    postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
-                                   bias_correction=settings.bias_correction, prior_votes=settings.prior_votes)
+                                   bias_correction=settings.bias_correction, prior_votes=settings.prior_votes,
+                                   atlas_set=guided)
         maps["em-lge"] = lge_only.label_map()
         quality["em-lge"] = lge_only.quality()
         seconds["em-lge"] = time.perf_counter() - start + prior_seconds
@@ -244,6 +256,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     metrics = {m: evaluate_labels(maps[m], truth_map, spacing, placed.labels) for m in settings.methods}
     return {"patient": target, "metrics": metrics, "native_metrics": native, "pathology": pathology,
             "seconds": seconds, "em_all_timings_s": em_all.timings, "quality": quality, "maps": maps,
+            "atlas_set": [e.name for e in atlas_set] if settings.prior.startswith("multi-atlas") else None,
             "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
 
 
@@ -397,7 +410,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                 models[fold] = _fold_models(fold, sorted(own), kinds, targets, atlas, vae_prior, manifest.labels,
                                             settings, out, progress)
             given = models[fold]
-        own_entries = [e for e in entries if atlas_data is not None or e.subject != f"patient{target}"]
+        own_entries = atlas_set_of(entries, own, atlas_data is not None)
         result = run_patient(target, cases[target], atlas, settings, own_entries, progress, given)
         comparison_figure(out / "figures" / f"patient{target}.png", result["image"],
                           {"manual": result["truth"], **{m: result["maps"][m] for m in settings.methods}}, manifest.labels,
@@ -407,7 +420,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "metrics": result["metrics"], "native_metrics": result["native_metrics"],
                           "pathology": result["pathology"],
                           "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"],
-                          "quality": result["quality"]})
+                          "quality": result["quality"], "atlas_set": result["atlas_set"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
     if fold_of is not None and kinds:
