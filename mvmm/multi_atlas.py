@@ -25,8 +25,8 @@ maps L_i (an atlas set, :mod:`mvmm.data.atlas_set`):
 
 **Guided by a first fit** (:func:`fit_guided_prior`, ``mvmm segment --atlas-set-guide fit``): between patients
 the images differ more than the anatomy (scar, nulling, coil shading), so instead of the images, each atlas's
-one-hot label map is registered to the posterior of a first fit of the case with a probabilistic atlas —
-probability maps on both sides, their mean squared difference (SSD) as the similarity, rigid → affine → FFD —
+one-hot label map, its anatomy's centre laid on the fit's, is registered to the posterior of a first fit of
+the case with a probabilistic atlas — probability maps on both sides, their mean squared difference (SSD) as the similarity, rigid → affine → FFD —
 and the warped labels are averaged (equal votes where they cover a voxel) and smoothed as in step 5. The
 prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then fitted
 again on it (:func:`mvmm.segment.refit_with_atlas_set`).
@@ -306,6 +306,17 @@ def multi_atlas_prior(case: Image, entries: Sequence[AtlasEntry], settings: Mult
     return Atlas(torch.from_numpy(probabilities), case.grid, labels, source, "world"), report
 
 
+def foreground_centre(maps: Image, background_index: int) -> np.ndarray:
+    """World position (mm) of the centre of mass of ``maps``' foreground (one minus the background channel of
+    probability or one-hot maps ``[K, *S]``), shape ``(ndim,)``."""
+    weight = (1 - maps.data[background_index].double()).clamp_min(0)
+    total = float(weight.sum())
+    if total <= 0:
+        raise InputError(f"{ARGNAME}: {maps.source} has no foreground (only background)")
+    points = maps.grid.world_points(dtype=torch.float64)
+    return (points * weight[..., None]).reshape(-1, maps.grid.ndim).sum(0).numpy() / total
+
+
 def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSettings, labels: LabelSet, grid,
                            device: str = "cpu") -> dict:
     """One atlas's one-hot labels registered to a fit's posterior ``fit [K, *S]`` (SSD of probability maps,
@@ -316,6 +327,12 @@ def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSet
     """
     device = torch.device(device)
     onehot = read_labels(entry, grid, labels)
+    # start with the anatomies' centres on each other: the frame placement lays the fields of view's centres on
+    # each other, and neither heart need be near its centre (an uncropped scan; the fit's grid cut to the heart)
+    shift = np.eye(grid.ndim + 1)
+    shift[:-1, -1] = (foreground_centre(fit, labels.background_index)
+                      - foreground_centre(onehot, labels.background_index))
+    onehot = Image(onehot.data, onehot.grid.moved(shift), onehot.name, onehot.source)
     registration = PairwiseRegistration(fit, onehot, settings.pairwise(), device=device)
     result = registration.run()
     jacobian = None

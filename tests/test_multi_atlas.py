@@ -231,3 +231,21 @@ def test_a_refit_reports_its_first_fit_s_quality(atlas_set):
     assert dataclasses.replace(refit, guide=None).posterior_shift() < first.posterior_shift()
     assert "atlas" not in refit.subject.transforms and refit.settings["registration"] is None
     assert refit.settings["guide_fit"]["registration"] == first.settings["registration"]
+
+
+def test_a_label_map_far_from_its_field_of_view_centre_is_started_on_the_fit_s_anatomy(tmp_path, atlas_set):
+    folder, target, truth = atlas_set
+    rng = np.random.default_rng(5)
+    grid = Grid((128, 128), (1.25, 1.25), (300.0, -80.0), (1, 0, 0, 1))
+    write_case(tmp_path, "far", grid, heart(grid, grid.center_world() + np.array([35.0, 30.0]), **SHAPES[0]), rng)
+    (entry,) = entries_of(read_atlas_set(tmp_path), "LGE")
+    # the fit on a grid cut to the target's heart (as a fit's region of interest is)
+    to_index = target.grid.world_to_index_matrix
+    centre = to_index[:2, :2] @ (target.grid.center_world() + [4.0, -3.0]) + to_index[:2, 2]  # ITK order (x, y)
+    start = np.round(centre - 36).astype(int)
+    origin = target.grid.index_to_world_matrix[:2, :2] @ start + target.grid.origin
+    cut = Grid((72, 72), target.grid.spacing, tuple(origin), (1, 0, 0, 1))
+    posterior = soft_onehot(truth, NAMED.values)[:, start[1]:start[1] + 72, start[0]:start[0] + 72]
+    prior, _ = fit_guided_prior(Image(posterior, cut, "posterior"), [entry], FitGuidedSettings(workers=1), NAMED,
+                                target.grid)
+    assert mean_dice(np.asarray(NAMED.values)[prior.probabilities.argmax(0).numpy()], truth, target.grid) > 0.85
