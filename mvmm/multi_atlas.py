@@ -68,6 +68,11 @@ from mvmm.spatial.warp import sample_image
 log = logging.getLogger(__name__)
 
 ARGNAME = "atlas_set"
+# a label map registered to a first fit whose foreground then overlaps the fit's by less Dice than this lost the
+# anatomy (the SSD counts only where both maps are, so a map can slide to where both are background): it is
+# left out of the fit-guided prior. A sanity floor, not a tuned value: registered label maps of MS-CMRSeg
+# patients reach 0.8-0.9
+MIN_FIT_AGREEMENT = 0.5
 
 
 def read_labels(entry: AtlasEntry, case_grid, labels: LabelSet, image_grid=None) -> Image:
@@ -323,7 +328,9 @@ def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSet
     rigid → affine → ``settings.transform``) and resampled onto ``grid`` (linear: partial volumes stay soft).
 
     Returns numpy arrays ``labels [K, *grid.shape]``, ``inside [*grid.shape]`` (bool), the similarity after
-    registration (minus the SSD) and the deformation's Jacobian statistics (None for a linear transform).
+    registration (minus the SSD), the Dice of its foreground and the fit's on the fit's grid (``agreement``)
+    and the deformation's Jacobian statistics (None for a linear transform); or ``{"failed": reason}`` when
+    the registration lost the overlap.
     """
     device = torch.device(device)
     onehot = read_labels(entry, grid, labels)
@@ -334,15 +341,24 @@ def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSet
                       - foreground_centre(onehot, labels.background_index))
     onehot = Image(onehot.data, onehot.grid.moved(shift), onehot.name, onehot.source)
     registration = PairwiseRegistration(fit, onehot, settings.pairwise(), device=device)
-    result = registration.run()
+    try:
+        result = registration.run()
+    except InputError as error:  # it slid off the fit (the SSD counts only where both are): this atlas is dropped
+        return {"failed": str(error)}
     jacobian = None
     if registration.deformation is not None:
         jacobian = jacobian_statistics(registration.deformation, grid, device=device)
+    background = labels.background_index
     with torch.no_grad():
         points = map_grid(registration.transform, grid, device)
         warped, inside = sample_image(onehot.data.to(device), onehot.grid, points)
+        # how well its anatomy ended on the fit's: Dice of the foregrounds on the fit's grid
+        on_fit, covered = sample_image(onehot.data.to(device), onehot.grid, map_grid(registration.transform, fit.grid,
+                                                                                     device))
+        ours, theirs = (1 - on_fit[background]) * covered, 1 - fit.data[background].to(device)
+        agreement = float(2 * (ours * theirs).sum() / (ours.sum() + theirs.sum()).clamp_min(1e-6))
     return {"labels": warped.cpu().numpy(), "inside": inside.cpu().numpy(), "jacobian": jacobian,
-            "similarity": -float(result.loss_after)}
+            "similarity": -float(result.loss_after), "agreement": agreement}
 
 
 def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGuidedSettings, labels: LabelSet,
@@ -369,8 +385,9 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
         ``[K, *grid.shape]``: the mean of the registered label maps where they cover a voxel, smoothed by
         ``settings.sigma_mm`` (frame ``"world"``).
     report : dict
-        Settings, the atlases, each one's similarity after registration, their deformations' Jacobian
-        statistics, and seconds.
+        Settings, the atlases, those kept and those left out (a registration that lost the overlap, or whose
+        foreground ended with Dice under :data:`MIN_FIT_AGREEMENT` on the fit's: a warning each), each kept
+        one's similarity and agreement after registration, their deformations' Jacobian statistics, and seconds.
     """
     if not entries:
         raise InputError(f"{ARGNAME}: no atlas to register")
@@ -390,16 +407,30 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    dropped = {}
     for entry, atlas in zip(entries, warped):
-        if atlas["jacobian"] is not None:
+        if "failed" in atlas:
+            dropped[entry.name] = atlas["failed"]
+        elif atlas["agreement"] < MIN_FIT_AGREEMENT:
+            dropped[entry.name] = f"its foreground ended with Dice {atlas['agreement']:.2f} on the fit's"
+        elif atlas["jacobian"] is not None:
             warn_if_folded(atlas["jacobian"], f"the {settings.transform.upper()} of atlas {entry.name}")
+    for name, reason in dropped.items():
+        log.warning("atlas %s left out of the prior: its registration to the first fit lost the anatomy (%s)", name,
+                    reason)
+    kept = [(entry, atlas) for entry, atlas in zip(entries, warped) if entry.name not in dropped]
+    if not kept:
+        raise InputError(f"{ARGNAME}: no atlas's label map could be registered to the first fit (is the fit on the "
+                         f"anatomy? check its overview.png): {dropped}")
     spacing = np.asarray(grid.spacing[::-1])
-    probabilities = weighted_vote(warped, [np.ones(atlas["inside"].shape) for atlas in warped], labels, spacing,
-                                  settings.sigma_mm)
-    source = f"multi-atlas ({len(entries)} label maps registered to the first fit)"
+    probabilities = weighted_vote([atlas for _, atlas in kept], [np.ones(atlas["inside"].shape) for _, atlas in kept],
+                                  labels, spacing, settings.sigma_mm)
+    source = f"multi-atlas ({len(kept)} label maps registered to the first fit)"
     report = {"guide": "fit", "settings": asdict(settings), "atlases": [e.name for e in entries],
-              "similarity": [atlas["similarity"] for atlas in warped],
-              "jacobians": {e.name: w["jacobian"] for e, w in zip(entries, warped) if w["jacobian"]},
+              "kept": [e.name for e, _ in kept], "dropped": dropped,
+              "similarity": {e.name: w["similarity"] for e, w in kept},
+              "agreement": {e.name: w["agreement"] for e, w in kept},
+              "jacobians": {e.name: w["jacobian"] for e, w in kept if w["jacobian"]},
               "seconds": time.perf_counter() - start}
     log.info("%s built in %.1f s", source, report["seconds"])
     return Atlas(torch.from_numpy(probabilities), grid, labels, source, "world"), report

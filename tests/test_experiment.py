@@ -190,6 +190,8 @@ def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tm
     assert min(record["metrics"]["atlas"][s]["dice"] for s in ("Myo", "LV", "RV")) > 0.5, record["metrics"]
     if prior == "multi-atlas-fit":  # em-all's first fit with the group-wise atlas guided the atlas set's labels
         assert {"guide_fit_s", "atlas_set_s"} <= set(record["em_all_timings_s"])
+        assert record["atlas_set_fit"]["dropped"] == {} and set(record["atlas_set_fit"]["agreement"]) == {
+            "patient1 LGE", "patient3 LGE"}
     if prior == "template":  # the cached atlases carry the atlas patients' LGE and C0 templates
         sidecars = [json.loads(p.read_text()) for p in (out / "atlases").glob("*.json")]
         assert sidecars and all(set(meta["templates"]) == {"LGE", "C0"} for meta in sidecars)

@@ -195,7 +195,9 @@ def test_label_maps_registered_to_a_fit_take_its_shape(atlas_set):
     p = prior.probabilities
     assert float(p.min()) >= 0 and torch.allclose(p.sum(0), torch.ones(()), atol=1e-5)
     assert report["guide"] == "fit" and report["atlases"] == [e.name for e in entries]
-    assert len(report["similarity"]) == len(entries) and set(report["jacobians"]) == {e.name for e in entries}
+    names = {e.name for e in entries}
+    assert set(report["similarity"]) == set(report["jacobians"]) == names and report["dropped"] == {}
+    assert min(report["agreement"].values()) > 0.9
 
 
 def test_segment_refits_on_the_atlas_set_registered_to_its_first_fit(tmp_path, atlas_set):
@@ -249,3 +251,22 @@ def test_a_label_map_far_from_its_field_of_view_centre_is_started_on_the_fit_s_a
     prior, _ = fit_guided_prior(Image(posterior, cut, "posterior"), [entry], FitGuidedSettings(workers=1), NAMED,
                                 target.grid)
     assert mean_dice(np.asarray(NAMED.values)[prior.probabilities.argmax(0).numpy()], truth, target.grid) > 0.85
+
+
+def test_a_label_map_that_does_not_reach_the_fit_s_anatomy_is_left_out(tmp_path, atlas_set, caplog):
+    folder, target, truth = atlas_set
+    rng = np.random.default_rng(6)
+    for name in ("subject1", "subject2"):
+        for suffix in ("LGE", "LGE_manual"):
+            (tmp_path / f"{name}_{suffix}.nii.gz").symlink_to(folder / f"{name}_{suffix}.nii.gz")
+    grid = Grid((100, 100), (1.25, 1.25), (0.0, 0.0), (1, 0, 0, 1))  # a heart of a fifth of the size
+    write_case(tmp_path, "tiny", grid, heart(grid, grid.center_world(), lv=3.0, wall=2.0, rv=(3.0, 5.0)), rng)
+    entries = entries_of(read_atlas_set(tmp_path), "LGE")
+    fit = Image(soft_onehot(truth, NAMED.values), target.grid, "posterior")
+    prior, report = fit_guided_prior(fit, entries, FitGuidedSettings(workers=1), NAMED, target.grid)
+    assert list(report["dropped"]) == ["tiny LGE"] and report["kept"] == ["subject1 LGE", "subject2 LGE"]
+    assert "atlas tiny LGE left out of the prior" in caplog.text
+    assert mean_dice(np.asarray(NAMED.values)[prior.probabilities.argmax(0).numpy()], truth, target.grid) > 0.9
+    with pytest.raises(InputError, match="atlas_set: no atlas's label map could be registered to the first fit"):
+        fit_guided_prior(fit, [e for e in entries if e.subject == "tiny"], FitGuidedSettings(workers=1), NAMED,
+                         target.grid)

@@ -257,6 +257,9 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     return {"patient": target, "metrics": metrics, "native_metrics": native, "pathology": pathology,
             "seconds": seconds, "em_all_timings_s": em_all.timings, "quality": quality, "maps": maps,
             "atlas_set": [e.name for e in atlas_set] if settings.prior.startswith("multi-atlas") else None,
+            # multi-atlas-fit: which label maps the fit kept and how well each ended on it
+            "atlas_set_fit": {key: em_all.settings["atlas_set"][key] for key in ("dropped", "agreement")}
+            if guided else None,
             "image": images[0].data[0].cpu().numpy(), "truth": truth_map}
 
 
@@ -420,7 +423,8 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "metrics": result["metrics"], "native_metrics": result["native_metrics"],
                           "pathology": result["pathology"],
                           "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"],
-                          "quality": result["quality"], "atlas_set": result["atlas_set"]})
+                          "quality": result["quality"], "atlas_set": result["atlas_set"],
+                          "atlas_set_fit": result["atlas_set_fit"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
     if fold_of is not None and kinds:
