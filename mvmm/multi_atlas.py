@@ -145,9 +145,12 @@ def _one_thread() -> None:
     logging.getLogger("mvmm").setLevel(logging.WARNING)
 
 
-def worker_pool(workers: int, jobs: int) -> Optional[ProcessPoolExecutor]:
-    """Spawned worker processes (one torch thread each) for ``jobs`` jobs, or None to run in this process."""
-    if workers <= 1 or jobs <= 1:
+def worker_pool(workers: int, jobs: int, device: str) -> Optional[ProcessPoolExecutor]:
+    """Spawned worker processes (one torch thread each) for ``jobs`` jobs, or None to run in this process:
+    ``workers`` of them (0: one per available core), none on CUDA (one process drives the GPU; worker
+    processes are for CPU cores)."""
+    workers = workers or available_cores()
+    if device.startswith("cuda") or workers <= 1 or jobs <= 1:
         return None
     # spawn, not fork: a forked torch process can deadlock on the parent's thread pools
     return ProcessPoolExecutor(max_workers=min(workers, jobs), mp_context=multiprocessing.get_context("spawn"),
@@ -280,11 +283,8 @@ def multi_atlas_prior(case: Image, entries: Sequence[AtlasEntry], settings: Mult
     if labels is None:
         array, _, _ = io.read_array(entries[0].labels, ARGNAME)
         labels = LabelSet.from_values(label_values(array, entries[0].labels, ARGNAME))
-    workers = settings.workers or available_cores()
-    if device.startswith("cuda"):
-        workers = 1  # one process drives the GPU; worker processes are for CPU cores
     case = Image(case.data[:1].detach().cpu(), case.grid, case.name, case.source)
-    pool = worker_pool(workers, len(entries))
+    pool = worker_pool(settings.workers, len(entries), device)
     job_device = device if pool is None else "cpu"
     try:
         linear = run_jobs(register_linear, [(case, e, settings, labels, job_device) for e in entries], pool,
@@ -322,10 +322,11 @@ def foreground_centre(maps: Image, background_index: int) -> np.ndarray:
     return (points * weight[..., None]).reshape(-1, maps.grid.ndim).sum(0).numpy() / total
 
 
-def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSettings, labels: LabelSet, grid,
-                           device: str = "cpu") -> dict:
+def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry, settings: FitGuidedSettings,
+                           labels: LabelSet, grid, device: str = "cpu") -> dict:
     """One atlas's one-hot labels registered to a fit's posterior ``fit [K, *S]`` (SSD of probability maps,
     rigid → affine → ``settings.transform``) and resampled onto ``grid`` (linear: partial volumes stay soft).
+    ``fit_centre``: the fit's :func:`foreground_centre`, where the label map's is laid first.
 
     Returns numpy arrays ``labels [K, *grid.shape]``, ``inside [*grid.shape]`` (bool), the similarity after
     registration (minus the SSD), the Dice of its foreground and the fit's on the fit's grid (``agreement``)
@@ -337,8 +338,7 @@ def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSet
     # start with the anatomies' centres on each other: the frame placement lays the fields of view's centres on
     # each other, and neither heart need be near its centre (an uncropped scan; the fit's grid cut to the heart)
     shift = np.eye(grid.ndim + 1)
-    shift[:-1, -1] = (foreground_centre(fit, labels.background_index)
-                      - foreground_centre(onehot, labels.background_index))
+    shift[:-1, -1] = fit_centre - foreground_centre(onehot, labels.background_index)
     onehot = Image(onehot.data, onehot.grid.moved(shift), onehot.name, onehot.source)
     registration = PairwiseRegistration(fit, onehot, settings.pairwise(), device=device)
     try:
@@ -352,9 +352,9 @@ def register_labels_to_fit(fit: Image, entry: AtlasEntry, settings: FitGuidedSet
     with torch.no_grad():
         points = map_grid(registration.transform, grid, device)
         warped, inside = sample_image(onehot.data.to(device), onehot.grid, points)
-        # how well its anatomy ended on the fit's: Dice of the foregrounds on the fit's grid
-        on_fit, covered = sample_image(onehot.data.to(device), onehot.grid, map_grid(registration.transform, fit.grid,
-                                                                                     device))
+        # how well its anatomy ended on the fit's: Dice of the foregrounds on the fit's grid (usually ``grid``)
+        on_fit, covered = (warped, inside) if fit.grid.same_geometry(grid) else sample_image(
+            onehot.data.to(device), onehot.grid, map_grid(registration.transform, fit.grid, device))
         ours, theirs = (1 - on_fit[background]) * covered, 1 - fit.data[background].to(device)
         agreement = float(2 * (ours * theirs).sum() / (ours.sum() + theirs.sum()).clamp_min(1e-6))
     return {"labels": warped.cpu().numpy(), "inside": inside.cpu().numpy(), "jacobian": jacobian,
@@ -395,15 +395,13 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
         raise ValueError(f"fit: {fit.data.shape[0]} probability maps for {len(labels)} labels")
     start = time.perf_counter()
     device = str(device) if device is not None else "cpu"
-    workers = settings.workers or available_cores()
-    if device.startswith("cuda"):
-        workers = 1  # one process drives the GPU; worker processes are for CPU cores
     fit = Image(fit.data.detach().float().cpu(), fit.grid, fit.name, fit.source)
-    pool = worker_pool(workers, len(entries))
+    centre = foreground_centre(fit, labels.background_index)  # every label map starts there
+    pool = worker_pool(settings.workers, len(entries), device)
     try:
         warped = run_jobs(register_labels_to_fit,
-                          [(fit, e, settings, labels, grid, device if pool is None else "cpu") for e in entries], pool,
-                          f"atlases: {settings.transform} to the fit", progress)
+                          [(fit, centre, e, settings, labels, grid, device if pool is None else "cpu") for e in entries],
+                          pool, f"atlases: {settings.transform} to the fit", progress)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
