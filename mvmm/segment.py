@@ -587,6 +587,8 @@ def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], s
     first_seconds = sum(v for k, v in first.timings.items() if k.endswith("_s") and isinstance(v, float))
     second.timings = {**second.timings, "guide_fit_s": first_seconds, "atlas_set_s": report["seconds"],
                       "fit_guided_s": time.perf_counter() - began}
+    if "registration_split_s" in first.timings:  # the first fit's registration levels (its start search among them)
+        second.timings["guide_registration_split_s"] = first.timings["registration_split_s"]
     return second
 
 

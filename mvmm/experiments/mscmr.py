@@ -5,7 +5,9 @@ frame) from the manual labels of the *atlas patients* — the other patients of 
 ``--atlas-data`` — with mean intensity templates of their images, and placed on the target's LGE by its
 image axes and field-of-view centre; the ``template`` prior then registers its LGE template to the
 target's LGE, while the ``multi-atlas`` prior instead fuses the atlas patients' labelled LGE images
-registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``). Then:
+registered to the target (:mod:`mvmm.multi_atlas`; ``ExperimentSettings.prior``), and the default
+``multi-atlas-fit`` registers their label maps to each classical fit's posterior and fits again on
+their average. Then:
 
 - ``em-all``: the joint model on all given sequences, the atlas registered inside it;
 - ``atlas``: the atlas alone (argmax), as ``em-all`` registered it;

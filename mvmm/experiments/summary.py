@@ -118,13 +118,15 @@ def _pathology_summary(records: List[dict]) -> dict:
 
 def median_time_split(timings: Sequence[Optional[dict]]) -> Dict[str, float]:
     """Median seconds of each step over the cases that recorded them (``timings_s`` of a Segmentation;
-    ``registration_split_s`` flattened into ``registration: NAME``); steps some case lacks are left out."""
+    a split such as ``registration_split_s`` flattened into ``registration: NAME``); steps some case
+    lacks are left out."""
     values: Dict[str, List[float]] = {}
     for t in timings:
         for key, value in (t or {}).items():
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, v in items:
-                values.setdefault(key if sub is None else f"registration: {sub}", []).append(float(v))
+                name = key if sub is None else f"{key.removesuffix('_split_s')}: {sub}"
+                values.setdefault(name, []).append(float(v))
     return {k: float(np.median(v)) for k, v in values.items() if len(v) == len(timings)}
 
 
