@@ -25,10 +25,12 @@ from mvmm.core.devices import resolve_device
 from mvmm.core.errors import InputError
 from mvmm.core.settings import CARDIAC_PRESET, SEGMENTATION, RegistrationSettings
 from mvmm.data.atlas import Atlas
+from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
 from mvmm.data.subject import Subject
 from mvmm.data.template_search import fov_atlas_start
 from mvmm.joint import JointSolver, RegistrationResult
+from mvmm.multi_atlas import FitGuidedSettings
 from mvmm.mixture.model import ConvergenceWarning, MultivariateMixture
 from mvmm.postprocess import check_postprocess
 from mvmm.segment import Segmentation, check_posterior_shift, segment_subject, vote_weighted_mean
@@ -126,7 +128,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
                        device: str = "auto", progress: bool = False,
                        registration: Optional[RegistrationSettings] = None,
                        roi_margin_mm: Optional[float] = None, samples: int = 0,
-                       prior_votes: bool = SEGMENTATION.prior_votes) -> Segmentation:
+                       prior_votes: bool = SEGMENTATION.prior_votes, atlas_set: Sequence[AtlasEntry] = (),
+                       fit_guided: Optional[FitGuidedSettings] = None) -> Segmentation:
     """Segment a case by a trained network (``mvmm segment --model``), optionally refined by EM.
 
     The network predicts the atlas's velocity field and θ in one forward pass on the case's network
@@ -160,6 +163,11 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
         A ``bayes`` model with ``registration``: the registered atlas votes beside the refined model, as
         in :func:`mvmm.segment.segment_subject` (the network alone and EM with the warp fixed write the
         model's posterior; a ``vae-seg`` model's decoded prior does not vote).
+    atlas_set, fit_guided
+        A ``bayes`` model with ``registration``: labelled images of other subjects whose label maps are
+        registered to the refined fit's posterior and averaged, and the fit repeated on them, as
+        :func:`mvmm.segment.segment_subject`'s (the MS-CMRSeg experiment's ``bayes-refine`` with its
+        default prior).
 
     An ``acwe`` model is run by :func:`segment_with_acwe` (its map is the answer), a ``vae-seg`` model by
     :func:`segment_with_vae` (its decoded prior replaces the atlas).
@@ -172,6 +180,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     config, net = model.config, model.net
     if samples and config.kind != "vae-seg":
         raise InputError(f"samples: only a vae-seg model draws samples; {model.path} is a {config.kind!r} model")
+    if atlas_set and (config.kind != "bayes" or registration is None):
+        raise InputError(f"atlas_set: the atlas set follows a bayes model's refinement by registration "
+                         f"(`registration`); {model.path} is a {config.kind!r} model"
+                         + ("" if config.kind != "bayes" else " and no registration was asked for"))
     if prior_votes and (config.kind != "bayes" or registration is None):
         raise InputError(f"prior_votes: the atlas votes in a bayes model's refinement by registration "
                          f"(`registration`); {model.path} is a {config.kind!r} model"
@@ -213,11 +225,13 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
                                  background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
                                  learn_proportions=learn_proportions, device=str(torch_device), progress=progress,
                                  registration=registration, postprocess=postprocess,
-                                 atlas_start=(case.placement, svf), prior_votes=prior_votes)
+                                 atlas_start=(case.placement, svf), prior_votes=prior_votes,
+                                 atlas_set=atlas_set, fit_guided=fit_guided)
         result.settings = {**result.settings, "model": str(model.path), "refine": "registration"}
         result.timings = {"load_s": loaded - start - (started - opened), "start_s": started - opened,
                           "network_s": predicted - loaded, **result.timings}
-        result.registration.fov_search = case.fov_search  # the network's start: the solver did not search
+        # the network's start: the solver did not search (with an atlas set, the first fit's registration)
+        (result.guide or result).registration.fov_search = case.fov_search
         return result
     subject = replace(subject, transforms={**subject.transforms, "atlas": warp})
     model_em = MultivariateMixture(n_subtypes=config.n_subtypes, n_classes=len(subject.class_labels),
@@ -466,7 +480,8 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
                      postprocess: str = SEGMENTATION.postprocess, bias_correction: str = SEGMENTATION.bias_correction,
                      max_iter: int = SEGMENTATION.max_iter, tol: float = SEGMENTATION.tol,
                      prior_votes: bool = SEGMENTATION.prior_votes, device: str = "auto", seed: Optional[int] = 0,
-                     progress: bool = False) -> Segmentation:
+                     progress: bool = False, atlas_set: Sequence[AtlasEntry] = (),
+                     fit_guided: Optional[FitGuidedSettings] = None) -> Segmentation:
     """A Bayesian CNN's one-pass answer averaged with the classical fit of its atlas (``mvmm segment
     --model M --ensemble``; the MS-CMRSeg experiment's ``bayes-ensemble``, better there than either).
 
@@ -485,6 +500,10 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
         preset gives it the cardiac start search and affine weight).
     roi_margin_mm, mrf_beta, postprocess, bias_correction, max_iter, tol, prior_votes, device, seed, progress
         The fit's, as :func:`mvmm.segment.segment_subject`'s (``postprocess`` also the network's).
+    atlas_set, fit_guided
+        The fit's too: labelled images of other subjects whose label maps are registered to its posterior,
+        and the fit repeated on their average (``mvmm segment --model M --ensemble --atlas-set DIR
+        --atlas-set-guide fit``; the MS-CMRSeg experiment's ``bayes-ensemble`` with its default prior).
 
     Returns
     -------
@@ -500,7 +519,8 @@ def segment_ensemble(images: Sequence[Image], model, registration: Optional[Regi
                              mrf_beta=mrf_beta, learn_proportions=config.proportions == "learned",
                              max_iter=max_iter, tol=tol, device=device, seed=seed, progress=progress,
                              registration="default" if registration is None else registration,
-                             postprocess=postprocess, bias_correction=bias_correction, prior_votes=prior_votes)
+                             postprocess=postprocess, bias_correction=bias_correction, prior_votes=prior_votes,
+                             atlas_set=atlas_set, fit_guided=fit_guided)
     return ensemble([fitted, network])
 
 

@@ -420,14 +420,8 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
     if refine or samples or ensemble:
         flag = "refine" if refine else "samples" if samples else "ensemble"
         raise InputError(f"{flag}: `{flag}` works on a network's prediction; give `model`")
-    multi_atlas, fit_guided = None, None
-    if atlas_set is not None and atlas_set_guide == "fit":
-        if atlas_set_size is not None:
-            raise InputError("atlas_set_size: the atlases are chosen by their image similarity to the case; with "
-                             "`atlas_set_guide` fit every atlas is registered to the first fit")
-        fit_guided = FitGuidedSettings(transform=atlas_set_transform or default(FitGuidedSettings, "transform"),
-                                       workers=atlas_set_workers)
-    elif atlas_set is not None:
+    multi_atlas, fit_guided = None, _fit_guided_settings(ctx.params)
+    if atlas_set is not None and fit_guided is None:
         multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform
                                          or default(MultiAtlasSettings, "transform"), workers=atlas_set_workers)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
@@ -468,6 +462,24 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
         click.echo(f"outputs in {out}: {', '.join(sorted(p.name for p in files.values()))}")
 
 
+def _fit_guided_settings(params: dict, model: bool = False) -> Optional[FitGuidedSettings]:
+    """``segment``'s settings of an atlas set that follows the first fit (``--atlas-set-guide fit``), or
+    None without one. ``model``: with ``--model`` an atlas set can only follow the fit (the model carries
+    its atlas)."""
+    if params["atlas_set"] is None:
+        return None
+    if params["atlas_set_guide"] != "fit":
+        if model:
+            raise InputError("atlas_set_guide: the model carries its atlas, so an atlas set can only follow the "
+                             "fit (`atlas_set_guide` fit)")
+        return None
+    if params["atlas_set_size"] is not None:
+        raise InputError("atlas_set_size: the atlases are chosen by their image similarity to the case; with "
+                         "`atlas_set_guide` fit every atlas is registered to the first fit")
+    return FitGuidedSettings(transform=params["atlas_set_transform"] or default(FitGuidedSettings, "transform"),
+                             workers=params["atlas_set_workers"])
+
+
 def _registration_options(params: dict, chosen: dict) -> dict:
     """The classical fit's registration settings from ``segment``'s options (``params``: their values by
     name) and what the preset ``chosen`` for those left at their defaults."""
@@ -494,16 +506,18 @@ def _segment_ensemble(ctx, model_dir, out, quiet):
     labels, subtypes and proportions."""
     from mvmm.amortized import segment_ensemble
     from mvmm.nets.model_dir import read_config
-    from mvmm.segment import model_preset_values, read_images
+    from mvmm.segment import atlas_set_entries, model_preset_values, read_images
 
     p = ctx.params
-    fixed = _given(ctx, {"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
+    fixed = _given(ctx, {"atlas", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
                          "proportions", "masks", "reference", "pathology", "refine", "samples"})
     if fixed:
         raise InputError(f"ensemble: the model carries its atlas, labels and subtypes, and the ensemble is its "
                          f"one-pass answer; {', '.join(fixed)} cannot change them (drop them)")
-    chosen = {key: value for key, value in model_preset_values(p["preset"], read_config(model_dir).labels,
-                                                               fit=True).items()
+    config = read_config(model_dir)
+    fit_guided = _fit_guided_settings(p, model=True)  # the fit, then the atlas set's label maps on it
+    guide_entries = atlas_set_entries(p["atlas_set"], config.images[0]) if fit_guided is not None else ()
+    chosen = {key: value for key, value in model_preset_values(p["preset"], config.labels, fit=True).items()
               if not _given(ctx, {"roi_margin" if key == "roi_margin_mm" else key})}
     registration = RegistrationSettings(**{k: v for k, v in _registration_options(p, chosen).items() if v is not None})
     result = segment_ensemble(read_images(list(p["images"]), list(p["names"]) or None), model_dir,
@@ -511,7 +525,8 @@ def _segment_ensemble(ctx, model_dir, out, quiet):
                               mrf_beta=p["mrf_beta"], postprocess=chosen.get("postprocess", p["postprocess"]),
                               bias_correction=p["bias_correction"], max_iter=p["max_iter"], tol=p["tol"],
                               prior_votes=chosen.get("prior_votes", p["prior_votes"]), device=p["device"],
-                              seed=p["seed"], progress=_show_progress(quiet))
+                              seed=p["seed"], progress=_show_progress(quiet), atlas_set=guide_entries,
+                              fit_guided=fit_guided)
     result.settings["preset"] = {"name": p["preset"], "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if not quiet:
@@ -530,9 +545,9 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     cardiac for a model of cardiac labels) fills the clean-up and the refinement's settings not given."""
     from mvmm.amortized import segment_with_model
     from mvmm.nets.model_dir import read_config
-    from mvmm.segment import model_preset_values, read_images
+    from mvmm.segment import atlas_set_entries, model_preset_values, read_images
 
-    fixed = _given(ctx, {"atlas", "atlas_set", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
+    fixed = _given(ctx, {"atlas", "atlas_sigma", "labels_text", "subtypes", "background_subtypes",
                          "register_images", "template_metric", "template_transform", "atlas_search_fov",
                          "atlas_search_mm", "proportions", "masks", "reference", "images_model", "pathology",
                          "bias_correction"})
@@ -542,6 +557,11 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     # the refinement's settings only where there is a registration to use them (the atlas's vote: a
     # bayes model's atlas; a vae-seg model's decoded prior does not vote)
     config = read_config(model_dir)
+    fit_guided = _fit_guided_settings(ctx.params, model=True)  # after the refinement (bayes, --register-atlas)
+    if fit_guided is not None and not _given(ctx, {"register_atlas"}):
+        raise InputError("atlas_set: with `model` the atlas set follows the network's refinement by registration; "
+                         "give `register_atlas` (or `ensemble`)")
+    guide_entries = atlas_set_entries(ctx.params["atlas_set"], config.images[0]) if fit_guided is not None else ()
     chosen = {key: value for key, value in model_preset_values(preset, config.labels).items()
               if not _given(ctx, {"roi_margin" if key == "roi_margin_mm" else key})
               and (key == "postprocess" or _given(ctx, {"register_atlas"}))
@@ -559,7 +579,8 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
                                 progress=_show_progress(quiet), registration=registration,
                                 roi_margin_mm=roi_margin if _given(ctx, {"roi_margin"}) else
                                 chosen.get("roi_margin_mm") if registration is not None else None, samples=samples,
-                                prior_votes=chosen.get("prior_votes", ctx.params["prior_votes"]))
+                                prior_votes=chosen.get("prior_votes", ctx.params["prior_votes"]),
+                                atlas_set=guide_entries, fit_guided=fit_guided)
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if not quiet:

@@ -240,12 +240,17 @@ def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
         assert config["subjects"] == [f"patient{p}" for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
         assert summary["training"][f"fold{fold}"]["epochs"] == 2
     # a trained model on other patients: leave-one-out atlases for em-all, the model for bayes (run for the
-    # ensemble's sake, not reported)
-    given = run_mscmr(data, tmp_path / "given", ExperimentSettings(atlas_register="none", methods=["bayes-ensemble"],
+    # ensemble's sake, not reported); the default prior fits em-all and bayes-refine again on the atlas set
+    given = run_mscmr(data, tmp_path / "given", ExperimentSettings(atlas_register="none",
+                                                                     methods=["bayes-refine", "bayes-ensemble"],
                                                                      model=str(out / "models" / "fold1"), device="cpu"),
-                      patients=[2, 4], progress=False)  # fold 1's network was trained on patients 1 and 3
-    assert set(given["methods"]) == {"atlas", "em-all", "bayes-ensemble"} and given["patients"] == [2, 4]
+                      patients=[2], progress=False)  # fold 1's network was trained on patients 1 and 3
+    assert set(given["methods"]) == {"atlas", "em-all", "bayes-refine", "bayes-ensemble"} and given["patients"] == [2]
     record = json.loads((tmp_path / "given" / "patients" / "patient2.json").read_text())
+    refine_timings = record["network_timings_s"]["bayes-refine"]
+    assert {"network_s", "guide_fit_s", "atlas_set_s"} <= set(refine_timings)
+    assert "atlas_set_s" not in record["network_timings_s"]["bayes"]  # the network alone has no fit to follow
+    assert "bayes-refine" in record["quality"] and "bayes-refine" in given["low_posterior_shift"]
     assert record["fold"] is None and 0 <= record["metrics"]["bayes-ensemble"]["Myo"]["dice"] <= 1
     assert record["seconds"]["bayes-ensemble"] >= record["seconds"]["em-all"] + record["seconds"]["bayes"]
     with pytest.raises(InputError, match="ExperimentSettings.methods: bayes, vae-seg-refine need `folds`"):

@@ -363,6 +363,52 @@ def check_ensemble(runner, model, files, tmp_path):
     assert bad.exit_code != 0 and "--ensemble" in bad.output and "--model" in bad.output
 
 
+def test_a_models_refinement_and_ensemble_refit_on_an_atlas_set_that_follows_them(cohort, tmp_path):
+    """With a ``bayes`` model, the atlas set's label maps follow the fit that refined the network's warp, or the
+    ensemble's classical fit, and that fit is repeated on their average (the experiment's ``bayes-refine`` and
+    ``bayes-ensemble`` with its default prior, ``multi-atlas-fit``); the network alone has no fit to follow."""
+    import shutil
+
+    from mvmm.amortized import segment_ensemble
+    from mvmm.core.settings import RegistrationSettings
+    from mvmm.data.atlas_set import entries_of, read_atlas_set
+    from mvmm.multi_atlas import FitGuidedSettings
+
+    root, cases, table = cohort
+    model = tmp_path / "model"
+    train_bayes(subjects_from_csv(table, SEQUENCES)[:4], SEQUENCES, [root / "atlas.nii.gz"], model, TINY,
+                TrainingSettings(epochs=2, lr=3e-3), device="cpu", progress=False)
+    folder = tmp_path / "atlas-set"  # labelled LGE of other subjects, the MS-CMRSeg layout
+    folder.mkdir()
+    for seed in (20, 21, 22):
+        shutil.copy(root / f"a{seed}" / "LGE.nii.gz", folder / f"a{seed}_LGE.nii.gz")
+        shutil.copy(root / f"a{seed}" / "LGE_truth.nii.gz", folder / f"a{seed}_LGE_manual.nii.gz")
+    entries = entries_of(read_atlas_set(folder), "LGE")
+    images = [Image.read(cases[15][s], s) for s in SEQUENCES]
+    guided = FitGuidedSettings(workers=1)
+    refined = segment_with_model(images, model, registration=RegistrationSettings(atlas="affine"), device="cpu",
+                                 atlas_set=entries, fit_guided=guided)
+    assert refined.guide is not None and refined.guide.registration.history  # the refinement it followed
+    assert refined.subject.atlas.source.startswith("multi-atlas") and "network_s" in refined.timings
+    assert refined.settings["atlas_set"]["atlases"] == [e.name for e in entries]
+    result = segment_ensemble(images, model, device="cpu", atlas_set=entries, fit_guided=guided)
+    fit, network = result.members
+    assert fit.guide is not None and fit.settings["atlas_set"]["guide"] == "fit" and network.guide is None
+    assert torch.allclose(result.posterior, (fit.posterior + network.posterior) / 2)
+    with pytest.raises(InputError, match="^atlas_set: .*no registration"):
+        segment_with_model(images, model, device="cpu", atlas_set=entries)
+    runner = CliRunner()
+    args = ["segment", "--images", str(cases[15]["LGE"]), str(cases[15]["C0"]), "--model", str(model),
+            "--atlas-set", str(folder), "--atlas-set-workers", "1", "--device", "cpu", "-q"]
+    done = runner.invoke(main, args + ["--atlas-set-guide", "fit", "--ensemble", "--out", str(tmp_path / "ens")])
+    assert done.exit_code == 0, done.output
+    fit_settings, _ = json.loads((tmp_path / "ens" / "report.json").read_text())["settings"]["ensemble"]
+    assert fit_settings["atlas_set"]["atlases"] == [e.name for e in entries]
+    for extra, flag in ((["--ensemble"], "--atlas-set-guide"), (["--atlas-set-guide", "fit"], "--register-atlas")):
+        bad = runner.invoke(main, args + extra + ["--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 1 and flag in bad.output and "Traceback" not in bad.output, bad.output
+
+
 def test_3d_network_runs_one_step(tmp_path):
     """The same code in 3D (a short-axis stack): one forward/backward pass on a small grid."""
     phantom = make_phantom(seed=4)

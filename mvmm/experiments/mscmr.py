@@ -15,7 +15,8 @@ their average. Then:
 - ``gmm``: the plain mixture (no atlas) on all sequences, one Gaussian per class; clusters are named
   one-to-one by the best Dice with the registered atlas (so no label of the target names them);
 - ``bayes``, ``bayes-refine``: the Bayesian segmentation CNN (:mod:`mvmm.nets.bayes`) alone, and
-  followed by ``em-all``'s registration levels and EM from the network's warp; from a given model,
+  followed by ``em-all``'s registration levels and EM from the network's warp (with ``multi-atlas-fit``
+  fitted again on the atlas set's labels registered to it, as ``em-all``); from a given model,
   or with ``folds`` a network trained per fold on the other folds' images (and every method of the
   fold then uses the other folds' atlas); ``bayes-ensemble``, the mean of ``bayes``'s and ``em-all``'s
   posteriors weighted by their voters (``em-all``'s atlas votes with ``prior_votes``;
@@ -239,13 +240,18 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
             # files to labels: the images are read again, as `mvmm segment --model` would
             start = time.perf_counter()
             case = [Image.read(files.images[s], s) for s in model.config.images]
+            # bayes-refine is a classical fit too (from the network's warp): multi-atlas-fit fits it again; the
+            # vae-seg methods keep their decoded prior (the atlas patients' labels would replace it)
             result = segment_with_model(case, model, mrf_beta=settings.mrf_beta, learn_proportions=learn,
                                         postprocess=settings.postprocess, device=settings.device,
                                         registration=refinement, roi_margin_mm=roi if refinement else None,
-                                        prior_votes=settings.prior_votes and method == "bayes-refine")
+                                        prior_votes=settings.prior_votes and method == "bayes-refine",
+                                        atlas_set=guided if method == "bayes-refine" else ())
             maps[method] = result.label_map()
             seconds[method] = time.perf_counter() - start
             network_results[method] = result
+            if refinement is not None:  # a fit from the network's start: its own check, as em-all's
+                quality[method] = result.quality()
     if "bayes-ensemble" in settings.methods:
         start = time.perf_counter()
         # em-all first: the mean's map is cleaned up exactly as em-all's is
@@ -258,6 +264,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
     metrics = {m: evaluate_labels(maps[m], truth_map, spacing, placed.labels) for m in settings.methods}
     return {"patient": target, "metrics": metrics, "native_metrics": native, "pathology": pathology,
             "seconds": seconds, "em_all_timings_s": em_all.timings, "quality": quality, "maps": maps,
+            "network_timings_s": {m: r.timings for m, r in network_results.items()},
             "atlas_set": [e.name for e in atlas_set] if settings.prior.startswith("multi-atlas") else None,
             # multi-atlas-fit: which label maps the fit kept and how well each ended on it
             "atlas_set_fit": {key: em_all.settings["atlas_set"][key] for key in ("dropped", "agreement")}
@@ -425,7 +432,7 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "metrics": result["metrics"], "native_metrics": result["native_metrics"],
                           "pathology": result["pathology"],
                           "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"],
-                          "quality": result["quality"], "atlas_set": result["atlas_set"],
+                          "network_timings_s": result["network_timings_s"], "quality": result["quality"], "atlas_set": result["atlas_set"],
                           "atlas_set_fit": result["atlas_set_fit"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
