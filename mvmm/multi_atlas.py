@@ -26,10 +26,10 @@ maps L_i (an atlas set, :mod:`mvmm.data.atlas_set`):
 **Guided by a first fit** (:func:`fit_guided_prior`, ``mvmm segment --atlas-set-guide fit``): between patients
 the images differ more than the anatomy (scar, nulling, coil shading), so instead of the images, each atlas's
 one-hot label map, its anatomy's centre laid on the fit's, is registered to the posterior of a first fit of
-the case with a probabilistic atlas — probability maps on both sides, their mean squared difference (SSD) as the similarity, rigid → affine → FFD —
-and the warped labels are averaged (equal votes where they cover a voxel) and smoothed as in step 5. The
-prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then fitted
-again on it (:func:`mvmm.segment.refit_with_atlas_set`).
+the case with a probabilistic atlas — probability maps on both sides, their mean squared difference (SSD) as
+the similarity, rigid → affine → FFD — and the warped labels are averaged (equal votes where they cover a
+voxel) and smoothed as in step 5. The prior so made has the atlases' real shapes where the first fit put the
+anatomy; the model is then fitted again on it (:func:`mvmm.segment.refit_with_atlas_set`).
 
 The registrations are independent: they run in worker processes (one torch thread each; by default
 one per available core). A script that calls this with more than one worker needs the usual
@@ -61,6 +61,7 @@ from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values
 from mvmm.register import PairwiseRegistration
+from mvmm.spatial.init import weighted_centre
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
 from mvmm.spatial.transforms import map_grid
 from mvmm.spatial.warp import sample_image
@@ -315,11 +316,9 @@ def foreground_centre(maps: Image, background_index: int) -> np.ndarray:
     """World position (mm) of the centre of mass of ``maps``' foreground (one minus the background channel of
     probability or one-hot maps ``[K, *S]``), shape ``(ndim,)``."""
     weight = (1 - maps.data[background_index].double()).clamp_min(0)
-    total = float(weight.sum())
-    if total <= 0:
+    if float(weight.sum()) <= 0:
         raise InputError(f"{ARGNAME}: {maps.source} has no foreground (only background)")
-    points = maps.grid.world_points(dtype=torch.float64)
-    return (points * weight[..., None]).reshape(-1, maps.grid.ndim).sum(0).numpy() / total
+    return weighted_centre(weight, maps.grid)
 
 
 def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry, settings: FitGuidedSettings,

@@ -22,15 +22,21 @@ from mvmm.spatial.transforms import AffineTransform, LinearTransform, RigidTrans
 LINEAR_KINDS = {"translation": TranslationTransform, "rigid": RigidTransform, "affine": AffineTransform}
 
 
+def weighted_centre(weights: torch.Tensor, grid: Grid) -> np.ndarray:
+    """World position (mm) of the mean of ``grid``'s voxels weighted by ``weights [*grid.shape]`` (float64,
+    non-negative, with a positive sum), shape ``(ndim,)``."""
+    total = float(weights.sum())
+    points = grid.world_points(device=weights.device, dtype=torch.float64)
+    return ((points * weights.unsqueeze(-1)).reshape(-1, grid.ndim).sum(0) / total).cpu().numpy()
+
+
 def center_of_mass(data: torch.Tensor, grid: Grid) -> np.ndarray:
     """Intensity-weighted centre (mm) of an image ``[C, *grid.shape]`` (channel 0), shape ``(ndim,)``."""
     weights = data[0].detach().double()
     weights = weights - weights.min()
-    total = float(weights.sum())
-    if total <= 0:
+    if float(weights.sum()) <= 0:
         return grid.center_world()
-    points = grid.world_points(device=weights.device, dtype=torch.float64)
-    return ((points * weights.unsqueeze(-1)).reshape(-1, grid.ndim).sum(0) / total).cpu().numpy()
+    return weighted_centre(weights, grid)
 
 
 def initial_linear_transform(kind: str, fixed_grid: Grid, moving_grid: Grid, method: str = "geometry",
