@@ -17,7 +17,11 @@ folds' patients and segment the fold's. Methods (``--methods``):
   :func:`mvmm.experiments.mscmr.network_refinement`), and ``--samples`` latent samples whose entropy is
   scored as a detector of the wrong voxels (area under the ROC curve, within 10 mm of the manual or
   predicted heart) for the network's map and for the registered one (its samples moved with it). Every row is cleaned up as ``mvmm segment --model`` does for cardiac labels
-  (its preset: ``cardiac``, and the 5 mm region for the registration).
+  (its preset: ``cardiac``, and the 5 mm region for the registration). With ``--atlas-set DIR``
+  (``--atlas-set-labels`` naming its values), ``-register-set`` rows too: the registered fit's posterior
+  guides the set's label maps, and the fit is repeated on their average (``mvmm segment --model M
+  --register-atlas affine --atlas-set DIR --atlas-set-guide fit``); with ACDC's folder and ``vae-acdc``
+  still no MS-CMRSeg label is used. Subjects named as a test patient (``patientN``) are left out of the set.
 
 Every figure is the mean over the patients; seconds per case are files to labels. Labels of test
 patients are read for scoring only.
@@ -26,6 +30,8 @@ patients are read for scoring only.
         --methods acwe-c0 acwe-lge acwe-semi [--epochs 100] [--atlases runs/cv5b/atlases] [--json out.json]
     python benchmarks/amortized_mscmr.py --data ../shared/data/mscmr --out runs/amortized \
         --methods vae-acdc vae-folds --acdc ../shared/data/acdc [--em-all runs/cv5b]
+    python benchmarks/amortized_mscmr.py --data ../shared/data/mscmr --out runs/amortized --methods vae-acdc \
+        --acdc ../shared/data/acdc --atlas-set ../shared/data/acdc --atlas-set-labels RV=1,Myo=2,LV=3
 """
 
 from __future__ import annotations
@@ -164,6 +170,8 @@ def main():
     parser.add_argument("--refine", type=int, default=20, help="EM iterations of the -refine rows")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--em-all", type=Path, help="an experiment folder (same folds) whose em-all Dice to show beside")
+    parser.add_argument("--atlas-set", type=Path, help="labelled images (folder or CSV) for the -register-set rows")
+    parser.add_argument("--atlas-set-labels", help="their label values named by tissue, e.g. RV=1,Myo=2,LV=3")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu")
@@ -171,7 +179,7 @@ def main():
     from mvmm.core.settings import AcweNetSettings, ExperimentSettings, TrainingSettings
     from mvmm.data.image import Image
     from mvmm.experiments.mscmr import network_refinement
-    from mvmm.segment import model_preset_values
+    from mvmm.segment import atlas_set_entries, model_preset_values
     from mvmm.data.manifest import Manifest, parse_patients, scan
     from mvmm.nets.data import SubjectRow
     from mvmm.nets.model_dir import WEIGHTS, load_model
@@ -208,6 +216,11 @@ def main():
             variants = {"": {"samples": args.samples}, "-refine": {"refine": args.refine},
                         "-register": {"registration": network_refinement(ExperimentSettings()),
                                       "roi_margin_mm": preset["roi_margin_mm"], "samples": args.samples}}
+            if args.atlas_set:
+                tested = {f"patient{p}" for p in test}
+                entries = [e for e in atlas_set_entries(args.atlas_set, "LGE", args.atlas_set_labels, labels_only=True)
+                           if e.subject not in tested]
+                variants["-register-set"] = {**variants["-register"], "samples": 0, "atlas_set": entries}
             for p in test:
                 truth = Image.read(files[p].labels["LGE"], "truth").data[0].numpy().round().astype(np.int64)
                 spacing = tuple(reversed(Image.read(files[p].images["LGE"], "LGE").grid.spacing))

@@ -164,10 +164,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
         in :func:`mvmm.segment.segment_subject` (the network alone and EM with the warp fixed write the
         model's posterior; a ``vae-seg`` model's decoded prior does not vote).
     atlas_set, fit_guided
-        A ``bayes`` model with ``registration``: labelled images of other subjects whose label maps are
-        registered to the refined fit's posterior and averaged, and the fit repeated on them, as
+        A ``bayes`` or ``vae-seg`` model with ``registration``: labelled images of other subjects whose label
+        maps are registered to the refined fit's posterior and averaged, and the fit repeated on them, as
         :func:`mvmm.segment.segment_subject`'s (the MS-CMRSeg experiment's ``bayes-refine`` with its
-        default prior).
+        default prior; for a ``vae-seg`` model, :func:`segment_with_vae`).
 
     An ``acwe`` model is run by :func:`segment_with_acwe` (its map is the answer), a ``vae-seg`` model by
     :func:`segment_with_vae` (its decoded prior replaces the atlas).
@@ -180,10 +180,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     config, net = model.config, model.net
     if samples and config.kind != "vae-seg":
         raise InputError(f"samples: only a vae-seg model draws samples; {model.path} is a {config.kind!r} model")
-    if atlas_set and (config.kind != "bayes" or registration is None):
-        raise InputError(f"atlas_set: the atlas set follows a bayes model's refinement by registration "
+    if atlas_set and (config.kind not in ("bayes", "vae-seg") or registration is None):
+        raise InputError(f"atlas_set: the atlas set follows a bayes or vae-seg model's refinement by registration "
                          f"(`registration`); {model.path} is a {config.kind!r} model"
-                         + ("" if config.kind != "bayes" else " and no registration was asked for"))
+                         + ("" if config.kind not in ("bayes", "vae-seg") else " and no registration was asked for"))
     if prior_votes and (config.kind != "bayes" or registration is None):
         raise InputError(f"prior_votes: the atlas votes in a bayes model's refinement by registration "
                          f"(`registration`); {model.path} is a {config.kind!r} model"
@@ -197,7 +197,8 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     if config.kind == "vae-seg":  # the atlas is replaced by the decoded prior (mvmm.amortized)
         return segment_with_vae(images, model, refine=refine, samples=samples, mrf_beta=mrf_beta,
                                 postprocess=postprocess, device=device, progress=progress,
-                                registration=registration, roi_margin_mm=roi_margin_mm)
+                                registration=registration, roi_margin_mm=roi_margin_mm, atlas_set=atlas_set,
+                                fit_guided=fit_guided)
 
     config.require("bayes", model.path)
     ordered = ordered_images(images, config, model.path)
@@ -322,7 +323,8 @@ def segment_with_acwe(images: Sequence[Image], model, refine: int = 0, mrf_beta:
 def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: int = 0, mrf_beta: float = 0.0,
                      postprocess: str = "none", device: str = "auto", progress: bool = False,
                      seed: int = 0, registration: Optional[RegistrationSettings] = None,
-                     roi_margin_mm: Optional[float] = None) -> Segmentation:
+                     roi_margin_mm: Optional[float] = None, atlas_set: Sequence[AtlasEntry] = (),
+                     fit_guided: Optional[FitGuidedSettings] = None) -> Segmentation:
     """Segment a case by a trained prior-VAE segmentation network (:mod:`mvmm.nets.vae_seg`).
 
     The encoder's mean code gives the prior (decoded) and θ (EM under it, in the network); the
@@ -349,6 +351,12 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         (``refine`` is not used).
     roi_margin_mm : float, optional
         With ``registration``: the region of interest (default: the model's ``roi_margin_mm``).
+    atlas_set, fit_guided
+        With ``registration``: labelled images of other subjects — of another data set too, e.g. ACDC's label
+        maps (their values named by the entries' ``label_names``), so that no label of the case's data set is
+        used — whose label maps are registered to the refined fit's posterior and averaged, and the fit
+        repeated on that prior as on an atlas (it votes, the proportions are learned), as
+        :func:`mvmm.segment.segment_subject`'s. Not with ``samples`` (they describe the decoded prior's fit).
     """
     from mvmm.mixture.functional import log_joint, log_posteriors
     from mvmm.nets.data import prepare_case, stack_cases
@@ -363,6 +371,10 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         raise InputError("refine: with register_atlas the decoded prior moves and EM runs to convergence; "
                          "`refine` (EM with the prior fixed where the network put it) is the other refinement; "
                          "give one")
+    if atlas_set and (registration is None or samples):
+        raise InputError("atlas_set: the atlas set follows the decoded prior's refinement by registration "
+                         + ("(`registration`)" if registration is None else "and replaces the fit the samples "
+                            "describe; give `samples` 0"))
     ordered = ordered_images(images, config, model.path)
     check_postprocess(postprocess, config.labels)
     case = prepare_case(Subject(ordered), config.network, torch_device, require_atlas=False)
@@ -390,7 +402,11 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                                  subtypes=config.network.subtypes,
                                  background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
                                  learn_proportions=False, device=str(torch_device), progress=progress,
-                                 registration=registration, postprocess=postprocess)
+                                 registration=registration, postprocess=postprocess, atlas_set=atlas_set,
+                                 fit_guided=fit_guided,
+                                 # the atlas set's prior is fitted as an atlas is (chosen on the development fold:
+                                 # docs/mscmr.md, "The ACDC prior and ACDC's label maps")
+                                 guided_fit_options={"learn_proportions": True, "prior_votes": True})
         refined = time.perf_counter()
         if drawn:
             result.extra_maps.update(registered_sample_maps(result, [d.log_prior[0].exp() for d in drawn],

@@ -132,7 +132,8 @@ PARAMETER_FLAGS = {
     "GroupwiseSettings.sigma_mm": "--sigma", "ExperimentSettings.roi_margin_mm": "--roi-margin",
     "MultiAtlasSettings.size": "--atlas-set-size", "MultiAtlasSettings.transform": "--atlas-set-transform",
     "MultiAtlasSettings.workers": "--atlas-set-workers", "FitGuidedSettings.transform": "--atlas-set-transform",
-    "FitGuidedSettings.workers": "--atlas-set-workers", "atlas_set_size": "--atlas-set-size", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
+    "FitGuidedSettings.workers": "--atlas-set-workers", "atlas_set_size": "--atlas-set-size",
+    "atlas_set_labels": "--atlas-set-labels", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
     "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
     "RegistrationSettings.images_model": "--images-model",
     "BayesNetSettings.grid_size": "--grid-size", "BayesNetSettings.subtypes": "--subtypes",
@@ -264,6 +265,10 @@ def main():
                    f"{default(FitGuidedSettings, 'transform')}.")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
+@click.option("--atlas-set-labels", metavar="NAME=VALUE,...",
+              help="The atlas set's label values named by tissue when they are not the case's, e.g. RV=1,Myo=2,LV=3 "
+                   "for ACDC's label maps (matched to the atlas's classes by name). With --atlas-set-guide fit, a set "
+                   "without the reference's sequence (another data set's) gives all its label maps.")
 @click.option("--labels", "labels_text", metavar="NAME=VALUE,...",
               help="Tissue names and label values, e.g. bg=0,Myo=200,LV=500,RV=600 (checked against the atlas).")
 @click.option("--atlas-sigma", type=NON_NEGATIVE, default=DEFAULT_SIGMA_MM, show_default=True,
@@ -392,7 +397,7 @@ def main():
 @click.pass_context
 @common_options
 def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_guide, atlas_set_size,
-            atlas_set_transform, atlas_set_workers, labels_text,
+            atlas_set_transform, atlas_set_workers, atlas_set_labels, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
@@ -412,6 +417,8 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
+    if atlas_set_labels is not None and atlas_set is None:
+        raise InputError("atlas_set_labels: it names the atlas set's label values; give `atlas_set`")
     if model_dir is not None and ensemble:
         return _segment_ensemble(ctx, model_dir, out, quiet)
     if model_dir is not None:
@@ -428,8 +435,9 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin,
                            atlas_set=atlas_set if multi_atlas is not None else None, multi_atlas=multi_atlas,
-                           device=device, progress=_show_progress(quiet))
-    guide_entries = atlas_set_entries(atlas_set, subject.reference) if fit_guided is not None else ()
+                           device=device, progress=_show_progress(quiet), atlas_set_labels=atlas_set_labels)
+    guide_entries = (atlas_set_entries(atlas_set, subject.reference, atlas_set_labels, labels_only=True)
+                     if fit_guided is not None else ())
     # the preset fills what was not given explicitly
     chosen = {key: value for key, value in preset_values(preset, subject, pathology).items()
               if ctx.get_parameter_source("roi_margin" if key == "roi_margin_mm" else key) == ParameterSource.DEFAULT}
@@ -516,7 +524,8 @@ def _segment_ensemble(ctx, model_dir, out, quiet):
                          f"one-pass answer; {', '.join(fixed)} cannot change them (drop them)")
     config = read_config(model_dir)
     fit_guided = _fit_guided_settings(p, model=True)  # the fit, then the atlas set's label maps on it
-    guide_entries = atlas_set_entries(p["atlas_set"], config.images[0]) if fit_guided is not None else ()
+    guide_entries = (atlas_set_entries(p["atlas_set"], config.images[0], p["atlas_set_labels"], labels_only=True)
+                     if fit_guided is not None else ())
     chosen = {key: value for key, value in model_preset_values(p["preset"], config.labels, fit=True).items()
               if not _given(ctx, {"roi_margin" if key == "roi_margin_mm" else key})}
     registration = RegistrationSettings(**{k: v for k, v in _registration_options(p, chosen).items() if v is not None})
@@ -561,7 +570,8 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     if fit_guided is not None and not _given(ctx, {"register_atlas"}):
         raise InputError("atlas_set: with `model` the atlas set follows the network's refinement by registration; "
                          "give `register_atlas` (or `ensemble`)")
-    guide_entries = atlas_set_entries(ctx.params["atlas_set"], config.images[0]) if fit_guided is not None else ()
+    guide_entries = (atlas_set_entries(ctx.params["atlas_set"], config.images[0], ctx.params["atlas_set_labels"],
+                                       labels_only=True) if fit_guided is not None else ())
     chosen = {key: value for key, value in model_preset_values(preset, config.labels).items()
               if not _given(ctx, {"roi_margin" if key == "roi_margin_mm" else key})
               and (key == "postprocess" or _given(ctx, {"register_atlas"}))

@@ -59,7 +59,7 @@ from mvmm.data.anatomy import frame_placement
 from mvmm.data.atlas import Atlas
 from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
-from mvmm.data.labels import LabelSet, label_values
+from mvmm.data.labels import LabelSet, label_values, one_hot, parse_label_names
 from mvmm.register import PairwiseRegistration
 from mvmm.spatial.init import weighted_centre
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
@@ -77,16 +77,24 @@ MIN_FIT_AGREEMENT = 0.5
 
 
 def read_labels(entry: AtlasEntry, case_grid, labels: LabelSet, image_grid=None) -> Image:
-    """An atlas's one-hot labels ``[K, *S]``, laid on ``case_grid`` by :func:`mvmm.data.anatomy.frame_placement`;
-    ``image_grid``: its image's grid, which the label map must share."""
+    """An atlas's one-hot labels ``[K, *S]`` (its values, or those its ``label_names`` names, as ``labels``' classes),
+    laid on ``case_grid`` by :func:`mvmm.data.anatomy.frame_placement`; ``image_grid``: its image's grid, which the
+    label map must share."""
     array, grid, _ = io.read_array(entry.labels, ARGNAME)
     if image_grid is not None and (not grid.same_geometry(image_grid) or array.shape != tuple(image_grid.shape)):
         raise InputError(f"{ARGNAME}: label map {entry.labels} is not on the grid of its image {entry.image}")
     if grid.ndim != case_grid.ndim:
         raise InputError(f"{ARGNAME}: {entry.labels} is {grid.ndim}D but the case is {case_grid.ndim}D")
-    labels.check_values(sorted(label_values(array, entry.labels, ARGNAME)), entry.labels, ARGNAME)
-    onehot = torch.from_numpy(np.stack([(array == v) for v in labels.values]).astype(np.float32))
+    onehot = torch.from_numpy(one_hot(array, labels, entry.labels, ARGNAME, entry.label_names, "atlas_set_labels"))
     return Image(onehot, grid.moved(frame_placement(grid, case_grid)), f"{entry.name} labels", str(entry.labels))
+
+
+def check_label_maps(entries: Sequence[AtlasEntry], labels: LabelSet) -> None:
+    """InputError now, before any fit, for a label map of ``entries`` whose values are not ``labels``' (or not
+    those its ``label_names`` names): the registrations that read them come after a first fit."""
+    for entry in entries:
+        array, _, _ = io.read_array(entry.labels, ARGNAME)
+        one_hot(array, labels, entry.labels, ARGNAME, entry.label_names, "atlas_set_labels")
 
 
 def read_atlas(entry: AtlasEntry, case_grid, labels: LabelSet) -> Tuple[Image, Image]:
@@ -281,9 +289,12 @@ def multi_atlas_prior(case: Image, entries: Sequence[AtlasEntry], settings: Mult
         raise InputError(f"{ARGNAME}: no atlas to register")
     start = time.perf_counter()
     device = str(device) if device is not None else "cpu"
-    if labels is None:
-        array, _, _ = io.read_array(entries[0].labels, ARGNAME)
-        labels = LabelSet.from_values(label_values(array, entries[0].labels, ARGNAME))
+    if labels is None:  # the classes the first label map holds (named, if its values are)
+        if entries[0].label_names:
+            labels = parse_label_names(entries[0].label_names, "atlas_set_labels")[0]
+        else:
+            array, _, _ = io.read_array(entries[0].labels, ARGNAME)
+            labels = LabelSet.from_values(label_values(array, entries[0].labels, ARGNAME))
     case = Image(case.data[:1].detach().cpu(), case.grid, case.name, case.source)
     pool = worker_pool(settings.workers, len(entries), device)
     job_device = device if pool is None else "cpu"

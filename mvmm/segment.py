@@ -26,7 +26,7 @@ from mvmm.core.settings import (CARDIAC_MIN_POSTERIOR_SHIFT, CARDIAC_PRESET, CAR
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
-from mvmm.data.atlas_set import AtlasEntry, entries_of, read_atlas_set
+from mvmm.data.atlas_set import AtlasEntry, entries_of, label_maps_of, read_atlas_set
 from mvmm.data.bias import bias_corrected
 from mvmm.data.image import Image
 from mvmm.data.labels import CARDIAC_LABELS, PATHOLOGY_LABELS, LabelSet
@@ -37,7 +37,8 @@ from mvmm.joint import JointSolver, RegistrationResult, RegistrationSettings, de
 from mvmm.mixture.functional import most_probable_class
 from mvmm.mixture.model import MultivariateMixture
 from mvmm.mixture.subtypes import parse_subtype_names, parse_subtypes
-from mvmm.multi_atlas import FitGuidedSettings, MultiAtlasSettings, fit_guided_prior, multi_atlas_prior
+from mvmm.multi_atlas import (FitGuidedSettings, MultiAtlasSettings, check_label_maps, fit_guided_prior,
+                               multi_atlas_prior)
 from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
 from mvmm.report import convergence_figure, overview_figure, pathology_figure
@@ -69,10 +70,14 @@ def read_images(images: Sequence[Union[str, Path]], names: Optional[Sequence[str
     return [Image.read(p, n) for p, n in zip(images, names)]
 
 
-def atlas_set_entries(atlas_set, reference: str) -> list:
+def atlas_set_entries(atlas_set, reference: str, label_names: Optional[str] = None, labels_only: bool = False) -> list:
     """The entries of the atlas set ``atlas_set`` (a folder or CSV, :mod:`mvmm.data.atlas_set`) of the
-    reference image's sequence (matched by name)."""
-    return entries_of(read_atlas_set(atlas_set), reference)
+    reference image's sequence (matched by name). ``label_names``: their label values named by tissue
+    (``"RV=1,Myo=2,LV=3"``, when not the case's). ``labels_only``: for a fit-guided prior, which reads only the
+    label maps — a set without the reference's sequence (another data set's) gives all its entries
+    (:func:`mvmm.data.atlas_set.label_maps_of`)."""
+    entries = read_atlas_set(atlas_set, label_names=label_names)
+    return label_maps_of(entries, reference) if labels_only else entries_of(entries, reference)
 
 
 def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[str]] = None,
@@ -80,7 +85,7 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
                  masks: Optional[Mapping[str, str]] = None, reference: Optional[str] = None,
                  atlas_sigma: float = DEFAULT_SIGMA_MM, roi_margin_mm: Optional[float] = None,
                  atlas_set=None, multi_atlas: Optional[MultiAtlasSettings] = None, device: str = "auto",
-                 progress: bool = False) -> Subject:
+                 progress: bool = False, atlas_set_labels: Optional[str] = None) -> Subject:
     """Read a case from files and check it.
 
     Parameters
@@ -109,6 +114,8 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
         How (default: :class:`MultiAtlasSettings`' defaults).
     device, progress
         Where the multi-atlas registrations run; progress bars.
+    atlas_set_labels : str, optional
+        The atlas set's label values named by tissue (``"RV=1,Myo=2,LV=3"``) when they are not ``labels``'.
     """
     loaded = read_images(images, names)
     names = [im.name for im in loaded]
@@ -122,7 +129,7 @@ def load_subject(images: Sequence[Union[str, Path]], names: Optional[Sequence[st
     if atlas_set is not None:
         if atlas:
             raise InputError(f"atlas_set: give `atlas` or `atlas_set`, not both (atlas {list(atlas)})")
-        entries = atlas_set_entries(atlas_set, reference_image.name)
+        entries = atlas_set_entries(atlas_set, reference_image.name, atlas_set_labels)
         reference_image.check_intensities()
         atlas_obj, _ = multi_atlas_prior(reference_image, entries, multi_atlas or MultiAtlasSettings(), labels,
                                          resolve_device(device), progress)
@@ -474,7 +481,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None,
                     pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction,
                     prior_votes: bool = SEGMENTATION.prior_votes, atlas_set: Sequence[AtlasEntry] = (),
-                    fit_guided: Optional[FitGuidedSettings] = None) -> Segmentation:
+                    fit_guided: Optional[FitGuidedSettings] = None,
+                    guided_fit_options: Optional[Mapping] = None) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -521,6 +529,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         is the first fit). Empty: the fit is the answer.
     fit_guided : FitGuidedSettings, optional
         How the atlas set is registered and fused (default: its defaults).
+    guided_fit_options : mapping, optional
+        Options of this function that differ in the fit on the atlas set's prior (``learn_proportions``,
+        ``prior_votes``): a ``vae-seg`` model's first fit keeps its decoded prior's proportions and does not let
+        it vote, the fit on the atlas set's prior does both, as on an atlas (:func:`mvmm.amortized.segment_with_vae`).
 
     A cardiac fit whose images moved its posterior too little from the atlas most likely lost the heart
     (:meth:`Segmentation.quality`). When the atlas's start was searched (:func:`start_was_searched`:
@@ -533,6 +545,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         if registration != "default":
             raise InputError(f"registration: expected RegistrationSettings, 'default' or None, got {registration!r}")
         registration = default_registration(subject)
+    if atlas_set and subject.atlas is not None:
+        check_label_maps(atlas_set, subject.atlas.labels)  # an error now, not after the first fit
     options = dict(subtypes=subtypes, background_subtypes=background_subtypes, mrf_beta=mrf_beta,
                    learn_proportions=learn_proportions, max_iter=max_iter, tol=tol, var_floor=var_floor, device=device,
                    seed=seed, progress=progress, postprocess=postprocess, atlas_start=atlas_start, pathology=pathology,
@@ -555,7 +569,11 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         result.timings["retry_s"] = seconds[dropped]  # the fit not kept
     check_posterior_shift(result)
     if atlas_set:
-        result = refit_with_atlas_set(result, atlas_set, fit_guided or FitGuidedSettings(), options)
+        unknown = sorted(set(guided_fit_options or {}) - {"learn_proportions", "prior_votes"})
+        if unknown:
+            raise ValueError(f"guided_fit_options: only learn_proportions and prior_votes, got {unknown}")
+        result = refit_with_atlas_set(result, atlas_set, fit_guided or FitGuidedSettings(),
+                                      {**options, **(guided_fit_options or {})})
     return result
 
 

@@ -433,3 +433,63 @@ def test_averaged_posterior_is_the_mean_of_fits_on_one_grid():
         averaged_posterior([weak, fit([[[0.1, 0.3]], [[0.9, 0.7]]], on=shifted)])
     with pytest.raises(InputError, match="^results: the fits' labels differ"):
         averaged_posterior([weak, fit([[[0.1, 0.3]], [[0.9, 0.7]]], named=LabelSet(("BG", "LV"), (0, 500)))])
+
+
+def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_path):
+    """``registration`` and an atlas set: label maps of another data set (here valued and named as ACDC's:
+    ``_gt``, 1 RV / 2 Myo / 3 LV) follow the registered decoded prior's fit, and the fit is repeated on their
+    average as on an atlas (it votes, the proportions are learned); the decoded prior's fit does neither."""
+    from mvmm.data import io
+    from mvmm.data.atlas_set import label_maps_of, read_atlas_set
+    from mvmm.joint import RegistrationSettings
+    from mvmm.metrics import evaluate_labels
+    from mvmm.multi_atlas import FitGuidedSettings
+
+    root, cases, _ = cohort
+    out = tmp_path / "m"
+    train_vae_seg(rows_of(cases, range(30, 34)), SEQUENCES, prior_dir, out, TINY_VAE,
+                  TrainingSettings(epochs=1, lr=3e-3), device="cpu", progress=False)
+    folder = tmp_path / "acdc-like"
+    folder.mkdir()
+    for seed in (30, 31, 32):
+        array, grid, _ = io.read_array(cases[seed]["LGE_truth"], "labels")
+        acdc = np.select([array == 600, array == 200, array == 500], [1, 2, 3], 0).astype(np.int16)
+        io.write_array(folder / f"s{seed}_frame01_gt.nii.gz", acdc, grid)
+        io.write_array(folder / f"s{seed}_frame01.nii.gz", np.zeros_like(array, dtype=np.float32), grid)
+    entries = label_maps_of(read_atlas_set(folder, label_names="RV=1,Myo=2,LV=3"), "LGE")
+    images = read_case(cases, 36)
+    registration = RegistrationSettings(atlas="affine", images_init="header", template_metric="none")
+    refit = segment_with_model(images, out, device="cpu", registration=registration, roi_margin_mm=10.0,
+                               atlas_set=entries, fit_guided=FitGuidedSettings(workers=1))
+    assert refit.guide is not None and refit.subject.atlas.source.startswith("multi-atlas (3 label maps")
+    assert refit.settings["kind"] == "vae-seg" and refit.settings["atlas_set"]["atlases"] == [e.name for e in entries]
+    assert (refit.guide.settings["learn_proportions"], refit.guide.settings["prior_votes"]) == (False, False)
+    assert (refit.settings["learn_proportions"], refit.settings["prior_votes"]) == (True, True)
+    first = refit.guide  # the registered decoded prior's fit
+    assert first.subject.atlas.source.endswith("(decoded prior)")
+    truth = Image.read(cases[36]["LGE_truth"], "truth").data[0].numpy().round().astype(np.int64)
+    spacing = tuple(reversed(images[0].grid.spacing))
+
+    def dice(result):
+        scores = evaluate_labels(result.label_map(), truth, spacing, result.labels)
+        return np.mean([scores[n]["dice"] for n in ("Myo", "LV", "RV")])
+
+    assert dice(refit) > max(0.9, dice(first) + 0.1), (dice(first), dice(refit))  # real shapes where the fit put the heart
+    with pytest.raises(InputError, match="^atlas_set: .*samples"):
+        segment_with_model(images, out, device="cpu", registration=registration, samples=2, atlas_set=entries)
+    with pytest.raises(InputError, match="^atlas_set: .*no registration"):
+        segment_with_model(images, out, device="cpu", atlas_set=entries)
+    runner = CliRunner()
+    args = ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(out), "--register-atlas",
+            "affine", "--atlas-set", str(folder), "--atlas-set-guide", "fit", "--atlas-set-workers", "1",
+            "--device", "cpu", "-q"]
+    done = runner.invoke(main, args + ["--atlas-set-labels", "RV=1,Myo=2,LV=3", "--out", str(tmp_path / "cli")])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["settings"]["atlas_set"]["atlases"] == [e.name for e in entries]
+    unnamed = runner.invoke(main, args + ["--out", str(tmp_path / "bad")])  # ACDC's values, not named: before any fit
+    assert unnamed.exit_code == 1 and "label values [1, 2, 3]" in unnamed.output and "Traceback" not in unnamed.output
+    assert not (tmp_path / "bad").exists()
+    alone = runner.invoke(main, ["segment", "--images", str(cases[36]["LGE"]), "--atlas-set-labels", "RV=1",
+                                 "--out", str(tmp_path / "bad2"), "-q"])
+    assert alone.exit_code == 1 and "--atlas-set-labels" in alone.output and "--atlas-set" in alone.output

@@ -16,12 +16,12 @@ from mvmm.core.grid import Grid
 from mvmm.core.settings import FitGuidedSettings, MultiAtlasSettings
 from mvmm.data.atlas import Atlas
 from mvmm.data import io
-from mvmm.data.atlas_set import entries_of, read_atlas_set
+from mvmm.data.atlas_set import entries_of, label_maps_of, read_atlas_set
 from mvmm.data.image import Image
-from mvmm.data.labels import LabelSet
+from mvmm.data.labels import LabelSet, one_hot
 from mvmm.metrics import structure_metrics
 from mvmm.data.subject import Subject
-from mvmm.multi_atlas import fit_guided_prior, local_ncc, multi_atlas_prior, read_atlas
+from mvmm.multi_atlas import fit_guided_prior, local_ncc, multi_atlas_prior, read_atlas, read_labels
 from mvmm.segment import segment_subject
 
 NAMED = LabelSet(("outside", "wall", "pool", "right"), (0, 200, 500, 600))
@@ -270,3 +270,61 @@ def test_a_label_map_that_does_not_reach_the_fit_s_anatomy_is_left_out(tmp_path,
     with pytest.raises(InputError, match="atlas_set: no atlas's label map could be registered to the first fit"):
         fit_guided_prior(fit, [e for e in entries if e.subject == "tiny"], FitGuidedSettings(workers=1), NAMED,
                          target.grid)
+
+
+def test_an_atlas_set_with_another_data_set_s_label_values_gives_the_same_prior(tmp_path, atlas_set):
+    """Label maps valued as ACDC's (1 right, 2 wall, 3 pool), named like ACDC's files (``_gt``, a frame for a
+    sequence), make the fit-guided prior that the same maps with the case's values make, once named by tissue."""
+    folder, target, truth = atlas_set
+    other = {600: 1, 200: 2, 500: 3}
+    for i in range(1, 4):
+        array, grid, _ = io.read_array(folder / f"subject{i}_LGE_manual.nii.gz", "labels")
+        io.write_array(tmp_path / f"subject{i}_frame01_gt.nii.gz",
+                       np.vectorize(lambda v: other.get(int(v), 0))(array).astype(np.int16), grid)
+        (tmp_path / f"subject{i}_frame01.nii.gz").symlink_to(folder / f"subject{i}_LGE.nii.gz")
+    named = "right=1,wall=2,pool=3"
+    entries = read_atlas_set(tmp_path, label_names=named)
+    assert [(e.subject, e.sequence, e.label_names) for e in entries] == [(f"subject{i}", "frame01", named)
+                                                                        for i in range(1, 4)]
+    # the fit-guided prior reads only label maps: a set without the case's sequence gives all of them
+    assert label_maps_of(entries, "LGE") == entries
+    with pytest.raises(InputError, match="no labelled 'LGE' image"):
+        entries_of(entries, "LGE")
+    ours = entries_of(read_atlas_set(folder), "LGE")[:3]
+    fit = Image(soft_onehot(truth, NAMED.values), target.grid, "posterior")
+    settings = FitGuidedSettings(transform="affine", workers=1)
+    prior, _ = fit_guided_prior(fit, entries, settings, NAMED, target.grid)
+    same, _ = fit_guided_prior(fit, ours, settings, NAMED, target.grid)
+    assert torch.equal(prior.probabilities, same.probabilities)
+    # a CSV row names its own values; unnamed, foreign or unparsable names are errors naming the option
+    csv = tmp_path / "set.csv"
+    csv.write_text("subject,sequence,image,labels,label_names\n"
+                   f"a,cine,{tmp_path / 'subject1_frame01.nii.gz'},{tmp_path / 'subject1_frame01_gt.nii.gz'},"
+                   f"\"{named}\"\n")
+    (row,) = read_atlas_set(csv, label_names="ignored=9")
+    assert row.label_names == named
+    with pytest.raises(InputError, match=r"^atlas_set: .*subject1_frame01_gt.nii.gz has label values \[1, 2, 3\] "
+                                         r"that are not in the label set"):
+        read_labels(dataclasses.replace(entries[0], label_names=None), target.grid, NAMED)
+    with pytest.raises(InputError, match=r"^atlas_set_labels: .* has label values \[3\] that 'right=1,wall=2' "
+                                         r"does not name"):
+        read_labels(dataclasses.replace(entries[0], label_names="right=1,wall=2"), target.grid, NAMED)
+    with pytest.raises(InputError, match="^atlas_set_labels: RV not among the classes outside, wall, pool, right"):
+        read_labels(dataclasses.replace(entries[0], label_names="RV=1,wall=2,pool=3"), target.grid, NAMED)
+    with pytest.raises(InputError, match="^atlas_set_labels: expected NAME=VALUE"):
+        read_atlas_set(tmp_path, label_names="right:1")
+
+
+def test_one_hot_matches_named_values_by_tissue():
+    labels = LabelSet(("bg", "Myo", "LV", "RV"), (0, 200, 500, 600))
+    array = np.array([[0, 1, 2], [3, 4, 0]])
+    # two values may name one tissue (4: another data set's RV); the background follows the background
+    onehot = one_hot(array, labels, "map", "maps", "RV=1,Myo=2,LV=3,RV=4")
+    assert onehot.shape == (4, 2, 3) and onehot.dtype == np.float32
+    assert np.array_equal(np.asarray(labels.values)[onehot.argmax(0)], [[0, 600, 200], [500, 600, 0]])
+    assert np.array_equal(onehot.sum(0), np.ones((2, 3)))
+    # the case's own values need no names, and must be exactly the label set's
+    own = np.array([[0, 200], [500, 600]])
+    assert np.array_equal(one_hot(own, labels, "map", "maps").argmax(0), [[0, 1], [2, 3]])
+    with pytest.raises(InputError, match=r"^maps: map has label values \[1, 2, 3, 4\]"):
+        one_hot(array, labels, "map", "maps")

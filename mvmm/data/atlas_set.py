@@ -5,12 +5,19 @@ An atlas set is a list of *entries*, each one image with its manual label map on
 named subject and sequence. It is given as
 
 - a CSV file with the columns ``subject``, ``sequence``, ``image`` and ``labels`` (one row per
-  labelled image; relative paths are relative to the CSV's folder), or
-- a folder whose label maps are named ``<stem>_manual`` or ``<stem>_labels`` (any image
+  labelled image; relative paths are relative to the CSV's folder) and optionally ``label_names``
+  (that row's label values named by tissue, below), or
+- a folder whose label maps are named ``<stem>_manual``, ``<stem>_labels`` or ``<stem>_gt`` (any image
   extension SimpleITK reads) beside their image ``<stem>``; the stem's last ``_`` part is the
   sequence and the rest the subject (``patient3_LGE.nii.gz`` + ``patient3_LGE_manual.nii.gz``:
-  subject ``patient3``, sequence ``LGE`` — the layout of the MS-CMRSeg release), or a stem
+  subject ``patient3``, sequence ``LGE`` — the layout of the MS-CMRSeg release; ACDC's
+  ``patient071_frame01_gt.nii.gz``: subject ``patient071``, sequence ``frame01``), or a stem
   without ``_`` is a subject with sequence ``""``.
+
+An atlas set from another data set may use other label values than the case's atlas (ACDC: 1 RV, 2 Myo,
+3 LV; MS-CMRSeg: 600, 200, 500): ``label_names`` (``mvmm segment --atlas-set-labels RV=1,Myo=2,LV=3``, or
+the CSV column) names them by tissue, and they are matched to the case's classes by name
+(:func:`mvmm.data.labels.one_hot`). Without it a label map must hold the case's label values.
 
 Only paths are read here; images are read when used.
 """
@@ -19,25 +26,28 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from mvmm.core.errors import InputError
+from mvmm.data.labels import parse_label_names
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
-LABEL_SUFFIXES = ("_manual", "_labels")
-CSV_COLUMNS = ("subject", "sequence", "image", "labels")
+LABEL_SUFFIXES = ("_manual", "_labels", "_gt")
+CSV_COLUMNS = ("subject", "sequence", "image", "labels")  # and, optionally, label_names
 
 
 @dataclass(frozen=True)
 class AtlasEntry:
-    """One labelled image of an atlas set: ``image`` and ``labels`` share a grid."""
+    """One labelled image of an atlas set: ``image`` and ``labels`` share a grid; ``label_names``
+    (``"RV=1,Myo=2,LV=3"``) names the label map's values when they are not the case's (module notes)."""
 
     subject: str
     sequence: str
     image: Path
     labels: Path
+    label_names: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -91,15 +101,17 @@ def _from_csv(path: Path, argname: str) -> List[AtlasEntry]:
                 raise InputError(f"{argname}: {path} line {number}: {column} {text!r} is not a file")
             files[column] = file
         entries.append(AtlasEntry((row["subject"] or "").strip(), (row["sequence"] or "").strip(),
-                                  files["image"], files["labels"]))
+                                  files["image"], files["labels"], (row.get("label_names") or "").strip() or None))
     return entries
 
 
-def read_atlas_set(path, argname: str = "atlas_set") -> List[AtlasEntry]:
-    """The entries of the atlas set at ``path`` (a CSV file or a folder; module notes).
+def read_atlas_set(path, argname: str = "atlas_set", label_names: Optional[str] = None) -> List[AtlasEntry]:
+    """The entries of the atlas set at ``path`` (a CSV file or a folder; module notes); ``label_names``
+    (``"RV=1,Myo=2,LV=3"``) names the label values of every entry that does not name its own (a CSV's
+    ``label_names`` column), checked here.
 
     Raises InputError naming ``argname`` when the path does not exist, holds no labelled image, or a
-    row or label map lacks its image.
+    row or label map lacks its image, and naming ``atlas_set_labels`` when ``label_names`` does not parse.
     """
     path = Path(path)
     if path.is_dir():
@@ -110,7 +122,13 @@ def read_atlas_set(path, argname: str = "atlas_set") -> List[AtlasEntry]:
         raise InputError(f"{argname}: {path} is neither a folder nor a CSV file")
     if not entries:
         raise InputError(f"{argname}: {path} holds no labelled image (a folder needs label maps named "
-                         f"<stem>_manual.nii.gz or <stem>_labels.nii.gz beside <stem>.nii.gz)")
+                         f"<stem>_manual.nii.gz, <stem>_labels.nii.gz or <stem>_gt.nii.gz beside <stem>.nii.gz)")
+    if label_names is not None:
+        parse_label_names(label_names, "atlas_set_labels")  # an error now, not in a worker process
+        entries = [e if e.label_names else replace(e, label_names=label_names) for e in entries]
+    for entry in entries:
+        if entry.label_names:
+            parse_label_names(entry.label_names, f"{argname}: {path}: label_names of {entry.name}")
     return entries
 
 
@@ -128,6 +146,15 @@ def entries_of(entries: Sequence[AtlasEntry], sequence: str, exclude: Sequence[s
         raise InputError(f"{argname}: no labelled {sequence!r} image (the set has the sequences "
                          f"{', '.join(there)}); name the case's images as the set's sequences (`names`)")
     return sorted(chosen, key=lambda e: _natural_key(e.subject))
+
+
+def label_maps_of(entries: Sequence[AtlasEntry], sequence: str, argname: str = "atlas_set") -> List[AtlasEntry]:
+    """The entries whose label maps a fit-guided prior registers: those of ``sequence`` when the set has it
+    (:func:`entries_of`), else every entry — another data set's, e.g. ACDC's cine frames for an LGE case: only
+    the label maps are read, and the anatomy they hold does not depend on the sequence."""
+    if any(e.sequence.lower() == sequence.lower() for e in entries):
+        return entries_of(entries, sequence, argname=argname)
+    return sorted(entries, key=lambda e: (_natural_key(e.subject), _natural_key(e.sequence)))
 
 
 def sequences_by_subject(entries: Sequence[AtlasEntry]) -> Dict[str, Dict[str, AtlasEntry]]:

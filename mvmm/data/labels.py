@@ -121,6 +121,37 @@ def parse_label_names(text: str, argname: str = "label_names") -> Tuple[LabelSet
     return LabelSet(tuple(names), tuple(first)), index_of
 
 
+def one_hot(array: np.ndarray, labels: LabelSet, source, argname: str, label_names: Optional[str] = None,
+            names_argname: str = "label_names") -> np.ndarray:
+    """The label map ``array`` as one map per class of ``labels``, in its order: ``[K, *array.shape]`` float32.
+
+    Without ``label_names`` the map holds ``labels``' values, all of them and nothing else (else InputError
+    naming ``source`` and ``argname``). With ``label_names`` — ``"RV=1,Myo=2,LV=3"``, the map's own values named
+    by tissue (:func:`parse_label_names`; another data set's values, e.g. ACDC's for MS-CMRSeg's classes) —
+    its classes are matched to ``labels``' by name and its background to theirs; every value of the map must be
+    named and every name must be one of ``labels``' (else InputError naming ``names_argname``). A class the map
+    lacks is an empty channel.
+    """
+    if label_names is None:
+        labels.check_values(sorted(label_values(array, source, argname)), source, argname)
+        return np.stack([(array == v) for v in labels.values]).astype(np.float32)
+    named, index_of = parse_label_names(label_names, names_argname)
+    unnamed = sorted(label_values(array, source, argname) - set(index_of))
+    if unnamed:
+        raise InputError(f"{names_argname}: {source} has label values {unnamed} that {label_names!r} does not name")
+    foreign = [n for k, n in enumerate(named.names) if k != named.background_index and n not in labels.names]
+    if foreign:
+        raise InputError(f"{names_argname}: {', '.join(foreign)} not among the classes {', '.join(labels.names)} "
+                         f"(name the map's values by those names)")
+    # the class index in ``labels`` of each of ``named``'s classes: by name, the background to the background
+    target = {k: labels.background_index if k == named.background_index else labels.names.index(n)
+              for k, n in enumerate(named.names)}
+    onehot = np.zeros((len(labels),) + array.shape, dtype=np.float32)
+    for value, k in index_of.items():
+        onehot[target[k]][array == value] = 1.0
+    return onehot
+
+
 CARDIAC_LABELS = LabelSet(("bg", "Myo", "LV", "RV"), (0, 200, 500, 600))
 # Myocardial pathology as MyoPS 2020 labels it (scar over oedema where both apply); inside the myocardium.
 PATHOLOGY_LABELS = {"oedema": 1220, "scar": 2221}
