@@ -474,7 +474,8 @@ def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_p
         scores = evaluate_labels(result.label_map(), truth, spacing, result.labels)
         return np.mean([scores[n]["dice"] for n in ("Myo", "LV", "RV")])
 
-    assert dice(refit) > max(0.9, dice(first) + 0.1), (dice(first), dice(refit))  # real shapes where the fit put the heart
+    # real shapes where the fit put the heart
+    assert dice(refit) > max(0.9, dice(first) + 0.1), (dice(first), dice(refit))
     with pytest.raises(InputError, match="^atlas_set: .*samples"):
         segment_with_model(images, out, device="cpu", registration=registration, samples=2, atlas_set=entries)
     with pytest.raises(InputError, match="^atlas_set: .*no registration"):

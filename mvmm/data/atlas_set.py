@@ -123,12 +123,13 @@ def read_atlas_set(path, argname: str = "atlas_set", label_names: Optional[str] 
     if not entries:
         raise InputError(f"{argname}: {path} holds no labelled image (a folder needs label maps named "
                          f"<stem>_manual.nii.gz, <stem>_labels.nii.gz or <stem>_gt.nii.gz beside <stem>.nii.gz)")
-    if label_names is not None:
-        parse_label_names(label_names, "atlas_set_labels")  # an error now, not in a worker process
-        entries = [e if e.label_names else replace(e, label_names=label_names) for e in entries]
+    # errors now, not in a worker process: a CSV row's own names, then the set's
     for entry in entries:
         if entry.label_names:
             parse_label_names(entry.label_names, f"{argname}: {path}: label_names of {entry.name}")
+    if label_names is not None:
+        parse_label_names(label_names, "atlas_set_labels")
+        entries = [e if e.label_names else replace(e, label_names=label_names) for e in entries]
     return entries
 
 

@@ -432,7 +432,8 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
                           "metrics": result["metrics"], "native_metrics": result["native_metrics"],
                           "pathology": result["pathology"],
                           "seconds": result["seconds"], "em_all_timings_s": result["em_all_timings_s"],
-                          "network_timings_s": result["network_timings_s"], "quality": result["quality"], "atlas_set": result["atlas_set"],
+                          "network_timings_s": result["network_timings_s"], "quality": result["quality"],
+                          "atlas_set": result["atlas_set"],
                           "atlas_set_fit": result["atlas_set_fit"]})
         log.info("patient %d: em-all Dice %s", target,
                  {k: round(v["dice"], 3) for k, v in result["metrics"]["em-all"].items()})
