@@ -24,7 +24,8 @@ their average. Then:
   its seconds are both;
 - ``vae-seg``, ``vae-seg-refine``: the segmentation network on an anatomical prior
   (:mod:`mvmm.nets.vae_seg`) alone, and its decoded prior moved by the same registration levels, then
-  EM; with ``folds``, on ``vae_prior`` (e.g. a prior trained on another data set's labels) or on a
+  EM (with ``multi-atlas-fit`` fitted again on the atlas set's labels registered to it, as ``em-all``); with
+  ``folds``, on ``vae_prior`` (e.g. a prior trained on another data set's labels) or on a
   prior trained on the fold's LGE labels, the network on the fold's images.
 
 The label maps of ``em-all`` and ``em-lge`` are cleaned up as ``settings.postprocess`` says (by
@@ -240,13 +241,13 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
             # files to labels: the images are read again, as `mvmm segment --model` would
             start = time.perf_counter()
             case = [Image.read(files.images[s], s) for s in model.config.images]
-            # bayes-refine is a classical fit too (from the network's warp): multi-atlas-fit fits it again; the
-            # vae-seg methods keep their decoded prior (the atlas patients' labels would replace it)
+            # the refinements are classical fits too (from the network's warp or its moved decoded prior):
+            # multi-atlas-fit fits them again on the atlas patients' label maps registered to them, as em-all
             result = segment_with_model(case, model, mrf_beta=settings.mrf_beta, learn_proportions=learn,
                                         postprocess=settings.postprocess, device=settings.device,
                                         registration=refinement, roi_margin_mm=roi if refinement else None,
                                         prior_votes=settings.prior_votes and method == "bayes-refine",
-                                        atlas_set=guided if method == "bayes-refine" else ())
+                                        atlas_set=guided if refinement is not None else ())
             maps[method] = result.label_map()
             seconds[method] = time.perf_counter() - start
             network_results[method] = result
