@@ -164,10 +164,11 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
         in :func:`mvmm.segment.segment_subject` (the network alone and EM with the warp fixed write the
         model's posterior; a ``vae-seg`` model's decoded prior does not vote).
     atlas_set, fit_guided
-        A ``bayes`` or ``vae-seg`` model with ``registration``: labelled images of other subjects whose label
-        maps are registered to the refined fit's posterior and averaged, and the fit repeated on them, as
+        A ``bayes`` model with ``registration``: labelled images of other subjects whose label maps are
+        registered to the refined fit's posterior and averaged, and the fit repeated on them, as
         :func:`mvmm.segment.segment_subject`'s (the MS-CMRSeg experiment's ``bayes-refine`` with its
-        default prior; for a ``vae-seg`` model, :func:`segment_with_vae`).
+        default prior). A ``vae-seg`` model: the same after its registration, or without one on its own
+        answer's posterior (:func:`segment_with_vae`).
 
     An ``acwe`` model is run by :func:`segment_with_acwe` (its map is the answer), a ``vae-seg`` model by
     :func:`segment_with_vae` (its decoded prior replaces the atlas).
@@ -180,10 +181,10 @@ def segment_with_model(images: Sequence[Image], model, refine: int = 0, mrf_beta
     config, net = model.config, model.net
     if samples and config.kind != "vae-seg":
         raise InputError(f"samples: only a vae-seg model draws samples; {model.path} is a {config.kind!r} model")
-    if atlas_set and (config.kind not in ("bayes", "vae-seg") or registration is None):
-        raise InputError(f"atlas_set: the atlas set follows a bayes or vae-seg model's refinement by registration "
-                         f"(`registration`); {model.path} is a {config.kind!r} model"
-                         + ("" if config.kind not in ("bayes", "vae-seg") else " and no registration was asked for"))
+    if atlas_set and (config.kind not in ("bayes", "vae-seg") or (config.kind == "bayes" and registration is None)):
+        raise InputError(f"atlas_set: the atlas set follows a bayes model's refinement by registration "
+                         f"(`registration`) or a vae-seg model's answer; {model.path} is a {config.kind!r} model"
+                         + ("" if config.kind != "bayes" else " and no registration was asked for"))
     if prior_votes and (config.kind != "bayes" or registration is None):
         raise InputError(f"prior_votes: the atlas votes in a bayes model's refinement by registration "
                          f"(`registration`); {model.path} is a {config.kind!r} model"
@@ -350,13 +351,16 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         bend it to the case), then EM to convergence, θ from the moved prior as in ``segment``
         (``refine`` is not used).
     roi_margin_mm : float, optional
-        With ``registration``: the region of interest (default: the model's ``roi_margin_mm``).
+        With ``registration``: the fit's region of interest (default: the model's ``roi_margin_mm``). With
+        ``atlas_set`` and no registration: that of the fit on the atlas set's prior (default: none, the whole image).
     atlas_set, fit_guided
-        With ``registration``: labelled images of other subjects — of another data set too, e.g. ACDC's label
-        maps (their values named by the entries' ``label_names``), so that no label of the case's data set is
-        used — whose label maps are registered to the refined fit's posterior and averaged, and the fit
-        repeated on that prior as on an atlas (it votes, the proportions are learned), as
-        :func:`mvmm.segment.segment_subject`'s. Not with ``samples`` (they describe the decoded prior's fit).
+        Labelled images of other subjects — of another data set too, e.g. ACDC's label maps (their values
+        named by the entries' ``label_names``), so that no label of the case's data set is used — whose label
+        maps are registered to the network's posterior (without ``registration``; the MS-CMRSeg experiment's
+        ``vae-seg-refine``) or to the refined fit's (with it) and averaged, and the model fitted on that prior
+        as on an atlas (it votes, the proportions are learned; nothing moves), as
+        :func:`mvmm.segment.segment_subject`'s. Not with
+        ``samples`` (they describe the network's answer) or ``refine``.
     """
     from mvmm.mixture.functional import log_joint, log_posteriors
     from mvmm.nets.data import prepare_case, stack_cases
@@ -371,10 +375,10 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
         raise InputError("refine: with register_atlas the decoded prior moves and EM runs to convergence; "
                          "`refine` (EM with the prior fixed where the network put it) is the other refinement; "
                          "give one")
-    if atlas_set and (registration is None or samples):
-        raise InputError("atlas_set: the atlas set follows the decoded prior's refinement by registration "
-                         + ("(`registration`)" if registration is None else "and replaces the fit the samples "
-                            "describe; give `samples` 0"))
+    if atlas_set and (samples or refine):
+        raise InputError("atlas_set: the atlas set follows the network's answer (or its refinement by registration) "
+                         "and replaces the segmentation " + ("the samples describe; give `samples` 0" if samples else
+                                                              "that `refine` refines; give `refine` 0"))
     ordered = ordered_images(images, config, model.path)
     check_postprocess(postprocess, config.labels)
     case = prepare_case(Subject(ordered), config.network, torch_device, require_atlas=False)
@@ -412,7 +416,7 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
             result.extra_maps.update(registered_sample_maps(result, [d.log_prior[0].exp() for d in drawn],
                                                             case.grid))
         result.settings = {**result.settings, "model": str(model.path), "kind": "vae-seg", "refine": "registration",
-                           "samples": int(samples)}
+                           "samples": int(samples), "guide": "registration"}
         result.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **result.timings,
                           "samples_s": time.perf_counter() - refined}
         return result
@@ -433,12 +437,28 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                 extra[name] = sampled_values[0]
     refined = time.perf_counter()
     settings = {"model": str(model.path), "kind": "vae-seg", "refine": int(refine), "samples": int(samples),
-                "mrf_beta": mrf_beta if refine else 0.0, "postprocess": postprocess, "device": str(torch_device)}
+                "mrf_beta": mrf_beta if refine else 0.0, "postprocess": postprocess, "device": str(torch_device),
+                "bias_correction": "none"}
     timings = {"load_s": loaded - start, "network_s": predicted - loaded, "sample_s": sampled - predicted,
                "refine_s": refined - sampled}
     result = Segmentation(subject, mixture, config.labels, common, posterior, settings, timings, None, postprocess,
                           extra_maps=extra)
     check_posterior_shift(result)
+    if atlas_set:
+        # the network's own posterior guides the atlas set's label maps: on the MS-CMRSeg development fold it
+        # kept the RV that moving the decoded prior by registration traded away, and the fit on their prior
+        # over the whole image beat one within 5 mm of its foreground (docs/mscmr.md, "The network's answer
+        # as the label maps' guide")
+        guided = segment_subject(Subject(ordered, atlas=decoded, roi_margin_mm=roi_margin_mm),
+                                 subtypes=config.network.subtypes,
+                                 background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,
+                                 device=str(torch_device), progress=progress, registration=None,
+                                 postprocess=postprocess, atlas_set=atlas_set, fit_guided=fit_guided,
+                                 guided_fit_options={"learn_proportions": True, "prior_votes": True}, guide=result)
+        guided.settings = {**guided.settings, "model": str(model.path), "kind": "vae-seg", "refine": 0,
+                           "samples": 0, "guide": "network"}
+        guided.timings = {"load_s": loaded - start, "network_s": predicted - loaded, **guided.timings}
+        return guided
     return result
 
 

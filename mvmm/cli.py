@@ -566,10 +566,11 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     # the refinement's settings only where there is a registration to use them (the atlas's vote: a
     # bayes model's atlas; a vae-seg model's decoded prior does not vote)
     config = read_config(model_dir)
-    fit_guided = _fit_guided_settings(ctx.params, model=True)  # after the refinement (bayes, --register-atlas)
-    if fit_guided is not None and not _given(ctx, {"register_atlas"}):
-        raise InputError("atlas_set: with `model` the atlas set follows the network's refinement by registration; "
-                         "give `register_atlas` (or `ensemble`)")
+    # the atlas set follows a bayes model's refinement by registration, a vae-seg model's answer or refinement
+    fit_guided = _fit_guided_settings(ctx.params, model=True)
+    if fit_guided is not None and not _given(ctx, {"register_atlas"}) and config.kind != "vae-seg":
+        raise InputError("atlas_set: with a bayes `model` the atlas set follows the network's refinement by "
+                         "registration; give `register_atlas` (or `ensemble`)")
     guide_entries = (atlas_set_entries(ctx.params["atlas_set"], config.images[0], ctx.params["atlas_set_labels"],
                                        labels_only=True) if fit_guided is not None else ())
     chosen = {key: value for key, value in model_preset_values(preset, config.labels).items()
@@ -595,8 +596,10 @@ def _segment_with_model(ctx, images, names, model_dir, refine, samples, mrf_beta
     files = result.write(out, force=True)
     if not quiet:
         t = result.timings
-        how = (f"{refine} EM iterations, {t['refine_s']:.2f} s" if registration is None else
-               f"{register_atlas} registration and EM, {t['registration_s'] + t['fit_s']:.2f} s")
+        how = (f"{register_atlas} registration and EM, {t['registration_s'] + t['fit_s']:.2f} s"
+               if registration is not None else
+               f"the atlas set's label maps on its answer and EM, {t['atlas_set_s'] + t['fit_s']:.2f} s"
+               if fit_guided is not None else f"{refine} EM iterations, {t['refine_s']:.2f} s")
         click.echo(f"network {t['network_s']:.2f} s; refinement: {how}; device: {result.device}")
         for name, ml in result.volumes_ml().items():
             click.echo(f"  {name:<8} {ml:10.2f} ml")

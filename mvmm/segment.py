@@ -482,7 +482,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction,
                     prior_votes: bool = SEGMENTATION.prior_votes, atlas_set: Sequence[AtlasEntry] = (),
                     fit_guided: Optional[FitGuidedSettings] = None,
-                    guided_fit_options: Optional[Mapping] = None) -> Segmentation:
+                    guided_fit_options: Optional[Mapping] = None, guide: Optional["Segmentation"] = None) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters
@@ -533,6 +533,10 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         Options of this function that differ in the fit on the atlas set's prior (``learn_proportions``,
         ``prior_votes``): a ``vae-seg`` model's first fit keeps its decoded prior's proportions and does not let
         it vote, the fit on the atlas set's prior does both, as on an atlas (:func:`mvmm.amortized.segment_with_vae`).
+    guide : Segmentation, optional
+        With ``atlas_set``: an answer found elsewhere — a network's (:func:`mvmm.amortized.segment_with_vae`) — that
+        the atlas set follows instead of a first fit here (none is run); ``subject`` holds its images and atlas
+        and gives the fit on the atlas set's prior its region of interest.
 
     A cardiac fit whose images moved its posterior too little from the atlas most likely lost the heart
     (:meth:`Segmentation.quality`). When the atlas's start was searched (:func:`start_was_searched`:
@@ -551,6 +555,13 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                    learn_proportions=learn_proportions, max_iter=max_iter, tol=tol, var_floor=var_floor, device=device,
                    seed=seed, progress=progress, postprocess=postprocess, atlas_start=atlas_start, pathology=pathology,
                    bias_correction=bias_correction, prior_votes=prior_votes)
+    if guide is not None:
+        if not atlas_set:
+            raise ValueError("guide: an answer for the atlas set to follow; give `atlas_set`")
+        # the guide's image transforms stay (the atlas's is dropped by the refit); the region is the subject's
+        result = replace(guide, subject=replace(subject, transforms=guide.subject.transforms))
+        return refit_with_atlas_set(result, atlas_set, fit_guided or FitGuidedSettings(),
+                                    {**options, **_guided_fit_options(guided_fit_options)})
     began = time.perf_counter()
     result = _segment_once(subject, registration=registration, **options)
     quality = result.quality()
@@ -569,12 +580,17 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         result.timings["retry_s"] = seconds[dropped]  # the fit not kept
     check_posterior_shift(result)
     if atlas_set:
-        unknown = sorted(set(guided_fit_options or {}) - {"learn_proportions", "prior_votes"})
-        if unknown:
-            raise ValueError(f"guided_fit_options: only learn_proportions and prior_votes, got {unknown}")
         result = refit_with_atlas_set(result, atlas_set, fit_guided or FitGuidedSettings(),
-                                      {**options, **(guided_fit_options or {})})
+                                      {**options, **_guided_fit_options(guided_fit_options)})
     return result
+
+
+def _guided_fit_options(given: Optional[Mapping]) -> dict:
+    """:func:`segment_subject`'s ``guided_fit_options``, checked."""
+    unknown = sorted(set(given or {}) - {"learn_proportions", "prior_votes"})
+    if unknown:
+        raise ValueError(f"guided_fit_options: only learn_proportions and prior_votes, got {unknown}")
+    return dict(given or {})
 
 
 def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], settings: FitGuidedSettings,

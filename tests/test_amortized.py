@@ -438,7 +438,8 @@ def test_averaged_posterior_is_the_mean_of_fits_on_one_grid():
 def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_path):
     """``registration`` and an atlas set: label maps of another data set (here valued and named as ACDC's:
     ``_gt``, 1 RV / 2 Myo / 3 LV) follow the registered decoded prior's fit, and the fit is repeated on their
-    average as on an atlas (it votes, the proportions are learned); the decoded prior's fit does neither."""
+    average as on an atlas (it votes, the proportions are learned); the decoded prior's fit does neither.
+    Without ``registration`` they follow the network's own answer."""
     from mvmm.data import io
     from mvmm.data.atlas_set import label_maps_of, read_atlas_set
     from mvmm.joint import RegistrationSettings
@@ -478,8 +479,18 @@ def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_p
     assert dice(refit) > max(0.9, dice(first) + 0.1), (dice(first), dice(refit))
     with pytest.raises(InputError, match="^atlas_set: .*samples"):
         segment_with_model(images, out, device="cpu", registration=registration, samples=2, atlas_set=entries)
-    with pytest.raises(InputError, match="^atlas_set: .*no registration"):
-        segment_with_model(images, out, device="cpu", atlas_set=entries)
+    # without a registration the label maps follow the network's own answer (the experiment's vae-seg-refine)
+    alone = segment_with_model(images, out, device="cpu")
+    on_answer = segment_with_model(images, out, device="cpu", roi_margin_mm=10.0, atlas_set=entries,
+                                   fit_guided=FitGuidedSettings(workers=1))
+    assert on_answer.settings["guide"] == "network" and on_answer.guide.settings["refine"] == 0
+    assert torch.equal(on_answer.guide.posterior, alone.posterior) and on_answer.guide.registration is None
+    assert on_answer.subject.atlas.source.startswith("multi-atlas (3 label maps") and on_answer.subject.roi_margin_mm == 10
+    assert (on_answer.settings["learn_proportions"], on_answer.settings["prior_votes"]) == (True, True)
+    assert {"network_s", "guide_fit_s", "atlas_set_s"} <= set(on_answer.timings)
+    assert dice(on_answer) > max(0.8, dice(alone) + 0.3), (dice(alone), dice(on_answer))  # 0.25 -> 0.86 here
+    with pytest.raises(InputError, match="^atlas_set: .*refine"):
+        segment_with_model(images, out, device="cpu", refine=2, atlas_set=entries)
     runner = CliRunner()
     args = ["segment", "--images", str(cases[36]["LGE"]), str(cases[36]["C0"]), "--model", str(out), "--register-atlas",
             "affine", "--atlas-set", str(folder), "--atlas-set-guide", "fit", "--atlas-set-workers", "1",
@@ -488,6 +499,11 @@ def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_p
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert report["settings"]["atlas_set"]["atlases"] == [e.name for e in entries]
+    assert report["settings"]["guide"] == "registration"
+    args_on_answer = [a for a in args if a not in ("--register-atlas", "affine")]  # the network's answer guides
+    done = runner.invoke(main, args_on_answer + ["--atlas-set-labels", "RV=1,Myo=2,LV=3", "--out", str(tmp_path / "a")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["settings"]["guide"] == "network"
     unnamed = runner.invoke(main, args + ["--out", str(tmp_path / "bad")])  # ACDC's values, not named: before any fit
     assert unnamed.exit_code == 1 and "label values [1, 2, 3]" in unnamed.output and "Traceback" not in unnamed.output
     assert not (tmp_path / "bad").exists()
