@@ -356,11 +356,11 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
     atlas_set, fit_guided
         Labelled images of other subjects — of another data set too, e.g. ACDC's label maps (their values
         named by the entries' ``label_names``), so that no label of the case's data set is used — whose label
-        maps are registered to the network's posterior (without ``registration``; the MS-CMRSeg experiment's
-        ``vae-seg-refine``) or to the refined fit's (with it) and averaged, and the model fitted on that prior
+        maps are registered to the network's posterior (without ``registration``) or to the refined fit's (with
+        it; the MS-CMRSeg experiment's ``vae-seg-refine``) and averaged, and the model fitted on that prior
         as on an atlas (it votes, the proportions are learned; nothing moves), as
-        :func:`mvmm.segment.segment_subject`'s. Not with
-        ``samples`` (they describe the network's answer) or ``refine``.
+        :func:`mvmm.segment.segment_subject`'s. Not with ``samples`` (they describe the network's answer)
+        or ``refine``.
     """
     from mvmm.mixture.functional import log_joint, log_posteriors
     from mvmm.nets.data import prepare_case, stack_cases
@@ -445,10 +445,10 @@ def segment_with_vae(images: Sequence[Image], model, refine: int = 0, samples: i
                           extra_maps=extra)
     check_posterior_shift(result)
     if atlas_set:
-        # the network's own posterior guides the atlas set's label maps: on the MS-CMRSeg development fold it
-        # kept the RV that moving the decoded prior by registration traded away, and the fit on their prior
-        # over the whole image beat one within 5 mm of its foreground (docs/mscmr.md, "The network's answer
-        # as the label maps' guide")
+        # the network's own posterior guides the atlas set's label maps: it keeps the RV that moving the decoded
+        # prior by registration trades away, and loses the myocardium where the network's is poor (MS-CMRSeg:
+        # docs/mscmr.md, "The network's answer as the label maps' guide"); the fit on their prior is over the
+        # whole image unless roi_margin_mm is given (better than 5 mm on the development fold)
         guided = segment_subject(Subject(ordered, atlas=decoded, roi_margin_mm=roi_margin_mm),
                                  subtypes=config.network.subtypes,
                                  background_subtypes=config.network.background_subtypes, mrf_beta=mrf_beta,

@@ -482,7 +482,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction,
                     prior_votes: bool = SEGMENTATION.prior_votes, atlas_set: Sequence[AtlasEntry] = (),
                     fit_guided: Optional[FitGuidedSettings] = None,
-                    guided_fit_options: Optional[Mapping] = None, guide: Optional["Segmentation"] = None) -> Segmentation:
+                    guided_fit_options: Optional[Mapping] = None,
+                    guide: Optional["Segmentation"] = None) -> Segmentation:
     """Fit the multivariate mixture to a case on the reference grid and return its posteriors.
 
     Parameters

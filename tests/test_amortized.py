@@ -485,7 +485,8 @@ def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_p
                                    fit_guided=FitGuidedSettings(workers=1))
     assert on_answer.settings["guide"] == "network" and on_answer.guide.settings["refine"] == 0
     assert torch.equal(on_answer.guide.posterior, alone.posterior) and on_answer.guide.registration is None
-    assert on_answer.subject.atlas.source.startswith("multi-atlas (3 label maps") and on_answer.subject.roi_margin_mm == 10
+    assert on_answer.subject.atlas.source.startswith("multi-atlas (3 label maps")
+    assert on_answer.subject.roi_margin_mm == 10
     assert (on_answer.settings["learn_proportions"], on_answer.settings["prior_votes"]) == (True, True)
     assert {"network_s", "guide_fit_s", "atlas_set_s"} <= set(on_answer.timings)
     assert dice(on_answer) > max(0.8, dice(alone) + 0.3), (dice(alone), dice(on_answer))  # 0.25 -> 0.86 here

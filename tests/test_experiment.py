@@ -287,8 +287,8 @@ def test_vae_seg_methods_cross_validate_on_a_prior_per_fold_or_a_given_one(tmp_p
     before = (out / "patients" / "patient1.json").stat().st_mtime_ns
     run_mscmr(data, out, settings, progress=False)
     assert (out / "patients" / "patient1.json").stat().st_mtime_ns == before
-    # one given prior under every fold's network; with the default prior (multi-atlas-fit) the other fold's
-    # label maps follow the network's answer and the model is fitted on them, as em-all's second fit
+    # one given prior under every fold's network; the refinement moves its decoded prior, and with the default
+    # prior (multi-atlas-fit) the other fold's label maps follow that fit and it is fitted again, as em-all
     given = tmp_path / "given"
     summary = run_mscmr(data, given, ExperimentSettings(atlas_register="none", methods=["vae-seg-refine"], folds=2,
                                                         epochs=1, vae_prior=str(out / "models" / "prior0"),
@@ -297,8 +297,9 @@ def test_vae_seg_methods_cross_validate_on_a_prior_per_fold_or_a_given_one(tmp_p
     for n in (1, 2, 3, 4):
         record = json.loads((given / "patients" / f"patient{n}.json").read_text())
         assert 0 <= record["metrics"]["vae-seg-refine"]["Myo"]["dice"] <= 1 and record["seconds"]["vae-seg-refine"] > 0
+        # the first fit's registration levels: the maps follow the moved decoded prior's fit, not the network's answer
         timings = record["network_timings_s"]["vae-seg-refine"]
-        assert {"guide_fit_s", "atlas_set_s"} <= set(timings) and "guide_registration_split_s" not in timings
+        assert {"guide_fit_s", "atlas_set_s", "guide_registration_split_s"} <= set(timings)
         assert record["seconds"]["vae-seg-refine"] > timings["atlas_set_s"]
     with pytest.raises(InputError, match="ExperimentSettings.vae_prior"):
         ExperimentSettings(methods=["vae-seg"], model=str(out / "models" / "vae-seg0"), vae_prior=str(out))

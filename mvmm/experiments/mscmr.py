@@ -23,10 +23,8 @@ their average. Then:
   :func:`mvmm.amortized.ensemble`; ``mvmm segment --model --ensemble``), cleaned up as ``em-all``'s;
   its seconds are both;
 - ``vae-seg``, ``vae-seg-refine``: the segmentation network on an anatomical prior
-  (:mod:`mvmm.nets.vae_seg`) alone, and refined: with ``multi-atlas-fit`` (the default) the atlas set's label
-  maps registered to the network's posterior and the model fitted on them, as ``em-all``'s second fit (0.22.0;
-  chosen over registering them to the fit below on the development fold), with ``groupwise`` its decoded
-  prior moved by the same registration levels, then EM; with
+  (:mod:`mvmm.nets.vae_seg`) alone, and its decoded prior moved by the same registration levels, then
+  EM (with ``multi-atlas-fit`` fitted again on the atlas set's labels registered to it, as ``em-all``); with
   ``folds``, on ``vae_prior`` (e.g. a prior trained on another data set's labels) or on a
   prior trained on the fold's LGE labels, the network on the fold's images.
 
@@ -243,21 +241,17 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
             # files to labels: the images are read again, as `mvmm segment --model` would
             start = time.perf_counter()
             case = [Image.read(files.images[s], s) for s in model.config.images]
-            # the refinements are classical fits too: multi-atlas-fit fits them again on the atlas patients'
-            # label maps registered to them, as em-all; vae-seg-refine's maps follow the network's own answer
-            # instead of its moved decoded prior (docs/mscmr.md, "The network's answer as the label maps' guide")
-            if method == "vae-seg-refine" and guided:
-                refinement = None
-            refined = method.endswith("-refine")
+            # the refinements are classical fits too (from the network's warp or its moved decoded prior):
+            # multi-atlas-fit fits them again on the atlas patients' label maps registered to them, as em-all
             result = segment_with_model(case, model, mrf_beta=settings.mrf_beta, learn_proportions=learn,
                                         postprocess=settings.postprocess, device=settings.device,
                                         registration=refinement, roi_margin_mm=roi if refinement else None,
                                         prior_votes=settings.prior_votes and method == "bayes-refine",
-                                        atlas_set=guided if refined else ())
+                                        atlas_set=guided if refinement is not None else ())
             maps[method] = result.label_map()
             seconds[method] = time.perf_counter() - start
             network_results[method] = result
-            if refined:  # a fit from the network's start: its own check, as em-all's
+            if refinement is not None:  # a fit from the network's start: its own check, as em-all's
                 quality[method] = result.quality()
     if "bayes-ensemble" in settings.methods:
         start = time.perf_counter()
