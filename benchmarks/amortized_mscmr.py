@@ -18,10 +18,12 @@ folds' patients and segment the fold's. Methods (``--methods``):
   scored as a detector of the wrong voxels (area under the ROC curve, within 10 mm of the manual or
   predicted heart) for the network's map and for the registered one (its samples moved with it). Every row is cleaned up as ``mvmm segment --model`` does for cardiac labels
   (its preset: ``cardiac``, and the 5 mm region for the registration). With ``--atlas-set DIR``
-  (``--atlas-set-labels`` naming its values), ``-register-set`` rows too: the registered fit's posterior
-  guides the set's label maps, and the fit is repeated on their average (``mvmm segment --model M
-  --register-atlas affine --atlas-set DIR --atlas-set-guide fit``); with ACDC's folder and ``vae-acdc``
-  still no MS-CMRSeg label is used. Subjects named as a test patient (``patientN``) are left out of the set.
+  (``--atlas-set-labels`` naming its values), ``-set`` rows too: the network's answer guides the set's label
+  maps and the model is fitted on their average (``mvmm segment --model M --atlas-set DIR --atlas-set-guide
+  fit``, 0.22.0); with ``--set-guides both`` also ``-register-set`` rows, where the registered fit's
+  posterior guides them (``... --register-atlas affine``, 0.20.0; the experiment's ``vae-seg-refine``); with
+  ACDC's folder and ``vae-acdc`` still no MS-CMRSeg label is used. Subjects named as a test patient
+  (``patientN``) are left out of the set.
 
 Every figure is the mean over the patients; seconds per case are files to labels. Labels of test
 patients are read for scoring only.
@@ -170,8 +172,11 @@ def main():
     parser.add_argument("--refine", type=int, default=20, help="EM iterations of the -refine rows")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--em-all", type=Path, help="an experiment folder (same folds) whose em-all Dice to show beside")
-    parser.add_argument("--atlas-set", type=Path, help="labelled images (folder or CSV) for the -register-set rows")
+    parser.add_argument("--atlas-set", type=Path,
+                        help="labelled images (folder or CSV) for the -set (and -register-set) rows")
     parser.add_argument("--atlas-set-labels", help="their label values named by tissue, e.g. RV=1,Myo=2,LV=3")
+    parser.add_argument("--set-guides", choices=["network", "both"], default="both",
+                        help="-set rows (the network's answer guides the set) only, or -register-set rows too")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu")
@@ -220,7 +225,11 @@ def main():
                 tested = {f"patient{p}" for p in test}
                 entries = [e for e in atlas_set_entries(args.atlas_set, "LGE", args.atlas_set_labels, labels_only=True)
                            if e.subject not in tested]
-                variants["-register-set"] = {**variants["-register"], "samples": 0, "atlas_set": entries}
+                # the set's label maps on the network's answer (0.22.0) and on the registered fit (0.20.0, the
+                # experiment's vae-seg-refine; --set-guides both)
+                variants["-set"] = {"samples": 0, "atlas_set": entries}
+                if args.set_guides == "both":
+                    variants["-register-set"] = {**variants["-register"], "samples": 0, "atlas_set": entries}
             for p in test:
                 truth = Image.read(files[p].labels["LGE"], "truth").data[0].numpy().round().astype(np.int64)
                 spacing = tuple(reversed(Image.read(files[p].images["LGE"], "LGE").grid.spacing))
