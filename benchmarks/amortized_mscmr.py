@@ -20,7 +20,7 @@ folds' patients and segment the fold's. Methods (``--methods``):
   (its preset: ``cardiac``, and the 5 mm region for the registration). With ``--atlas-set DIR``
   (``--atlas-set-labels`` naming its values), ``-set`` rows too: the network's answer guides the set's label
   maps and the model is fitted on their average (``mvmm segment --model M --atlas-set DIR --atlas-set-guide
-  fit``, 0.22.0); with ``--set-guides both`` also ``-register-set`` rows, where the registered fit's
+  fit``, 0.22.0); with ``--set-guides both`` (the default) also ``-register-set`` rows, where the registered fit's
   posterior guides them (``... --register-atlas affine``, 0.20.0; the experiment's ``vae-seg-refine``); with
   ACDC's folder and ``vae-acdc`` still no MS-CMRSeg label is used. Subjects named as a test patient
   (``patientN``) are left out of the set.

@@ -479,7 +479,7 @@ def test_vae_seg_refit_on_another_data_set_s_label_maps(cohort, prior_dir, tmp_p
     assert dice(refit) > max(0.9, dice(first) + 0.1), (dice(first), dice(refit))
     with pytest.raises(InputError, match="^atlas_set: .*samples"):
         segment_with_model(images, out, device="cpu", registration=registration, samples=2, atlas_set=entries)
-    # without a registration the label maps follow the network's own answer (the experiment's vae-seg-refine)
+    # without a registration the label maps follow the network's own answer (an option; the experiment registers)
     alone = segment_with_model(images, out, device="cpu")
     on_answer = segment_with_model(images, out, device="cpu", roi_margin_mm=10.0, atlas_set=entries,
                                    fit_guided=FitGuidedSettings(workers=1))
