@@ -33,7 +33,10 @@ anatomy; the model is then fitted again on it (:func:`mvmm.segment.refit_with_at
 
 The registrations are independent: they run in worker processes (one torch thread each; by default
 one per available core). A script that calls this with more than one worker needs the usual
-``if __name__ == "__main__":`` guard around its entry point, as any user of spawned processes.
+``if __name__ == "__main__":`` guard around its entry point, as any user of spawned processes. The
+workers start with the first call that needs them and serve every later one of the same process (an
+experiment registers 20 label maps per method and patient; starting the processes, each importing
+torch, took a few seconds every time); they end with the process, or at :func:`stop_workers`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -154,16 +157,38 @@ def _one_thread() -> None:
     logging.getLogger("mvmm").setLevel(logging.WARNING)
 
 
+# the worker pools of this process by size, kept for the next call (module notes)
+_POOLS: Dict[int, ProcessPoolExecutor] = {}
+
+
 def worker_pool(workers: int, jobs: int, device: str) -> Optional[ProcessPoolExecutor]:
     """Spawned worker processes (one torch thread each) for ``jobs`` jobs, or None to run in this process:
     ``workers`` of them (0: one per available core), none on CUDA (one process drives the GPU; worker
-    processes are for CPU cores)."""
+    processes are for CPU cores). The pool is this process's pool of that size, started on first use and
+    reused (:func:`stop_workers` ends it); its processes start as jobs need them."""
     workers = workers or available_cores()
     if device.startswith("cuda") or workers <= 1 or jobs <= 1:
         return None
-    # spawn, not fork: a forked torch process can deadlock on the parent's thread pools
-    return ProcessPoolExecutor(max_workers=min(workers, jobs), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_one_thread)
+    if workers not in _POOLS:
+        # spawn, not fork: a forked torch process can deadlock on the parent's thread pools
+        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_one_thread)
+    return _POOLS[workers]
+
+
+def stop_workers() -> None:
+    """End the worker processes this process started (:func:`worker_pool`); the next call starts new ones."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(wait=True, cancel_futures=True)
+
+
+def _discard(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` without waiting (an interrupted or failed call: its queued jobs are cancelled, a broken
+    pool cannot be reused) and forget it."""
+    for size, kept in list(_POOLS.items()):
+        if kept is pool:
+            del _POOLS[size]
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_jobs(function, jobs: List[tuple], pool: Optional[ProcessPoolExecutor], desc: str, progress: bool) -> List:
@@ -181,10 +206,15 @@ def run_jobs(function, jobs: List[tuple], pool: Optional[ProcessPoolExecutor], d
             future.add_done_callback(lambda _: bar.update(1))
         return [future.result() for future in futures]
     except BrokenProcessPool:
+        _discard(pool)
         raise InputError("MultiAtlasSettings.workers: the worker processes stopped before finishing (out of "
                          "memory, or a script without an `if __name__ == \"__main__\":` guard, which worker "
                          "processes need to start); set `MultiAtlasSettings.workers`=1 to register in this "
                          "process") from None
+    except BaseException:
+        if pool is not None:  # (Ctrl-C, a job's error): nothing of this call is left queued
+            _discard(pool)
+        raise
     finally:
         bar.close()
 
@@ -298,16 +328,12 @@ def multi_atlas_prior(case: Image, entries: Sequence[AtlasEntry], settings: Mult
     case = Image(case.data[:1].detach().cpu(), case.grid, case.name, case.source)
     pool = worker_pool(settings.workers, len(entries), device)
     job_device = device if pool is None else "cpu"
-    try:
-        linear = run_jobs(register_linear, [(case, e, settings, labels, job_device) for e in entries], pool,
-                          "atlases: affine", progress)
-        ranked = sorted(range(len(entries)), key=lambda i: -linear[i]["similarity"])
-        kept = sorted(ranked[: settings.size] if settings.size else ranked)
-        warped = run_jobs(register_and_warp, [(case, entries[i], settings, labels, linear[i]["linear"], job_device)
-                                              for i in kept], pool, f"atlases: {settings.transform}", progress)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    linear = run_jobs(register_linear, [(case, e, settings, labels, job_device) for e in entries], pool,
+                      "atlases: affine", progress)
+    ranked = sorted(range(len(entries)), key=lambda i: -linear[i]["similarity"])
+    kept = sorted(ranked[: settings.size] if settings.size else ranked)
+    warped = run_jobs(register_and_warp, [(case, entries[i], settings, labels, linear[i]["linear"], job_device)
+                                          for i in kept], pool, f"atlases: {settings.transform}", progress)
     for i, atlas in zip(kept, warped):
         if atlas["jacobian"] is not None:
             warn_if_folded(atlas["jacobian"], f"the {settings.transform.upper()} of atlas {entries[i].name}")
@@ -408,13 +434,9 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     fit = Image(fit.data.detach().float().cpu(), fit.grid, fit.name, fit.source)
     centre = foreground_centre(fit, labels.background_index)  # every label map starts there
     pool = worker_pool(settings.workers, len(entries), device)
-    try:
-        warped = run_jobs(register_labels_to_fit,
-                          [(fit, centre, e, settings, labels, grid, device if pool is None else "cpu") for e in entries],
-                          pool, f"atlases: {settings.transform} to the fit", progress)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    warped = run_jobs(register_labels_to_fit,
+                      [(fit, centre, e, settings, labels, grid, device if pool is None else "cpu") for e in entries],
+                      pool, f"atlases: {settings.transform} to the fit", progress)
     dropped = {}
     for entry, atlas in zip(entries, warped):
         if "failed" in atlas:

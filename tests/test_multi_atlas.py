@@ -110,6 +110,31 @@ def test_the_most_similar_atlases_are_kept_and_worker_processes_agree(atlas_set)
     assert float(agree) > 0.99
 
 
+def test_worker_processes_serve_later_calls_until_a_call_fails_or_they_are_stopped():
+    """Starting the spawned workers (each imports torch) cost seconds per call; one pool serves them all."""
+    import os
+
+    from mvmm import multi_atlas
+
+    multi_atlas.stop_workers()
+    pool = multi_atlas.worker_pool(2, 3, "cpu")
+    first = multi_atlas.run_jobs(os.getpid, [()] * 3, pool, "pids", False)
+    assert os.getpid() not in first  # the jobs ran in the workers
+    started = {process.pid for process in pool._processes.values()}
+    assert multi_atlas.worker_pool(2, 20, "cpu") is pool and multi_atlas.worker_pool(2, 1, "cpu") is None
+    assert multi_atlas.worker_pool(2, 5, "cuda:0") is None  # one process drives a GPU
+    again = multi_atlas.run_jobs(os.getpid, [()] * 3, pool, "pids", False)
+    assert set(again) <= started and {process.pid for process in pool._processes.values()} == started
+    # a job's error ends the call's pool (nothing of it stays queued); the next call starts a new one
+    with pytest.raises(ValueError):
+        multi_atlas.run_jobs(int, [("not a number",), ("1",)], pool, "fail", False)
+    fresh = multi_atlas.worker_pool(2, 3, "cpu")
+    assert fresh is not pool and multi_atlas.run_jobs(int, [("1",), ("2",)], fresh, "ints", False) == [1, 2]
+    multi_atlas.stop_workers()
+    assert multi_atlas.worker_pool(2, 3, "cpu") is not fresh
+    multi_atlas.stop_workers()
+
+
 def test_local_ncc_weights_the_atlas_that_matches_there():
     rng = np.random.default_rng(0)
     fixed = rng.normal(size=(30, 40))
