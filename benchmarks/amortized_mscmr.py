@@ -23,7 +23,8 @@ folds' patients and segment the fold's. Methods (``--methods``):
   fit``, 0.22.0); with ``--set-guides both`` (the default) also ``-register-set`` rows, where the registered fit's
   posterior guides them (``... --register-atlas affine``, 0.20.0; the experiment's ``vae-seg-refine``); with
   ACDC's folder and ``vae-acdc`` still no MS-CMRSeg label is used. Subjects named as a test patient
-  (``patientN``) are left out of the set.
+  (``patientN``) are left out of the set. Every vae row also scores its posterior's entropy (the
+  ``entropy.nii.gz`` that ``segment`` writes) the same way; ``--variants`` runs only the rows named.
 
 Every figure is the mean over the patients; seconds per case are files to labels. Labels of test
 patients are read for scoring only.
@@ -177,6 +178,8 @@ def main():
     parser.add_argument("--atlas-set-labels", help="their label values named by tissue, e.g. RV=1,Myo=2,LV=3")
     parser.add_argument("--set-guides", choices=["network", "both"], default="both",
                         help="-set rows (the network's answer guides the set) only, or -register-set rows too")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="only these rows of the vae methods, e.g. vae-acdc-register-set (default: all)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu")
@@ -230,6 +233,8 @@ def main():
                 variants["-set"] = {"samples": 0, "atlas_set": entries}
                 if args.set_guides == "both":
                     variants["-register-set"] = {**variants["-register"], "samples": 0, "atlas_set": entries}
+            if args.variants is not None:
+                variants = {k: v for k, v in variants.items() if (method + k) in args.variants}
             for p in test:
                 truth = Image.read(files[p].labels["LGE"], "truth").data[0].numpy().round().astype(np.int64)
                 spacing = tuple(reversed(Image.read(files[p].images["LGE"], "LGE").grid.spacing))
@@ -243,15 +248,15 @@ def main():
                     name = method + suffix
                     row = {"method": name, "patient": p, "fold": fold, "seconds": seconds,
                            "dice": {n: dice(labels == v, truth == v) for n, v in STRUCTURES.items()}}
+                    # the errors of the map the entropy is of: the method's, before the clean-up; the posterior's
+                    # entropy is what `segment` writes (entropy.nii.gz) for every row, the samples' with --samples
+                    raw = replace(result, postprocess="none").label_map()
+                    near = near_heart(truth, raw, spacing)
+                    wrong = raw != truth
+                    row["auroc_posterior_entropy"] = auroc(result.entropy().cpu().numpy()[near], wrong[near])
                     if how.get("samples"):
-                        # the errors of the map the entropy is of: the method's, before the clean-up
-                        raw = replace(result, postprocess="none").label_map()
-                        near = near_heart(truth, raw, spacing)
-                        wrong = raw != truth
                         entropy = result.extra_maps["uncertainty_entropy"].cpu().numpy()
-                        own = result.entropy().cpu().numpy()
                         row["auroc_sample_entropy"] = auroc(entropy[near], wrong[near])
-                        row["auroc_posterior_entropy"] = auroc(own[near], wrong[near])
                         if p == test[0]:
                             uncertainty_figure(args.out / "figures" / f"{name}_patient{p}.png", images[0].data[0].numpy(),
                                                truth, raw, entropy, f"{name}, patient {p} (fold {fold})")
