@@ -184,6 +184,13 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.variants is not None:  # a misspelt row would otherwise run nothing for that method, silently
+        suffixes = ["", "-refine", "-register"] + (["-set", "-register-set"] if args.atlas_set else [])
+        rows_known = [m + s for m in args.methods if m.startswith("vae-") for s in suffixes]
+        unknown = sorted(set(args.variants) - set(rows_known))
+        if unknown:
+            parser.error(f"--variants: no such row {', '.join(unknown)} (rows of these --methods and --atlas-set: "
+                         f"{', '.join(rows_known)})")
     from mvmm.core.settings import AcweNetSettings, ExperimentSettings, TrainingSettings
     from mvmm.data.image import Image
     from mvmm.experiments.mscmr import network_refinement

@@ -21,7 +21,7 @@ from mvmm.core.outputs import OutputError
 # imports torch and the rest of mvmm when it runs.
 from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BIAS_CORRECTIONS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
-                                ATLAS_SET_GUIDES, LR_SCHEDULES, POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                ATLAS_SET_GUIDES, FUSIONS, LR_SCHEDULES, POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
                                 FitGuidedSettings, MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
                                 TrainingSettings, VaeSegSettings,
@@ -133,6 +133,7 @@ PARAMETER_FLAGS = {
     "MultiAtlasSettings.size": "--atlas-set-size", "MultiAtlasSettings.transform": "--atlas-set-transform",
     "MultiAtlasSettings.workers": "--atlas-set-workers", "FitGuidedSettings.transform": "--atlas-set-transform",
     "FitGuidedSettings.workers": "--atlas-set-workers", "atlas_set_size": "--atlas-set-size",
+    "MultiAtlasSettings.fusion": "--atlas-set-fusion", "FitGuidedSettings.fusion": "--atlas-set-fusion",
     "atlas_set_labels": "--atlas-set-labels", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
     "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
     "RegistrationSettings.images_model": "--images-model",
@@ -263,6 +264,11 @@ def main():
               help=f"Final transform of each atlas registration (rigid, affine, then FFD or SVF levels); default "
                    f"{default(MultiAtlasSettings, 'transform')}, with --atlas-set-guide fit "
                    f"{default(FitGuidedSettings, 'transform')}.")
+@click.option("--atlas-set-fusion", type=click.Choice(FUSIONS),
+              help=f"How the registered atlases' labels are fused: local-ncc weighs each atlas where its image (warped "
+                   f"as its labels) matches the reference image; vote averages them. Default "
+                   f"{default(MultiAtlasSettings, 'fusion')}, with --atlas-set-guide fit "
+                   f"{default(FitGuidedSettings, 'fusion')} (an atlas set of another sequence votes equally).")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--atlas-set-labels", metavar="NAME=VALUE,...",
@@ -397,7 +403,7 @@ def main():
 @click.pass_context
 @common_options
 def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_guide, atlas_set_size,
-            atlas_set_transform, atlas_set_workers, atlas_set_labels, labels_text,
+            atlas_set_transform, atlas_set_fusion, atlas_set_workers, atlas_set_labels, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
@@ -430,7 +436,8 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
     multi_atlas, fit_guided = None, _fit_guided_settings(ctx.params)
     if atlas_set is not None and fit_guided is None:
         multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform
-                                         or default(MultiAtlasSettings, "transform"), workers=atlas_set_workers)
+                                         or default(MultiAtlasSettings, "transform"), workers=atlas_set_workers,
+                                         fusion=atlas_set_fusion or default(MultiAtlasSettings, "fusion"))
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin,
@@ -485,6 +492,7 @@ def _fit_guided_settings(params: dict, model: bool = False) -> Optional[FitGuide
         raise InputError("atlas_set_size: the atlases are chosen by their image similarity to the case; with "
                          "`atlas_set_guide` fit every atlas is registered to the first fit")
     return FitGuidedSettings(transform=params["atlas_set_transform"] or default(FitGuidedSettings, "transform"),
+                             fusion=params["atlas_set_fusion"] or default(FitGuidedSettings, "fusion"),
                              workers=params["atlas_set_workers"])
 
 

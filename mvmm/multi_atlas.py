@@ -27,9 +27,11 @@ maps L_i (an atlas set, :mod:`mvmm.data.atlas_set`):
 the images differ more than the anatomy (scar, nulling, coil shading), so instead of the images, each atlas's
 one-hot label map, its anatomy's centre laid on the fit's, is registered to the posterior of a first fit of
 the case with a probabilistic atlas — probability maps on both sides, their mean squared difference (SSD) as
-the similarity, rigid → affine → FFD — and the warped labels are averaged (equal votes where they cover a
-voxel) and smoothed as in step 5. The prior so made has the atlases' real shapes where the first fit put the
-anatomy; the model is then fitted again on it (:func:`mvmm.segment.refit_with_atlas_set`).
+the similarity, rigid → affine → FFD — and the warped labels are fused as in steps 4 and 5, each atlas's image
+warped by its label map's transform (``fusion`` "local-ncc": the labels placed by the anatomy, weighted where the
+atlas's image also looks like the case); an atlas set of another sequence (another data set's label maps) votes
+equally. The prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then
+fitted again on it (:func:`mvmm.segment.refit_with_atlas_set`).
 
 The registrations are independent: they run in worker processes (one torch thread each; by default
 one per available core). A script that calls this with more than one worker needs the usual
@@ -47,7 +49,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -246,8 +248,11 @@ def local_ncc(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, sigma_vox
     return np.where(mask, np.clip(ncc, -1.0, 1.0), -1.0)
 
 
-def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet, settings: MultiAtlasSettings) -> np.ndarray:
-    """The fused probabilities ``[K, *S]`` on the case grid (module notes, steps 4 and 5)."""
+def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet,
+                settings: Union[MultiAtlasSettings, FitGuidedSettings]) -> np.ndarray:
+    """The fused probabilities ``[K, *S]`` on the case grid (module notes, steps 4 and 5); ``warped``: each atlas's
+    ``image``, ``labels`` and ``inside`` on that grid; ``settings``: its ``fusion``, ``window_mm``, ``temperature``,
+    ``sigma_mm``."""
     spacing = np.asarray(case.grid.spacing[::-1])  # per array axis
     fixed = case.data[0].cpu().numpy()
     scores = []
@@ -359,18 +364,23 @@ def foreground_centre(maps: Image, background_index: int) -> np.ndarray:
 
 
 def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry, settings: FitGuidedSettings,
-                           labels: LabelSet, grid, device: str = "cpu") -> dict:
+                           labels: LabelSet, grid, device: str = "cpu", with_image: bool = False) -> dict:
     """One atlas's one-hot labels registered to a fit's posterior ``fit [K, *S]`` (SSD of probability maps,
     rigid → affine → ``settings.transform``) and resampled onto ``grid`` (linear: partial volumes stay soft).
-    ``fit_centre``: the fit's :func:`foreground_centre`, where the label map's is laid first.
+    ``fit_centre``: the fit's :func:`foreground_centre`, where the label map's is laid first. ``with_image``:
+    the atlas's image too, warped by the same map (for the local NCC weights of :func:`fuse_labels`).
 
-    Returns numpy arrays ``labels [K, *grid.shape]``, ``inside [*grid.shape]`` (bool), the similarity after
-    registration (minus the SSD), the Dice of its foreground and the fit's on the fit's grid (``agreement``)
-    and the deformation's Jacobian statistics (None for a linear transform); or ``{"failed": reason}`` when
-    the registration lost the overlap.
+    Returns numpy arrays ``labels [K, *grid.shape]``, ``inside [*grid.shape]`` (bool), with ``with_image``
+    ``image [*grid.shape]``, the similarity after registration (minus the SSD), the Dice of its foreground and
+    the fit's on the fit's grid (``agreement``) and the deformation's Jacobian statistics (None for a linear
+    transform); or ``{"failed": reason}`` when the registration lost the overlap.
     """
     device = torch.device(device)
-    onehot = read_labels(entry, grid, labels)
+    image = None
+    if with_image:
+        image = Image.read(entry.image, entry.name, ARGNAME)
+        image.check_intensities(ARGNAME)
+    onehot = read_labels(entry, grid, labels, image_grid=None if image is None else image.grid)
     # start with the anatomies' centres on each other: the frame placement lays the fields of view's centres on
     # each other, and neither heart need be near its centre (an uncropped scan; the fit's grid cut to the heart)
     shift = np.eye(grid.ndim + 1)
@@ -393,12 +403,31 @@ def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry
             onehot.data.to(device), onehot.grid, map_grid(registration.transform, fit.grid, device))
         ours, theirs = (1 - on_fit[background]) * covered, 1 - fit.data[background].to(device)
         agreement = float(2 * (ours * theirs).sum() / (ours.sum() + theirs.sum()).clamp_min(1e-6))
-    return {"labels": warped.cpu().numpy(), "inside": inside.cpu().numpy(), "jacobian": jacobian,
-            "similarity": -float(result.loss_after), "agreement": agreement}
+        out = {"labels": warped.cpu().numpy(), "inside": inside.cpu().numpy(), "jacobian": jacobian,
+               "similarity": -float(result.loss_after), "agreement": agreement}
+        if image is not None:  # the image shares the label map's voxels, so the label map's (moved) grid is its
+            out["image"] = sample_image(image.data.float().to(device), onehot.grid, points)[0][0].cpu().numpy()
+    return out
+
+
+def fit_guided_fusion(entries: Sequence[AtlasEntry], settings: FitGuidedSettings,
+                      reference: Optional[Image]) -> Tuple[str, str]:
+    """How a fit-guided prior's label maps are fused, and why: ``settings.fusion``, except that local NCC
+    weights need ``reference`` (the image the first fit's grid is) and atlas images of its sequence (another data
+    set's — ACDC's cine frames for an LGE case — vote equally: their images cannot be compared with it)."""
+    if settings.fusion == "vote":
+        return "vote", "settings"
+    if reference is None:
+        return "vote", "no reference image was given"
+    other = sorted({e.sequence for e in entries if e.sequence.lower() != reference.name.lower()})
+    if other:
+        return "vote", f"the atlas set's images are not of the reference's sequence {reference.name!r}: {other}"
+    return "local-ncc", "settings"
 
 
 def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGuidedSettings, labels: LabelSet,
-                     grid, device=None, progress: bool = False) -> Tuple[Atlas, dict]:
+                     grid, device=None, progress: bool = False, reference: Optional[Image] = None
+                     ) -> Tuple[Atlas, dict]:
     """A subject-specific prior on ``grid`` from the atlas set's label maps registered to a first fit.
 
     Parameters
@@ -414,12 +443,16 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
         Where the prior is wanted (the case's reference grid).
     device : torch.device or str, optional
         Where each registration runs (CPU workers when ``settings.workers`` > 1).
+    reference : Image, optional
+        The case's reference image ``[1, *grid.shape]`` on ``grid``: with ``settings.fusion`` "local-ncc" and an
+        atlas set of its sequence, each map votes by how well its image, warped by the same map, matches it
+        there (:func:`fit_guided_fusion`).
 
     Returns
     -------
     atlas : Atlas
-        ``[K, *grid.shape]``: the mean of the registered label maps where they cover a voxel, smoothed by
-        ``settings.sigma_mm`` (frame ``"world"``).
+        ``[K, *grid.shape]``: the (weighted) mean of the registered label maps where they cover a voxel, smoothed
+        by ``settings.sigma_mm`` (frame ``"world"``).
     report : dict
         Settings, the atlases, those kept and those left out (a registration that lost the overlap, or whose
         foreground ended with Dice under :data:`MIN_FIT_AGREEMENT` on the fit's: a warning each), each kept
@@ -433,10 +466,13 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     device = str(device) if device is not None else "cpu"
     fit = Image(fit.data.detach().float().cpu(), fit.grid, fit.name, fit.source)
     centre = foreground_centre(fit, labels.background_index)  # every label map starts there
+    fusion, why = fit_guided_fusion(entries, settings, reference)
+    if fusion != settings.fusion:
+        log.info("the atlas set's label maps vote equally: %s", why)
     pool = worker_pool(settings.workers, len(entries), device)
     warped = run_jobs(register_labels_to_fit,
-                      [(fit, centre, e, settings, labels, grid, device if pool is None else "cpu") for e in entries],
-                      pool, f"atlases: {settings.transform} to the fit", progress)
+                      [(fit, centre, e, settings, labels, grid, device if pool is None else "cpu", fusion != "vote")
+                       for e in entries], pool, f"atlases: {settings.transform} to the fit", progress)
     dropped = {}
     for entry, atlas in zip(entries, warped):
         if "failed" in atlas:
@@ -452,11 +488,17 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     if not kept:
         raise InputError(f"{ARGNAME}: no atlas's label map could be registered to the first fit (is the fit on the "
                          f"anatomy? check its overview.png): {dropped}")
-    spacing = np.asarray(grid.spacing[::-1])
-    probabilities = weighted_vote([atlas for _, atlas in kept], [np.ones(atlas["inside"].shape) for _, atlas in kept],
-                                  labels, spacing, settings.sigma_mm)
+    if fusion == "vote":
+        spacing = np.asarray(grid.spacing[::-1])
+        probabilities = weighted_vote([atlas for _, atlas in kept], [np.ones(atlas["inside"].shape) for _ in kept],
+                                      labels, spacing, settings.sigma_mm)
+    else:
+        if not reference.grid.same_geometry(grid):
+            raise ValueError("reference: not on `grid`")
+        probabilities = fuse_labels(reference, [atlas for _, atlas in kept], labels, settings)
     source = f"multi-atlas ({len(kept)} label maps registered to the first fit)"
-    report = {"guide": "fit", "settings": asdict(settings), "atlases": [e.name for e in entries],
+    report = {"guide": "fit", "settings": asdict(settings), "fusion": fusion, "fusion_reason": why,
+              "atlases": [e.name for e in entries],
               "kept": [e.name for e, _ in kept], "dropped": dropped,
               "similarity": {e.name: w["similarity"] for e, w in kept},
               "agreement": {e.name: w["agreement"] for e, w in kept},

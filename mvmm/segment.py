@@ -611,7 +611,7 @@ def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], s
     reference = subject.images[[im.name for im in subject.images].index(subject.reference)]
     fit = Image(first.posterior, first.common.grid, "posterior", "the first fit")
     prior, report = fit_guided_prior(fit, atlas_set, settings, first.labels, reference.grid,
-                                     device=first.device, progress=options["progress"])
+                                     device=first.device, progress=options["progress"], reference=reference)
     transforms = {name: t for name, t in subject.transforms.items() if name != "atlas"}
     second = _segment_once(replace(subject, atlas=prior, transforms=transforms), registration=None,
                            **{**options, "bias_correction": "none", "atlas_start": None})

@@ -225,6 +225,66 @@ def test_label_maps_registered_to_a_fit_take_its_shape(atlas_set):
     assert min(report["agreement"].values()) > 0.9
 
 
+def test_a_label_map_s_image_is_warped_by_its_own_map(atlas_set):
+    """The local NCC weights of a fit-guided vote compare the case with each atlas's image where its labels went:
+    the image must follow the label map's transform (here the scan's contrast of the warped labels)."""
+    from mvmm.multi_atlas import foreground_centre, register_labels_to_fit
+
+    folder, target, truth = atlas_set
+    entry = entries_of(read_atlas_set(folder), "LGE")[1]
+    fit = Image(soft_onehot(truth, NAMED.values), target.grid, "posterior")
+    warped = register_labels_to_fit(fit, foreground_centre(fit, 0), entry, FitGuidedSettings(workers=1), NAMED,
+                                    target.grid, with_image=True)
+    expected = np.tensordot([INTENSITY[v] for v in NAMED.values], warped["labels"], axes=1)
+    inside = warped["inside"]
+    assert np.corrcoef(warped["image"][inside], expected[inside])[0, 1] > 0.95
+    assert "image" not in register_labels_to_fit(fit, foreground_centre(fit, 0), entry, FitGuidedSettings(workers=1),
+                                                 NAMED, target.grid)
+
+
+def test_fit_guided_votes_weigh_each_map_by_how_its_image_matches_the_case_there(atlas_set, monkeypatch):
+    """Two registered label maps that disagree on the left half: with local NCC the one whose image matches the
+    case there wins there (and the other where its image matches); the plain vote, or a set of another sequence
+    (whose images cannot be compared with the case), averages them, and the report says which and why."""
+    from mvmm import multi_atlas
+
+    _, target, _ = atlas_set
+    case = target.data[0].numpy()
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, case.std(), case.shape).astype(np.float32)
+    left = np.zeros(case.shape, dtype=bool)
+    left[:, : case.shape[1] // 2] = True
+
+    def fake_registration(fit, centre, entry, settings, labels, grid, device, with_image):
+        first = entry.subject == "subject1"
+        chosen = np.zeros((len(labels),) + case.shape, dtype=np.float32)
+        chosen[1 if first else 2] = 1.0  # subject1 calls everything wall, subject2 pool
+        image = np.where(left == first, case, noise)  # subject1's image is the case's on the left, subject2's right
+        out = {"labels": chosen, "inside": np.ones(case.shape, dtype=bool), "jacobian": None, "similarity": 0.0,
+               "agreement": 1.0}
+        return {**out, "image": image} if with_image else out
+
+    monkeypatch.setattr(multi_atlas, "register_labels_to_fit", fake_registration)
+    entries = entries_of(read_atlas_set(atlas_set[0]), "LGE")[:2]
+    fit = Image(torch.full((4,) + case.shape, 0.25), target.grid, "posterior")
+    settings = FitGuidedSettings(workers=1, sigma_mm=0.0)
+    weighted, report = fit_guided_prior(fit, entries, settings, NAMED, target.grid, reference=target)
+    p = weighted.probabilities.numpy()
+    assert report["fusion"] == "local-ncc"
+    inner = ndimage.binary_erosion(left, iterations=8), ndimage.binary_erosion(~left, iterations=8)
+    assert p[1][inner[0]].mean() > 0.95 and p[2][inner[1]].mean() > 0.95
+    for kwargs in ({"settings": dataclasses.replace(settings, fusion="vote"), "reference": target},
+                   {"settings": settings, "reference": None},
+                   {"settings": settings, "reference": Image(target.data, target.grid, "cine", "another sequence")}):
+        plain, report = fit_guided_prior(fit, entries, kwargs["settings"], NAMED, target.grid,
+                                         reference=kwargs["reference"])
+        assert report["fusion"] == "vote", report["fusion_reason"]
+        assert np.allclose(plain.probabilities[1:3].numpy(), 0.5, atol=1e-6)
+    assert "not of the reference's sequence 'cine'" in report["fusion_reason"]
+    with pytest.raises(InputError, match="FitGuidedSettings.fusion"):
+        FitGuidedSettings(fusion="majority")
+
+
 def test_segment_refits_on_the_atlas_set_registered_to_its_first_fit(tmp_path, atlas_set):
     folder, target, truth = atlas_set
     target.write(tmp_path / "LGE.nii.gz")
@@ -237,8 +297,13 @@ def test_segment_refits_on_the_atlas_set_registered_to_its_first_fit(tmp_path, a
     assert report["settings"]["atlas_set"]["guide"] == "fit"
     assert report["settings"]["atlas_set"]["atlases"] == [f"subject{i} LGE" for i in range(1, 6)]
     assert {"guide_fit_s", "atlas_set_s"} <= set(report["timings_s"])
+    assert report["settings"]["atlas_set"]["fusion"] == "local-ncc"  # the set's images are the case's sequence
     labels = io.read_array(out / "labels.nii.gz", "labels")[0]
     assert mean_dice(labels, truth, target.grid) > 0.85
+    result = CliRunner().invoke(main, args + ["--atlas-set-fusion", "vote", "--out", str(tmp_path / "vote")])
+    assert result.exit_code == 0, result.output
+    voted = json.loads((tmp_path / "vote" / "report.json").read_text())["settings"]["atlas_set"]
+    assert voted["fusion"] == "vote" and voted["settings"]["fusion"] == "vote"
     # only the atlases' similarity chooses some of them: not with the fit as the guide (named in flags)
     result = CliRunner().invoke(main, args + ["--atlas-set-size", "3", "--out", str(tmp_path / "o2")])
     assert result.exit_code == 1 and "--atlas-set-size" in result.output and "--atlas-set-guide" in result.output

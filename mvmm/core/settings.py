@@ -472,6 +472,10 @@ EXPERIMENT_METHODS = CLASSICAL_METHODS + NETWORK_METHODS
 PRIORS = ("groupwise", "template", "multi-atlas", "multi-atlas-fit")
 ATLAS_SET_GUIDES = ("image", "fit")  # what an atlas set is registered to (mvmm segment --atlas-set-guide)
 FUSIONS = ("local-ncc", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas)
+# the local NCC weighting of a multi-atlas vote (MultiAtlasSettings, FitGuidedSettings): a Gaussian window of this
+# standard deviation (mm) and exp(LNCC / temperature); the fit-guided prior took the image-guided one's values unchanged
+LOCAL_NCC_WINDOW_MM = 5.0
+LOCAL_NCC_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -509,8 +513,8 @@ class MultiAtlasSettings:
     metric: str = "ncc"
     size: Optional[int] = None
     fusion: str = "local-ncc"
-    window_mm: float = 5.0
-    temperature: float = 0.1
+    window_mm: float = LOCAL_NCC_WINDOW_MM
+    temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0
     control_spacing: float = 40.0
     ffd_levels: int = 2
@@ -543,7 +547,8 @@ class FitGuidedSettings:
     is registered to that fit's posterior — probability maps on both sides, so the similarity is their mean
     squared difference, which does not care how the subjects' intensities differ (registering the atlas
     *images* to the case by NCC was loose between patients: docs/mscmr.md, 0.5.0) — and the warped labels,
-    averaged and smoothed, are the prior the model is fitted with again, nothing moving.
+    fused (each weighted where its image, warped by the same map, matches the case: ``fusion``) and smoothed, are
+    the prior the model is fitted with again, nothing moving.
 
     Attributes
     ----------
@@ -554,6 +559,13 @@ class FitGuidedSettings:
     bending_weight : float
         λ of the bending energy against the SSD of probability maps (:class:`GroupwiseSettings`' scale
         and value).
+    fusion : {"local-ncc", "vote"}
+        ``"local-ncc"``: each registered label map votes at x with weight ``exp(LNCC_i(x) / temperature)``,
+        LNCC the Gaussian-windowed correlation of the reference image and that atlas's image warped by the
+        same map (as :class:`MultiAtlasSettings`); used when every atlas's image is of the reference's
+        sequence, else (another data set's label maps) the vote is equal. ``"vote"``: equal weights, the mean.
+    window_mm, temperature : float
+        As :class:`MultiAtlasSettings`.
     sigma_mm : float
         Gaussian smoothing (mm) of the averaged labels, so that the prior is soft like an atlas.
     workers : int
@@ -571,11 +583,16 @@ class FitGuidedSettings:
     grid_spacing: float = 3.0
     steps: int = 10
     max_outer: int = 5
+    fusion: str = "local-ncc"
+    window_mm: float = LOCAL_NCC_WINDOW_MM
+    temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0
     workers: int = 0
 
     def __post_init__(self):
         require_field_choice(self, "transform", TRANSFORM_KINDS)
+        require_field_choice(self, "fusion", FUSIONS)
+        require_positive(self, ("window_mm", "temperature"))
         require_positive(self, ("control_spacing", "grid_spacing", "ffd_levels", "steps", "max_outer"))
         require_positive(self, ("sigma_mm", "bending_weight", "workers"), strict=False)
 
