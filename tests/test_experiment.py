@@ -200,6 +200,13 @@ def test_mscmr_experiment_priors_leave_the_target_out_and_report_what_em_adds(tm
     if prior == "multi-atlas-fit":  # the first fit (its search among its steps), the registrations, the fit again
         assert {"guide_fit_s", "atlas_set_s", "fit_s", "guide_registration: search"} <= set(split)
         assert 0 < split["fit_s"] < split["guide_fit_s"] + split["atlas_set_s"] < record["seconds"]["em-all"]
+        # a folder whose second fits' prior was made otherwise (before 0.23.0: the maps' mean) is not resumed
+        index = json.loads((out / "experiment.json").read_text())
+        assert index["fit_guided"]["fusion"] == "local-ncc"
+        del index["fit_guided"]
+        (out / "experiment.json").write_text(json.dumps(index))
+        with pytest.raises(InputError, match="other settings"):
+            run_mscmr(data, out, settings, patients=[2], progress=False)
     if prior == "template":  # the cached atlases carry the atlas patients' LGE and C0 templates
         sidecars = [json.loads(p.read_text()) for p in (out / "atlases").glob("*.json")]
         assert sidecars and all(set(meta["templates"]) == {"LGE", "C0"} for meta in sidecars)

@@ -58,7 +58,7 @@ from mvmm.data.manifest import Manifest, expected_names, scan
 from mvmm.data.subject import Subject
 from mvmm.core.devices import resolve_device
 from mvmm.core.settings import CLASSICAL_METHODS, EXPERIMENT_METHODS as METHODS  # noqa: F401 (re-exported)
-from mvmm.core.settings import BAYES_METHODS, VAE_METHODS
+from mvmm.core.settings import BAYES_METHODS, VAE_METHODS, FitGuidedSettings
 from mvmm.core.settings import ExperimentSettings  # noqa: F401 (re-exported)
 from mvmm.core.errors import InputError
 from mvmm.experiments.summary import write_summary
@@ -378,6 +378,10 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
               "settings": asdict(settings)}
     if lge_data is not None:  # (absent otherwise: earlier runs' folders resume as they were)
         record["lge_data"] = str(Path(lge_data).resolve())
+    if settings.prior == "multi-atlas-fit":
+        # how the second fit's prior is made (its fusion changed in 0.23.0): a folder of another way is not resumed,
+        # so that no table mixes the two; one made before 0.23.0 has none and is refused too
+        record["fit_guided"] = asdict(FitGuidedSettings())
     _prepare(out, record, force)
     device = resolve_device(settings.device)
     fold_of = {p: i % settings.folds for i, p in enumerate(patients)} if settings.folds else None
