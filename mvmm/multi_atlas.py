@@ -413,8 +413,9 @@ def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry
 def fit_guided_fusion(entries: Sequence[AtlasEntry], settings: FitGuidedSettings,
                       reference: Optional[Image]) -> Tuple[str, str]:
     """How a fit-guided prior's label maps are fused, and why: ``settings.fusion``, except that local NCC
-    weights need ``reference`` (the image the first fit's grid is) and atlas images of its sequence (another data
-    set's — ACDC's cine frames for an LGE case — vote equally: their images cannot be compared with it)."""
+    weights need ``reference`` (the image on whose grid the prior is made) and atlas images of its sequence
+    (another data set's — ACDC's cine frames for an LGE case — vote equally: their images cannot be compared
+    with it)."""
     if settings.fusion == "vote":
         return "vote", "settings"
     if reference is None:

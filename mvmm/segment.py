@@ -73,9 +73,9 @@ def read_images(images: Sequence[Union[str, Path]], names: Optional[Sequence[str
 def atlas_set_entries(atlas_set, reference: str, label_names: Optional[str] = None, labels_only: bool = False) -> list:
     """The entries of the atlas set ``atlas_set`` (a folder or CSV, :mod:`mvmm.data.atlas_set`) of the
     reference image's sequence (matched by name). ``label_names``: their label values named by tissue
-    (``"RV=1,Myo=2,LV=3"``, when not the case's). ``labels_only``: for a fit-guided prior, which reads only the
-    label maps — a set without the reference's sequence (another data set's) gives all its entries
-    (:func:`mvmm.data.atlas_set.label_maps_of`)."""
+    (``"RV=1,Myo=2,LV=3"``, when not the case's). ``labels_only``: for a fit-guided prior, which registers the
+    label maps (their images, when of the reference's sequence, only weigh them) — a set without the reference's
+    sequence (another data set's) gives all its entries (:func:`mvmm.data.atlas_set.label_maps_of`)."""
     entries = read_atlas_set(atlas_set, label_names=label_names)
     return label_maps_of(entries, reference) if labels_only else entries_of(entries, reference)
 
