@@ -376,11 +376,7 @@ def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry
     transform); or ``{"failed": reason}`` when the registration lost the overlap.
     """
     device = torch.device(device)
-    image = None
-    if with_image:
-        image = Image.read(entry.image, entry.name, ARGNAME)
-        image.check_intensities(ARGNAME)
-    onehot = read_labels(entry, grid, labels, image_grid=None if image is None else image.grid)
+    image, onehot = read_atlas(entry, grid, labels) if with_image else (None, read_labels(entry, grid, labels))
     # start with the anatomies' centres on each other: the frame placement lays the fields of view's centres on
     # each other, and neither heart need be near its centre (an uncropped scan; the fit's grid cut to the heart)
     shift = np.eye(grid.ndim + 1)
@@ -470,6 +466,8 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     fusion, why = fit_guided_fusion(entries, settings, reference)
     if fusion != settings.fusion:
         log.info("the atlas set's label maps vote equally: %s", why)
+    if fusion == "local-ncc" and not reference.grid.same_geometry(grid):  # before the registrations, not after
+        raise ValueError("reference: not on `grid`")
     pool = worker_pool(settings.workers, len(entries), device)
     warped = run_jobs(register_labels_to_fit,
                       [(fit, centre, e, settings, labels, grid, device if pool is None else "cpu", fusion != "vote")
@@ -494,8 +492,6 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
         probabilities = weighted_vote([atlas for _, atlas in kept], [np.ones(atlas["inside"].shape) for _ in kept],
                                       labels, spacing, settings.sigma_mm)
     else:
-        if not reference.grid.same_geometry(grid):
-            raise ValueError("reference: not on `grid`")
         probabilities = fuse_labels(reference, [atlas for _, atlas in kept], labels, settings)
     source = f"multi-atlas ({len(kept)} label maps registered to the first fit)"
     report = {"guide": "fit", "settings": asdict(settings), "fusion": fusion, "fusion_reason": why,
