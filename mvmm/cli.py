@@ -266,7 +266,8 @@ def main():
                    f"{default(FitGuidedSettings, 'transform')}.")
 @click.option("--atlas-set-fusion", type=click.Choice(FUSIONS),
               help=f"How the registered atlases' labels are fused: local-ncc weighs each atlas where its image (warped "
-                   f"as its labels) matches the reference image; vote averages them. Default "
+                   f"as its labels) matches the reference image; joint is joint label fusion (ANTs): weights from "
+                   f"the same images that also account for atlases erring alike; vote averages them. Default "
                    f"{default(MultiAtlasSettings, 'fusion')}, with --atlas-set-guide fit "
                    f"{default(FitGuidedSettings, 'fusion')} (an atlas set of another sequence votes equally).")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),

@@ -65,6 +65,7 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values, one_hot, parse_label_names
+from mvmm.joint_fusion import joint_fusion_weights
 from mvmm.register import PairwiseRegistration
 from mvmm.spatial.init import weighted_centre
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
@@ -255,6 +256,9 @@ def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet,
     ``sigma_mm``."""
     spacing = np.asarray(case.grid.spacing[::-1])  # per array axis
     fixed = case.data[0].cpu().numpy()
+    if settings.fusion == "joint":
+        weights = joint_fusion_weights(fixed, warped, settings.window_mm / spacing)
+        return weighted_vote(warped, weights, labels, spacing, settings.sigma_mm)
     scores = []
     for atlas in warped:
         if settings.fusion == "local-ncc":
@@ -287,7 +291,8 @@ def weighted_vote(warped: Sequence[dict], weights: Sequence[np.ndarray], labels:
         weight = weight * atlas["inside"]
         votes += weight * atlas["labels"]
         total += weight
-    fused = np.where(total > 0, votes / np.maximum(total, 1e-300), 0.0)
+    # joint fusion's weights may be negative (they sum to one): a class voted below zero has none
+    fused = np.clip(np.where(total > 0, votes / np.maximum(total, 1e-300), 0.0), 0.0, None)
     fused[labels.background_index][total <= 0] = 1.0
     if sigma_mm > 0:
         sigma = sigma_mm / spacing
@@ -408,8 +413,8 @@ def register_labels_to_fit(fit: Image, fit_centre: np.ndarray, entry: AtlasEntry
 
 def fit_guided_fusion(entries: Sequence[AtlasEntry], settings: FitGuidedSettings,
                       reference: Optional[Image]) -> Tuple[str, str]:
-    """How a fit-guided prior's label maps are fused, and why: ``settings.fusion``, except that local NCC
-    weights need ``reference`` (the image on whose grid the prior is made) and atlas images of its sequence
+    """How a fit-guided prior's label maps are fused, and why: ``settings.fusion``, except that local NCC and
+    joint fusion weights need ``reference`` (the image on whose grid the prior is made) and atlas images of its sequence
     (another data set's — ACDC's cine frames for an LGE case — vote equally: their images cannot be compared
     with it)."""
     if settings.fusion == "vote":
@@ -419,7 +424,7 @@ def fit_guided_fusion(entries: Sequence[AtlasEntry], settings: FitGuidedSettings
     other = sorted({e.sequence for e in entries if e.sequence.lower() != reference.name.lower()})
     if other:
         return "vote", f"the atlas set's images are not of the reference's sequence {reference.name!r}: {other}"
-    return "local-ncc", "settings"
+    return settings.fusion, "settings"
 
 
 def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGuidedSettings, labels: LabelSet,
@@ -441,9 +446,9 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     device : torch.device or str, optional
         Where each registration runs (CPU workers when ``settings.workers`` > 1).
     reference : Image, optional
-        The case's reference image ``[1, *grid.shape]`` on ``grid``: with ``settings.fusion`` "local-ncc" and an
-        atlas set of its sequence, each map votes by how well its image, warped by the same map, matches it
-        there (:func:`fit_guided_fusion`).
+        The case's reference image ``[1, *grid.shape]`` on ``grid``: with ``settings.fusion`` "local-ncc" (or
+        "joint") and an atlas set of its sequence, each map votes by how well its image, warped by the same map,
+        matches it there (and, jointly, how the maps' errors there go together; :func:`fit_guided_fusion`).
 
     Returns
     -------
@@ -466,7 +471,7 @@ def fit_guided_prior(fit: Image, entries: Sequence[AtlasEntry], settings: FitGui
     fusion, why = fit_guided_fusion(entries, settings, reference)
     if fusion != settings.fusion:
         log.info("the atlas set's label maps vote equally: %s", why)
-    if fusion == "local-ncc" and not reference.grid.same_geometry(grid):  # before the registrations, not after
+    if fusion != "vote" and not reference.grid.same_geometry(grid):  # before the registrations, not after
         raise ValueError("reference: not on `grid`")
     pool = worker_pool(settings.workers, len(entries), device)
     warped = run_jobs(register_labels_to_fit,

@@ -242,10 +242,12 @@ def test_a_label_map_s_image_is_warped_by_its_own_map(atlas_set):
                                                  NAMED, target.grid)
 
 
-def test_fit_guided_votes_weigh_each_map_by_how_its_image_matches_the_case_there(atlas_set, monkeypatch):
-    """Two registered label maps that disagree on the left half: with local NCC the one whose image matches the
-    case there wins there (and the other where its image matches); the plain vote, or a set of another sequence
-    (whose images cannot be compared with the case), averages them, and the report says which and why."""
+@pytest.mark.parametrize("fusion", ["local-ncc", "joint"])
+def test_fit_guided_votes_weigh_each_map_by_how_its_image_matches_the_case_there(atlas_set, monkeypatch, fusion):
+    """Two registered label maps that disagree on the left half: with local NCC (or joint fusion) the one whose
+    image matches the case there wins there (and the other where its image matches); the plain vote, or a set of
+    another sequence (whose images cannot be compared with the case), averages them, and the report says which
+    and why."""
     from mvmm import multi_atlas
 
     _, target, _ = atlas_set
@@ -267,10 +269,10 @@ def test_fit_guided_votes_weigh_each_map_by_how_its_image_matches_the_case_there
     monkeypatch.setattr(multi_atlas, "register_labels_to_fit", fake_registration)
     entries = entries_of(read_atlas_set(atlas_set[0]), "LGE")[:2]
     fit = Image(torch.full((4,) + case.shape, 0.25), target.grid, "posterior")
-    settings = FitGuidedSettings(workers=1, sigma_mm=0.0)
+    settings = FitGuidedSettings(workers=1, sigma_mm=0.0, fusion=fusion)
     weighted, report = fit_guided_prior(fit, entries, settings, NAMED, target.grid, reference=target)
     p = weighted.probabilities.numpy()
-    assert report["fusion"] == "local-ncc"
+    assert report["fusion"] == fusion and np.allclose(p.sum(0), 1.0, atol=1e-5)
     inner = ndimage.binary_erosion(left, iterations=8), ndimage.binary_erosion(~left, iterations=8)
     assert p[1][inner[0]].mean() > 0.95 and p[2][inner[1]].mean() > 0.95
     for kwargs in ({"settings": dataclasses.replace(settings, fusion="vote"), "reference": target},
@@ -297,7 +299,7 @@ def test_segment_refits_on_the_atlas_set_registered_to_its_first_fit(tmp_path, a
     assert report["settings"]["atlas_set"]["guide"] == "fit"
     assert report["settings"]["atlas_set"]["atlases"] == [f"subject{i} LGE" for i in range(1, 6)]
     assert {"guide_fit_s", "atlas_set_s"} <= set(report["timings_s"])
-    assert report["settings"]["atlas_set"]["fusion"] == "local-ncc"  # the set's images are the case's sequence
+    assert report["settings"]["atlas_set"]["fusion"] == "joint"  # the set's images are the case's sequence
     labels = io.read_array(out / "labels.nii.gz", "labels")[0]
     assert mean_dice(labels, truth, target.grid) > 0.85
     result = CliRunner().invoke(main, args + ["--atlas-set-fusion", "vote", "--out", str(tmp_path / "vote")])

@@ -471,7 +471,7 @@ EXPERIMENT_METHODS = CLASSICAL_METHODS + NETWORK_METHODS
 # to em-all's first fit with the group-wise atlas (FitGuidedSettings)
 PRIORS = ("groupwise", "template", "multi-atlas", "multi-atlas-fit")
 ATLAS_SET_GUIDES = ("image", "fit")  # what an atlas set is registered to (mvmm segment --atlas-set-guide)
-FUSIONS = ("local-ncc", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas)
+FUSIONS = ("local-ncc", "joint", "vote")  # label fusion of a multi-atlas prior (mvmm.multi_atlas, mvmm.joint_fusion)
 # the local NCC weighting of a multi-atlas vote (MultiAtlasSettings, FitGuidedSettings): a Gaussian window of this
 # standard deviation (mm) and exp(LNCC / temperature); the fit-guided prior took the image-guided one's values unchanged
 LOCAL_NCC_WINDOW_MM = 5.0
@@ -492,12 +492,14 @@ class MultiAtlasSettings:
         Keep the ``size`` atlases most similar to the case after the affine step (global NCC on the
         overlap, the selection of Aljabar et al. 2009) for the non-linear step and the fusion; None
         keeps all.
-    fusion : {"local-ncc", "vote"}
+    fusion : {"local-ncc", "joint", "vote"}
         ``"local-ncc"``: each atlas votes at x with weight ``exp(LNCC_i(x) / temperature)``, LNCC
         the Gaussian-windowed correlation of the case and the registered atlas image around x
-        (locally weighted voting, Artaechevarria et al. 2009); ``"vote"``: equal weights.
+        (locally weighted voting, Artaechevarria et al. 2009); ``"joint"``: joint label fusion (Wang et
+        al. 2013, :mod:`mvmm.joint_fusion`), weights that also account for atlases erring alike;
+        ``"vote"``: equal weights.
     window_mm : float
-        Standard deviation (mm) of the Gaussian window of the local NCC.
+        Standard deviation (mm) of the Gaussian window of the local NCC (and of joint fusion's).
     temperature : float
         How sharply better-matching atlases win (LNCC is in [−1, 1]).
     sigma_mm : float
@@ -559,10 +561,11 @@ class FitGuidedSettings:
     bending_weight : float
         λ of the bending energy against the SSD of probability maps (:class:`GroupwiseSettings`' scale
         and value).
-    fusion : {"local-ncc", "vote"}
+    fusion : {"local-ncc", "joint", "vote"}
         ``"local-ncc"``: each registered label map votes at x with weight ``exp(LNCC_i(x) / temperature)``,
         LNCC the Gaussian-windowed correlation of the reference image and that atlas's image warped by the
-        same map (as :class:`MultiAtlasSettings`); used when every atlas's image is of the reference's
+        same map (as :class:`MultiAtlasSettings`); ``"joint"``: joint label fusion's weights from the same
+        images (:mod:`mvmm.joint_fusion`). Either is used when every atlas's image is of the reference's
         sequence, else (another data set's label maps) the vote is equal. ``"vote"``: equal weights, the mean.
     window_mm, temperature : float
         As :class:`MultiAtlasSettings`.
@@ -573,7 +576,7 @@ class FitGuidedSettings:
         process, as on CUDA).
 
     The defaults were chosen on the MS-CMRSeg development fold (patients 1, 6, 11, 16, 21) only:
-    docs/mscmr.md, "A multi-atlas prior from the first fit".
+    docs/mscmr.md, "A multi-atlas prior from the first fit" and "Joint label fusion for the fit-guided prior".
     """
 
     transform: str = "ffd"
@@ -583,7 +586,7 @@ class FitGuidedSettings:
     grid_spacing: float = 3.0
     steps: int = 10
     max_outer: int = 5
-    fusion: str = "local-ncc"
+    fusion: str = "joint"
     window_mm: float = LOCAL_NCC_WINDOW_MM
     temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0

@@ -379,8 +379,8 @@ def run_mscmr(data, out, settings: ExperimentSettings, patients: Optional[List[i
     if lge_data is not None:  # (absent otherwise: earlier runs' folders resume as they were)
         record["lge_data"] = str(Path(lge_data).resolve())
     if settings.prior == "multi-atlas-fit":
-        # how the second fit's prior is made (its fusion changed in 0.23.0): a folder of another way is not resumed,
-        # so that no table mixes the two; one made before 0.23.0 has none and is refused too
+        # how the second fit's prior is made (its fusion changed in 0.23.0 and 0.24.0): a folder of another way is
+        # not resumed, so that no table mixes the two; one made before 0.23.0 has none and is refused too
         record["fit_guided"] = asdict(FitGuidedSettings())
     _prepare(out, record, force)
     device = resolve_device(settings.device)
