@@ -26,7 +26,7 @@ weights cannot change the vote. β and α are ANTs's defaults (2 and 0.1); with 
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
@@ -45,18 +45,25 @@ _DISAGREEMENT = 1e-3
 _CHUNK = 50_000
 
 
+def masked_window_mean(mask: np.ndarray, sigma_voxels: Sequence[float]) -> Callable[[np.ndarray], np.ndarray]:
+    """The mean over the voxels of ``mask`` in a Gaussian window of ``sigma_voxels`` (per array axis) around every
+    voxel, as a function of an array shaped as ``mask`` (the local moments of local NCC and of joint fusion)."""
+    weight = mask.astype(np.float64)
+    norm = np.maximum(ndimage.gaussian_filter(weight, sigma_voxels, mode="constant"), 1e-12)
+
+    def mean(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a * weight, sigma_voxels, mode="constant") / norm
+
+    return mean
+
+
 def local_standardised(x: np.ndarray, mask: np.ndarray, sigma_voxels: Sequence[float]) -> np.ndarray:
     """``(x − μ) / σ`` with μ, σ the mean and standard deviation of ``x`` over ``mask`` in a Gaussian window of
     ``sigma_voxels`` around every voxel; shape as ``x``."""
-    weight = mask.astype(np.float64)
-
-    def local_mean(a):
-        return ndimage.gaussian_filter(a * weight, sigma_voxels, mode="constant")
-
-    norm = np.maximum(local_mean(np.ones_like(weight)), 1e-12)
+    local_mean = masked_window_mean(mask, sigma_voxels)
     x = x.astype(np.float64)
-    mean = local_mean(x) / norm
-    var = np.maximum(local_mean(x * x) / norm - mean ** 2, 0)
+    mean = local_mean(x)
+    var = np.maximum(local_mean(x * x) - mean ** 2, 0)
     # a floor against flat windows (a masked-out corner, a background of zeros): 1e-4 of the image's variance
     floor = 1e-4 * float(x[mask].var()) if mask.any() else 0.0
     return (x - mean) / np.sqrt(var + floor + 1e-12)

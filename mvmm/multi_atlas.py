@@ -20,7 +20,8 @@ maps L_i (an atlas set, :mod:`mvmm.data.atlas_set`):
 
    LNCC_i(x) the normalised cross-correlation of I and the registered A_i in a Gaussian window of
    ``window_mm`` around x (so an atlas that matches the case *there* counts more), T the
-   ``temperature``; voxels no atlas covers are background;
+   ``temperature``; voxels no atlas covers are background (``fusion`` "joint": joint label fusion's
+   weights instead, :mod:`mvmm.joint_fusion`, which also count atlases that err alike once);
 5. the fused map is smoothed by ``sigma_mm`` and renormalised: the prior ``π_kx`` of docs/model.md.
 
 **Guided by a first fit** (:func:`fit_guided_prior`, ``mvmm segment --atlas-set-guide fit``): between patients
@@ -28,9 +29,9 @@ the images differ more than the anatomy (scar, nulling, coil shading), so instea
 one-hot label map, its anatomy's centre laid on the fit's, is registered to the posterior of a first fit of
 the case with a probabilistic atlas — probability maps on both sides, their mean squared difference (SSD) as
 the similarity, rigid → affine → FFD — and the warped labels are fused as in steps 4 and 5, each atlas's image
-warped by its label map's transform (``fusion`` "local-ncc": the labels placed by the anatomy, weighted where the
-atlas's image also looks like the case); an atlas set of another sequence (another data set's label maps) votes
-equally. The prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then
+warped by its label map's transform (``fusion`` "joint", the default, or "local-ncc": the labels placed by the
+anatomy, weighted where the atlas's image also looks like the case); an atlas set of another sequence (another
+data set's label maps) votes equally. The prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then
 fitted again on it (:func:`mvmm.segment.refit_with_atlas_set`).
 
 The registrations are independent: they run in worker processes (one torch thread each; by default
@@ -65,7 +66,7 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values, one_hot, parse_label_names
-from mvmm.joint_fusion import joint_fusion_weights
+from mvmm.joint_fusion import joint_fusion_weights, masked_window_mean
 from mvmm.register import PairwiseRegistration
 from mvmm.spatial.init import weighted_centre
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
@@ -233,17 +234,12 @@ def local_ncc(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, sigma_vox
     sigma_voxels : sequence of float
         The window's standard deviation per array axis, in voxels.
     """
-    weight = mask.astype(np.float64)
-
-    def local_mean(x):
-        return ndimage.gaussian_filter(x * weight, sigma_voxels, mode="constant")
-
-    norm = np.maximum(local_mean(np.ones_like(weight)), 1e-12)
+    local_mean = masked_window_mean(mask, sigma_voxels)
     f, m = fixed.astype(np.float64), moving.astype(np.float64)
-    mean_f, mean_m = local_mean(f) / norm, local_mean(m) / norm
-    covariance = local_mean(f * m) / norm - mean_f * mean_m
-    var_f = np.maximum(local_mean(f * f) / norm - mean_f ** 2, 0)
-    var_m = np.maximum(local_mean(m * m) / norm - mean_m ** 2, 0)
+    mean_f, mean_m = local_mean(f), local_mean(m)
+    covariance = local_mean(f * m) - mean_f * mean_m
+    var_f = np.maximum(local_mean(f * f) - mean_f ** 2, 0)
+    var_m = np.maximum(local_mean(m * m) - mean_m ** 2, 0)
     eps = 1e-6 * float(f[mask].var() * m[mask].var()) + 1e-30 if mask.any() else 1.0
     ncc = covariance / np.sqrt(var_f * var_m + eps)
     return np.where(mask, np.clip(ncc, -1.0, 1.0), -1.0)
