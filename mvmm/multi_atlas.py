@@ -31,8 +31,8 @@ the case with a probabilistic atlas — probability maps on both sides, their me
 the similarity, rigid → affine → FFD — and the warped labels are fused as in steps 4 and 5, each atlas's image
 warped by its label map's transform (``fusion`` "joint", the default, or "local-ncc": the labels placed by the
 anatomy, weighted where the atlas's image also looks like the case); an atlas set of another sequence (another
-data set's label maps) votes equally. The prior so made has the atlases' real shapes where the first fit put the anatomy; the model is then
-fitted again on it (:func:`mvmm.segment.refit_with_atlas_set`).
+data set's label maps) votes equally. The prior so made has the atlases' real shapes where the first fit put the
+anatomy; the model is then fitted again on it (:func:`mvmm.segment.refit_with_atlas_set`).
 
 The registrations are independent: they run in worker processes (one torch thread each; by default
 one per available core). A script that calls this with more than one worker needs the usual
