@@ -86,7 +86,8 @@ def train_bayes(rows: Sequence[SubjectRow], sequences: Sequence[str], atlas: Uni
     Returns
     -------
     dict
-        ``epochs``, ``final_loss``, ``seconds`` (this call's training), ``subjects``, ``out``, ``labelled``.
+        ``epochs``, ``final_loss``, ``seconds`` (this call's training), ``epoch_seconds`` (all its epochs',
+        a resumed run's earlier ones included), ``subjects``, ``out``, ``labelled``.
     """
     out = Path(out)
     sequences = list(sequences)
@@ -131,8 +132,12 @@ def _train(config: ModelConfig, cases, out: Path, device, resume: bool, progress
     history = train_network(net, cases, training, out, device, resume=resume, progress=progress, on_epoch=draw)
     seconds = time.perf_counter() - started
     log.info("trained %s for %d epochs in %.0f s (loss %.4f)", out, len(history), seconds, history[-1]["loss"])
+    # every epoch's time, a resumed run's earlier epochs included (they are in the checkpointed log; this
+    # call's ``seconds`` only has its own)
+    epoch_seconds = sum(h["seconds"] for h in history)
     return {"epochs": len(history), "final_loss": history[-1]["loss"], "seconds": seconds,
-            "subjects": [r.name for r in rows], "out": str(out), "network": asdict(network)}
+            "epoch_seconds": epoch_seconds, "subjects": [r.name for r in rows], "out": str(out),
+            "network": asdict(network)}
 
 
 def _run_settings(out: Path, kind: str, images: List[str], network, training: TrainingSettings, resume: bool,
@@ -316,7 +321,8 @@ def train_prior(maps: Sequence, label_names: str, out, network: PriorVaeSettings
     Returns
     -------
     dict
-        ``epochs``, ``final_loss``, ``seconds``, ``subjects`` (the maps), ``out``, ``network``, ``classes``.
+        ``epochs``, ``final_loss``, ``seconds``, ``epoch_seconds`` (as :func:`train_bayes`), ``subjects`` (the
+        maps), ``out``, ``network``, ``classes``.
     """
     out = Path(out)
     maps = [Path(m) for m in maps]

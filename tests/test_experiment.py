@@ -247,6 +247,9 @@ def test_mscmr_experiment_cross_validates_the_network_methods(tmp_path):
         config = json.loads((out / "models" / f"fold{fold}" / "config.json").read_text())
         assert config["subjects"] == [f"patient{p}" for p in (1, 2, 3, 4) if (p - 1) % 2 != fold]
         assert summary["training"][f"fold{fold}"]["epochs"] == 2
+        # the training's time is its epochs' (an interrupted and resumed one's included; see test_nets)
+        epochs = json.loads((out / "models" / f"fold{fold}" / "log.json").read_text())["epochs"]
+        assert summary["training"][f"fold{fold}"]["seconds"] == sum(h["seconds"] for h in epochs)
     # a trained model on other patients: leave-one-out atlases for em-all, the model for bayes (run for the
     # ensemble's sake, not reported); the default prior fits em-all and bayes-refine again on the atlas set
     given = run_mscmr(data, tmp_path / "given", ExperimentSettings(atlas_register="none",

@@ -247,6 +247,12 @@ def test_train_bayes_model_directory_and_segment(cohort, tmp_path):
     with pytest.raises(InputError, match="not empty"):
         train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], out, TINY, TrainingSettings(epochs=1), device="cpu",
                     progress=False)
+    # a resumed run reports the time of all its epochs, not only this call's
+    resumed = train_bayes(rows, SEQUENCES, [root / "atlas.nii.gz"], out, TINY, TrainingSettings(epochs=8, lr=3e-3),
+                          device="cpu", progress=False, resume=True)
+    epochs = json.loads((out / "log.json").read_text())["epochs"]
+    assert resumed["epochs"] == len(epochs) == 8
+    assert resumed["epoch_seconds"] == sum(h["seconds"] for h in epochs) > sum(h["seconds"] for h in epochs[6:])
 
 
 def test_cli_train_resume_and_segment_with_model(cohort, tmp_path):

@@ -488,9 +488,9 @@ def _fold_models(fold: int, train_patients: List[int], kinds: List[str], targets
         if not (folder / WEIGHTS).exists():
             resume = (folder / "checkpoint.pt").exists()
             result = train(folder, resume)
-            previous = json.loads(report.read_text())["seconds"] if resume and report.exists() else 0.0
+            # the training's time over all its runs: one interrupted before it wrote a report is counted too
             write_json(report, {"patients": train_patients, "epochs": result["epochs"],
-                                "final_loss": result["final_loss"], "seconds": previous + result["seconds"],
+                                "final_loss": result["final_loss"], "seconds": result["epoch_seconds"],
                                 **({"labelled": result["labelled"]} if "labelled" in result else {})})
         return folder
 
