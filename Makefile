@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mvmm demo --out demo-output --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,23 @@ import torch
 from mvmm.data.phantom import make_phantom, write_phantom
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs ``-n auto``), give each worker its own CPU core.
+
+    The tests' tensors are small, so one thread per process does as much as two (measured on 2 cores),
+    and two workers with torch's default of every core each would oversubscribe the machine. Pinning the
+    worker, rather than only ``torch.set_num_threads(1)``, keeps everything consistent with a 1-core
+    machine: ``available_cores()`` (the CLI's ``--threads`` default) and the worker processes that the
+    multi-atlas registration spawns all see the one core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker is None:
+        return
+    if hasattr(os, "sched_setaffinity"):  # Linux
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
