@@ -134,6 +134,7 @@ PARAMETER_FLAGS = {
     "MultiAtlasSettings.workers": "--atlas-set-workers", "FitGuidedSettings.transform": "--atlas-set-transform",
     "FitGuidedSettings.workers": "--atlas-set-workers", "atlas_set_size": "--atlas-set-size",
     "MultiAtlasSettings.fusion": "--atlas-set-fusion", "FitGuidedSettings.fusion": "--atlas-set-fusion",
+    "MultiAtlasSettings.search_voxels": "--atlas-set-search", "FitGuidedSettings.search_voxels": "--atlas-set-search",
     "atlas_set_labels": "--atlas-set-labels", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
     "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
     "RegistrationSettings.images_model": "--images-model",
@@ -270,6 +271,11 @@ def main():
                    f"the same images that also account for atlases erring alike; vote averages them. Default "
                    f"{default(MultiAtlasSettings, 'fusion')}, with --atlas-set-guide fit "
                    f"{default(FitGuidedSettings, 'fusion')} (an atlas set of another sequence votes equally).")
+@click.option("--atlas-set-search", type=click.IntRange(min=0), default=None,
+              help=f"Before local-ncc or joint fusion, take each atlas's labels at a voxel from the in-plane offset "
+                   f"within N voxels whose image best matches the reference's there (ANTs joint fusion's search "
+                   f"radius; 0: none). Default {default(MultiAtlasSettings, 'search_voxels')}, with --atlas-set-guide "
+                   f"fit {default(FitGuidedSettings, 'search_voxels')}.")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--atlas-set-labels", metavar="NAME=VALUE,...",
@@ -404,7 +410,7 @@ def main():
 @click.pass_context
 @common_options
 def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_guide, atlas_set_size,
-            atlas_set_transform, atlas_set_fusion, atlas_set_workers, atlas_set_labels, labels_text,
+            atlas_set_transform, atlas_set_fusion, atlas_set_search, atlas_set_workers, atlas_set_labels, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
@@ -438,7 +444,9 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
     if atlas_set is not None and fit_guided is None:
         multi_atlas = MultiAtlasSettings(size=atlas_set_size, transform=atlas_set_transform
                                          or default(MultiAtlasSettings, "transform"), workers=atlas_set_workers,
-                                         fusion=atlas_set_fusion or default(MultiAtlasSettings, "fusion"))
+                                         fusion=atlas_set_fusion or default(MultiAtlasSettings, "fusion"),
+                                         search_voxels=default(MultiAtlasSettings, "search_voxels")
+                                         if atlas_set_search is None else atlas_set_search)
     subject = load_subject(list(images), names=list(names) or None, atlas=list(atlas) or None,
                            labels=resolve_labels(labels_text), masks=_parse_masks(masks),
                            reference=reference, atlas_sigma=atlas_sigma, roi_margin_mm=roi_margin,
@@ -492,8 +500,10 @@ def _fit_guided_settings(params: dict, model: bool = False) -> Optional[FitGuide
     if params["atlas_set_size"] is not None:
         raise InputError("atlas_set_size: the atlases are chosen by their image similarity to the case; with "
                          "`atlas_set_guide` fit every atlas is registered to the first fit")
+    search = params["atlas_set_search"]
     return FitGuidedSettings(transform=params["atlas_set_transform"] or default(FitGuidedSettings, "transform"),
                              fusion=params["atlas_set_fusion"] or default(FitGuidedSettings, "fusion"),
+                             search_voxels=default(FitGuidedSettings, "search_voxels") if search is None else search,
                              workers=params["atlas_set_workers"])
 
 

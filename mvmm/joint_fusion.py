@@ -17,15 +17,22 @@ the weights that minimise the expected squared error of the fused label,
 so that atlases whose errors are correlated share their weight. The weights sum to one and may be
 negative (the fused votes are clipped at zero before normalising, :func:`mvmm.multi_atlas.weighted_vote`).
 
+Local search (ANTs's ``--search-radius``; :func:`searched_atlases`): before the weights, each atlas's image,
+labels and coverage at x are taken from the offset o within a few voxels whose window around x + o best matches
+the case's window around x (least windowed squared difference of the standardised images), so that a registration
+off by a pixel or two there — the slices of a cardiac stack are separate breath-holds — is corrected locally.
+The search runs only along the finely sampled axes (the in-plane ones of a stack).
+
 Differences from ANTs: a Gaussian window in mm instead of a box patch in voxels (the slices of cardiac MR are
-5–10 times thicker than their pixels), no local patch search (the atlases are already registered
-non-linearly), and the weights are solved only where the atlases' labels disagree — where they all agree the
-weights cannot change the vote. β and α are ANTs's defaults (2 and 0.1); with the window normalised to sum 1,
-α is relative to a mean of squared differences of unit-variance images (ANTs adds it to a sum over the patch).
+5–10 times thicker than their pixels), the search in-plane only, and the weights are solved only where the atlases'
+labels disagree — where they all agree the weights cannot change the vote. β and α are ANTs's defaults (2 and
+0.1); with the window normalised to sum 1, α is relative to a mean of squared differences of unit-variance images
+(ANTs adds it to a sum over the patch).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, List, Sequence
 
 import numpy as np
@@ -41,6 +48,8 @@ _ABSENT_DIFFERENCE = 10.0
 # two covering atlases "disagree" at a voxel when a class's probability differs by more than this between them
 # (linear interpolation leaves soft partial volumes at every edge)
 _DISAGREEMENT = 1e-3
+# an axis is searched when its voxels are at most this many times the finest axis's (a stack's in-plane axes)
+_SEARCHED_AXIS_RATIO = 1.5
 # voxels solved at once (M is [N, n, n]: 20 atlases, 50 000 voxels, 160 MB in float64; stored in float32)
 _CHUNK = 50_000
 
@@ -132,3 +141,80 @@ def joint_fusion_weights(fixed: np.ndarray, warped: Sequence[dict], sigma_voxels
     for i in range(n):
         weights[i][box][at] = solved[:, i]
     return weights
+
+
+def search_radius(spacing: Sequence[float], voxels: int) -> List[int]:
+    """The local search's radius per array axis: ``voxels`` along the finely sampled axes (voxel size at most
+    1.5 times the finest), 0 along the others (a stack's slice axis)."""
+    finest = min(spacing)
+    return [int(voxels) if size <= _SEARCHED_AXIS_RATIO * finest else 0 for size in spacing]
+
+
+def searched_atlases(fixed: np.ndarray, warped: Sequence[dict], radius: Sequence[int],
+                     sigma_voxels: Sequence[float]) -> List[dict]:
+    """Each atlas with its image, labels and coverage at x taken from x + o, o the offset within ``radius``
+    whose window best matches the case's window at x (module notes); where the atlases all agree (no voxel
+    within the search's and the window's reach disagrees), nothing moves.
+
+    Parameters
+    ----------
+    fixed : np.ndarray, shape [*S]
+        The case's image.
+    warped : sequence of dict
+        Each atlas on the case grid: ``image [*S]``, ``labels [K, *S]``, ``inside [*S]`` (bool).
+    radius : sequence of int
+        The largest offset per array axis, in voxels (:func:`search_radius`).
+    sigma_voxels : sequence of float
+        The window's standard deviation per array axis, in voxels.
+
+    Returns
+    -------
+    list of dict
+        The atlases, each a new dict with the searched ``image``, ``labels`` and ``inside``.
+    """
+    radius = [int(r) for r in radius]
+    where = np.nonzero(disagreement(warped))
+    if not any(radius) or len(where[0]) == 0:
+        return [dict(atlas) for atlas in warped]
+    reach = np.ceil(3 * np.asarray(sigma_voxels)).astype(int) + np.asarray(radius)
+    box = tuple(slice(max(int(a.min()) - r, 0), min(int(a.max()) + r + 1, size))
+                for a, r, size in zip(where, reach, fixed.shape))
+    shape = fixed[box].shape
+    target = local_standardised(fixed[box], np.ones(shape, bool), sigma_voxels)
+    # the zero offset first: a tie keeps the registration's own answer
+    offsets = sorted(itertools.product(*[range(-r, r + 1) for r in radius]), key=lambda o: any(o))
+    index = np.indices(shape)
+    out = []
+    for atlas in warped:
+        image, inside = atlas["image"][box], atlas["inside"][box] > 0.5
+        standardised = local_standardised(image, inside, sigma_voxels)
+        best, chosen = np.full(shape, np.inf), np.zeros(shape, dtype=np.int64)
+        for k, offset in enumerate(offsets):
+            source, valid = _shifted_index(index, offset, shape)
+            covered = valid & inside[source]
+            difference = np.where(covered, (target - standardised[source]) ** 2, _ABSENT_DIFFERENCE)
+            windowed = ndimage.gaussian_filter(difference, sigma_voxels, mode="nearest")
+            better = windowed < best
+            best[better], chosen[better] = windowed[better], k
+        moved = np.asarray(offsets)[chosen]  # [*shape, ndim]
+        source = tuple(np.clip(index[d] + moved[..., d], 0, shape[d] - 1) for d in range(len(shape)))
+        valid = np.all([(index[d] + moved[..., d] >= 0) & (index[d] + moved[..., d] < shape[d])
+                        for d in range(len(shape))], axis=0)
+        result = {key: np.array(value, copy=True) for key, value in atlas.items()
+                  if key in ("image", "labels", "inside")}
+        result["image"][box] = image[source]
+        result["inside"][box] = inside[source] & valid
+        labels = np.asarray(atlas["labels"])[(slice(None),) + box]
+        result["labels"][(slice(None),) + box] = labels[(slice(None),) + source]
+        out.append({**atlas, **result})
+    return out
+
+
+def _shifted_index(index: np.ndarray, offset: Sequence[int], shape: Sequence[int]):
+    """The voxel x + ``offset`` for every x of a box (clipped into it) and whether it lies inside."""
+    source, valid = [], np.ones(shape, bool)
+    for d, o in enumerate(offset):
+        moved = index[d] + o
+        valid &= (moved >= 0) & (moved < shape[d])
+        source.append(np.clip(moved, 0, shape[d] - 1))
+    return tuple(source), valid

@@ -66,7 +66,7 @@ from mvmm.data.atlas import Atlas
 from mvmm.data.atlas_set import AtlasEntry
 from mvmm.data.image import Image
 from mvmm.data.labels import LabelSet, label_values, one_hot, parse_label_names
-from mvmm.joint_fusion import joint_fusion_weights, masked_window_mean
+from mvmm.joint_fusion import joint_fusion_weights, masked_window_mean, search_radius, searched_atlases
 from mvmm.register import PairwiseRegistration
 from mvmm.spatial.init import weighted_centre
 from mvmm.spatial.regularizers import jacobian_statistics, warn_if_folded
@@ -248,10 +248,14 @@ def local_ncc(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, sigma_vox
 def fuse_labels(case: Image, warped: Sequence[dict], labels: LabelSet,
                 settings: Union[MultiAtlasSettings, FitGuidedSettings]) -> np.ndarray:
     """The fused probabilities ``[K, *S]`` on the case grid (module notes, steps 4 and 5); ``warped``: each atlas's
-    ``image``, ``labels`` and ``inside`` on that grid; ``settings``: its ``fusion``, ``window_mm``, ``temperature``,
+    ``image``, ``labels`` and ``inside`` on that grid; ``settings``: its ``search_voxels`` (the local search before
+    the weights, :func:`mvmm.joint_fusion.searched_atlases`), ``fusion``, ``window_mm``, ``temperature``,
     ``sigma_mm``."""
     spacing = np.asarray(case.grid.spacing[::-1])  # per array axis
     fixed = case.data[0].cpu().numpy()
+    if settings.search_voxels:
+        warped = searched_atlases(fixed, warped, search_radius(spacing, settings.search_voxels),
+                                  settings.window_mm / spacing)
     if settings.fusion == "joint":
         weights = joint_fusion_weights(fixed, warped, settings.window_mm / spacing)
         return weighted_vote(warped, weights, labels, spacing, settings.sigma_mm)

@@ -269,7 +269,8 @@ def test_fit_guided_votes_weigh_each_map_by_how_its_image_matches_the_case_there
     monkeypatch.setattr(multi_atlas, "register_labels_to_fit", fake_registration)
     entries = entries_of(read_atlas_set(atlas_set[0]), "LGE")[:2]
     fit = Image(torch.full((4,) + case.shape, 0.25), target.grid, "posterior")
-    settings = FitGuidedSettings(workers=1, sigma_mm=0.0, fusion=fusion)
+    # the weights alone (the local search before them: tests/test_joint_fusion.py)
+    settings = FitGuidedSettings(workers=1, sigma_mm=0.0, fusion=fusion, search_voxels=0)
     weighted, report = fit_guided_prior(fit, entries, settings, NAMED, target.grid, reference=target)
     p = weighted.probabilities.numpy()
     assert report["fusion"] == fusion and np.allclose(p.sum(0), 1.0, atol=1e-5)
@@ -316,8 +317,9 @@ def test_a_refit_reports_its_first_fit_s_quality(atlas_set):
     entries = entries_of(read_atlas_set(folder), "LGE")
     subject = Subject([target], Atlas.builtin_cardiac(target.grid, NAMED), roi_margin_mm=10.0)
     first = segment_subject(subject, learn_proportions=False)
+    # the label maps as registered to the fit (the local search would move them by the images)
     refit = segment_subject(subject, learn_proportions=False, atlas_set=entries,
-                            fit_guided=FitGuidedSettings(workers=1))
+                            fit_guided=FitGuidedSettings(workers=1, search_voxels=0))
     assert refit.guide is not None and refit.subject.atlas.source.startswith("multi-atlas")
     # the refit's prior was made from the first fit's posterior, so the images barely move it: whether they
     # found the heart is the first fit's measure
@@ -420,3 +422,14 @@ def test_one_hot_matches_named_values_by_tissue():
     assert np.array_equal(one_hot(own, labels, "map", "maps").argmax(0), [[0, 1], [2, 3]])
     with pytest.raises(InputError, match=r"^maps: map has label values \[1, 2, 3, 4\]"):
         one_hot(array, labels, "map", "maps")
+
+
+def test_the_atlas_set_search_option_reaches_the_fit_guided_settings():
+    from mvmm.cli import _fit_guided_settings
+
+    params = {"atlas_set": "set", "atlas_set_guide": "fit", "atlas_set_size": None, "atlas_set_transform": None,
+              "atlas_set_fusion": None, "atlas_set_search": None, "atlas_set_workers": 1}
+    assert _fit_guided_settings(params).search_voxels == FitGuidedSettings().search_voxels == 3
+    assert _fit_guided_settings({**params, "atlas_set_search": 0}).search_voxels == 0
+    with pytest.raises(InputError, match="FitGuidedSettings.search_voxels"):
+        FitGuidedSettings(search_voxels=-1)

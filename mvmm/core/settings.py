@@ -498,6 +498,8 @@ class MultiAtlasSettings:
         (locally weighted voting, Artaechevarria et al. 2009); ``"joint"``: joint label fusion (Wang et
         al. 2013, :mod:`mvmm.joint_fusion`), weights that also account for atlases erring alike;
         ``"vote"``: equal weights.
+    search_voxels : int
+        As :class:`FitGuidedSettings` (0 here: not measured for this prior).
     window_mm : float
         Standard deviation (mm) of the Gaussian window of the local NCC (and of joint fusion's).
     temperature : float
@@ -515,6 +517,7 @@ class MultiAtlasSettings:
     metric: str = "ncc"
     size: Optional[int] = None
     fusion: str = "local-ncc"
+    search_voxels: int = 0
     window_mm: float = LOCAL_NCC_WINDOW_MM
     temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0
@@ -529,7 +532,7 @@ class MultiAtlasSettings:
         require_field_choice(self, "metric", ("ncc", "mi", "ssd"))
         require_field_choice(self, "fusion", FUSIONS)
         require_positive(self, ("window_mm", "temperature", "control_spacing", "grid_spacing", "ffd_levels"))
-        require_positive(self, ("sigma_mm", "bending_weight", "workers"), strict=False)
+        require_positive(self, ("sigma_mm", "bending_weight", "workers", "search_voxels"), strict=False)
         if self.size is not None and self.size < 1:
             raise InputError(f"MultiAtlasSettings.size: expected at least 1 (or None for all), got {self.size}")
 
@@ -567,6 +570,10 @@ class FitGuidedSettings:
         same map (as :class:`MultiAtlasSettings`); ``"joint"``: joint label fusion's weights from the same
         images (:mod:`mvmm.joint_fusion`). Either is used when every atlas's image is of the reference's
         sequence, else (another data set's label maps) the vote is equal. ``"vote"``: equal weights, the mean.
+    search_voxels : int
+        Before ``"local-ncc"`` or ``"joint"`` weights: each map's labels at x are taken from the in-plane offset
+        within this many voxels whose image best matches the reference's around x (ANTs joint fusion's local
+        search, :func:`mvmm.joint_fusion.searched_atlases`); 0: none.
     window_mm, temperature : float
         As :class:`MultiAtlasSettings`.
     sigma_mm : float
@@ -576,7 +583,8 @@ class FitGuidedSettings:
         process, as on CUDA).
 
     The defaults were chosen on the MS-CMRSeg development fold (patients 1, 6, 11, 16, 21) only:
-    docs/mscmr.md, "A multi-atlas prior from the first fit" and "Joint label fusion for the fit-guided prior".
+    docs/mscmr.md, "A multi-atlas prior from the first fit", "Joint label fusion for the fit-guided prior" and "Joint
+    fusion with a local search".
     """
 
     transform: str = "ffd"
@@ -587,6 +595,7 @@ class FitGuidedSettings:
     steps: int = 10
     max_outer: int = 5
     fusion: str = "joint"
+    search_voxels: int = 3
     window_mm: float = LOCAL_NCC_WINDOW_MM
     temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0
@@ -597,7 +606,7 @@ class FitGuidedSettings:
         require_field_choice(self, "fusion", FUSIONS)
         require_positive(self, ("window_mm", "temperature"))
         require_positive(self, ("control_spacing", "grid_spacing", "ffd_levels", "steps", "max_outer"))
-        require_positive(self, ("sigma_mm", "bending_weight", "workers"), strict=False)
+        require_positive(self, ("sigma_mm", "bending_weight", "workers", "search_voxels"), strict=False)
 
     def pairwise(self) -> PairwiseSettings:
         """Pairwise settings of one label map's registration to the fit."""
