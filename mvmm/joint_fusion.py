@@ -116,10 +116,7 @@ def joint_fusion_weights(fixed: np.ndarray, warped: Sequence[dict], sigma_voxels
     if n < 2 or not solve.any():
         return weights
     # the bounding box of those voxels and a window's reach (3 σ) around them: all the filters need
-    reach = np.ceil(3 * np.asarray(sigma_voxels)).astype(int)
-    where = np.nonzero(solve)
-    box = tuple(slice(max(int(a.min()) - r, 0), min(int(a.max()) + r + 1, size))
-                for a, r, size in zip(where, reach, fixed.shape))
+    box = _box_around(solve, np.ceil(3 * np.asarray(sigma_voxels)).astype(int))
     target = local_standardised(fixed[box], np.ones(fixed[box].shape, bool), sigma_voxels)
     differences = []
     for atlas in warped:
@@ -173,12 +170,10 @@ def searched_atlases(fixed: np.ndarray, warped: Sequence[dict], radius: Sequence
         The atlases, each a new dict with the searched ``image``, ``labels`` and ``inside``.
     """
     radius = [int(r) for r in radius]
-    where = np.nonzero(disagreement(warped))
-    if not any(radius) or len(where[0]) == 0:
+    disagree = disagreement(warped)
+    if not any(radius) or not disagree.any():
         return [dict(atlas) for atlas in warped]
-    reach = np.ceil(3 * np.asarray(sigma_voxels)).astype(int) + np.asarray(radius)
-    box = tuple(slice(max(int(a.min()) - r, 0), min(int(a.max()) + r + 1, size))
-                for a, r, size in zip(where, reach, fixed.shape))
+    box = _box_around(disagree, np.ceil(3 * np.asarray(sigma_voxels)).astype(int) + np.asarray(radius))
     shape = fixed[box].shape
     target = local_standardised(fixed[box], np.ones(shape, bool), sigma_voxels)
     # the zero offset first: a tie keeps the registration's own answer
@@ -196,10 +191,7 @@ def searched_atlases(fixed: np.ndarray, warped: Sequence[dict], radius: Sequence
             windowed = ndimage.gaussian_filter(difference, sigma_voxels, mode="nearest")
             better = windowed < best
             best[better], chosen[better] = windowed[better], k
-        moved = np.asarray(offsets)[chosen]  # [*shape, ndim]
-        source = tuple(np.clip(index[d] + moved[..., d], 0, shape[d] - 1) for d in range(len(shape)))
-        valid = np.all([(index[d] + moved[..., d] >= 0) & (index[d] + moved[..., d] < shape[d])
-                        for d in range(len(shape))], axis=0)
+        source, valid = _shifted_index(index, np.moveaxis(np.asarray(offsets)[chosen], -1, 0), shape)
         result = {key: np.array(value, copy=True) for key, value in atlas.items()
                   if key in ("image", "labels", "inside")}
         result["image"][box] = image[source]
@@ -210,8 +202,16 @@ def searched_atlases(fixed: np.ndarray, warped: Sequence[dict], radius: Sequence
     return out
 
 
-def _shifted_index(index: np.ndarray, offset: Sequence[int], shape: Sequence[int]):
-    """The voxel x + ``offset`` for every x of a box (clipped into it) and whether it lies inside."""
+def _box_around(where: np.ndarray, reach: Sequence[int]) -> tuple:
+    """The bounding box of the True voxels of ``where`` grown by ``reach`` voxels per axis (within the array)."""
+    found = np.nonzero(where)
+    return tuple(slice(max(int(a.min()) - r, 0), min(int(a.max()) + r + 1, size))
+                 for a, r, size in zip(found, reach, where.shape))
+
+
+def _shifted_index(index: np.ndarray, offset, shape: Sequence[int]):
+    """The voxel x + ``offset`` for every x of a box (clipped into it) and whether it lies inside; ``offset``: one
+    per axis, each an int or an array shaped as the box (a voxel's own offset)."""
     source, valid = [], np.ones(shape, bool)
     for d, o in enumerate(offset):
         moved = index[d] + o
