@@ -135,6 +135,7 @@ PARAMETER_FLAGS = {
     "FitGuidedSettings.workers": "--atlas-set-workers", "atlas_set_size": "--atlas-set-size",
     "MultiAtlasSettings.fusion": "--atlas-set-fusion", "FitGuidedSettings.fusion": "--atlas-set-fusion",
     "MultiAtlasSettings.search_voxels": "--atlas-set-search", "FitGuidedSettings.search_voxels": "--atlas-set-search",
+    "FitGuidedSettings.prior_weight": "--atlas-set-prior-weight",
     "atlas_set_labels": "--atlas-set-labels", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
     "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
     "RegistrationSettings.images_model": "--images-model",
@@ -276,6 +277,12 @@ def main():
                    f"within N voxels whose image best matches the reference's there (ANTs joint fusion's search "
                    f"radius; 0: none). Default {default(MultiAtlasSettings, 'search_voxels')}, with --atlas-set-guide "
                    f"fit {default(FitGuidedSettings, 'search_voxels')}.")
+@click.option("--atlas-set-prior-weight", type=NON_NEGATIVE, default=default(FitGuidedSettings, "prior_weight"),
+              show_default=True,
+              help="With --atlas-set-guide fit and the atlas's vote (--prior-votes, the cardiac preset's): the fused "
+                   "prior's weight against the model's 1 in the refit's posterior on the reference's grid, (p + w prior) / "
+                   "(1 + w). Above 1 because joint (or local-ncc) fusion already weighed the atlases by that image; an "
+                   "equal vote's prior, and the prior on the other images' own grids, vote with 1.")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--atlas-set-labels", metavar="NAME=VALUE,...",
@@ -410,7 +417,8 @@ def main():
 @click.pass_context
 @common_options
 def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_guide, atlas_set_size,
-            atlas_set_transform, atlas_set_fusion, atlas_set_search, atlas_set_workers, atlas_set_labels, labels_text,
+            atlas_set_transform, atlas_set_fusion, atlas_set_search, atlas_set_prior_weight, atlas_set_workers,
+            atlas_set_labels, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
@@ -504,6 +512,7 @@ def _fit_guided_settings(params: dict, model: bool = False) -> Optional[FitGuide
     return FitGuidedSettings(transform=params["atlas_set_transform"] or default(FitGuidedSettings, "transform"),
                              fusion=params["atlas_set_fusion"] or default(FitGuidedSettings, "fusion"),
                              search_voxels=default(FitGuidedSettings, "search_voxels") if search is None else search,
+                             prior_weight=params["atlas_set_prior_weight"],
                              workers=params["atlas_set_workers"])
 
 

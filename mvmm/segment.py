@@ -232,6 +232,11 @@ class Segmentation:
     # the prior there, (p(k | I) + π_k) / 2 — the posterior under a likelihood that, at each voxel, is
     # uninformative half of the time; what the model misreads (bright scar taken for blood) costs less
     prior_votes: bool = False
+    # with prior_votes, the prior's weight w against the model's 1: the common grid's posterior is (p(k | I) + w π_k)
+    # / (1 + w). 1 (equal votes) but in a refit on a fit-guided prior (FitGuidedSettings.prior_weight): joint fusion
+    # already weighed that prior's atlases by the reference image, so the model's reading of it counts less there;
+    # on the other images' own grids the prior votes once
+    prior_weight: float = 1.0
     # a fit-guided multi-atlas prior (mvmm.multi_atlas.fit_guided_prior): the first fit, with the atlas, whose
     # posterior the atlas set's labels were registered to; this fit's prior came from it, so whether the images
     # found the heart is that fit's question (posterior_shift)
@@ -311,13 +316,19 @@ class Segmentation:
                                                       m.native_posterior(name)).to(self.device) for m in self.members])
         if self.prior_is_posterior:
             return sample.prior
+        # on another image's own grid the prior votes once: its weight is for the reference image it was fused by
+        # (another sequence, another breath-hold: there the prior is only an atlas; docs/mscmr.md, 0.26.0)
         return self.voted(self.model.predict_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing),
-                          sample.prior)
+                          sample.prior, weight=1.0)
 
-    def voted(self, posterior: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
+    def voted(self, posterior: torch.Tensor, prior: Optional[torch.Tensor],
+              weight: Optional[float] = None) -> torch.Tensor:
         """The model's ``posterior [K, *S]`` as this fit writes it: with :attr:`prior_votes`, its mean with
-        the ``prior`` on the same grid."""
-        return (posterior + prior.to(posterior.dtype)) / 2 if self.prior_votes else posterior
+        the ``prior`` on the same grid, the prior weighted by ``weight`` (default :attr:`prior_weight`)."""
+        if not self.prior_votes:
+            return posterior
+        weight = self.prior_weight if weight is None else weight
+        return (posterior + weight * prior.to(posterior.dtype)) / (1 + weight)
 
     def native_posterior(self, name: str) -> torch.Tensor:
         """Posterior ``[K, *S_i]`` on image ``name``'s own grid, as :meth:`posterior_on` gives it there."""
@@ -337,8 +348,9 @@ class Segmentation:
         if self.subject.atlas is None or self.members or self.prior_is_posterior or self.common.prior is None:
             return None
         prior = self.common.prior.to(self.posterior.dtype)
-        # with the atlas's vote the written posterior is (model + prior) / 2: undone here
-        model = 2 * self.posterior - prior if self.prior_votes else self.posterior
+        # with the atlas's vote the written posterior is (model + w prior) / (1 + w): undone here
+        w = self.prior_weight
+        model = (1 + w) * self.posterior - w * prior if self.prior_votes else self.posterior
         heart = ((1 - prior[self.labels.background_index]) > 0.5) & self.common.coverage.any(0)
         if not bool(heart.any()):
             return None
@@ -613,8 +625,11 @@ def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], s
     prior, report = fit_guided_prior(fit, atlas_set, settings, first.labels, reference.grid,
                                      device=first.device, progress=options["progress"], reference=reference)
     transforms = {name: t for name, t in subject.transforms.items() if name != "atlas"}
+    # a prior fused by how each map's image matches the case has seen the image: it outweighs the model's reading of
+    # it (FitGuidedSettings.prior_weight); an equal vote (another data set's maps, another sequence) has not
+    weight = 1.0 if report["fusion"] == "vote" else settings.prior_weight
     second = _segment_once(replace(subject, atlas=prior, transforms=transforms), registration=None,
-                           **{**options, "bias_correction": "none", "atlas_start": None})
+                           **{**options, "bias_correction": "none", "atlas_start": None}, prior_weight=weight)
     second.guide = first
     second.settings = {**second.settings, "bias_correction": first.settings["bias_correction"],
                        "atlas_set": report, "guide_fit": {key: first.settings[key] for key in ("registration", "retry")
@@ -639,8 +654,9 @@ def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes
                   learn_proportions: bool, max_iter: int, tol: float, var_floor: float, device: str,
                   seed: Optional[int], progress: bool, registration: Optional[RegistrationSettings], postprocess: str,
                   atlas_start: Optional[tuple], pathology: bool, bias_correction: str,
-                  prior_votes: bool) -> Segmentation:
-    """One fit of :func:`segment_subject` (its parameters; ``registration`` resolved)."""
+                  prior_votes: bool, prior_weight: float = 1.0) -> Segmentation:
+    """One fit of :func:`segment_subject` (its parameters; ``registration`` resolved); ``prior_weight``: the
+    prior's vote against the model's (:attr:`Segmentation.prior_weight`), a fit-guided refit's."""
     start = time.perf_counter()
     torch_device = resolve_device(device)
     if seed is not None:
@@ -684,6 +700,7 @@ def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes
         posterior = model.predict_proba(common.images, common.coverage, common.prior, common.grid.spacing)
     settings = {"subtypes": list(subtypes), "background_subtypes": background_subtypes, "mrf_beta": mrf_beta,
                 "postprocess": postprocess, "learn_proportions": learn_proportions, "prior_votes": prior_votes,
+                **({"prior_weight": prior_weight} if prior_votes else {}),
                 "roi_margin_mm": subject.roi_margin_mm,
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
                 "registration": asdict(registration) if registration is not None else None,
@@ -694,7 +711,7 @@ def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes
     if registered is not None:  # the registration's own split: start search, template, each level
         timings["registration_split_s"] = dict(registered.seconds)
     result = Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
-                          pathology, prior_votes=prior_votes)
+                          pathology, prior_votes=prior_votes, prior_weight=prior_weight)
     result.posterior = result.voted(posterior, common.prior)
     return result
 

@@ -303,13 +303,17 @@ def test_segment_refits_on_the_atlas_set_registered_to_its_first_fit(tmp_path, a
     assert report["settings"]["atlas_set"]["fusion"] == "joint"  # the set's images are the case's sequence
     labels = io.read_array(out / "labels.nii.gz", "labels")[0]
     assert mean_dice(labels, truth, target.grid) > 0.85
-    result = CliRunner().invoke(main, args + ["--atlas-set-fusion", "vote", "--out", str(tmp_path / "vote")])
+    result = CliRunner().invoke(main, args + ["--atlas-set-fusion", "vote", "--prior-votes", "--atlas-set-prior-weight",
+                                              "5", "--out", str(tmp_path / "vote")])
     assert result.exit_code == 0, result.output
-    voted = json.loads((tmp_path / "vote" / "report.json").read_text())["settings"]["atlas_set"]
-    assert voted["fusion"] == "vote" and voted["settings"]["fusion"] == "vote"
+    voted = json.loads((tmp_path / "vote" / "report.json").read_text())["settings"]
+    assert voted["atlas_set"]["fusion"] == "vote" and voted["atlas_set"]["settings"]["fusion"] == "vote"
+    # the weight reaches the settings, but a prior fused by an equal vote has not seen the image: it votes as 1
+    assert voted["atlas_set"]["settings"]["prior_weight"] == 5 and voted["prior_weight"] == 1.0
     # only the atlases' similarity chooses some of them: not with the fit as the guide (named in flags)
     result = CliRunner().invoke(main, args + ["--atlas-set-size", "3", "--out", str(tmp_path / "o2")])
     assert result.exit_code == 1 and "--atlas-set-size" in result.output and "--atlas-set-guide" in result.output
+    assert report["settings"]["prior_votes"] is False and "prior_weight" not in report["settings"]  # no vote here
 
 
 def test_a_refit_reports_its_first_fit_s_quality(atlas_set):
@@ -327,6 +331,28 @@ def test_a_refit_reports_its_first_fit_s_quality(atlas_set):
     assert dataclasses.replace(refit, guide=None).posterior_shift() < first.posterior_shift()
     assert "atlas" not in refit.subject.transforms and refit.settings["registration"] is None
     assert refit.settings["guide_fit"]["registration"] == first.settings["registration"]
+
+
+def test_the_fused_prior_votes_with_its_weight_and_the_quality_undoes_it(atlas_set):
+    folder, target, truth = atlas_set
+    entries = entries_of(read_atlas_set(folder), "LGE")
+    subject = Subject([target], Atlas.builtin_cardiac(target.grid, NAMED), roi_margin_mm=10.0)
+    first = segment_subject(subject, learn_proportions=False, prior_votes=True)
+    refits = {w: segment_subject(subject, learn_proportions=False, prior_votes=True, atlas_set=entries, guide=first,
+                                 fit_guided=FitGuidedSettings(workers=1, search_voxels=0, prior_weight=w))
+              for w in (1.0, 3.0)}
+    assert FitGuidedSettings().prior_weight == 3.0 and refits[3.0].settings["prior_weight"] == 3.0
+    prior = refits[1.0].common.prior.double()
+    model = 2 * refits[1.0].posterior.double() - prior  # equal votes: the model's own posterior recovered
+    assert (model - prior).abs().max() > 0.5  # the model and the prior disagree somewhere
+    # the weight changes what is written, not the fit (nor the prior)
+    assert torch.equal(refits[3.0].common.prior, refits[1.0].common.prior)
+    assert torch.allclose(refits[3.0].model.params_.means, refits[1.0].model.params_.means)
+    assert torch.allclose(refits[3.0].posterior.double(), (model + 3 * prior) / 4, atol=1e-5)
+    # the model's departure from its prior is the model's, whatever the vote's weight
+    shifts = [dataclasses.replace(r, guide=None).posterior_shift() for r in refits.values()]
+    assert shifts[0] == pytest.approx(shifts[1], abs=1e-5)
+    assert first.prior_weight == 1.0  # the first fit's atlas, not image-weighted, votes equally
 
 
 def test_a_label_map_far_from_its_field_of_view_centre_is_started_on_the_fit_s_anatomy(tmp_path, atlas_set):
@@ -428,8 +454,13 @@ def test_the_atlas_set_search_option_reaches_the_fit_guided_settings():
     from mvmm.cli import _fit_guided_settings
 
     params = {"atlas_set": "set", "atlas_set_guide": "fit", "atlas_set_size": None, "atlas_set_transform": None,
-              "atlas_set_fusion": None, "atlas_set_search": None, "atlas_set_workers": 1}
+              "atlas_set_fusion": None, "atlas_set_search": None, "atlas_set_workers": 1,
+              "atlas_set_prior_weight": 3.0}
     assert _fit_guided_settings(params).search_voxels == FitGuidedSettings().search_voxels == 3
     assert _fit_guided_settings({**params, "atlas_set_search": 0}).search_voxels == 0
+    assert _fit_guided_settings({**params, "atlas_set_prior_weight": 1.5}).prior_weight == 1.5
     with pytest.raises(InputError, match="FitGuidedSettings.search_voxels"):
         FitGuidedSettings(search_voxels=-1)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(InputError, match="^FitGuidedSettings.prior_weight: expected"):
+            FitGuidedSettings(prior_weight=bad)

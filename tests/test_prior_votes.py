@@ -2,6 +2,8 @@
 grid and on every image's own grid, is the mean of the fitted model's and the prior there; in an ensemble
 the atlas is one more voter."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +51,14 @@ def test_the_atlas_votes_on_every_grid_and_counts_once_in_an_ensemble():
 def test_the_vote_needs_an_atlas():
     with pytest.raises(InputError, match="^prior_votes: .*needs an atlas"):
         segment_subject(phantom_case(atlas=False), device="cpu", registration=None, prior_votes=True)
+
+
+def test_a_weighted_prior_outvotes_the_model_on_the_common_grid_only():
+    # a fit-guided refit's prior weight (FitGuidedSettings.prior_weight) is for the reference image its atlases were
+    # fused by: on another image's own grid (another breath-hold) that prior votes once, as any atlas
+    voted = segment_subject(phantom_case(), device="cpu", registration=None, seed=0, prior_votes=True)
+    weighted = dataclasses.replace(voted, prior_weight=3.0)
+    model, prior = 2 * voted.posterior - voted.common.prior, voted.common.prior
+    assert torch.allclose(weighted.voted(model, prior), (model + 3 * prior) / 4, atol=1e-6)
+    assert not torch.allclose(weighted.voted(model, prior), voted.posterior, atol=1e-3)
+    assert torch.allclose(weighted.native_posterior("C0"), voted.native_posterior("C0"), atol=1e-6)

@@ -11,6 +11,7 @@ Also here: the coarse-to-fine schedule the registration settings describe (:func
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Sequence
 
@@ -578,13 +579,20 @@ class FitGuidedSettings:
         As :class:`MultiAtlasSettings`.
     sigma_mm : float
         Gaussian smoothing (mm) of the averaged labels, so that the prior is soft like an atlas.
+    prior_weight : float
+        Where the refit's atlas votes (``prior_votes``), the fused prior's weight w against the model's 1: the
+        written posterior on the reference's grid is (p(k | I) + w π_k) / (1 + w) (on the other images' own grids,
+        other breath-holds, the prior votes once; :attr:`mvmm.segment.Segmentation.prior_weight`). Above
+        1 because this prior has seen the image already (``fusion`` weighs each map by how its image matches the
+        case's), so the model's reading of the same intensities would otherwise count twice; a prior fused by an
+        equal vote (``"vote"``, or maps of another sequence or data set) has not, and votes with weight 1.
     workers : int
         Worker processes for the independent registrations (0: one per available core; 1: in this
         process, as on CUDA).
 
     The defaults were chosen on the MS-CMRSeg development fold (patients 1, 6, 11, 16, 21) only:
-    docs/mscmr.md, "A multi-atlas prior from the first fit", "Joint label fusion for the fit-guided prior" and "Joint
-    fusion with a local search".
+    docs/mscmr.md, "A multi-atlas prior from the first fit", "Joint label fusion for the fit-guided prior", "Joint
+    fusion with a local search" and "The fused prior's vote weighted by 3".
     """
 
     transform: str = "ffd"
@@ -599,6 +607,7 @@ class FitGuidedSettings:
     window_mm: float = LOCAL_NCC_WINDOW_MM
     temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0
+    prior_weight: float = 3.0
     workers: int = 0
 
     def __post_init__(self):
@@ -606,7 +615,9 @@ class FitGuidedSettings:
         require_field_choice(self, "fusion", FUSIONS)
         require_positive(self, ("window_mm", "temperature"))
         require_positive(self, ("control_spacing", "grid_spacing", "ffd_levels", "steps", "max_outer"))
-        require_positive(self, ("sigma_mm", "bending_weight", "workers", "search_voxels"), strict=False)
+        require_positive(self, ("sigma_mm", "bending_weight", "workers", "search_voxels", "prior_weight"), strict=False)
+        if not math.isfinite(self.prior_weight):  # the prior alone has no model to weigh against
+            raise InputError(f"FitGuidedSettings.prior_weight: expected a finite weight, got {self.prior_weight}")
 
     def pairwise(self) -> PairwiseSettings:
         """Pairwise settings of one label map's registration to the fit."""
