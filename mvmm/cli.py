@@ -280,9 +280,9 @@ def main():
 @click.option("--atlas-set-prior-weight", type=NON_NEGATIVE, default=default(FitGuidedSettings, "prior_weight"),
               show_default=True,
               help="With --atlas-set-guide fit and the atlas's vote (--prior-votes, the cardiac preset's): the fused "
-                   "prior's weight against the model's 1 in the refit's posterior on the reference's grid, (p + w prior) / "
-                   "(1 + w). Above 1 because joint (or local-ncc) fusion already weighed the atlases by that image; an "
-                   "equal vote's prior, and the prior on the other images' own grids, vote with 1.")
+                   "prior's weight against the model's 1 in the refit's posterior on the reference's grid, "
+                   "(p + w prior) / (1 + w). Above 1 because joint (or local-ncc) fusion already weighed the atlases "
+                   "by that image; an equal vote's prior, and the prior on the other images' own grids, vote with 1.")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--atlas-set-labels", metavar="NAME=VALUE,...",
