@@ -136,6 +136,7 @@ PARAMETER_FLAGS = {
     "MultiAtlasSettings.fusion": "--atlas-set-fusion", "FitGuidedSettings.fusion": "--atlas-set-fusion",
     "MultiAtlasSettings.search_voxels": "--atlas-set-search", "FitGuidedSettings.search_voxels": "--atlas-set-search",
     "FitGuidedSettings.prior_weight": "--atlas-set-prior-weight",
+    "FitGuidedSettings.slice_shift_mm": "--atlas-set-slice-shift",
     "atlas_set_labels": "--atlas-set-labels", "ExperimentSettings.atlas_set_size": "--atlas-set-size",
     "ExperimentSettings.model": "--model", "model": "--model", "resume": "--resume",
     "RegistrationSettings.images_model": "--images-model",
@@ -283,6 +284,11 @@ def main():
                    "prior's weight against the model's 1 in the refit's posterior on the reference's grid, "
                    "(p + w prior) / (1 + w). Above 1 because joint (or local-ncc) fusion already weighed the atlases "
                    "by that image; an equal vote's prior, and the prior on the other images' own grids, vote with 1.")
+@click.option("--atlas-set-slice-shift", metavar="MM", type=NON_NEGATIVE,
+              default=default(FitGuidedSettings, "slice_shift_mm"), show_default=True,
+              help="With --atlas-set-guide fit: before the refit, move each slice of the other images in its own plane "
+                   "(whole voxels within MM) to where the first fit and the fused prior say it lies; a stack's slices "
+                   "are breath-holds of their own. 0: they keep the first fit's placement.")
 @click.option("--atlas-set-workers", type=click.IntRange(min=0), default=default(MultiAtlasSettings, "workers"),
               show_default=True, help="Worker processes for the atlas registrations (0: one per available core).")
 @click.option("--atlas-set-labels", metavar="NAME=VALUE,...",
@@ -417,7 +423,8 @@ def main():
 @click.pass_context
 @common_options
 def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atlas_set, atlas_set_guide, atlas_set_size,
-            atlas_set_transform, atlas_set_fusion, atlas_set_search, atlas_set_prior_weight, atlas_set_workers,
+            atlas_set_transform, atlas_set_fusion, atlas_set_search, atlas_set_prior_weight, atlas_set_slice_shift,
+            atlas_set_workers,
             atlas_set_labels, labels_text,
             atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
@@ -513,6 +520,7 @@ def _fit_guided_settings(params: dict, model: bool = False) -> Optional[FitGuide
                              fusion=params["atlas_set_fusion"] or default(FitGuidedSettings, "fusion"),
                              search_voxels=default(FitGuidedSettings, "search_voxels") if search is None else search,
                              prior_weight=params["atlas_set_prior_weight"],
+                             slice_shift_mm=params["atlas_set_slice_shift"],
                              workers=params["atlas_set_workers"])
 
 

@@ -41,6 +41,7 @@ from mvmm.multi_atlas import (FitGuidedSettings, MultiAtlasSettings, check_label
                                multi_atlas_prior)
 from mvmm.core.outputs import staged_output_dir, write_json
 from mvmm.postprocess import check_postprocess, postprocess_labels
+from mvmm.slice_alignment import with_aligned_slices
 from mvmm.report import convergence_figure, overview_figure, pathology_figure
 from mvmm.data.transform_files import save_transforms
 
@@ -625,17 +626,28 @@ def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], s
     prior, report = fit_guided_prior(fit, atlas_set, settings, first.labels, reference.grid,
                                      device=first.device, progress=options["progress"], reference=reference)
     transforms = {name: t for name, t in subject.transforms.items() if name != "atlas"}
+    subject = replace(subject, atlas=prior, transforms=transforms)
+    aligned_at = time.perf_counter()
+    others = [name for name in subject.names if name != subject.reference]
+    alignment = None
+    if settings.slice_shift_mm > 0 and others:
+        # each breath-hold's slice of the other images where the first fit's θ and the fused prior put it
+        subject, alignment = with_aligned_slices(subject, first.model, others, settings.slice_shift_mm, first.device)
+    aligned_s = time.perf_counter() - aligned_at
     # a prior fused by how each map's image matches the case has seen the image: it outweighs the model's reading of
     # it (FitGuidedSettings.prior_weight); an equal vote (another data set's maps, another sequence) has not
     weight = 1.0 if report["fusion"] == "vote" else settings.prior_weight
-    second = _segment_once(replace(subject, atlas=prior, transforms=transforms), registration=None,
+    second = _segment_once(subject, registration=None,
                            **{**options, "bias_correction": "none", "atlas_start": None}, prior_weight=weight)
     second.guide = first
     second.settings = {**second.settings, "bias_correction": first.settings["bias_correction"],
                        "atlas_set": report, "guide_fit": {key: first.settings[key] for key in ("registration", "retry")
                                                           if key in first.settings}}
+    if alignment is not None:
+        second.settings["slice_alignment"] = alignment
     first_seconds = sum(v for k, v in first.timings.items() if k.endswith("_s") and isinstance(v, float))
     second.timings = {**second.timings, "guide_fit_s": first_seconds, "atlas_set_s": report["seconds"],
+                      "slice_alignment_s": aligned_s,
                       "fit_guided_s": time.perf_counter() - began}
     if "registration_split_s" in first.timings:  # the first fit's registration levels (its start search among them)
         second.timings["guide_registration_split_s"] = first.timings["registration_split_s"]

@@ -22,6 +22,7 @@ LAYER_OF = [
     ("mvmm.joint", "solvers"), ("mvmm.register", "solvers"), ("mvmm.atlas_build", "solvers"),
     ("mvmm.metrics", "solvers"), ("mvmm.postprocess", "solvers"), ("mvmm.nets", "solvers"),
     ("mvmm.multi_atlas", "solvers"), ("mvmm.joint_fusion", "solvers"), ("mvmm.pathology", "solvers"),
+    ("mvmm.slice_alignment", "solvers"),
     ("mvmm.segment", "application"), ("mvmm.amortized", "application"), ("mvmm.training", "application"), ("mvmm.cli", "application"), ("mvmm.report", "application"),
     ("mvmm.evaluate", "application"), ("mvmm.demo", "application"), ("mvmm.experiments", "application"),
     ("mvmm.__main__", "application"),

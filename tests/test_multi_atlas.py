@@ -455,10 +455,13 @@ def test_the_atlas_set_search_option_reaches_the_fit_guided_settings():
 
     params = {"atlas_set": "set", "atlas_set_guide": "fit", "atlas_set_size": None, "atlas_set_transform": None,
               "atlas_set_fusion": None, "atlas_set_search": None, "atlas_set_workers": 1,
-              "atlas_set_prior_weight": 3.0}
+              "atlas_set_prior_weight": 3.0, "atlas_set_slice_shift": 4.5}
     assert _fit_guided_settings(params).search_voxels == FitGuidedSettings().search_voxels == 3
     assert _fit_guided_settings({**params, "atlas_set_search": 0}).search_voxels == 0
     assert _fit_guided_settings({**params, "atlas_set_prior_weight": 1.5}).prior_weight == 1.5
+    assert _fit_guided_settings({**params, "atlas_set_slice_shift": 0.0}).slice_shift_mm == 0.0
+    with pytest.raises(InputError, match="FitGuidedSettings.slice_shift_mm"):
+        FitGuidedSettings(slice_shift_mm=-1.0)
     with pytest.raises(InputError, match="FitGuidedSettings.search_voxels"):
         FitGuidedSettings(search_voxels=-1)
     for bad in (-1.0, float("inf"), float("nan")):

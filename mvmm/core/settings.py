@@ -586,13 +586,18 @@ class FitGuidedSettings:
         1 because this prior has seen the image already (``fusion`` weighs each map by how its image matches the
         case's), so the model's reading of the same intensities would otherwise count twice; a prior fused by an
         equal vote (``"vote"``, or maps of another sequence or data set) has not, and votes with weight 1.
+    slice_shift_mm : float
+        Before the refit, each slice of every other 3D image is moved in its own plane, by whole voxels within this
+        radius (mm), to where the first fit's model and the fused prior say its content lies
+        (:func:`mvmm.slice_alignment.align_slices`: a stack's slices are breath-holds of their own, which the headers
+        and a global map cannot place); 0: the images keep the first fit's placement.
     workers : int
         Worker processes for the independent registrations (0: one per available core; 1: in this
         process, as on CUDA).
 
     The defaults were chosen on the MS-CMRSeg development fold (patients 1, 6, 11, 16, 21) only:
     docs/mscmr.md, "A multi-atlas prior from the first fit", "Joint label fusion for the fit-guided prior", "Joint
-    fusion with a local search" and "The fused prior's vote weighted by 3".
+    fusion with a local search", "The fused prior's vote weighted by 3" and "The other images' slices aligned".
     """
 
     transform: str = "ffd"
@@ -608,6 +613,7 @@ class FitGuidedSettings:
     temperature: float = LOCAL_NCC_TEMPERATURE
     sigma_mm: float = 1.0
     prior_weight: float = 3.0
+    slice_shift_mm: float = 4.5
     workers: int = 0
 
     def __post_init__(self):
@@ -615,7 +621,8 @@ class FitGuidedSettings:
         require_field_choice(self, "fusion", FUSIONS)
         require_positive(self, ("window_mm", "temperature"))
         require_positive(self, ("control_spacing", "grid_spacing", "ffd_levels", "steps", "max_outer"))
-        require_positive(self, ("sigma_mm", "bending_weight", "workers", "search_voxels", "prior_weight"), strict=False)
+        require_positive(self, ("sigma_mm", "bending_weight", "workers", "search_voxels", "prior_weight",
+                                "slice_shift_mm"), strict=False)
         if not math.isfinite(self.prior_weight):  # the prior alone has no model to weigh against
             raise InputError(f"FitGuidedSettings.prior_weight: expected a finite weight, got {self.prior_weight}")
 

@@ -287,3 +287,55 @@ class AffineTransform(LinearTransform):
         linear = matrix[..., :n, :n] - torch.eye(n, dtype=matrix.dtype, device=matrix.device)
         params = torch.cat([linear.reshape(matrix.shape[:-2] + (n * n,)), matrix[..., :n, n]], dim=-1)
         return cls(n, params)
+
+
+class SliceShiftTransform(nn.Module):
+    """Each slice of a stack moved in its own plane: ``T(x) = x − t(s(x))``.
+
+    A short-axis stack is acquired slice by slice, one breath-hold each, so its slices sit a few mm off
+    one another in-plane, which no global map of the stack follows. ``s(x)`` is the continuous slice
+    index of the world point x on ``grid`` (the stack's own grid) along ``axis``; ``t(s)`` is the
+    in-plane shift of slice s, linear between slice centres and held beyond the first and last. The
+    shifts lie in the slices' plane, so ``s(x − t) = s(x)`` and the inverse, ``x + t(s(x))``, is exact.
+
+    Parameters
+    ----------
+    grid : Grid
+        The stack's grid (3D): ``T`` maps into its world, as an image's transform does.
+    axis : int
+        The stack axis (ITK order index of ``grid``'s axes).
+    shifts : tensor, shape [grid.size[axis], 3]
+        Slice j's content sits at world point y + shifts[j] of the common space (mm); only the
+        components in the slice plane are kept.
+    """
+
+    def __init__(self, grid: Grid, axis: int, shifts: torch.Tensor):
+        super().__init__()
+        if grid.ndim != 3 or not 0 <= axis < 3:
+            raise ValueError(f"grid, axis: a 3D stack and its axis 0–2, got {grid.ndim}D and {axis}")
+        shifts = torch.as_tensor(shifts, dtype=torch.float64)
+        if tuple(shifts.shape) != (grid.size[axis], 3):
+            raise ValueError(f"shifts: expected shape [{grid.size[axis]}, 3] (one per slice), got {list(shifts.shape)}")
+        normal = torch.as_tensor(grid.direction_matrix[:, axis], dtype=torch.float64)
+        self.grid, self.axis = grid, axis
+        # only the in-plane part: then the slice index of a moved point is its own and the inverse exact
+        self.register_buffer("shifts", shifts - (shifts @ normal)[:, None] * normal)
+
+    def shift_at(self, points: torch.Tensor) -> torch.Tensor:
+        """``t(s(x))`` for world points ``[..., 3]``: the shift of the slice each point lies on (mm)."""
+        index = self.grid.world_to_index(points)[..., self.axis]
+        last = self.shifts.shape[0] - 1
+        s = index.clamp(0, last)
+        low = s.floor().long().clamp(max=max(last - 1, 0))
+        frac = (s - low.to(s.dtype)).unsqueeze(-1)
+        shifts = self.shifts.to(device=points.device, dtype=points.dtype)
+        high = (low + 1).clamp(max=last)
+        return shifts[low] * (1 - frac) + shifts[high] * frac
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Map common-space points ``[..., 3]`` (mm) into the stack's world."""
+        return points - self.shift_at(points)
+
+    def inverse(self) -> "SliceShiftTransform":
+        """The exact inverse (the shifts negated)."""
+        return SliceShiftTransform(self.grid, self.axis, -self.shifts)
