@@ -539,8 +539,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     atlas_set : sequence of AtlasEntry
         Labelled images of other subjects (their label maps are read): after the fit, they are registered
         to its posterior and averaged into a prior on the reference grid, and the model is fitted again
-        with that prior, nothing moving (:func:`refit_with_atlas_set`; the result's :attr:`~Segmentation.guide`
-        is the first fit). Empty: the fit is the answer.
+        with that prior, nothing moving but the other images' slices, each in its plane (:func:`refit_with_atlas_set`;
+        the result's :attr:`~Segmentation.guide` is the first fit). Empty: the fit is the answer.
     fit_guided : FitGuidedSettings, optional
         How the atlas set is registered and fused (default: its defaults).
     guided_fit_options : mapping, optional
@@ -613,7 +613,9 @@ def refit_with_atlas_set(first: Segmentation, atlas_set: Sequence[AtlasEntry], s
 
     The prior (:func:`mvmm.multi_atlas.fit_guided_prior`) is on the reference image's grid where the first
     fit placed the anatomy, so nothing moves in the second fit: the images keep the first fit's transforms
-    (and bias correction), the atlas's is dropped. ``options``: :func:`segment_subject`'s fitting options.
+    (and bias correction), the atlas's is dropped; before it, each slice of the other images is moved in-plane
+    to where the first fit's θ and the prior put it (``settings.slice_shift_mm``, :mod:`mvmm.slice_alignment`).
+    ``options``: :func:`segment_subject`'s fitting options.
     On MS-CMRSeg, docs/mscmr.md ("A multi-atlas prior from the first fit").
     """
     if first.subject.atlas is None:
