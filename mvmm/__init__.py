@@ -1,3 +1,3 @@
 """mvmm: multivariate mixture models for joint segmentation of multi-sequence images."""
 
-__version__ = "0.27.0"
+__version__ = "0.28.0"

@@ -21,9 +21,11 @@ from mvmm.core.outputs import OutputError
 # imports torch and the rest of mvmm when it runs.
 from mvmm.core.settings import (ACWE_VARIANCES, ATLAS_INITS, ATLAS_MODELS, BIAS_CORRECTIONS, BUILD_MODELS, BUILTIN_CARDIAC, DEFAULT_SIGMA_MM,
                                 EXPERIMENT_METHODS, FRAMES, IMAGE_INITS, IMAGE_MODELS, INIT_METHODS, METRICS,
-                                ATLAS_SET_GUIDES, FUSIONS, LR_SCHEDULES, POSTPROCESSING, PRESETS, PRIORS, TEMPLATE_METRICS, TRANSFORM_KINDS,
+                                ATLAS_SET_GUIDES, FUSIONS, LR_SCHEDULES, PATHOLOGY_RULES, POSTPROCESSING, PRESETS, PRIORS,
+                                TEMPLATE_METRICS, TRANSFORM_KINDS,
                                 REGNET_METRICS, AcweNetSettings, BayesNetSettings, ExperimentSettings, GroupwiseSettings,
-                                FitGuidedSettings, MultiAtlasSettings, PairwiseSettings, PriorVaeSettings, RegNetSettings,
+                                FitGuidedSettings, MultiAtlasSettings, PairwiseSettings, PathologySettings, PriorVaeSettings,
+                                RegNetSettings,
                                 TrainingSettings, VaeSegSettings,
                                 RegistrationSettings,
                                 SegmentationDefaults)
@@ -143,6 +145,7 @@ PARAMETER_FLAGS = {
     "BayesNetSettings.grid_size": "--grid-size", "BayesNetSettings.subtypes": "--subtypes",
     "TrainingSettings.batch_size": "--batch-size", "TrainingSettings.lr": "--lr",
     "labelled": "--labelled-patients", "maps": "--labels", "prior": "--prior",
+    "PathologySettings.rule": "--pathology-rule", "ExperimentSettings.pathology_rule": "--pathology-rule",
 }
 _PARAMETER = re.compile(r"^([A-Za-z_][\w.]*):|`([A-Za-z_][\w.]*)`")
 
@@ -239,6 +242,31 @@ def common_options(func):
     return func
 
 
+def pathology_rule_options(func):
+    """--pathology-rule, --scar-sd and --oedema-sd (:class:`PathologySettings`), shared by segment and the experiment."""
+    func = click.option("--oedema-sd", type=NON_NEGATIVE, default=default(PathologySettings, "oedema_sd"), show_default=True,
+                        help="With --pathology-rule sd: oedema where the T2 is more than this many standard deviations "
+                             "above the fitted normal myocardium's mean (and not scar).")(func)
+    func = click.option("--scar-sd", type=NON_NEGATIVE, default=default(PathologySettings, "scar_sd"), show_default=True,
+                        help="With --pathology-rule sd: scar where the LGE is more than this many standard deviations "
+                             "above the fitted normal myocardium's mean.")(func)
+    func = click.option("--pathology-rule", type=click.Choice(PATHOLOGY_RULES), default=default(PathologySettings, "rule"),
+                        show_default=True,
+                        help="With --pathology: how scar and oedema are decided from the myocardium's fitted subtypes: "
+                             "sd, the n-SD criterion against the normal subtype (--scar-sd, --oedema-sd); subtype, "
+                             "where the pathological subtype is the most probable (before 0.28.0).")(func)
+    return func
+
+
+def _require_pathology_for_rule(pathology: bool) -> None:
+    """The pathology rule's options decide scar and oedema: given without ``pathology`` they would do nothing."""
+    ctx = click.get_current_context()
+    given = [name for name in ("pathology_rule", "scar_sd", "oedema_sd")
+             if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
+    if given and not pathology:
+        raise InputError(f"{given[0]}: it decides scar and oedema from the myocardium's subtypes; give `pathology`")
+
+
 @click.group(cls=MvmmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mvmm")
 def main():
@@ -312,6 +340,7 @@ def main():
               help="Write scar and oedema (probability maps, MyoPS label maps, volumes, a figure) from the "
                    "myocardium's subtypes: LGE:Myo=normal,scar and T2:Myo=normal,oedema unless --subtypes names "
                    "them.")
+@pathology_rule_options
 @click.option("--roi-margin", type=MARGIN, metavar="MM|none",
               help="Fit only within MM of where the (moved) atlas allows a foreground tissue; outside, the "
                    "label is background (none, or no preset: everywhere an image covers).")
@@ -426,7 +455,8 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
             atlas_set_transform, atlas_set_fusion, atlas_set_search, atlas_set_prior_weight, atlas_set_slice_shift,
             atlas_set_workers,
             atlas_set_labels, labels_text,
-            atlas_sigma, masks, reference, preset, pathology, roi_margin, subtypes, background_subtypes,
+            atlas_sigma, masks, reference, preset, pathology, pathology_rule, scar_sd, oedema_sd, roi_margin, subtypes,
+            background_subtypes,
             mrf_beta, prior_votes, postprocess, proportions, bias_correction, max_iter, tol, register_atlas, register_images, images_init, images_model,
             template_metric, template_transform, template_sequence, atlas_init, atlas_search_fov, atlas_search_mm,
             control_spacing,
@@ -445,6 +475,7 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
 
     _setup_logging(quiet)
     check_output_dir(out, force)  # fail before any work if the folder is taken (nothing is created)
+    _require_pathology_for_rule(pathology)
     if atlas_set_labels is not None and atlas_set is None:
         raise InputError("atlas_set_labels: it names the atlas set's label values; give `atlas_set`")
     if model_dir is not None and ensemble:
@@ -482,7 +513,8 @@ def segment(ctx, model_dir, refine, ensemble, samples, images, names, atlas, atl
                              mrf_beta=mrf_beta, learn_proportions=proportions == "learned", max_iter=max_iter, tol=tol,
                              device=device, seed=seed, progress=_show_progress(quiet), registration=registration,
                              postprocess=postprocess, pathology=pathology, bias_correction=bias_correction,
-                             prior_votes=prior_votes, atlas_set=guide_entries, fit_guided=fit_guided)
+                             prior_votes=prior_votes, atlas_set=guide_entries, fit_guided=fit_guided,
+                             pathology_rule=PathologySettings(pathology_rule, scar_sd, oedema_sd))
     result.settings["preset"] = {"name": preset, "applied": sorted(chosen)}
     files = result.write(out, force=True)
     if result.registration is None and subject.atlas is not None and len(images) > 1:
@@ -1230,6 +1262,7 @@ def experiment():
               help="em-all with the named pathology subtypes (LGE:Myo=normal,scar, T2:Myo=normal,oedema) instead of "
                    "--subtypes' LGE and T2 myocardium; with T2, its scar and oedema on the T2 grid are evaluated "
                    "against the MyoPS labels (patientN_T2_pathology).")
+@pathology_rule_options
 @click.option("--mrf-beta", type=NON_NEGATIVE, default=default(ExperimentSettings, "mrf_beta"), show_default=True,
               help="Potts MRF weight of em-all and em-lge, as for segment (0: none).")
 @click.option("--prior-votes/--no-prior-votes", default=default(ExperimentSettings, "prior_votes"), show_default=True,
@@ -1250,12 +1283,13 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
                      atlas_set_size, atlas_register,
                      register_atlas, register_images,
                      atlas_search_fov, atlas_search_mm, affine_weight, roi_margin, subtypes, proportions, pathology,
-                     mrf_beta, prior_votes, postprocess, bias_correction, force, device, seed, quiet):
+                     pathology_rule, scar_sd, oedema_sd, mrf_beta, prior_votes, postprocess, bias_correction, force, device, seed, quiet):
     """Atlas, EM on LGE, EM on all sequences and a plain mixture on MS-CMRSeg; results.csv, summary.* and figures."""
     from mvmm.data.manifest import parse_patients
     from mvmm.experiments.mscmr import run_mscmr
 
     _setup_logging(quiet)
+    _require_pathology_for_rule(pathology)
     settings = ExperimentSettings(sequences=list(sequences), methods=list(methods), folds=folds,
                                   model=str(model_dir) if model_dir else None, epochs=epochs,
                                   vae_prior=str(vae_prior) if vae_prior else None, prior_epochs=prior_epochs,
@@ -1266,7 +1300,8 @@ def experiment_mscmr(data, out, atlas_data, lge_data, patients, sequences, metho
                                   register_atlas=register_atlas, register_images=register_images,
                                   atlas_search_fov=atlas_search_fov, atlas_search_mm=atlas_search_mm,
                                   affine_weight=affine_weight, roi_margin_mm=roi_margin, subtypes=list(subtypes), proportions=proportions,
-                                  pathology=pathology, mrf_beta=mrf_beta, prior_votes=prior_votes, postprocess=postprocess,
+                                  pathology=pathology, pathology_rule=pathology_rule, scar_sd=scar_sd, oedema_sd=oedema_sd,
+                                  mrf_beta=mrf_beta, prior_votes=prior_votes, postprocess=postprocess,
                                   bias_correction=bias_correction, device=device, seed=seed)
     summary = run_mscmr(data, out, settings, parse_patients(patients) if patients else None, atlas_data, force,
                         progress=_show_progress(quiet), lge_data=lge_data)

@@ -13,8 +13,16 @@ enhanced in LGE is scar whatever its T2, and one bright in T2 alone is oedema �
 precedence, as MyoPS labels it (:data:`PATHOLOGIES` gives the order). A pathology is defined only
 where the image that shows it counts (a T2 stack of a few thick slices covers part of the heart):
 elsewhere its probability is 0, its mask empty, and its share of the myocardium is reported over the
-covered part only. Within a voxel labelled myocardium, the mask holds the most probable of normal,
-scar and oedema.
+covered part only. Within a voxel labelled myocardium, the mask is decided by
+:class:`~mvmm.core.settings.PathologySettings` (``Segmentation.pathology_rule``): by default (``"sd"``, 0.28.0)
+the n-SD criterion of cardiac MR practice on the model's own Gaussians —
+
+    scar   where I_LGE(x) > μ_normal,LGE + n_scar   · σ_Myo,LGE
+    oedema where I_T2(x)  > μ_normal,T2  + n_oedema · σ_Myo,T2, and not scar
+
+(μ_normal the darkest named subtype's fitted mean, σ the tissue's fitted standard deviation, which its named
+subtypes share) — or (``"subtype"``) the most probable of normal, scar and oedema. The probability maps are the
+subtypes' posteriors above under either rule.
 
 Label maps of pathology use the MyoPS values (:data:`mvmm.data.labels.PATHOLOGY_LABELS`: 2221 scar,
 1220 oedema, 0 elsewhere), so that ``mvmm evaluate`` compares them with MyoPS labels directly.
@@ -30,6 +38,7 @@ import torch
 
 from mvmm.core.errors import InputError
 from mvmm.core.grid import Grid
+from mvmm.core.settings import PathologySettings
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.labels import PATHOLOGY_LABELS
 from mvmm.mixture.subtypes import parse_subtype_names
@@ -181,6 +190,41 @@ def _chosen(names, conditional, defined, tissue_of) -> Dict[str, torch.Tensor]:
     return chosen
 
 
+@torch.no_grad()
+def _above_normal(result, sample, names, defined, tissue_of, rule: PathologySettings) -> Dict[str, torch.Tensor]:
+    """Per pathology, where the image that shows it is more than ``rule``'s number of standard deviations above its
+    tissue's normal (darkest named) subtype, and defined; scar before oedema (bool ``[*S]``)."""
+    located = named_pathologies(result.settings.get("subtypes", []), result.common.names, result.labels.names)
+    params = result.model.params_
+    chosen: Dict[str, torch.Tensor] = {}
+    for pathology in names:
+        image, tissue, position = located[pathology]
+        i, k = sample.names.index(image), result.labels.names.index(tissue)
+        if position == 0:
+            raise InputError(f"subtypes: {pathology} is named as the darkest subtype of {image}:{tissue}; the n-SD rule "
+                             f"measures it above a normal level named before it (e.g. {image}:{tissue}=normal,"
+                             f"{pathology}), or use PathologySettings.rule 'subtype'")
+        count = int(result.model.n_subtypes_[i, k])
+        normal = int(torch.argmin(params.means[0, i, k, :count]))
+        threshold = params.means[0, i, k, normal] + rule.threshold_sd(pathology) * params.variances[0, i, k, normal].sqrt()
+        above = (sample.images[i] > threshold.to(sample.images[i].dtype)) & defined[pathology]
+        for earlier in chosen:  # precedence: scar before oedema
+            if tissue_of[earlier] == tissue:
+                above = above & ~chosen[earlier]
+        chosen[pathology] = above
+    return chosen
+
+
+def _decided(result, sample, found) -> Dict[str, torch.Tensor]:
+    """Per pathology, where ``result``'s rule (:attr:`mvmm.segment.Segmentation.pathology_rule`) calls it (bool
+    ``[*S]``); ``found``: :func:`_conditionals`' answer."""
+    rule = result.pathology_rule
+    if rule.rule == "subtype":
+        return _chosen(*found)
+    names, _, defined, tissue_of = found
+    return _above_normal(result, sample, names, defined, tissue_of, rule)
+
+
 def _wall(chosen: Dict[str, torch.Tensor]) -> np.ndarray:
     """Where any pathology is chosen (bool ``[*S]``, numpy)."""
     return torch.stack(list(chosen.values())).any(0).cpu().numpy()
@@ -194,7 +238,7 @@ def pathological_wall(result, sample) -> Optional[np.ndarray]:
     found = _conditionals(result, sample)
     if found is None:
         return None
-    return _wall(_chosen(*found))
+    return _wall(_decided(result, sample, found))
 
 
 @torch.no_grad()
@@ -219,7 +263,7 @@ def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
         raise InputError("subtypes: no subtype is named " + " or ".join(PATHOLOGIES) + "; name them, e.g. "
                          "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
     names, conditional, defined, tissue_of = found
-    chosen = _chosen(*found)
+    chosen = _decided(result, sample, found)
     posterior = result.posterior_on(sample, name)
     label_map = result.label_map(posterior, sample.grid, keep_wall=_wall(chosen))
     probability, mask, tissue_mask = {}, {}, {}

@@ -22,7 +22,7 @@ import torch
 from mvmm import __version__
 from mvmm.core.grid import Grid
 from mvmm.core.settings import (CARDIAC_MIN_POSTERIOR_SHIFT, CARDIAC_PRESET, CARDIAC_TISSUES, NO_ATLAS, PRESETS,
-                                SEGMENTATION)
+                                PathologySettings, SEGMENTATION)
 from mvmm.data import io
 from mvmm.data.anatomy import stack_axis
 from mvmm.data.atlas import BUILTIN_CARDIAC, DEFAULT_SIGMA_MM, Atlas
@@ -220,6 +220,8 @@ class Segmentation:
     registration: Optional[RegistrationResult] = None
     postprocess: str = "none"  # applied to every label map, see mvmm.postprocess
     pathology: bool = False  # write scar and oedema from the named subtypes (mvmm.pathology)
+    # how scar and oedema are decided from those subtypes (the n-SD criterion by default)
+    pathology_rule: PathologySettings = field(default_factory=PathologySettings)
     # the spatial prior is the answer (a network that predicts the posterior, e.g. the Chan–Vese CNN):
     # every grid's posterior is the prior sampled there, not the model's posterior
     prior_is_posterior: bool = False
@@ -494,6 +496,7 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
                     postprocess: str = SEGMENTATION.postprocess, atlas_start: Optional[tuple] = None,
                     pathology: bool = False, bias_correction: str = SEGMENTATION.bias_correction,
                     prior_votes: bool = SEGMENTATION.prior_votes, atlas_set: Sequence[AtlasEntry] = (),
+                    pathology_rule: Optional[PathologySettings] = None,
                     fit_guided: Optional[FitGuidedSettings] = None,
                     guided_fit_options: Optional[Mapping] = None,
                     guide: Optional["Segmentation"] = None) -> Segmentation:
@@ -530,6 +533,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
         Read scar and oedema from the subtypes named so (:mod:`mvmm.pathology`) and write them with
         the result; when ``subtypes`` names none, the cardiac ones are added first
         (``LGE:Myo=normal,scar``, ``T2:Myo=normal,oedema``, for the images so named).
+    pathology_rule : PathologySettings, optional
+        How scar and oedema are decided from those subtypes (default: its defaults, the n-SD criterion).
     bias_correction : {"none", "n4"}
         Divide every image by its N4 bias field before the fit (:mod:`mvmm.data.bias`); the result's
         subject holds the corrected images (``bias_s`` in the timings, the record in the settings).
@@ -568,7 +573,8 @@ def segment_subject(subject: Subject, subtypes: Sequence[str] = (),
     options = dict(subtypes=subtypes, background_subtypes=background_subtypes, mrf_beta=mrf_beta,
                    learn_proportions=learn_proportions, max_iter=max_iter, tol=tol, var_floor=var_floor, device=device,
                    seed=seed, progress=progress, postprocess=postprocess, atlas_start=atlas_start, pathology=pathology,
-                   bias_correction=bias_correction, prior_votes=prior_votes)
+                   bias_correction=bias_correction, prior_votes=prior_votes,
+                   pathology_rule=pathology_rule or PathologySettings())
     if guide is not None:
         if not atlas_set:
             raise ValueError("guide: an answer for the atlas set to follow; give `atlas_set`")
@@ -668,7 +674,8 @@ def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes
                   learn_proportions: bool, max_iter: int, tol: float, var_floor: float, device: str,
                   seed: Optional[int], progress: bool, registration: Optional[RegistrationSettings], postprocess: str,
                   atlas_start: Optional[tuple], pathology: bool, bias_correction: str,
-                  prior_votes: bool, prior_weight: float = 1.0) -> Segmentation:
+                  prior_votes: bool, prior_weight: float = 1.0,
+                  pathology_rule: Optional[PathologySettings] = None) -> Segmentation:
     """One fit of :func:`segment_subject` (its parameters; ``registration`` resolved); ``prior_weight``: the
     prior's vote against the model's (:attr:`Segmentation.prior_weight`), a fit-guided refit's."""
     start = time.perf_counter()
@@ -719,13 +726,16 @@ def _segment_once(subject: Subject, subtypes: Sequence[str], background_subtypes
                 "max_iter": max_iter, "tol": tol, "var_floor": var_floor, "device": str(torch_device), "seed": seed,
                 "registration": asdict(registration) if registration is not None else None,
                 "bias_correction": bias}
+    pathology_rule = pathology_rule or PathologySettings()
+    if pathology:
+        settings["pathology_rule"] = asdict(pathology_rule)
     timings = {"bias_s": corrected - start, "registration_s": registered_at - corrected,
                "sample_s": sampled - registered_at,
                "fit_s": fitted - sampled, "predict_s": time.perf_counter() - fitted}
     if registered is not None:  # the registration's own split: start search, template, each level
         timings["registration_split_s"] = dict(registered.seconds)
     result = Segmentation(subject, model, labels, common, posterior, settings, timings, registered, postprocess,
-                          pathology, prior_votes=prior_votes, prior_weight=prior_weight)
+                          pathology, pathology_rule, prior_votes=prior_votes, prior_weight=prior_weight)
     result.posterior = result.voted(posterior, common.prior)
     return result
 

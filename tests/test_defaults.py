@@ -7,7 +7,7 @@ import click
 import pytest
 
 from mvmm.atlas_build import GroupwiseSettings
-from mvmm.core.settings import BayesNetSettings, RegNetSettings, TrainingSettings
+from mvmm.core.settings import BayesNetSettings, PathologySettings, RegNetSettings, TrainingSettings
 from mvmm.cli import main
 from mvmm.data.atlas import Atlas
 from mvmm.data.phantom import make_phantom
@@ -20,8 +20,8 @@ from mvmm.segment import segment_subject
 
 # command → (Python owners of its defaults, option names that differ from the Python parameter's)
 COMMANDS = {
-    ("segment",): ((segment_subject, RegistrationSettings, MultiAtlasSettings),
-                   {"register_atlas": "atlas", "register_images": "images", "images": None,
+    ("segment",): ((segment_subject, RegistrationSettings, MultiAtlasSettings, PathologySettings),
+                   {"pathology_rule": "rule", "register_atlas": "atlas", "register_images": "images", "images": None,
                     "atlas": None, "atlas_set": None, "atlas_set_size": "size",
                     # MultiAtlasSettings' or FitGuidedSettings' by --atlas-set-guide (its help names both)
                     "atlas_set_transform": None,

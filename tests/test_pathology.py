@@ -1,6 +1,7 @@
 """Myocardial pathology from named subtypes: scar in LGE, oedema in T2 (mvmm.pathology), MyoPS metrics."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 
 from mvmm.cli import main
 from mvmm.core.errors import InputError
+from mvmm.core.settings import ExperimentSettings, PathologySettings
 from mvmm.data import io
 from mvmm.data.atlas import Atlas
 from mvmm.data.image import Image
@@ -36,7 +38,9 @@ def fitted_phantom(seed, **kwargs):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_scar_and_oedema_are_found_from_the_subtypes(seed):
-    phantom, result = fitted_phantom(seed, pathology=True)
+    """The subtype rule: the phantom's pathology is a step of intensity, which the named subtypes find."""
+    phantom, result = fitted_phantom(seed, pathology=True, pathology_rule=PathologySettings(rule="subtype"))
+    assert result.pathology_rule.rule == "subtype" and result.settings["pathology_rule"]["rule"] == "subtype"
     assert result.settings["subtypes"] == ["LGE:Myo=normal,scar", "T2:Myo=normal,oedema"]
     on_lge, on_t2 = pathology_maps(result, "LGE"), pathology_maps(result, "T2")
     assert on_lge.names == ["scar", "oedema"]
@@ -49,6 +53,52 @@ def test_scar_and_oedema_are_found_from_the_subtypes(seed):
         assert on_t2.probability[p].min() >= 0.0 and on_t2.probability[p].max() <= 1.0
     # the mask is the most probable of normal / scar / oedema where the label map says myocardium
     assert on_lge.probability["scar"][on_lge.mask["scar"]].mean() > 0.5
+
+
+def test_the_n_sd_rule_thresholds_the_normal_myocardium_gaussian():
+    """The default rule: scar where the LGE is more than scar_sd standard deviations of the myocardium above its
+    normal subtype's fitted mean, oedema where the T2 is more than oedema_sd above its normal level and it is not
+    scar — within the label map's myocardium; a higher threshold marks a subset; the subtype rule differs."""
+    phantom, result = fitted_phantom(0, pathology=True)
+    assert result.pathology_rule == PathologySettings() and result.pathology_rule.rule == "sd"
+    params, k = result.model.params_, result.labels.names.index("Myo")
+    for name in (None, "T2"):
+        sample = result.sample_on(name)
+        maps = pathology_maps(result, name)
+        myo = maps.tissue_mask["scar"]
+        above = {}
+        for pathology, image in (("scar", "LGE"), ("oedema", "T2")):
+            i = sample.names.index(image)
+            normal = int(torch.argmin(params.means[0, i, k, :2]))
+            threshold = float(params.means[0, i, k, normal]
+                              + result.pathology_rule.threshold_sd(pathology) * params.variances[0, i, k, normal].sqrt())
+            above[pathology] = (sample.images[i].numpy() > threshold) & sample.coverage[i].numpy() & myo
+        assert above["scar"].any() and above["oedema"].any()
+        assert (maps.mask["scar"] == above["scar"]).all()
+        assert (maps.mask["oedema"] == (above["oedema"] & ~above["scar"])).all()
+    strict = replace(result, pathology_rule=PathologySettings(scar_sd=3.0, oedema_sd=3.0))
+    loose, tight = pathology_maps(result, "T2"), pathology_maps(strict, "T2")
+    for p in ("scar", "oedema"):
+        assert tight.mask[p].sum() < loose.mask[p].sum()
+    assert (tight.mask["scar"] <= loose.mask["scar"]).all()
+    subtype = pathology_maps(replace(result, pathology_rule=PathologySettings(rule="subtype")), "T2")
+    assert (subtype.mask["oedema"] != loose.mask["oedema"]).any()
+    # the probability maps are the subtypes' posteriors under either rule
+    assert np.array_equal(subtype.probability["scar"], loose.probability["scar"])
+
+
+def test_pathology_rule_settings_are_checked():
+    for bad, match in (({"rule": "otsu"}, "PathologySettings.rule"), ({"scar_sd": -1.0}, "PathologySettings.scar_sd"),
+                       ({"oedema_sd": float("inf")}, "PathologySettings.oedema_sd"),
+                       ({"scar_sd": float("nan")}, "PathologySettings.scar_sd")):
+        with pytest.raises(InputError, match=match):
+            PathologySettings(**bad)
+    with pytest.raises(InputError, match="PathologySettings.oedema_sd"):
+        ExperimentSettings(pathology=True, oedema_sd=-0.5)
+    assert ExperimentSettings(scar_sd=2.0).pathology_settings() == PathologySettings(scar_sd=2.0)
+    _, result = fitted_phantom(0, subtypes=["LGE:Myo=scar,normal"], pathology=True)
+    with pytest.raises(InputError, match="scar is named as the darkest subtype of LGE:Myo"):
+        pathology_maps(result)
 
 
 def test_the_cardiac_clean_up_keeps_pathological_wall(monkeypatch):
@@ -132,7 +182,9 @@ def test_subtype_responsibilities_sum_to_one_and_fall_back_to_the_weights_where_
 
 
 def test_pathology_outputs_volumes_and_myops_evaluation(tmp_path):
-    phantom, result = fitted_phantom(1, pathology=True)
+    # the subtype rule, which finds the phantom's step of scar (the n-SD rule's threshold also takes the normal
+    # wall's bright tail: the volume check below is of the outputs, not of the rule)
+    phantom, result = fitted_phantom(1, pathology=True, pathology_rule=PathologySettings(rule="subtype"))
     files = result.write(tmp_path / "out")
     report = json.loads(files["report"].read_text())["pathology"]
     assert report["labels"] == PATHOLOGY_LABELS
@@ -203,3 +255,8 @@ def test_segment_cli_preset_pathology_and_scanner_int16_images(tmp_path):
     assert report["settings"]["subtypes"] == ["LGE:Myo=normal,scar", "T2:Myo=normal,oedema"]
     assert report["pathology"]["images"]["T2"]["oedema"]["ml"] > 0
     assert (out / "pathology" / "pathology.png").exists()
+    assert report["settings"]["pathology_rule"] == {"rule": "sd", "scar_sd": 1.5, "oedema_sd": 1.0}
+    refused = CliRunner().invoke(main, ["segment", "--images", str(case["LGE"]), "--scar-sd", "2",
+                                        "--out", str(tmp_path / "no"), "--device", "cpu"])
+    assert refused.exit_code != 0 and "--scar-sd" in refused.output and "--pathology" in refused.output
+    assert not (tmp_path / "no").exists()

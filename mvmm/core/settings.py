@@ -544,6 +544,46 @@ class MultiAtlasSettings:
                                 bending_weight=self.bending_weight, grid_spacing=self.grid_spacing)
 
 
+PATHOLOGY_RULES = ("sd", "subtype")
+
+
+@dataclass(frozen=True)
+class PathologySettings:
+    """How scar and oedema are decided from a fit with named pathology subtypes (:mod:`mvmm.pathology`; ``mvmm
+    segment --pathology``).
+
+    Attributes
+    ----------
+    rule : {"sd", "subtype"}
+        ``"sd"``: a myocardial voxel is scar where the LGE is more than ``scar_sd`` standard deviations above the
+        fitted normal myocardium's mean, and oedema where the T2 is more than ``oedema_sd`` above its normal level
+        (and it is not scar) — the n-SD criterion of cardiac MR practice, with the model's own normal-myocardium
+        Gaussian (its darkest named subtype, sharing the tissue's variance) as the remote reference.
+        ``"subtype"``: where the pathological subtype is the most probable level of the myocardium (0.7.0–0.27.0).
+        The probability maps are the subtypes' posteriors under either rule.
+    scar_sd, oedema_sd : float
+        The ``"sd"`` rule's thresholds. Defaults chosen on the MS-CMRSeg development fold's patients with T2 (1, 6,
+        11, 16) only: docs/mscmr.md, "Pathology by the n-SD criterion".
+    """
+
+    rule: str = "sd"
+    scar_sd: float = 1.5
+    oedema_sd: float = 1.0
+
+    def __post_init__(self):
+        require_field_choice(self, "rule", PATHOLOGY_RULES)
+        require_positive(self, ("scar_sd", "oedema_sd"), strict=False)
+        for name in ("scar_sd", "oedema_sd"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InputError(f"PathologySettings.{name}: expected a finite number of standard deviations, "
+                                 f"got {value}")
+
+    def threshold_sd(self, pathology: str) -> float:
+        """The ``"sd"`` rule's threshold of ``pathology`` (scar or oedema)."""
+        return {"scar": self.scar_sd, "oedema": self.oedema_sd}[pathology]
+
+
 @dataclass
 class FitGuidedSettings:
     """How a fit-guided multi-atlas prior is made (:func:`mvmm.multi_atlas.fit_guided_prior`; ``mvmm segment
@@ -716,6 +756,8 @@ class ExperimentSettings:
         ``T2:Myo=normal,oedema``, for the sequences used; :mod:`mvmm.pathology`) instead of
         ``subtypes``' LGE items; with T2 among the sequences, em-all's scar and oedema on the T2 grid
         are evaluated against the patient's MyoPS pathology labels (``patientN_T2_pathology``).
+    pathology_rule, scar_sd, oedema_sd
+        With ``pathology``: how scar and oedema are decided (:class:`PathologySettings`' fields, the same defaults).
     mrf_beta : float
         Weight of the Potts MRF on the posteriors of ``em-all`` and ``em-lge`` (``mvmm segment
         --mrf-beta``); 0 for none.
@@ -754,6 +796,9 @@ class ExperimentSettings:
     subtypes: List[str] = field(default_factory=lambda: list(CARDIAC_PRESET["subtypes"]))
     proportions: str = CARDIAC_PRESET["proportions"]
     pathology: bool = False
+    pathology_rule: str = PathologySettings.rule
+    scar_sd: float = PathologySettings.scar_sd
+    oedema_sd: float = PathologySettings.oedema_sd
     mrf_beta: float = 0.0
     postprocess: str = CARDIAC_PRESET["postprocess"]
     prior_votes: bool = CARDIAC_PRESET["prior_votes"]
@@ -786,7 +831,12 @@ class ExperimentSettings:
         if self.atlas_set_size is not None and self.atlas_set_size < 1:
             raise InputError(f"ExperimentSettings.atlas_set_size: expected at least 1, got {self.atlas_set_size}")
         require_field_choice(self, "postprocess", POSTPROCESSING)
+        self.pathology_settings()  # checked now
         require_positive(self, ("affine_weight", "atlas_search_mm", "mrf_beta"), strict=False)
+
+    def pathology_settings(self) -> PathologySettings:
+        """How ``pathology`` decides scar and oedema (:class:`PathologySettings` of the fields so named)."""
+        return PathologySettings(rule=self.pathology_rule, scar_sd=self.scar_sd, oedema_sd=self.oedema_sd)
 
 
 # ---------------------------------------------------------------- networks (mvmm.nets)

@@ -174,7 +174,7 @@ def fit_em_all(images: List[Image], placed: Atlas, settings: ExperimentSettings,
                            registration=em_all_registration(settings) if registration is None else registration,
                            postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
                            bias_correction=settings.bias_correction, prior_votes=settings.prior_votes,
-                           atlas_set=atlas_set)
+                           atlas_set=atlas_set, pathology_rule=settings.pathology_settings())
 
 
 def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
@@ -219,7 +219,7 @@ def run_patient(target: int, files, atlas: Atlas, settings: ExperimentSettings,
                                    mrf_beta=settings.mrf_beta, registration=registration,
                                    postprocess=settings.postprocess, device=settings.device, seed=settings.seed,
                                    bias_correction=settings.bias_correction, prior_votes=settings.prior_votes,
-                                   atlas_set=guided)
+                                   atlas_set=guided, pathology_rule=settings.pathology_settings())
         maps["em-lge"] = lge_only.label_map()
         quality["em-lge"] = lge_only.quality()
         seconds["em-lge"] = time.perf_counter() - start + prior_seconds
