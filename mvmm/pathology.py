@@ -151,37 +151,46 @@ class PathologyMaps:
         return rows
 
 
-@torch.no_grad()
-def _conditionals(result, sample) -> Optional[tuple]:
-    """``(names, conditional, defined, tissue_of)`` of the pathologies named in ``result``'s subtypes on
-    ``sample`` (a :meth:`~mvmm.segment.Segmentation.sample_on` sample): per pathology, ``P(pathology |
-    its tissue, x)`` after precedence ``[*S]``, where the image that shows it counts ``[*S]`` (bool),
-    and its tissue's name; None when no subtype is named as a pathology."""
-    labels = result.labels
-    located = named_pathologies(result.settings.get("subtypes", []), result.common.names, labels.names)
+def _named_on(result, sample) -> Optional[tuple]:
+    """``(names, located, defined, tissue_of)`` of the pathologies named in ``result``'s subtypes on ``sample`` (a
+    :meth:`~mvmm.segment.Segmentation.sample_on` sample): their names in order of precedence, where each is named
+    (:func:`named_pathologies`), where the image that shows it counts ``[*S]`` (bool) and its tissue's name; None
+    when no subtype is named as a pathology."""
+    located = named_pathologies(result.settings.get("subtypes", []), result.common.names, result.labels.names)
     if not located:
         return None
+    names = [p for p in PATHOLOGIES if p in located]
+    defined = {p: sample.coverage[sample.names.index(located[p][0])] for p in names}
+    tissue_of = {p: located[p][1] for p in names}
+    return names, located, defined, tissue_of
+
+
+@torch.no_grad()
+def _conditionals(result, sample, named: tuple) -> Dict[str, torch.Tensor]:
+    """Per pathology of ``named`` (:func:`_named_on`'s answer), ``P(pathology | its tissue, x)`` after precedence
+    ``[*S]``; 0 where it is not defined."""
+    names, located, defined, tissue_of = named
     within = result.model.predict_subtype_proba(sample.images, sample.coverage, sample.prior, sample.grid.spacing)
     means = result.model.params_.means[0]  # [N, K, Cmax]
-    names = [p for p in PATHOLOGIES if p in located]
-    conditional, defined, tissue_of = {}, {}, {}
+    conditional: Dict[str, torch.Tensor] = {}
     for pathology in names:
         image, tissue, position = located[pathology]
-        i, k = sample.names.index(image), labels.names.index(tissue)
+        i, k = sample.names.index(image), result.labels.names.index(tissue)
         # names are darkest first: the subtype at `position` in order of the fitted means
         order = torch.argsort(means[i, k, : int(result.model.n_subtypes_[i, k])])
-        covered = sample.coverage[i]
+        covered = defined[pathology]
         p = torch.where(covered, within[i][k, int(order[position])], torch.zeros((), dtype=within[i].dtype,
                                                                                 device=covered.device))
         for earlier in conditional:  # precedence: scar before oedema
             if tissue_of[earlier] == tissue:
                 p = p * (1.0 - conditional[earlier])
-        conditional[pathology], defined[pathology], tissue_of[pathology] = p, covered, tissue
-    return names, conditional, defined, tissue_of
+        conditional[pathology] = p
+    return conditional
 
 
-def _chosen(names, conditional, defined, tissue_of) -> Dict[str, torch.Tensor]:
+def _chosen(named: tuple, conditional: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Per pathology, where it is the most probable of its tissue's levels (normal included) and defined."""
+    names, _, defined, tissue_of = named
     chosen = {}
     for pathology in names:
         same = [conditional[q] for q in names if tissue_of[q] == tissue_of[pathology]]
@@ -191,10 +200,10 @@ def _chosen(names, conditional, defined, tissue_of) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _above_normal(result, sample, names, defined, tissue_of, rule: PathologySettings) -> Dict[str, torch.Tensor]:
+def _above_normal(result, sample, named: tuple, rule: PathologySettings) -> Dict[str, torch.Tensor]:
     """Per pathology, where the image that shows it is more than ``rule``'s number of standard deviations above its
     tissue's normal (darkest named) subtype, and defined; scar before oedema (bool ``[*S]``)."""
-    located = named_pathologies(result.settings.get("subtypes", []), result.common.names, result.labels.names)
+    names, located, defined, tissue_of = named
     params = result.model.params_
     chosen: Dict[str, torch.Tensor] = {}
     for pathology in names:
@@ -215,14 +224,14 @@ def _above_normal(result, sample, names, defined, tissue_of, rule: PathologySett
     return chosen
 
 
-def _decided(result, sample, found) -> Dict[str, torch.Tensor]:
-    """Per pathology, where ``result``'s rule (:attr:`mvmm.segment.Segmentation.pathology_rule`) calls it (bool
-    ``[*S]``); ``found``: :func:`_conditionals`' answer."""
+def _decided(result, sample, named: tuple, conditional: Optional[Dict[str, torch.Tensor]] = None
+             ) -> Dict[str, torch.Tensor]:
+    """Per pathology of ``named``, where ``result``'s rule (:attr:`mvmm.segment.Segmentation.pathology_rule`) calls
+    it (bool ``[*S]``); ``conditional``: :func:`_conditionals`' answer if already computed (the n-SD rule needs none)."""
     rule = result.pathology_rule
     if rule.rule == "subtype":
-        return _chosen(*found)
-    names, _, defined, tissue_of = found
-    return _above_normal(result, sample, names, defined, tissue_of, rule)
+        return _chosen(named, _conditionals(result, sample, named) if conditional is None else conditional)
+    return _above_normal(result, sample, named, rule)
 
 
 def _wall(chosen: Dict[str, torch.Tensor]) -> np.ndarray:
@@ -235,10 +244,10 @@ def pathological_wall(result, sample) -> Optional[np.ndarray]:
     grid), for the cardiac clean-up to keep as wall (:func:`mvmm.postprocess.close_blood_pool`'s
     ``keep``): papillary muscles in the cavity are normal muscle, and enhanced or oedematous wall at
     the endocardium is myocardium, as MyoPS labels it. None when no pathology is named."""
-    found = _conditionals(result, sample)
-    if found is None:
+    named = _named_on(result, sample)
+    if named is None:
         return None
-    return _wall(_decided(result, sample, found))
+    return _wall(_decided(result, sample, named))
 
 
 @torch.no_grad()
@@ -258,12 +267,13 @@ def pathology_maps(result, name: Optional[str] = None) -> PathologyMaps:
     """
     labels = result.labels
     sample = result.sample_on(name)
-    found = _conditionals(result, sample)
-    if found is None:
+    named = _named_on(result, sample)
+    if named is None:
         raise InputError("subtypes: no subtype is named " + " or ".join(PATHOLOGIES) + "; name them, e.g. "
                          "LGE:Myo=normal,scar T2:Myo=normal,oedema (darkest first)")
-    names, conditional, defined, tissue_of = found
-    chosen = _decided(result, sample, found)
+    names, _, defined, tissue_of = named
+    conditional = _conditionals(result, sample, named)
+    chosen = _decided(result, sample, named, conditional)
     posterior = result.posterior_on(sample, name)
     label_map = result.label_map(posterior, sample.grid, keep_wall=_wall(chosen))
     probability, mask, tissue_mask = {}, {}, {}
